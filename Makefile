@@ -1,0 +1,46 @@
+# inhouse: `make serve` and `make test` work on a fresh machine; every install step lives here.
+# The venv is reused while the pinned requirement files are unchanged (a stamp named by their hash).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+RUNTIME_HASH := $(shell cat requirements.txt requirements-nodeps.txt pyproject.toml | sha256sum | cut -c1-16)
+TEST_HASH    := $(shell cat requirements-test.txt | sha256sum | cut -c1-16)
+RUNTIME_STAMP := $(VENV)/.runtime-$(RUNTIME_HASH)
+TEST_STAMP    := $(VENV)/.test-$(TEST_HASH)-$(RUNTIME_HASH)
+ARGS ?=
+
+.PHONY: install serve test test-fast lint bench clean
+
+$(RUNTIME_STAMP):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@rm -f $(VENV)/.runtime-* $(VENV)/.test-*
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+$(TEST_STAMP): $(RUNTIME_STAMP)
+	@rm -f $(VENV)/.test-*
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-test.txt -c requirements.txt
+	@touch $@
+
+install: $(RUNTIME_STAMP)
+
+## Start the server on 127.0.0.1:8000 with the embedded SmolLM2-135M-Instruct (or: make serve ARGS="--model DIR")
+serve: $(RUNTIME_STAMP)
+	$(BIN)/inhouse serve $(ARGS)
+
+## The whole suite, as CI runs it
+test: $(TEST_STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+## Inner loop: everything except the slow end-to-end tests on the real SmolLM2 and Dify
+test-fast: $(TEST_STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+bench: $(TEST_STAMP)
+	$(BIN)/python bench/engine.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .venv-dify .pytest_cache

@@ -1,0 +1,3 @@
+from inhouse.cli.main import main
+
+raise SystemExit(main())

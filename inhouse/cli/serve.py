@@ -1,0 +1,86 @@
+"""``inhouse serve``: one model from a path, several from a YAML file, or the embedded default."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from inhouse.config import ConfigError, Settings, load_settings
+
+__all__ = ["add_parser", "build_settings", "run"]
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("serve", help="start the OpenAI-compatible server")
+    p.add_argument("--config", type=Path, help="YAML file declaring models and server settings")
+    p.add_argument("--model", help="a local HF checkpoint dir or .gguf file (default: the embedded SmolLM2)")
+    p.add_argument("--name", help="the public model name for --model (default: the directory or file name)")
+    p.add_argument("--engine", choices=["transformers", "fake"], help="engine for --model")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--context-length", type=int, help="cap the context window (tokens)")
+    p.add_argument("--max-num-seqs", type=int, help="sequences decoded together at most")
+    p.add_argument("--max-waiting", type=int, help="requests allowed to wait beyond those; then 429")
+    p.add_argument("--chat-template", type=Path, help="a Jinja chat template file overriding the tokenizer's")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--cache-dir", type=Path, help="where converted GGUF models are cached")
+    p.add_argument("--keepalive", type=float, dest="keepalive_seconds", help="SSE keep-alive interval, seconds")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(run=run)
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "cache_dir": args.cache_dir,
+        "keepalive_seconds": args.keepalive_seconds,
+        "log_level": args.log_level,
+    }
+    model = None
+    if args.model:
+        path = Path(args.model).expanduser()
+        model = {
+            "name": args.name or (path.stem if path.suffix == ".gguf" else path.resolve().name),
+            "path": args.model if args.model.startswith("builtin:") else str(path.resolve()),
+        }
+    elif args.config is None and args.name:
+        model = {"name": args.name, "path": "builtin:smollm2-135m-instruct"}
+    if model is not None:
+        for key in ("engine", "dtype", "device", "context_length", "max_num_seqs", "max_waiting"):
+            value = getattr(args, key)
+            if value is not None:
+                model[key] = value
+        if args.chat_template:
+            model["chat_template"] = str(args.chat_template)
+    return load_settings(args.config, overrides, model, base_dir=Path.cwd())
+
+
+def run(args: argparse.Namespace) -> int:
+    # No hub, ever: weights come from local paths and packages only.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        settings = build_settings(args)
+    except ConfigError as exc:
+        print(f"inhouse: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from inhouse.engine.factory import build_engine
+    from inhouse.gateway.registry import ModelRegistry
+    from inhouse.server import create_app
+
+    registry = ModelRegistry.of((spec, build_engine(spec, settings.cache_dir)) for spec in settings.models)
+    app = create_app(settings, registry)
+    for spec in settings.models:
+        logging.getLogger("inhouse").info("serving %s from %s (engine %s)", spec.name, spec.path, spec.engine)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=5)
+    return 0

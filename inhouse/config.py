@@ -1,0 +1,163 @@
+"""Settings: frozen, validated once at the edge, passed down.
+
+Owns the YAML file format, the command-line overrides and the few environment variables inhouse reads
+(``INHOUSE_CACHE_DIR``).  Nothing below this module reads files or the environment for configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "BUILTIN_CHAT_MODEL",
+    "ConfigError",
+    "ModelSpec",
+    "SamplingDefaults",
+    "Settings",
+    "default_cache_dir",
+    "load_settings",
+]
+
+BUILTIN_CHAT_MODEL = "builtin:smollm2-135m-instruct"
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the operator who wrote the config."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SamplingDefaults(_Frozen):
+    """Per-model sampling defaults, used when a request leaves a field out."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    repetition_penalty: float | None = None
+
+
+class ModelSpec(_Frozen):
+    """One served model: where its weights are and how to run them."""
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1, description="HF checkpoint dir, a .gguf file, or builtin:NAME")
+    engine: Literal["transformers", "fake"] = "transformers"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    context_length: int | None = Field(default=None, ge=16)
+    chat_template: str | None = None
+    max_num_seqs: int = Field(default=32, ge=1)
+    max_waiting: int = Field(default=256, ge=0)
+    clamp_max_tokens: bool = False
+    defaults: SamplingDefaults = SamplingDefaults()
+    # fake engine only: what it answers and how fast
+    fake_reply: str = "This is a scripted reply from the fake engine."
+    fake_token_delay: float = Field(default=0.0, ge=0.0)
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: object) -> object:
+        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+        return aliases.get(str(value), value) if value is not None else value
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("INHOUSE_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "inhouse"
+
+
+class Settings(_Frozen):
+    """Everything the server needs, decided before it starts."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    models: tuple[ModelSpec, ...] = ()
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    keepalive_seconds: float = Field(default=10.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
+        names = [m.name for m in models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        return models
+
+
+def _read_yaml(path: Path) -> dict[str, object]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a mapping at the top level")
+    return raw
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: dict[str, object] | None = None,
+    model: ModelSpec | dict[str, object] | None = None,
+    base_dir: Path | None = None,
+) -> Settings:
+    """Build the one Settings object: YAML file, then CLI overrides, then a single CLI model.
+
+    With no model anywhere, the embedded default chat model is served.
+    """
+    data: dict[str, object] = _read_yaml(config_file) if config_file else {}
+    base_dir = config_file.parent if config_file else (base_dir or Path.cwd())
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if model is not None:
+        data["models"] = [model]
+    if not data.get("models"):
+        data["models"] = [{"name": "smollm2-135m-instruct", "path": BUILTIN_CHAT_MODEL}]
+    models = data["models"]
+    if isinstance(models, list):
+        data["models"] = [_resolve_paths(m, base_dir) for m in models]
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
+
+
+def _resolve_paths(model: object, base_dir: Path) -> object:
+    """Relative model and template paths in a config file are relative to that file."""
+    if not isinstance(model, dict):
+        return model
+    out = dict(model)
+    path = out.get("path")
+    if isinstance(path, str) and not path.startswith("builtin:"):
+        out["path"] = str((base_dir / Path(path).expanduser()).resolve())
+    template = out.get("chat_template")
+    if isinstance(template, str) and "{" not in template:
+        candidate = (base_dir / Path(template).expanduser()).resolve()
+        if not candidate.is_file():
+            raise ConfigError(f"model {out.get('name')!r}: chat_template file {candidate} does not exist")
+        out["chat_template"] = candidate.read_text(encoding="utf-8")
+    return out

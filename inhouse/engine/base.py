@@ -1,0 +1,160 @@
+"""The engine seam: the one protocol every engine implements, and the plain data that crosses it.
+
+Wire types (pydantic protocol models) stop before this module; engines see only these dataclasses.
+An engine admits a request in ``submit`` (raising an InhouseError there, before any byte is sent)
+and then hands the caller a Generation to iterate.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from inhouse.engine.collector import OutputCollector
+
+__all__ = [
+    "Delta",
+    "Engine",
+    "EngineInfo",
+    "EngineState",
+    "EngineStats",
+    "GenerateRequest",
+    "Generation",
+    "SamplingParams",
+    "TokenLogprob",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 1e-5 or self.top_k == 1
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """One sequence to generate.  Exactly one of ``messages`` and ``prompt`` is set."""
+
+    request_id: str
+    sampling: SamplingParams
+    messages: tuple[dict[str, Any], ...] | None = None
+    prompt: str | tuple[int, ...] | None = None
+    tools: tuple[dict[str, Any], ...] | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(slots=True)
+class Delta:
+    """New output since the previous Delta.  ``finish_reason`` is set on the last one only."""
+
+    text: str = ""
+    token_count: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+    def merge(self, later: Delta) -> None:
+        self.text += later.text
+        self.token_count += later.token_count
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        if later.finish_reason is not None:
+            self.finish_reason = later.finish_reason
+
+
+class EngineState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    kind: str
+    context_length: int
+    max_num_seqs: int
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    state: EngineState
+    running: int
+    waiting: int
+    kv_cache_tokens: int = 0
+
+
+class Generation:
+    """The caller's handle on one admitted request: iterate it for Deltas, abort it to stop early."""
+
+    def __init__(self, request_id: str, prompt_tokens: int, collector: OutputCollector[Delta], abort: Any) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self._collector = collector
+        self._abort = abort
+        self._done = False
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Delta]:
+        try:
+            while not self._done:
+                delta = await self._collector.get()
+                if delta.finish_reason is not None:
+                    self._done = True
+                yield delta
+        finally:
+            if not self._done:
+                self.abort()
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._abort(self.request_id)
+
+
+class Engine(Protocol):
+    """What the server needs from any engine: load, admit, report, close."""
+
+    @property
+    def info(self) -> EngineInfo: ...
+
+    @property
+    def state(self) -> EngineState: ...
+
+    async def start(self) -> None:
+        """Load weights.  Returns when ready; raises if loading failed."""
+
+    async def submit(self, request: GenerateRequest) -> Generation:
+        """Admit a request or raise InhouseError (context length, queue full, not ready)."""
+
+    def stats(self) -> EngineStats: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,115 @@
+"""FakeEngine: a deterministic scripted engine for gateway tests and benchmarks (``engine: fake``).
+
+It answers every request with the configured reply, one word per token, optionally with a delay
+per token.  Prompt tokens are counted as whitespace-separated words.  It honours max_tokens, stop
+strings and the same queue bounds as a real engine, so the server around it behaves as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from inhouse.config import ModelSpec
+from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, Generation, GenerateRequest
+from inhouse.engine.collector import OutputCollector
+from inhouse.errors import ErrorCode, InhouseError
+
+__all__ = ["FakeEngine"]
+
+_WORD = re.compile(r"\S+\s*")
+
+
+class FakeEngine:
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._state = EngineState.LOADING
+        self._pieces = _WORD.findall(spec.fake_reply) or [spec.fake_reply]
+        self._running = 0
+        self._waiting = 0
+        self._slots = asyncio.Semaphore(spec.max_num_seqs)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(kind="fake", context_length=self.spec.context_length or 4096,
+                          max_num_seqs=self.spec.max_num_seqs)
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    async def start(self) -> None:
+        self._state = EngineState.READY
+
+    def stats(self) -> EngineStats:
+        return EngineStats(state=self._state, running=self._running, waiting=self._waiting)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        self._state = EngineState.CLOSED
+
+    async def submit(self, request: GenerateRequest) -> Generation:
+        if self._state is not EngineState.READY:
+            raise InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is not available")
+        if self._running + self._waiting >= self.spec.max_num_seqs + self.spec.max_waiting:
+            raise InhouseError(ErrorCode.QUEUE_FULL, f"model {self.spec.name!r} is at capacity; retry shortly",
+                               retry_after=1.0)
+        prompt_tokens = _count_prompt(request)
+        window = self.info.context_length
+        max_tokens = request.sampling.max_tokens or self.spec.defaults.max_tokens or len(self._pieces)
+        if prompt_tokens + max_tokens > window and not self.spec.clamp_max_tokens:
+            raise InhouseError(
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                f"This model's maximum context length is {window} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion).",
+                param="max_tokens",
+            )
+        collector: OutputCollector[Delta] = OutputCollector(asyncio.get_running_loop())
+        cancelled = asyncio.Event()
+        self._waiting += 1
+        task = asyncio.create_task(self._produce(request, max_tokens, collector, cancelled))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return Generation(request.request_id, prompt_tokens, collector, lambda _rid: cancelled.set())
+
+    async def _produce(self, request: GenerateRequest, max_tokens: int, collector: OutputCollector[Delta],
+                       cancelled: asyncio.Event) -> None:
+        try:
+            async with self._slots:
+                self._waiting -= 1
+                self._running += 1
+                try:
+                    await self._emit(request, max_tokens, collector, cancelled)
+                finally:
+                    self._running -= 1
+        except asyncio.CancelledError:
+            collector.fail(InhouseError(ErrorCode.MODEL_UNAVAILABLE, "the engine shut down"))
+
+    async def _emit(self, request: GenerateRequest, max_tokens: int, collector: OutputCollector[Delta],
+                    cancelled: asyncio.Event) -> None:
+        stops = request.sampling.stop
+        text_so_far = ""
+        for count, piece in enumerate(self._pieces[:max_tokens], start=1):
+            if cancelled.is_set():
+                return
+            if self.spec.fake_token_delay:
+                await asyncio.sleep(self.spec.fake_token_delay)
+            candidate = text_so_far + piece
+            cut = min((candidate.find(s) for s in stops if s in candidate), default=-1)
+            if cut != -1:
+                collector.put(Delta(text=candidate[len(text_so_far):cut], token_count=1, finish_reason="stop"))
+                return
+            text_so_far = candidate
+            last = count == min(max_tokens, len(self._pieces))
+            finish = None if not last else ("stop" if count == len(self._pieces) else "length")
+            collector.put(Delta(text=piece, token_count=1, finish_reason=finish))
+
+
+def _count_prompt(request: GenerateRequest) -> int:
+    if request.messages is not None:
+        return sum(len(str(m.get("content") or "").split()) + 2 for m in request.messages)
+    if isinstance(request.prompt, tuple):
+        return len(request.prompt)
+    return len((request.prompt or "").split())

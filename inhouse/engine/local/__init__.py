@@ -1,0 +1,1 @@
+"""The local transformers engine: continuous batching over one in-process model."""

@@ -1,0 +1,254 @@
+"""LocalEngine: the transformers engine with continuous batching, behind the Engine protocol.
+
+Owns the engine thread and its loop (admit → schedule → run → sample → hand out → finish), admission
+(context length, queue bounds) and aborts.  The only state shared with request coroutines is the
+inbox and abort set (under one lock) and each request's OutputCollector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from inhouse.config import ModelSpec
+from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, Generation, GenerateRequest
+from inhouse.engine.collector import OutputCollector
+from inhouse.engine.local.attention import register
+from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
+from inhouse.engine.local.kv_cache import SlotKVCache
+from inhouse.engine.local.loader import LoadedModel, load_model
+from inhouse.engine.local.prompt import PromptBuilder
+from inhouse.engine.local.runner import ModelRunner
+from inhouse.engine.local.sampler import Sampler
+from inhouse.engine.local.scheduler import Scheduler, Step
+from inhouse.engine.local.sequence import Sequence
+from inhouse.errors import ErrorCode, InhouseError
+
+__all__ = ["LocalEngine"]
+
+log = logging.getLogger("inhouse.engine")
+
+_MAX_PREFILL_TOKENS = 4096
+_IDLE_WAIT_SECONDS = 0.5
+
+
+class LocalEngine:
+    def __init__(self, spec: ModelSpec, cache_dir: Path) -> None:
+        self.spec = spec
+        self._cache_dir = cache_dir
+        self._state = EngineState.LOADING
+        self._info = EngineInfo(kind="transformers", context_length=0, max_num_seqs=spec.max_num_seqs)
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._inbox: list[Sequence] = []
+        self._aborted: set[str] = set()
+        self._admitted = 0
+        self._running_count = 0
+        self._waiting_count = 0
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._loaded: LoadedModel | None = None
+        self._prompts: PromptBuilder | None = None
+
+    # ---- Engine protocol -------------------------------------------------------------------
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    async def start(self) -> None:
+        try:
+            loaded = await asyncio.to_thread(load_model, self.spec, self._cache_dir, register())
+        except BaseException:
+            self._state = EngineState.FAILED
+            raise
+        self._loaded = loaded
+        self._prompts = PromptBuilder(loaded.tokenizer)
+        self._info = EngineInfo(
+            kind="transformers",
+            context_length=loaded.context_length,
+            max_num_seqs=self.spec.max_num_seqs,
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+        )
+        self._thread = threading.Thread(target=self._run, args=(loaded,), name=f"engine-{self.spec.name}", daemon=True)
+        self._thread.start()
+        self._state = EngineState.READY
+        log.info("model %s ready: context %d tokens, up to %d sequences at once",
+                 self.spec.name, loaded.context_length, self.spec.max_num_seqs)
+
+    async def submit(self, request: GenerateRequest) -> Generation:
+        self._check_ready()
+        assert self._loaded is not None and self._prompts is not None
+        prompt_ids = await asyncio.to_thread(self._prompts.token_ids, request)
+        max_tokens = self._max_tokens(len(prompt_ids), request.sampling.max_tokens)
+        collector: OutputCollector[Delta] = OutputCollector(asyncio.get_running_loop())
+        tokenizer = self._loaded.tokenizer
+        seq = Sequence(
+            request_id=request.request_id,
+            prompt_ids=prompt_ids,
+            sampling=request.sampling,
+            max_tokens=max_tokens,
+            collector=collector,
+            detokenizer=IncrementalDetokenizer(tokenizer, prompt_ids),
+            stop_matcher=StopMatcher(request.sampling.stop),
+            generator=_seeded(request.sampling.seed),
+        )
+        with self._lock:
+            self._check_ready()
+            if self._admitted >= self.spec.max_num_seqs + self.spec.max_waiting:
+                raise InhouseError(
+                    ErrorCode.QUEUE_FULL,
+                    f"model {self.spec.name!r} is at capacity ({self._admitted} requests in progress); retry shortly",
+                    retry_after=1.0,
+                )
+            self._admitted += 1
+            self._inbox.append(seq)
+            self._wakeup.notify()
+        return Generation(request.request_id, len(prompt_ids), collector, self._abort)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            state=self._state,
+            running=self._running_count,
+            waiting=self._waiting_count,
+            kv_cache_tokens=0,
+        )
+
+    async def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+        self._state = EngineState.CLOSED
+
+    # ---- admission helpers ----------------------------------------------------------------
+
+    def _check_ready(self) -> None:
+        if self._state is EngineState.LOADING:
+            raise InhouseError(ErrorCode.MODEL_LOADING, f"model {self.spec.name!r} is still loading; retry shortly",
+                               retry_after=5.0)
+        if self._state is not EngineState.READY or self._closing:
+            raise InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is not available")
+
+    def _max_tokens(self, prompt_tokens: int, asked: int | None) -> int:
+        window = self._info.context_length
+        if prompt_tokens >= window:
+            raise InhouseError(
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                f"This model's maximum context length is {window} tokens. However, your prompt is "
+                f"{prompt_tokens} tokens, which leaves no room for a completion. Please shorten the prompt.",
+                param="messages",
+            )
+        room = window - prompt_tokens
+        if asked is None:
+            asked = self.spec.defaults.max_tokens or room
+            return min(asked, room)
+        if asked > room and not self.spec.clamp_max_tokens:
+            raise InhouseError(
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                f"This model's maximum context length is {window} tokens. However, you requested "
+                f"{prompt_tokens + asked} tokens ({prompt_tokens} in the prompt, {asked} for the completion "
+                f"via max_tokens). Please reduce the length of the prompt or max_tokens (at most {room} here).",
+                param="max_tokens",
+            )
+        return min(asked, room)
+
+    def _abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborted.add(request_id)
+            self._wakeup.notify()
+
+    # ---- the engine thread ----------------------------------------------------------------
+
+    def _run(self, loaded: LoadedModel) -> None:
+        config = loaded.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        cache = SlotKVCache(
+            num_layers=config.num_hidden_layers,
+            num_slots=self.spec.max_num_seqs,
+            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            max_length=loaded.context_length,
+            dtype=loaded.dtype,
+            device=loaded.device,
+        )
+        runner = ModelRunner(loaded.model, cache, loaded.device)
+        tokenizer = loaded.tokenizer
+        sampler = Sampler(lambda t: tokenizer.decode([t]), loaded.stop_ids)
+        scheduler = Scheduler(cache, self.spec.max_num_seqs, _MAX_PREFILL_TOKENS)
+        while True:
+            if not self._take_inbox(scheduler):
+                break
+            step = scheduler.schedule()
+            if step is None:
+                cache.shrink()
+                continue
+            try:
+                self._step(step, runner, sampler, scheduler, loaded.stop_ids)
+            except Exception:
+                log.exception("engine step failed for model %s; failing the %d requests in it",
+                              self.spec.name, len(step.seqs))
+                for seq in step.seqs:
+                    seq.collector.fail(InhouseError(ErrorCode.ENGINE_ERROR, "the model failed while generating"))
+                    self._finish(seq, scheduler)
+            self._running_count, self._waiting_count = len(scheduler.running), len(scheduler.waiting)
+        self._fail_all(scheduler)
+
+    def _step(self, step: Step, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler,
+              stop_ids: frozenset[int]) -> None:
+        if step.is_prefill:
+            logits = runner.prefill(step.seqs, step.first_slot)
+        else:
+            logits = runner.decode(step.seqs)
+        tokens, logprobs = sampler.sample(logits, step.seqs)
+        for seq, token, logprob in zip(step.seqs, tokens, logprobs, strict=True):
+            if seq.append(token, stop_ids, logprob):
+                self._finish(seq, scheduler)
+
+    def _take_inbox(self, scheduler: Scheduler) -> bool:
+        """Move new requests and aborts into the scheduler; sleep while idle.  False when closing."""
+        with self._lock:
+            while not (self._inbox or self._aborted or self._closing or scheduler.has_work()):
+                self._wakeup.wait(_IDLE_WAIT_SECONDS)
+            if self._closing:
+                return False
+            inbox, self._inbox = self._inbox, []
+            aborted, self._aborted = self._aborted, set()
+        for seq in inbox:
+            scheduler.add(seq)
+        for request_id in aborted:
+            seq = scheduler.find(request_id)
+            if seq is not None:
+                self._finish(seq, scheduler)
+        self._running_count, self._waiting_count = len(scheduler.running), len(scheduler.waiting)
+        return True
+
+    def _finish(self, seq: Sequence, scheduler: Scheduler) -> None:
+        scheduler.finish(seq)
+        with self._lock:
+            self._admitted -= 1
+
+    def _fail_all(self, scheduler: Scheduler) -> None:
+        with self._lock:
+            leftovers = list(scheduler.running) + list(scheduler.waiting) + self._inbox
+            self._inbox = []
+        for seq in leftovers:
+            seq.collector.fail(InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is shutting down"))
+
+
+def _seeded(seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator

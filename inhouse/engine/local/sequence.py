@@ -1,0 +1,76 @@
+"""One request's generation state inside the local engine.
+
+Owns a sequence's token ids, its KV-cache slot, its detokenizer and stop matcher, and the collector
+that hands its output to the waiting request.  Touched only by the engine thread after admission.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from inhouse.engine.base import Delta, SamplingParams, TokenLogprob
+from inhouse.engine.collector import OutputCollector
+from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
+
+__all__ = ["Sequence", "SequenceStatus"]
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    collector: OutputCollector[Delta]
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopMatcher
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int = -1
+
+    @property
+    def length(self) -> int:
+        """Tokens whose keys and values are (or are about to be) in the cache."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def append(self, token_id: int, stop_ids: frozenset[int], logprob: TokenLogprob | None) -> bool:
+        """Record a sampled token and send its text on.  Returns True when the sequence is finished."""
+        self.output_ids.append(token_id)
+        finish: str | None = None
+        is_stop_token = token_id in stop_ids and not self.sampling.ignore_eos
+        text = "" if is_stop_token else self.detokenizer.add(token_id)
+        text, hit_stop = self.stop_matcher.feed(text)
+        if hit_stop or is_stop_token:
+            finish = "stop"
+        elif len(self.output_ids) >= self.max_tokens:
+            finish = "length"
+        if finish is not None and not hit_stop:
+            tail, hit_stop = self.stop_matcher.feed(self.detokenizer.flush())
+            text += tail if hit_stop else tail + self.stop_matcher.flush()
+            if hit_stop:
+                finish = "stop"
+        self.collector.put(
+            Delta(
+                text=text,
+                token_count=1,
+                logprobs=[logprob] if logprob is not None else None,
+                finish_reason=finish,
+            )
+        )
+        if finish is not None:
+            self.status = SequenceStatus.FINISHED
+        return finish is not None

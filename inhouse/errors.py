@@ -1,0 +1,93 @@
+"""Errors as data: one code enum, one code → HTTP status table, one exception type.
+
+Owns every error a client can see.  Nothing here knows HTTP beyond the status number, and no
+message built here ever contains ``str(e)`` of an internal exception: callers pass a message
+written for the client.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["ErrorCode", "InhouseError", "STATUS", "ERROR_TYPE"]
+
+
+class ErrorCode(enum.Enum):
+    INVALID_REQUEST = "invalid_request"
+    INVALID_JSON = "invalid_json"
+    MODEL_NOT_FOUND = "model_not_found"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    UNSUPPORTED = "unsupported_feature"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    BODY_TOO_LARGE = "request_too_large"
+    QUEUE_FULL = "queue_full"
+    MODEL_LOADING = "model_loading"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    ENGINE_ERROR = "engine_error"
+    INTERNAL = "internal_error"
+
+
+STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.INVALID_JSON: 400,
+    ErrorCode.MODEL_NOT_FOUND: 404,
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
+    ErrorCode.UNSUPPORTED: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.BODY_TOO_LARGE: 413,
+    ErrorCode.QUEUE_FULL: 429,
+    ErrorCode.MODEL_LOADING: 503,
+    ErrorCode.MODEL_UNAVAILABLE: 503,
+    ErrorCode.ENGINE_ERROR: 500,
+    ErrorCode.INTERNAL: 500,
+}
+
+# OpenAI's `error.type` vocabulary, by code.
+ERROR_TYPE: dict[ErrorCode, str] = {
+    ErrorCode.INVALID_REQUEST: "invalid_request_error",
+    ErrorCode.INVALID_JSON: "invalid_request_error",
+    ErrorCode.MODEL_NOT_FOUND: "invalid_request_error",
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: "invalid_request_error",
+    ErrorCode.UNSUPPORTED: "invalid_request_error",
+    ErrorCode.NOT_FOUND: "invalid_request_error",
+    ErrorCode.METHOD_NOT_ALLOWED: "invalid_request_error",
+    ErrorCode.BODY_TOO_LARGE: "invalid_request_error",
+    ErrorCode.QUEUE_FULL: "rate_limit_error",
+    ErrorCode.MODEL_LOADING: "service_unavailable_error",
+    ErrorCode.MODEL_UNAVAILABLE: "service_unavailable_error",
+    ErrorCode.ENGINE_ERROR: "server_error",
+    ErrorCode.INTERNAL: "server_error",
+}
+
+
+class InhouseError(Exception):
+    """An error meant for the client: a code, a readable message, and optionally the bad field."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": ERROR_TYPE[self.code],
+                "param": self.param,
+                "code": self.code.value,
+            }
+        }

@@ -1,0 +1,1 @@
+"""Policy over engines: which engine answers a model name."""

@@ -1,0 +1,82 @@
+"""``/v1/completions``: the request model and the response/chunk builders."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+
+from inhouse.engine.base import TokenLogprob
+from inhouse.protocol.common import SamplingFields
+
+__all__ = ["CompletionRequest", "completion", "completion_chunk", "completion_logprobs"]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value: object) -> object:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be an empty list")
+        return value
+
+    def prompts(self) -> list[str | tuple[int, ...]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [tuple(p)]  # type: ignore[arg-type]
+        return [x if isinstance(x, str) else tuple(x) for x in p]  # type: ignore[union-attr]
+
+
+def completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+    if entries is None:
+        return None
+    offsets, position = [], offset
+    for e in entries:
+        offsets.append(position)
+        position += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [dict(e.top) for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def completion(
+    request_id: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+def completion_chunk(
+    request_id: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage: dict[str, Any] | None = None,
+    include_usage_field: bool = False,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if usage is not None or include_usage_field:
+        chunk["usage"] = usage
+    return chunk

@@ -1,0 +1,30 @@
+"""What every route needs, built once by the app factory and reached through ``request.app.state``."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from inhouse.config import Settings
+from inhouse.gateway.registry import ModelRegistry
+
+__all__ = ["ServerContext", "context_of"]
+
+
+@dataclass
+class ServerContext:
+    settings: Settings
+    registry: ModelRegistry
+    _counter: itertools.count[int] = field(default_factory=itertools.count)
+    _prefix: str = field(default_factory=lambda: os.urandom(6).hex())
+
+    def new_id(self, kind: str) -> str:
+        return f"{kind}-{self._prefix}{next(self._counter):08x}"
+
+
+def context_of(request: Request) -> ServerContext:
+    ctx: ServerContext = request.app.state.inhouse
+    return ctx

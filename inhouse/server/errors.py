@@ -1,0 +1,53 @@
+"""Exception → response, in one place.  Clients never see a stack trace or ``str(e)`` of an internal error."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from inhouse.errors import ErrorCode, InhouseError
+from inhouse.server.generation import ClientDisconnected
+from inhouse.server.render import error_response
+
+__all__ = ["EXCEPTION_HANDLERS"]
+
+log = logging.getLogger("inhouse.server")
+
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.BODY_TOO_LARGE}
+
+
+async def _inhouse_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InhouseError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST)
+    if exc.status_code == 404:
+        message = f"{request.method} {request.url.path} does not exist; see /v1/models and /v1/chat/completions"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = "the request could not be handled"
+    return error_response(InhouseError(code, message), headers=dict(exc.headers or {}))
+
+
+async def _disconnected(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(InhouseError(ErrorCode.INTERNAL, "internal server error; see the server log"))
+
+
+EXCEPTION_HANDLERS = {
+    InhouseError: _inhouse_error,
+    HTTPException: _http_error,
+    ClientDisconnected: _disconnected,
+    Exception: _unexpected,
+}

@@ -1,0 +1,120 @@
+"""Runs the Generations behind one HTTP request: admits them all, then merges or collects their output.
+
+Shared by the chat and completion routes, which differ only in how they render.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from inhouse.engine.base import Delta, Engine, Generation, GenerateRequest, TokenLogprob
+
+__all__ = ["ChoiceResult", "ClientDisconnected", "collect", "merged", "submit_all"]
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its blocking answer was ready."""
+
+
+@dataclass
+class ChoiceResult:
+    text: str = ""
+    tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    _parts: list[str] = field(default_factory=list)
+
+
+async def submit_all(engine: Engine, requests: list[GenerateRequest]) -> list[Generation]:
+    """Admit every request or none: if one is refused, the admitted ones are aborted."""
+    generations: list[Generation] = []
+    try:
+        for request in requests:
+            generations.append(await engine.submit(request))
+    except BaseException:
+        for generation in generations:
+            generation.abort()
+        raise
+    return generations
+
+
+async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice index, delta) from all generations, as they arrive.  Aborts all when closed early."""
+    if len(generations) == 1:
+        async for delta in generations[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue[tuple[int, Delta] | tuple[int, BaseException] | None] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for delta in generation:
+                await queue.put((index, delta))
+        except Exception as exc:
+            await queue.put((index, exc))
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+                continue
+            index, payload = item
+            if isinstance(payload, BaseException):
+                raise payload
+            yield index, payload
+    finally:
+        for task in tasks:
+            task.cancel()
+        for generation in generations:
+            generation.abort()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _until_disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect(generations: list[Generation], request: Request) -> list[ChoiceResult]:
+    """Wait for complete answers; if the client goes away first, abort the generations."""
+    results = [ChoiceResult() for _ in generations]
+
+    async def gather() -> None:
+        async for index, delta in merged(generations):
+            result = results[index]
+            result._parts.append(delta.text)
+            result.tokens += delta.token_count
+            if delta.logprobs is not None:
+                result.logprobs = (result.logprobs or []) + delta.logprobs
+            if delta.finish_reason is not None:
+                result.finish_reason = delta.finish_reason
+
+    work = asyncio.ensure_future(gather())
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():  # the client left (or we were cancelled): stop generating for it
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    if work.cancelled():
+        raise ClientDisconnected
+    work.result()
+    for result in results:
+        result.text = "".join(result._parts)
+    return results

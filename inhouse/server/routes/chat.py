@@ -1,0 +1,68 @@
+"""``POST /v1/chat/completions``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from inhouse.engine.base import Delta
+from inhouse.protocol.chat import ChatCompletionRequest, chat_chunk, chat_completion, chat_logprobs
+from inhouse.protocol.common import usage
+from inhouse.server.body import read_model
+from inhouse.server.context import context_of
+from inhouse.server.convert import chat_requests
+from inhouse.server.generation import collect, submit_all
+from inhouse.server.render import json_response
+from inhouse.server.sse import sse_response
+from inhouse.server.streaming import stream_events
+
+__all__ = ["chat_completions"]
+
+
+class _ChatChunks:
+    def __init__(self, request_id: str, created: int, model: str, include_usage: bool) -> None:
+        self.request_id, self.created, self.model, self.include_usage = request_id, created, model, include_usage
+
+    def opening(self, index: int) -> dict[str, Any]:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def choice(self, index: int, delta: Delta) -> dict[str, Any]:
+        return {
+            "index": index,
+            "delta": {"content": delta.text} if delta.text else {},
+            "logprobs": chat_logprobs(delta.logprobs),
+            "finish_reason": delta.finish_reason,
+        }
+
+    def chunk(self, choices: list[dict[str, Any]], totals: dict[str, Any] | None) -> dict[str, Any]:
+        return chat_chunk(self.request_id, self.created, self.model, choices, totals, self.include_usage)
+
+
+async def chat_completions(request: Request) -> Response:
+    ctx = context_of(request)
+    body = await read_model(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
+    deployment = ctx.registry.get(body.model)
+    request_id = ctx.new_id("chatcmpl")
+    generations = await submit_all(deployment.engine, chat_requests(body, deployment.spec.defaults, request_id))
+    created = int(time.time())
+    headers = {"x-request-id": request_id}
+    prompt_tokens = generations[0].prompt_tokens
+    if body.stream:
+        render = _ChatChunks(request_id, created, body.model, body.include_usage)
+        events = stream_events(generations, prompt_tokens, body.include_usage, render)
+        return sse_response(events, ctx.settings.keepalive_seconds, headers)
+    results = await collect(generations, request)
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": r.text},
+            "logprobs": chat_logprobs(r.logprobs),
+            "finish_reason": r.finish_reason,
+        }
+        for i, r in enumerate(results)
+    ]
+    totals = usage(prompt_tokens, sum(r.tokens for r in results))
+    return json_response(chat_completion(request_id, created, body.model, choices, totals), headers=headers)

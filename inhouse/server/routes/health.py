@@ -1,0 +1,28 @@
+"""``GET /health`` (liveness, with engine state) and ``GET /ready`` (503 until every model is loaded)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from inhouse.server.context import context_of
+from inhouse.server.render import json_response
+
+__all__ = ["health", "ready"]
+
+
+async def health(request: Request) -> Response:
+    registry = context_of(request).registry
+    models = {}
+    for deployment in registry.all():
+        stats = deployment.engine.stats()
+        models[deployment.name] = {"state": stats.state.value, "running": stats.running, "waiting": stats.waiting}
+    return json_response({"status": "ok", "models": models})
+
+
+async def ready(request: Request) -> Response:
+    registry = context_of(request).registry
+    is_ready = registry.ready()
+    body = {"status": "ready" if is_ready else "loading",
+            "models": {d.name: d.engine.state.value for d in registry.all()}}
+    return json_response(body, status=200 if is_ready else 503)

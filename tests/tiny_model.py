@@ -1,0 +1,79 @@
+"""Builds a tiny random-weight Llama checkpoint offline, for fast tests.
+
+Byte-level BPE tokenizer trained on the fly (so any UTF-8 text, Chinese and emoji included, is
+representable and random outputs produce partial characters), ChatML chat template, random weights
+from a fixed seed.  Takes a second or two.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello world, this is a test.",
+    "What is the capital of France? Paris is the capital of France.",
+    "你好，世界！北京是中国的首都。我们今天学习机器学习和自然语言处理。",
+    "こんにちは世界。東京は日本の首都です。",
+    "Emoji: 😀 🚀 🌟 👍🏽 ❤️ and symbols € £ ¥ © ®",
+    "def add(a, b):\n    return a + b\n",
+    "Observation: the tool returned 42. Thought: I now know the answer.",
+] * 20
+
+
+def build_tiny_llama(target: Path, seed: int = 0, vocab_size: int = 600, context: int = 512) -> Path:
+    """Write a tiny Llama checkpoint to ``target`` (created) and return it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    if (target / "config.json").is_file():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_CORPUS, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(target)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # larger logits make random sampling less uniform, so greedy/seeded outputs are stable
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(target)
+    return target
