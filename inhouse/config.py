@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "BUILTIN_CHAT_MODEL",
+    "DEFAULT_MODEL_NAME",
     "ConfigError",
     "ModelSpec",
     "SamplingDefaults",
@@ -24,6 +25,7 @@ __all__ = [
 ]
 
 BUILTIN_CHAT_MODEL = "builtin:smollm2-135m-instruct"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
 
 class ConfigError(Exception):
@@ -136,7 +138,7 @@ def load_settings(
     if model is not None:
         data["models"] = [model]
     if not data.get("models"):
-        data["models"] = [{"name": "smollm2-135m-instruct", "path": BUILTIN_CHAT_MODEL}]
+        data["models"] = [{"name": DEFAULT_MODEL_NAME, "path": BUILTIN_CHAT_MODEL}]
     models = data["models"]
     if isinstance(models, list):
         data["models"] = [_resolve_paths(m, base_dir) for m in models]

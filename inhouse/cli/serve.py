@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from inhouse.config import ConfigError, Settings, load_settings
+from inhouse.config import BUILTIN_CHAT_MODEL, DEFAULT_MODEL_NAME, ConfigError, Settings, load_settings
 
 __all__ = ["add_parser", "build_settings", "run"]
 
@@ -33,7 +33,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(run=run)
 
 
+_MODEL_FLAGS = ("engine", "dtype", "device", "context_length", "max_num_seqs", "max_waiting", "chat_template")
+
+
 def build_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the flags: ``--config`` for a file of models, else ``--model`` (or the default) plus flags."""
     overrides = {
         "host": args.host,
         "port": args.port,
@@ -41,23 +45,22 @@ def build_settings(args: argparse.Namespace) -> Settings:
         "keepalive_seconds": args.keepalive_seconds,
         "log_level": args.log_level,
     }
-    model = None
+    model_flags = {key: getattr(args, key) for key in _MODEL_FLAGS if getattr(args, key) is not None}
+    if args.config is not None:
+        if args.model or args.name or model_flags:
+            flags = ", ".join("--" + k.replace("_", "-") for k in ("model", "name", *model_flags) if getattr(args, k))
+            raise ConfigError(f"{flags} cannot be combined with --config; set them per model in the file")
+        return load_settings(args.config, overrides)
     if args.model:
         path = Path(args.model).expanduser()
-        model = {
+        model: dict[str, object] = {
             "name": args.name or (path.stem if path.suffix == ".gguf" else path.resolve().name),
             "path": args.model if args.model.startswith("builtin:") else str(path.resolve()),
         }
-    elif args.config is None and args.name:
-        model = {"name": args.name, "path": "builtin:smollm2-135m-instruct"}
-    if model is not None:
-        for key in ("engine", "dtype", "device", "context_length", "max_num_seqs", "max_waiting"):
-            value = getattr(args, key)
-            if value is not None:
-                model[key] = value
-        if args.chat_template:
-            model["chat_template"] = str(args.chat_template)
-    return load_settings(args.config, overrides, model, base_dir=Path.cwd())
+    else:
+        model = {"name": args.name or DEFAULT_MODEL_NAME, "path": BUILTIN_CHAT_MODEL}
+    model.update({k: str(v) if k == "chat_template" else v for k, v in model_flags.items()})
+    return load_settings(None, overrides, model, base_dir=Path.cwd())
 
 
 def run(args: argparse.Namespace) -> int:

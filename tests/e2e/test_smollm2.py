@@ -1,0 +1,77 @@
+"""The embedded default model, SmolLM2-135M-Instruct, answering for real through the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import SMOL
+from tests.e2e.helpers import stream
+from tests.server import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def http(smol_server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=smol_server.url, timeout=120) as c:
+        yield c
+
+
+def test_sensible_answer_to_a_simple_question(smol_server: ServerProcess) -> None:
+    with openai.OpenAI(base_url=smol_server.url + "/v1", api_key="x", max_retries=0) as client:
+        r = client.chat.completions.create(
+            model=SMOL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=30, temperature=0)
+    assert "Paris" in (r.choices[0].message.content or "")
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and 0 < r.usage.completion_tokens < 30
+
+
+def test_default_model_is_listed(http: httpx.Client) -> None:
+    card = http.get("/v1/models").json()["data"][0]
+    assert card["id"] == SMOL
+    assert card["max_model_len"] == 8192
+
+
+def test_chinese_stream_equals_blocking(http: httpx.Client) -> None:
+    body = {"model": SMOL, "messages": [{"role": "user", "content": "Translate into Chinese: I love my family."}],
+            "max_tokens": 60, "temperature": 0}
+    blocking = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    streamed = stream(http, "/v1/chat/completions", body)
+    assert streamed.text.encode() == blocking.encode()
+    assert any(ord(ch) > 0x2E80 for ch in blocking), "expected non-ASCII output for this prompt"
+
+
+def test_eight_concurrent_streams_share_the_model(smol_server: ServerProcess, http: httpx.Client) -> None:
+    """Continuous batching: 8 clients are decoded together, not one after another."""
+    body = {"model": SMOL, "max_tokens": 48, "ignore_eos": True, "stream": True,
+            "messages": [{"role": "user", "content": "Tell me a story about a robot."}]}
+    peak = 0
+
+    async def client(c: httpx.AsyncClient) -> int:
+        async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            return len([line async for line in r.aiter_lines() if line.startswith("data: {")])
+
+    async def watch(c: httpx.AsyncClient, done: asyncio.Event) -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, (await c.get("/health")).json()["models"][SMOL]["running"])
+            await asyncio.sleep(0.05)
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(base_url=smol_server.url, timeout=120) as c:
+            done = asyncio.Event()
+            watcher = asyncio.create_task(watch(c, done))
+            counts = await asyncio.gather(*(client(c) for _ in range(8)))
+            done.set()
+            await watcher
+            return list(counts)
+
+    counts = asyncio.run(run())
+    assert all(n >= 48 for n in counts)
+    assert peak >= 6, f"only {peak} sequences ran at once"
