@@ -63,6 +63,7 @@ class ModelSpec(_Frozen):
     # fake engine only: what it answers and how fast
     fake_reply: str = "This is a scripted reply from the fake engine."
     fake_token_delay: float = Field(default=0.0, ge=0.0)
+    fake_fail_after: int | None = Field(default=None, ge=0, description="fail mid-stream after N tokens")
 
     @field_validator("dtype", mode="before")
     @classmethod

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import REPO, ServerProcess
+from tests.process import REPO, ServerProcess
 from tests.tiny_model import build_tiny_llama
 
 TINY = "tiny-llama"

@@ -1,7 +1,7 @@
 """FakeEngine: a deterministic scripted engine for gateway tests and benchmarks (``engine: fake``).
 
 It answers every request with the configured reply, one word per token, optionally with a delay
-per token.  Prompt tokens are counted as whitespace-separated words.  It honours max_tokens, stop
+per token, and optionally fails mid-stream after N tokens (``fake_fail_after``) to exercise error paths.  Prompt tokens are counted as whitespace-separated words.  It honours max_tokens, stop
 strings and the same queue bounds as a real engine, so the server around it behaves as in production.
 """
 
@@ -93,6 +93,9 @@ class FakeEngine:
         text_so_far = ""
         for count, piece in enumerate(self._pieces[:max_tokens], start=1):
             if cancelled.is_set():
+                return
+            if self.spec.fake_fail_after is not None and count > self.spec.fake_fail_after:
+                collector.fail(InhouseError(ErrorCode.ENGINE_ERROR, "the fake engine failed as configured"))
                 return
             if self.spec.fake_token_delay:
                 await asyncio.sleep(self.spec.fake_token_delay)

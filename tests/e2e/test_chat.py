@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from tests.conftest import TINY
 from tests.e2e.helpers import stream
-from tests.server import ServerProcess
+from tests.process import ServerProcess
 
 CJK = [{"role": "user", "content": "你好，请用中文介绍一下北京。😀"}]
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import TINY
 from tests.e2e.helpers import assert_error, stream
-from tests.server import ServerProcess
+from tests.process import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import SMOL, TINY
 from tests.e2e.helpers import stream
-from tests.server import REPO, ServerProcess
+from tests.process import REPO, ServerProcess
 
 pytestmark = pytest.mark.slow
 

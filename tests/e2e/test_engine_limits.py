@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import SMOL
 from tests.e2e.helpers import assert_error, parse_sse
-from tests.server import ServerProcess
+from tests.process import ServerProcess
 
 pytestmark = pytest.mark.slow
 

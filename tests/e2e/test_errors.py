@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import TINY
 from tests.e2e.helpers import assert_error
-from tests.server import ServerProcess
+from tests.process import ServerProcess
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import SMOL
 from tests.e2e.helpers import stream
-from tests.server import ServerProcess
+from tests.process import ServerProcess
 
 pytestmark = pytest.mark.slow
 

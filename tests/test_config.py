@@ -1,0 +1,71 @@
+"""Settings are validated once, with messages an operator can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inhouse.config import BUILTIN_CHAT_MODEL, ConfigError, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "inhouse.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_default_is_the_embedded_model() -> None:
+    settings = load_settings()
+    assert [m.path for m in settings.models] == [BUILTIN_CHAT_MODEL]
+    assert settings.host == "127.0.0.1" and settings.port == 8000
+
+
+def test_yaml_models_paths_templates_and_aliases(tmp_path: Path) -> None:
+    (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }}", encoding="utf-8")
+    path = write(tmp_path, """
+port: 9001
+models:
+  - name: a
+    path: ./weights
+    dtype: bf16
+    chat_template: t.jinja
+    defaults: {temperature: 0.3, max_tokens: 64}
+  - name: b
+    path: builtin:smollm2-135m-instruct
+""")
+    settings = load_settings(path)
+    a, b = settings.models
+    assert a.path == str((tmp_path / "weights").resolve())
+    assert a.dtype == "bfloat16"
+    assert a.chat_template == "{{ messages[0]['content'] }}"
+    assert a.defaults.temperature == 0.3
+    assert b.path == BUILTIN_CHAT_MODEL
+    assert settings.port == 9001
+
+
+def test_overrides_beat_the_file(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "port: 9001\n"), {"port": 9002, "host": None})
+    assert settings.port == 9002 and settings.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("models: [{name: a, path: x, max_num_seqs: 0}]", "models.0.max_num_seqs"),
+        ("models: [{name: a, path: x, colour: red}]", "models.0.colour"),
+        ("models: [{name: a, path: x}, {name: a, path: y}]", "repeated: a"),
+        ("port: [1", "not valid YAML"),
+        ("- just a list", "mapping"),
+        ("models: [{name: a, path: x, chat_template: missing.jinja}]", "does not exist"),
+    ],
+)
+def test_bad_config_is_explained(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text))
+    assert fragment in str(info.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(Path("/nonexistent/inhouse.yaml"))
