@@ -31,12 +31,16 @@ install: $(RUNTIME_STAMP)
 serve: $(RUNTIME_STAMP)
 	$(BIN)/inhouse serve $(ARGS)
 
-## The whole suite, as CI runs it
-test: $(TEST_STAMP)
+## The whole suite, as CI runs it: lint + types, then every test
+test: lint
 	$(BIN)/python -m pytest $(ARGS)
 
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check inhouse tests bench
+	$(BIN)/mypy
+
 ## Inner loop: everything except the slow end-to-end tests on the real SmolLM2 and Dify
-test-fast: $(TEST_STAMP)
+test-fast: lint
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 bench: $(TEST_STAMP)

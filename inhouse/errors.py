@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ErrorCode", "InhouseError", "STATUS", "ERROR_TYPE"]
+__all__ = ["ERROR_TYPE", "STATUS", "ErrorCode", "InhouseError"]
 
 
 class ErrorCode(enum.Enum):

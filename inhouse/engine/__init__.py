@@ -5,8 +5,8 @@ from inhouse.engine.base import (
     Engine,
     EngineInfo,
     EngineStats,
-    Generation,
     GenerateRequest,
+    Generation,
     SamplingParams,
     TokenLogprob,
 )

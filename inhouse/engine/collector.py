@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, Self, TypeVar
 
 __all__ = ["OutputCollector"]
 
 
 class _Mergeable(Protocol):
-    def merge(self, later: "_Mergeable") -> None: ...  # noqa: UP037
+    def merge(self, later: Self) -> None: ...
 
 
 T = TypeVar("T", bound=_Mergeable)

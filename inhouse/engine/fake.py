@@ -1,7 +1,8 @@
 """FakeEngine: a deterministic scripted engine for gateway tests and benchmarks (``engine: fake``).
 
 It answers every request with the configured reply, one word per token, optionally with a delay
-per token, and optionally fails mid-stream after N tokens (``fake_fail_after``) to exercise error paths.  Prompt tokens are counted as whitespace-separated words.  It honours max_tokens, stop
+per token, and optionally fails mid-stream after N tokens (``fake_fail_after``) to exercise error
+paths.  Prompt tokens are counted as whitespace-separated words.  It honours max_tokens, stop
 strings and the same queue bounds as a real engine, so the server around it behaves as in production.
 """
 
@@ -11,7 +12,7 @@ import asyncio
 import re
 
 from inhouse.config import ModelSpec
-from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, Generation, GenerateRequest
+from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
 from inhouse.engine.collector import OutputCollector
 from inhouse.errors import ErrorCode, InhouseError
 
@@ -63,7 +64,8 @@ class FakeEngine:
             raise InhouseError(
                 ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                 f"This model's maximum context length is {window} tokens. However, you requested "
-                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion).",
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
+                f"{max_tokens} for the completion).",
                 param="max_tokens",
             )
         collector: OutputCollector[Delta] = OutputCollector(asyncio.get_running_loop())

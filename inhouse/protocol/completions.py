@@ -30,8 +30,11 @@ class CompletionRequest(SamplingFields):
         if isinstance(p, str):
             return [p]
         if all(isinstance(x, int) for x in p):
-            return [tuple(p)]  # type: ignore[arg-type]
-        return [x if isinstance(x, str) else tuple(x) for x in p]  # type: ignore[union-attr]
+            return [tuple(x for x in p if isinstance(x, int))]
+        out: list[str | tuple[int, ...]] = []
+        for x in p:
+            out.append(x if isinstance(x, str) else tuple(x) if isinstance(x, list) else (x,))
+        return out
 
 
 def completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inhouse.errors import ErrorCode, InhouseError
-from inhouse.server.generation import ClientDisconnected
+from inhouse.server.generation import ClientDisconnectedError
 from inhouse.server.render import error_response
 
 __all__ = ["EXCEPTION_HANDLERS"]
@@ -48,6 +48,6 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     InhouseError: _inhouse_error,
     HTTPException: _http_error,
-    ClientDisconnected: _disconnected,
+    ClientDisconnectedError: _disconnected,
     Exception: _unexpected,
 }

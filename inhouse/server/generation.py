@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from inhouse.engine.base import Delta, Engine, Generation, GenerateRequest, TokenLogprob
+from inhouse.engine.base import Delta, Engine, GenerateRequest, Generation, TokenLogprob
 
-__all__ = ["ChoiceResult", "ClientDisconnected", "collect", "merged", "submit_all"]
+__all__ = ["ChoiceResult", "ClientDisconnectedError", "collect", "merged", "submit_all"]
 
 
-class ClientDisconnected(Exception):
+class ClientDisconnectedError(Exception):
     """The client closed the connection before its blocking answer was ready."""
 
 
@@ -113,7 +113,7 @@ async def collect(generations: list[Generation], request: Request) -> list[Choic
             with contextlib.suppress(asyncio.CancelledError):
                 await work
     if work.cancelled():
-        raise ClientDisconnected
+        raise ClientDisconnectedError
     work.result()
     for result in results:
         result.text = "".join(result._parts)

