@@ -102,6 +102,15 @@ def test_streamed_cjk_text_equals_blocking_byte_for_byte(client: openai.OpenAI, 
     assert len(blocking) > 0
 
 
+def test_sync_sdk_streaming(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model=TINY, messages=CJK, max_tokens=8, temperature=0, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+    assert "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
 def test_seeded_sampling_is_reproducible_and_seed_matters(client: openai.OpenAI) -> None:
     def ask(seed: int) -> str:
         r = client.chat.completions.create(model=TINY, messages=CJK, max_tokens=30, temperature=1.0, seed=seed,
