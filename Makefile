@@ -36,7 +36,7 @@ test: lint
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check inhouse tests bench
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 ## Inner loop: everything except the slow end-to-end tests on the real SmolLM2 and Dify
