@@ -38,6 +38,7 @@ def http(small_server: ServerProcess) -> Iterator[httpx.Client]:
 
 
 def engine_stats(server: ServerProcess) -> dict[str, int]:
+    """The model's entry in /health: state, running, waiting, kv_cache_tokens."""
     return httpx.get(server.url + "/health", timeout=5).json()["models"][SMOL]
 
 
@@ -58,7 +59,7 @@ def wait_idle(server: ServerProcess, within: float = 5.0) -> float:
     start = time.monotonic()
     while time.monotonic() - start < within:
         stats = engine_stats(server)
-        if stats["running"] == 0 and stats["waiting"] == 0:
+        if stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_cache_tokens"] == 0:
             return time.monotonic() - start
         time.sleep(0.05)
     raise AssertionError(f"engine still busy after {within}s: {engine_stats(server)}")
@@ -103,7 +104,9 @@ def test_queue_full_gets_429_with_retry_after_and_waiters_get_keepalives(
     for i, t in enumerate(threads):
         t.start()
         wait_for(lambda n=i + 1: admitted(small_server) >= n, "the request to be admitted")
-    assert engine_stats(small_server) == {"state": "ready", "running": 2, "waiting": 1}
+    stats = engine_stats(small_server)
+    assert (stats["running"], stats["waiting"]) == (2, 1)
+    assert stats["kv_cache_tokens"] > 2 * 30, "two running sequences hold their prompts and outputs"
     time.sleep(1.0)  # the waiter sits in the queue for a while: keep-alives flow meanwhile
 
     refused = http.post("/v1/chat/completions", json={**LONG, "max_tokens": 5})

@@ -5,6 +5,11 @@ of SDPA in every attention layer (registered under ``ATTENTION_NAME``); the batc
 step travels in the ``inhouse_batch`` keyword argument, which transformers passes down unchanged.
 Works for any model whose attention layers use transformers' attention interface (Llama, Mistral,
 Qwen2/3, Phi-3, ...); sliding-window attention is not applied.
+
+Prefill attends among the new tokens with SDPA.  Decode (one query per sequence) is two batched
+matmuls against the cache window with the query heads grouped per kv head, so grouped-query attention
+needs no repeated keys, and a float32 softmax in between (as transformers' eager attention does): on
+CPU this is several times faster than SDPA, whose kernels are built for many queries per sequence.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ class BatchLayout:
     """Where one forward pass reads and writes the cache.
 
     prefill: rows are new sequences, left-padded to a common length; row i goes to slot
-    ``first_slot + i`` and its ``lengths[i]`` real tokens are the last ones of the row.
-    decode: row i is the running sequence in slot i, with one new token at ``positions[i]``.
+    ``first_slot + i`` and its ``lengths[i]`` real tokens are the last ones of the row.  ``mask`` is
+    boolean ``[rows, 1, padded, padded]``.
+    decode: row i is the running sequence in slot i with one new token, stored at ``cache_rows``
+    (from ``SlotKVCache.rows_at``).  ``mask`` is additive float32 ``[rows, 1, 1, capacity]``.
     """
 
     cache: SlotKVCache
@@ -37,8 +44,7 @@ class BatchLayout:
     is_prefill: bool
     first_slot: int = 0
     lengths: tuple[int, ...] = ()
-    positions: torch.Tensor | None = None
-    kv_length: int = 0
+    cache_rows: torch.Tensor | None = None
 
 
 def slot_attention(
@@ -53,26 +59,34 @@ def slot_attention(
 ) -> tuple[torch.Tensor, None]:
     layout: BatchLayout = kwargs["inhouse_batch"]
     layer: int = module.layer_idx  # type: ignore[assignment]
-    k_cache, v_cache = layout.cache.keys[layer], layout.cache.values[layer]
-    rows = query.shape[0]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if layout.is_prefill:
-        padded = key.shape[2]
-        for i, length in enumerate(layout.lengths):
-            slot = layout.first_slot + i
-            k_cache[slot, :, :length].copy_(key[i, :, padded - length :])
-            v_cache[slot, :, :length].copy_(value[i, :, padded - length :])
-        keys, values = key, value
-    else:
-        assert layout.positions is not None
-        slots = torch.arange(rows, device=key.device)
-        k_cache[slots, :, layout.positions] = key[:, :, 0]
-        v_cache[slots, :, layout.positions] = value[:, :, 0]
-        keys = k_cache[:rows, :, : layout.kv_length]
-        values = v_cache[:rows, :, : layout.kv_length]
+        return _prefill(layout, layer, query, key, value, scale), None
+    return _decode(layout, layer, query, key, value, scale), None
+
+
+def _prefill(
+    layout: BatchLayout, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> torch.Tensor:
+    layout.cache.store_prompts(layer, layout.first_slot, layout.lengths, key, value)
     out = F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=layout.mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
+        query, key, value, attn_mask=layout.mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
     )
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
+
+
+def _decode(
+    layout: BatchLayout, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``query`` ``[n, heads, 1, head_dim]`` → ``[n, 1, heads, head_dim]``."""
+    assert layout.cache_rows is not None
+    layout.cache.append(layer, layout.cache_rows, key, value)
+    keys, values = layout.cache.window(layer, query.shape[0])
+    rows, kv_heads, _, head_dim = keys.shape
+    grouped = query.reshape(rows, kv_heads, -1, head_dim)  # query head h reads kv head h // group
+    scores = torch.add(layout.mask, torch.matmul(grouped, keys.transpose(2, 3)), alpha=scale)
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).reshape(rows, 1, -1, head_dim)
 
 
 def register() -> str:

@@ -49,6 +49,7 @@ class LocalEngine:
         self._admitted = 0
         self._running_count = 0
         self._waiting_count = 0
+        self._kv_tokens = 0
         self._thread: threading.Thread | None = None
         self._closing = False
         self._loaded: LoadedModel | None = None
@@ -120,7 +121,7 @@ class LocalEngine:
             state=self._state,
             running=self._running_count,
             waiting=self._waiting_count,
-            kv_cache_tokens=0,
+            kv_cache_tokens=self._kv_tokens,
         )
 
     async def close(self) -> None:
@@ -201,7 +202,7 @@ class LocalEngine:
                 for seq in step.seqs:
                     seq.collector.fail(InhouseError(ErrorCode.ENGINE_ERROR, "the model failed while generating"))
                     self._finish(seq, scheduler)
-            self._running_count, self._waiting_count = len(scheduler.running), len(scheduler.waiting)
+            self._publish(scheduler)
         self._fail_all(scheduler)
 
     def _step(self, step: Step, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler,
@@ -227,8 +228,13 @@ class LocalEngine:
             found = scheduler.find(request_id)
             if found is not None:
                 self._finish(found, scheduler)
-        self._running_count, self._waiting_count = len(scheduler.running), len(scheduler.waiting)
+        self._publish(scheduler)
         return True
+
+    def _publish(self, scheduler: Scheduler) -> None:
+        """Counters read by stats() from other threads (plain ints: each assignment is atomic)."""
+        self._running_count, self._waiting_count = len(scheduler.running), len(scheduler.waiting)
+        self._kv_tokens = sum(seq.length for seq in scheduler.running)
 
     def _finish(self, seq: Sequence, scheduler: Scheduler) -> None:
         scheduler.finish(seq)

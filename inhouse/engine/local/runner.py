@@ -53,17 +53,14 @@ class ModelRunner:
     def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:
         """One token for each running sequence (sequence i in slot i); return next-token logits."""
         write_at = [s.length - 1 for s in seqs]
-        kv_length = max(write_at) + 1
-        self.cache.reserve(kv_length)
+        self.cache.fit(max(write_at) + 1)
         positions = torch.tensor(write_at, dtype=torch.long)
         ids = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long)
-        mask = torch.arange(kv_length).view(1, 1, 1, -1) <= positions.view(-1, 1, 1, 1)
         layout = BatchLayout(
             cache=self.cache,
-            mask=mask.to(self.device),
+            mask=_decode_mask(positions, self.cache.capacity).to(self.device),
             is_prefill=False,
-            positions=positions.to(self.device),
-            kv_length=kv_length,
+            cache_rows=self.cache.rows_at(positions).to(self.device),
         )
         return self._forward(ids, positions.view(-1, 1), layout)
 
@@ -76,3 +73,9 @@ class ModelRunner:
             inhouse_batch=layout,
         )
         return out.logits[:, -1, :].float()
+
+
+def _decode_mask(positions: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Additive float32 ``[n, 1, 1, capacity]``: row i sees cache positions ``0..positions[i]``."""
+    hidden = torch.arange(capacity).view(1, 1, 1, -1) > positions.view(-1, 1, 1, 1)
+    return torch.zeros(hidden.shape, dtype=torch.float32).masked_fill_(hidden, float("-inf"))

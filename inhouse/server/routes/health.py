@@ -16,7 +16,8 @@ async def health(request: Request) -> Response:
     models = {}
     for deployment in registry.all():
         stats = deployment.engine.stats()
-        models[deployment.name] = {"state": stats.state.value, "running": stats.running, "waiting": stats.waiting}
+        models[deployment.name] = {"state": stats.state.value, "running": stats.running, "waiting": stats.waiting,
+                                   "kv_cache_tokens": stats.kv_cache_tokens}
     return json_response({"status": "ok", "models": models})
 
 
