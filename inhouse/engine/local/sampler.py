@@ -30,13 +30,8 @@ class Sampler:
         if any(s.sampling.logprobs for s in seqs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = self._apply_penalties(logits, seqs)
-        tokens = [0] * len(seqs)
-        sampled_rows = []
-        for i, seq in enumerate(seqs):
-            if seq.sampling.greedy:
-                tokens[i] = int(torch.argmax(logits[i]))
-            else:
-                sampled_rows.append(i)
+        tokens: list[int] = logits.argmax(dim=-1).tolist()  # right for every greedy row
+        sampled_rows = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
         if sampled_rows:
             for i, token in zip(sampled_rows, self._sample_rows(logits, seqs, sampled_rows), strict=True):
                 tokens[i] = token
