@@ -12,6 +12,7 @@ import asyncio
 import re
 
 from inhouse.config import ModelSpec
+from inhouse.engine.admission import AdmissionGate, completion_budget
 from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
 from inhouse.engine.collector import OutputCollector
 from inhouse.errors import ErrorCode, InhouseError
@@ -29,6 +30,7 @@ class FakeEngine:
         self._running = 0
         self._waiting = 0
         self._slots = asyncio.Semaphore(spec.max_num_seqs)
+        self._gate = AdmissionGate(spec.name, spec.max_num_seqs + spec.max_waiting)
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -54,20 +56,10 @@ class FakeEngine:
     async def submit(self, request: GenerateRequest) -> Generation:
         if self._state is not EngineState.READY:
             raise InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is not available")
-        if self._running + self._waiting >= self.spec.max_num_seqs + self.spec.max_waiting:
-            raise InhouseError(ErrorCode.QUEUE_FULL, f"model {self.spec.name!r} is at capacity; retry shortly",
-                               retry_after=1.0)
         prompt_tokens = _count_prompt(request)
-        window = self.info.context_length
-        max_tokens = request.sampling.max_tokens or self.spec.defaults.max_tokens or len(self._pieces)
-        if prompt_tokens + max_tokens > window and not self.spec.clamp_max_tokens:
-            raise InhouseError(
-                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                f"This model's maximum context length is {window} tokens. However, you requested "
-                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
-                f"{max_tokens} for the completion).",
-                param="max_tokens",
-            )
+        max_tokens = completion_budget(prompt_tokens, request.sampling.max_tokens, self.info.context_length,
+                                       self.spec.defaults.max_tokens or len(self._pieces), self.spec.clamp_max_tokens)
+        self._gate.admit()
         collector: OutputCollector[Delta] = OutputCollector(asyncio.get_running_loop())
         cancelled = asyncio.Event()
         self._waiting += 1
@@ -88,6 +80,8 @@ class FakeEngine:
                     self._running -= 1
         except asyncio.CancelledError:
             collector.fail(InhouseError(ErrorCode.MODEL_UNAVAILABLE, "the engine shut down"))
+        finally:
+            self._gate.release()
 
     async def _emit(self, request: GenerateRequest, max_tokens: int, collector: OutputCollector[Delta],
                     cancelled: asyncio.Event) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from inhouse.config import ModelSpec
+from inhouse.engine.admission import AdmissionGate, completion_budget
 from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.attention import register
@@ -46,7 +47,7 @@ class LocalEngine:
         self._wakeup = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []
         self._aborted: set[str] = set()
-        self._admitted = 0
+        self._gate = AdmissionGate(spec.name, spec.max_num_seqs + spec.max_waiting)
         self._running_count = 0
         self._waiting_count = 0
         self._kv_tokens = 0
@@ -90,7 +91,8 @@ class LocalEngine:
         self._check_ready()
         assert self._loaded is not None and self._prompts is not None
         prompt_ids = await asyncio.to_thread(self._prompts.token_ids, request)
-        max_tokens = self._max_tokens(len(prompt_ids), request.sampling.max_tokens)
+        max_tokens = completion_budget(len(prompt_ids), request.sampling.max_tokens, self._info.context_length,
+                                       self.spec.defaults.max_tokens, self.spec.clamp_max_tokens)
         collector: OutputCollector[Delta] = OutputCollector(asyncio.get_running_loop())
         tokenizer = self._loaded.tokenizer
         seq = Sequence(
@@ -103,15 +105,8 @@ class LocalEngine:
             stop_matcher=StopMatcher(request.sampling.stop),
             generator=_seeded(request.sampling.seed),
         )
+        self._gate.admit()
         with self._lock:
-            self._check_ready()
-            if self._admitted >= self.spec.max_num_seqs + self.spec.max_waiting:
-                raise InhouseError(
-                    ErrorCode.QUEUE_FULL,
-                    f"model {self.spec.name!r} is at capacity ({self._admitted} requests in progress); retry shortly",
-                    retry_after=1.0,
-                )
-            self._admitted += 1
             self._inbox.append(seq)
             self._wakeup.notify()
         return Generation(request.request_id, len(prompt_ids), collector, self._abort)
@@ -140,29 +135,6 @@ class LocalEngine:
                                retry_after=5.0)
         if self._state is not EngineState.READY or self._closing:
             raise InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is not available")
-
-    def _max_tokens(self, prompt_tokens: int, asked: int | None) -> int:
-        window = self._info.context_length
-        if prompt_tokens >= window:
-            raise InhouseError(
-                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                f"This model's maximum context length is {window} tokens. However, your prompt is "
-                f"{prompt_tokens} tokens, which leaves no room for a completion. Please shorten the prompt.",
-                param="messages",
-            )
-        room = window - prompt_tokens
-        if asked is None:
-            asked = self.spec.defaults.max_tokens or room
-            return min(asked, room)
-        if asked > room and not self.spec.clamp_max_tokens:
-            raise InhouseError(
-                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                f"This model's maximum context length is {window} tokens. However, you requested "
-                f"{prompt_tokens + asked} tokens ({prompt_tokens} in the prompt, {asked} for the completion "
-                f"via max_tokens). Please reduce the length of the prompt or max_tokens (at most {room} here).",
-                param="max_tokens",
-            )
-        return min(asked, room)
 
     def _abort(self, request_id: str) -> None:
         with self._lock:
@@ -238,8 +210,7 @@ class LocalEngine:
 
     def _finish(self, seq: Sequence, scheduler: Scheduler) -> None:
         scheduler.finish(seq)
-        with self._lock:
-            self._admitted -= 1
+        self._gate.release()
 
     def _fail_all(self, scheduler: Scheduler) -> None:
         with self._lock:
