@@ -51,7 +51,7 @@ class ModelSpec(_Frozen):
 
     name: str = Field(min_length=1)
     path: str = Field(min_length=1, description="HF checkpoint dir, a .gguf file, or builtin:NAME")
-    engine: Literal["transformers", "fake"] = "transformers"
+    engine: Literal["auto", "transformers", "vllm", "fake"] = "transformers"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     context_length: int | None = Field(default=None, ge=16)
@@ -60,6 +60,11 @@ class ModelSpec(_Frozen):
     max_waiting: int = Field(default=256, ge=0)
     clamp_max_tokens: bool = False
     defaults: SamplingDefaults = SamplingDefaults()
+    # vLLM engine only
+    kv_cache_gib: int = Field(default=1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enforce_eager: bool = True
     # fake engine only: what it answers and how fast
     fake_reply: str = "This is a scripted reply from the fake engine."
     fake_token_delay: float = Field(default=0.0, ge=0.0)

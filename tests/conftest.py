@@ -25,7 +25,7 @@ def cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(cache_dir: Path) -> Path:
-    return build_tiny_llama(cache_dir / "tiny-llama")
+    return build_tiny_llama(cache_dir / "tiny-llama-h64")
 
 
 @pytest.fixture(scope="session")

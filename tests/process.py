@@ -24,7 +24,8 @@ class ServerProcess:
     """``with ServerProcess([...args]) as server:`` → ``server.url`` answers once every model is ready."""
 
     def __init__(self, args: list[str], cache_dir: Path, log_path: Path, ready_timeout: float = 180.0,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, python: str = sys.executable) -> None:
+        self.python = python
         self.port = free_port()
         self.args = args
         self.cache_dir = cache_dir
@@ -39,7 +40,7 @@ class ServerProcess:
 
     def start(self, wait_ready: bool = True) -> ServerProcess:
         env = {**os.environ, "INHOUSE_CACHE_DIR": str(self.cache_dir), "PYTHONUNBUFFERED": "1", **self.env}
-        cmd = [sys.executable, "-m", "inhouse", "serve", "--port", str(self.port), *self.args]
+        cmd = [self.python, "-m", "inhouse", "serve", "--port", str(self.port), *self.args]
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         if wait_ready:

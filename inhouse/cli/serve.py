@@ -18,7 +18,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--config", type=Path, help="YAML file declaring models and server settings")
     p.add_argument("--model", help="a local HF checkpoint dir or .gguf file (default: the embedded SmolLM2)")
     p.add_argument("--name", help="the public model name for --model (default: the directory or file name)")
-    p.add_argument("--engine", choices=["transformers", "fake"], help="engine for --model")
+    p.add_argument("--engine", choices=["auto", "transformers", "vllm", "fake"],
+                   help="engine for the model (auto: vLLM when installed)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"])
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--context-length", type=int, help="cap the context window (tokens)")

@@ -108,6 +108,7 @@ class EngineStats:
     running: int
     waiting: int
     kv_cache_tokens: int = 0
+    kv_cache_usage: float = 0.0  # fraction of the engine's KV-cache budget in use
 
 
 class Generation:

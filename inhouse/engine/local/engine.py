@@ -117,6 +117,7 @@ class LocalEngine:
             running=self._running_count,
             waiting=self._waiting_count,
             kv_cache_tokens=self._kv_tokens,
+            kv_cache_usage=self._kv_tokens / max(1, self.spec.max_num_seqs * self._info.context_length),
         )
 
     async def close(self) -> None:

