@@ -9,7 +9,9 @@ masks the positions past each sequence's length: on CPU, bf16 batched matmuls ar
 on contiguous operands than on a strided ``[:n, :, :length]`` view.  So capacity is kept close to the
 longest running sequence: a multiple of 128 tokens, grown a quarter ahead of need, given back during
 decode when less than half of it is used and entirely when the engine is idle.  Positions nobody wrote
-hold zeros or old keys, never garbage, so masked reads stay finite.  Holds no masks and no model.
+hold zeros or old keys, never garbage, so masked reads stay finite.  The tensors are inference tensors
+(the runner writes them under ``torch.inference_mode``), so every method here may be called outside it.
+Holds no masks and no model.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class SlotKVCache:
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.reserve(_MIN_CAPACITY)
+        self._resize(_MIN_CAPACITY)
 
     @property
     def bytes_per_token(self) -> int:
@@ -76,7 +78,7 @@ class SlotKVCache:
         if self.capacity > _MIN_CAPACITY:
             self.capacity = 0
             self.keys, self.values = [], []
-            self.reserve(_MIN_CAPACITY)
+            self._resize(_MIN_CAPACITY)
 
     def _capacity_for(self, length: int) -> int:
         ahead = _round_up(max(length + length // 4, _MIN_CAPACITY), _GRANULE)
@@ -86,6 +88,7 @@ class SlotKVCache:
         shape = (self.num_slots, self.kv_heads, capacity, self.head_dim)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
+    @torch.inference_mode()
     def _resize(self, capacity: int) -> None:
         keep = min(self.capacity, capacity)
         new_keys, new_values = [], []
@@ -100,6 +103,7 @@ class SlotKVCache:
 
     # ---- contents --------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into slot ``dst``."""
         if src == dst or length == 0:
@@ -108,27 +112,17 @@ class SlotKVCache:
             self.keys[layer][dst, :, :length].copy_(self.keys[layer][src, :, :length])
             self.values[layer][dst, :, :length].copy_(self.values[layer][src, :, :length])
 
-    def store_prompts(
-        self, layer: int, first_slot: int, lengths: tuple[int, ...], key: torch.Tensor, value: torch.Tensor
-    ) -> None:
-        """Prefill: row i of the left-padded ``[rows, kv_heads, padded, head_dim]`` goes to slot ``first_slot + i``."""
-        padded = key.shape[2]
-        keys, values = self.keys[layer], self.values[layer]
-        for i, length in enumerate(lengths):
-            slot = first_slot + i
-            keys[slot, :, :length].copy_(key[i, :, padded - length :])
-            values[slot, :, :length].copy_(value[i, :, padded - length :])
+    def rows_at(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Where new tokens go: token t (in ``slots[t]`` at ``positions[t]``) × kv head, in that order.
 
-    def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """Decode: where slot i's new token at ``positions[i]`` goes, per kv head, in a flattened layer.
-
-        Valid until the capacity changes; ``append`` takes it once per layer.
+        Indexes a layer viewed as ``[-1, head_dim]``; valid until the capacity changes.
         """
-        slot_heads = torch.arange(positions.shape[0] * self.kv_heads, device=positions.device)
-        return slot_heads * self.capacity + positions.repeat_interleave(self.kv_heads)
+        heads = torch.arange(self.kv_heads, device=slots.device)
+        first_row = (slots * self.kv_heads).view(-1, 1) + heads.view(1, -1)
+        return (first_row * self.capacity + positions.view(-1, 1)).view(-1)
 
-    def append(self, layer: int, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Decode: store one new position per slot from ``[n, kv_heads, 1, head_dim]`` key and value."""
+    def write(self, layer: int, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store new keys and values, token-major (``[..., tokens, kv_heads, head_dim]``), at ``rows``."""
         flat = (-1, self.head_dim)
         self.keys[layer].view(flat).index_copy_(0, rows, key.reshape(flat))
         self.values[layer].view(flat).index_copy_(0, rows, value.reshape(flat))
