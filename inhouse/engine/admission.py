@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import threading
 
+from inhouse.engine.base import EngineState
 from inhouse.errors import ErrorCode, InhouseError
 
-__all__ = ["AdmissionGate", "completion_budget"]
+__all__ = ["AdmissionGate", "check_ready", "completion_budget"]
+
+
+def check_ready(model: str, state: EngineState) -> None:
+    """503 ``model_loading`` (with Retry-After) while loading, 503 ``model_unavailable`` unless ready."""
+    if state is EngineState.LOADING:
+        raise InhouseError(ErrorCode.MODEL_LOADING, f"model {model!r} is still loading; retry shortly",
+                           retry_after=5.0)
+    if state is not EngineState.READY:
+        raise InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {model!r} is not available")
 
 
 def completion_budget(prompt_tokens: int, asked: int | None, window: int, default: int | None, clamp: bool) -> int:

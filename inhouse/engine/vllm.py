@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from inhouse.config import ModelSpec
-from inhouse.engine.admission import AdmissionGate, completion_budget
+from inhouse.engine.admission import AdmissionGate, check_ready, completion_budget
 from inhouse.engine.base import (
     Delta,
     EngineInfo,
@@ -143,11 +143,8 @@ class VllmEngine:
         self._state = EngineState.CLOSED
 
     async def submit(self, request: GenerateRequest) -> Generation:
-        if self._state is EngineState.LOADING:
-            raise InhouseError(ErrorCode.MODEL_LOADING, f"model {self.spec.name!r} is still loading; retry shortly",
-                               retry_after=5.0)
-        if self._state is not EngineState.READY or self._prompts is None:
-            raise InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is not available")
+        check_ready(self.spec.name, self._state)
+        assert self._prompts is not None
         prompt_ids = await asyncio.to_thread(self._prompts.token_ids, request)
         max_tokens = completion_budget(len(prompt_ids), request.sampling.max_tokens, self._info.context_length,
                                        self.spec.defaults.max_tokens, self.spec.clamp_max_tokens)

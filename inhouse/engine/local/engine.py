@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from inhouse.config import ModelSpec
-from inhouse.engine.admission import AdmissionGate, completion_budget
+from inhouse.engine.admission import AdmissionGate, check_ready, completion_budget
 from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.attention import register
@@ -131,11 +131,7 @@ class LocalEngine:
     # ---- admission helpers ----------------------------------------------------------------
 
     def _check_ready(self) -> None:
-        if self._state is EngineState.LOADING:
-            raise InhouseError(ErrorCode.MODEL_LOADING, f"model {self.spec.name!r} is still loading; retry shortly",
-                               retry_after=5.0)
-        if self._state is not EngineState.READY or self._closing:
-            raise InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is not available")
+        check_ready(self.spec.name, EngineState.CLOSED if self._closing else self._state)
 
     def _abort(self, request_id: str) -> None:
         with self._lock:
