@@ -71,8 +71,9 @@ def test_stream_framing_role_first_usage_last(http: httpx.Client) -> None:
     assert last["choices"][0]["finish_reason"] == "length"
     assert last["usage"]["completion_tokens"] == 12
     assert all("usage" not in e for e in result.events[:-1])
-    # one event per generated piece of text: 12 tokens never arrive as one lump
-    assert len([e for e in result.events if e["choices"][0]["delta"].get("content")]) >= 3
+    # pieces are merged only when the client lags, and byte tokens wait for a whole character, so the count of
+    # content events is not fixed here; the paced fake engine in test_cli checks one event per token
+    assert 1 <= len([e for e in result.events if e["choices"][0]["delta"].get("content")]) <= 12
 
 
 def test_stream_include_usage_sends_separate_usage_chunk(http: httpx.Client) -> None:

@@ -37,6 +37,11 @@ models:
     path: unused
     engine: fake
     fake_reply: "Hello from the fake engine, one word at a time."
+  - name: paced
+    path: unused
+    engine: fake
+    fake_reply: "one two three four five six"
+    fake_token_delay: 0.05
   - name: broken
     path: unused
     engine: fake
@@ -54,7 +59,7 @@ def http(config_server: ServerProcess) -> Iterator[httpx.Client]:
 
 def test_all_models_are_listed_with_their_engine(http: httpx.Client) -> None:
     cards = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
-    assert set(cards) == {"chatml", "plain", "scripted", "broken"}
+    assert set(cards) == {"chatml", "plain", "scripted", "paced", "broken"}
     assert cards["chatml"]["engine"] == "transformers" and cards["scripted"]["engine"] == "fake"
 
 
@@ -76,6 +81,13 @@ def test_fake_engine_scripted_reply_and_stop(http: httpx.Client) -> None:
                  {"model": "scripted", "messages": [{"role": "user", "content": "hi"}], "stop": ["engine"]})
     assert cut.text == "Hello from the fake "
     assert cut.finish_reasons == ["stop"]
+
+
+def test_a_paced_stream_sends_one_event_per_token(http: httpx.Client) -> None:
+    result = stream(http, "/v1/chat/completions", {"model": "paced", "messages": [{"role": "user", "content": "x"}]})
+    pieces = [e["choices"][0]["delta"]["content"] for e in result.events
+              if e.get("choices") and e["choices"][0]["delta"].get("content")]
+    assert pieces == ["one ", "two ", "three ", "four ", "five ", "six"]
 
 
 def test_failure_mid_stream_is_one_error_event_then_done(http: httpx.Client) -> None:
