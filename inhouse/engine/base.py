@@ -22,6 +22,7 @@ __all__ = [
     "EngineStats",
     "GenerateRequest",
     "Generation",
+    "ModelLoadError",
     "SamplingParams",
     "TokenLogprob",
 ]
@@ -84,6 +85,14 @@ class Delta:
             self.logprobs = (self.logprobs or []) + later.logprobs
         if later.finish_reason is not None:
             self.finish_reason = later.finish_reason
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded, with a message written for the operator: what failed and the fix.
+
+    Only this exception's message is shown outside the log (in ``/health``); any other failure while
+    loading is reported there as a generic "see the server log".
+    """
 
 
 class EngineState(enum.Enum):

@@ -1,6 +1,7 @@
 """Builds the engine a ModelSpec asks for.  The one place that maps ``engine:`` names to classes.
 
-``auto`` picks vLLM when it is installed, else the transformers engine, and says so in the log.
+``auto`` is the AutoEngine (vLLM, falling back to transformers) when vLLM is installed, else the
+transformers engine; the choice is logged.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ def build_engine(spec: ModelSpec, cache_dir: Path) -> Engine:
     if kind == "auto":
         from inhouse.engine.vllm import vllm_available
 
-        kind = "vllm" if vllm_available() else "transformers"
-        log.info("model %s: engine auto → %s", spec.name, kind)
+        if vllm_available():
+            from inhouse.engine.auto import AutoEngine
+
+            log.info("model %s: engine auto → vllm (transformers if vLLM refuses the model)", spec.name)
+            return AutoEngine(spec, cache_dir)
+        kind = "transformers"
+        log.info("model %s: engine auto → transformers (vLLM is not installed)", spec.name)
     if kind == "fake":
         from inhouse.engine.fake import FakeEngine
 

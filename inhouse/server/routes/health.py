@@ -19,6 +19,9 @@ async def health(request: Request) -> Response:
         models[deployment.name] = {"state": stats.state.value, "running": stats.running, "waiting": stats.waiting,
                                    "kv_cache_tokens": stats.kv_cache_tokens,
                                    "kv_cache_usage": round(stats.kv_cache_usage, 4)}
+        error = registry.load_error(deployment.name)
+        if error:
+            models[deployment.name]["error"] = error
     return json_response({"status": "ok", "models": models})
 
 

@@ -1,0 +1,69 @@
+"""AutoEngine: ``engine: auto`` when vLLM is installed: try vLLM, fall back to the transformers engine.
+
+Owns only that choice.  Until ``start`` returns it is the vLLM engine; if vLLM refuses the model
+(unsupported architecture or head size, not enough memory, any start-up failure) it logs a warning
+naming the reason and becomes the transformers engine for the rest of its life.  Every other call is
+passed to whichever engine it currently is, so ``info.kind`` (shown in ``/v1/models``) names the
+engine that really serves.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from inhouse.config import ModelSpec
+from inhouse.engine.base import (
+    Engine,
+    EngineInfo,
+    EngineState,
+    EngineStats,
+    GenerateRequest,
+    Generation,
+    ModelLoadError,
+)
+
+__all__ = ["AutoEngine"]
+
+log = logging.getLogger("inhouse.engine")
+
+
+class AutoEngine:
+    def __init__(self, spec: ModelSpec, cache_dir: Path) -> None:
+        from inhouse.engine.vllm import VllmEngine
+
+        self.spec = spec
+        self._cache_dir = cache_dir
+        self._engine: Engine = VllmEngine(spec, cache_dir)
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._engine.info
+
+    @property
+    def state(self) -> EngineState:
+        return self._engine.state
+
+    async def start(self) -> None:
+        try:
+            await self._engine.start()
+            return
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, ModelLoadError) else f"({type(exc).__name__}; see the log above)"
+            failed = self._engine
+        log.warning("model %s: vLLM could not serve it, falling back to the transformers engine. %s",
+                    self.spec.name, reason)
+        await failed.close()
+        from inhouse.engine.local.engine import LocalEngine
+
+        self._engine = LocalEngine(self.spec, self._cache_dir)
+        await self._engine.start()
+
+    async def submit(self, request: GenerateRequest) -> Generation:
+        return await self._engine.submit(request)
+
+    def stats(self) -> EngineStats:
+        return self._engine.stats()
+
+    async def close(self) -> None:
+        await self._engine.close()
