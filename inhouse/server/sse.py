@@ -31,28 +31,42 @@ def event(payload: Any) -> bytes:
 
 
 async def with_keepalive(source: AsyncIterator[bytes], interval: float) -> AsyncIterator[bytes]:
-    iterator = source.__aiter__()
-    pending: asyncio.Future[bytes] | None = None
+    """``source``'s chunks, with a keep-alive comment after every ``interval`` seconds of silence.
+
+    One task pulls the source into a one-slot queue, so the source is never cancelled mid-chunk by a
+    timeout and is not read ahead (a slow client still makes the engine merge deltas).  Costs a queue
+    hand-off and one timer per chunk, not a task per chunk.
+    """
+    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=1)
+
+    async def pump() -> None:
+        try:
+            async for chunk in source:
+                await queue.put(chunk)
+        except Exception as exc:
+            await queue.put(exc)
+        else:
+            await queue.put(None)
+
+    task = asyncio.create_task(pump())
     try:
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(iterator.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
+            try:
+                async with asyncio.timeout(interval):
+                    item = await queue.get()
+            except TimeoutError:
                 yield KEEPALIVE
                 continue
-            finished, pending = pending, None
-            try:
-                chunk = finished.result()
-            except StopAsyncIteration:
+            if item is None:
                 return
-            yield chunk
+            if isinstance(item, BaseException):
+                raise item
+            yield item
     finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
-        aclose = getattr(iterator, "aclose", None)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()
 

@@ -90,7 +90,7 @@ class LocalEngine:
     async def submit(self, request: GenerateRequest) -> Generation:
         self._check_ready()
         assert self._loaded is not None and self._prompts is not None
-        prompt_ids = await asyncio.to_thread(self._prompts.token_ids, request)
+        prompt_ids = await self._prompts.token_ids_async(request)
         max_tokens = completion_budget(len(prompt_ids), request.sampling.max_tokens, self._info.context_length,
                                        self.spec.defaults.max_tokens, self.spec.clamp_max_tokens)
         collector: OutputCollector[Delta] = OutputCollector(asyncio.get_running_loop())
