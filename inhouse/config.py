@@ -64,7 +64,9 @@ class ModelSpec(_Frozen):
     kv_cache_gib: int = Field(default=1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
-    enforce_eager: bool = False  # vLLM's default: compiled (inductor on CPU); true starts faster, runs slower
+    # None: eager on CPU (vLLM 0.32's compiled CPU path changed SmolLM2's greedy answers here), vLLM's
+    # default (compiled / CUDA graphs) on GPU
+    enforce_eager: bool | None = None
     # fake engine only: what it answers and how fast
     fake_reply: str = "This is a scripted reply from the fake engine."
     fake_token_delay: float = Field(default=0.0, ge=0.0)

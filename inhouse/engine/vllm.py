@@ -110,6 +110,8 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         checkpoint = await asyncio.to_thread(resolve_checkpoint, self.spec, self._cache_dir)
+        on_cpu = _runs_on_cpu(self.spec)
+        eager = self.spec.enforce_eager if self.spec.enforce_eager is not None else on_cpu
         dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.spec.dtype]
         args = AsyncEngineArgs(
             model=str(checkpoint),
@@ -117,13 +119,13 @@ class VllmEngine:
             max_model_len=self.spec.context_length,
             max_num_seqs=self.spec.max_num_seqs,
             tensor_parallel_size=self.spec.tensor_parallel_size,
-            enforce_eager=self.spec.enforce_eager,
+            enforce_eager=eager,
             gpu_memory_utilization=self.spec.gpu_memory_utilization,
             disable_log_stats=False,
         )
         log.info("starting vLLM for %s from %s", self.spec.name, checkpoint)
         try:
-            self._llm = await asyncio.to_thread(self._spawn, AsyncLLM, args, checkpoint)
+            self._llm = await asyncio.to_thread(self._spawn, AsyncLLM, args, checkpoint, on_cpu)
         except ModelLoadError:
             raise
         except Exception as exc:
@@ -145,10 +147,9 @@ class VllmEngine:
         self._state = EngineState.READY
         log.info("model %s ready on vLLM: context %d tokens", self.spec.name, window)
 
-    def _spawn(self, async_llm: Any, args: Any, checkpoint: Path) -> Any:
+    def _spawn(self, async_llm: Any, args: Any, checkpoint: Path, on_cpu: bool) -> Any:
         """Check the model, set vLLM's process-wide CPU knobs and start its engine core, as one step."""
         with VllmEngine._spawn_lock:
-            on_cpu = _runs_on_cpu(self.spec)
             if on_cpu:
                 _cpu_environment(self.spec)
             _preflight(self.spec.name, checkpoint, on_cpu)

@@ -33,6 +33,7 @@ def test_gguf_file_is_converted_once_and_served(tmp_path: Path, logs_dir: Path) 
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             try:
+                ready_before = httpx.get(server.url + "/ready").status_code  # never goes back from 200 to 503
                 r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
             except httpx.TransportError:
                 time.sleep(0.2)  # not listening yet
@@ -40,7 +41,7 @@ def test_gguf_file_is_converted_once_and_served(tmp_path: Path, logs_dir: Path) 
             if r.status_code == 503:
                 assert_error(r, 503, "model_loading")
                 assert int(r.headers["retry-after"]) >= 1
-                assert httpx.get(server.url + "/ready").status_code == 503
+                assert ready_before == 503
                 seen_loading = True
                 time.sleep(0.5)
                 continue
