@@ -10,7 +10,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-$(RUNTIME_HASH)
 TEST_STAMP    := $(VENV)/.test-$(TEST_HASH)-$(RUNTIME_HASH)
 ARGS ?=
 
-.PHONY: install serve test test-fast lint bench clean
+.PHONY: install serve test test-fast lint services bench clean
 
 $(RUNTIME_STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,12 @@ serve: $(RUNTIME_STAMP)
 	$(BIN)/inhouse serve $(ARGS)
 
 ## The whole suite, as CI runs it: lint + types, then every test
-test: lint
+test: lint services
 	$(BIN)/python -m pytest $(ARGS)
+
+## PostgreSQL and Redis binaries for the storage tests (Debian packages; the tests start their own servers)
+services:
+	@bash scripts/services.sh
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .

@@ -1,7 +1,8 @@
 """Settings: frozen, validated once at the edge, passed down.
 
 Owns the YAML file format, the command-line overrides and the few environment variables inhouse reads
-(``INHOUSE_CACHE_DIR``).  Nothing below this module reads files or the environment for configuration.
+(``INHOUSE_CACHE_DIR``, ``INHOUSE_STATE_DIR``, the admin key variable or file).  Nothing below this
+module reads files or the environment for configuration.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "BUILTIN_CHAT_MODEL",
     "DEFAULT_MODEL_NAME",
+    "AuditSettings",
     "ConfigError",
     "ModelSpec",
     "SamplingDefaults",
     "Settings",
     "default_cache_dir",
+    "default_state_dir",
     "load_settings",
 ]
 
@@ -79,6 +82,38 @@ class ModelSpec(_Frozen):
         return aliases.get(str(value), value) if value is not None else value
 
 
+def default_state_dir() -> Path:
+    env = os.environ.get("INHOUSE_STATE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "inhouse"
+
+
+class AuditSettings(_Frozen):
+    """What the audit log keeps besides the call's metadata."""
+
+    enabled: bool = True  # false: no audit log at all (benchmarks, labs)
+    # SQLite only. normal: a committed row survives a crash or SIGKILL of the server; full: also a power
+    # cut or OS crash, at an fsync per batch.  PostgreSQL follows its own synchronous_commit.
+    sqlite_sync: Literal["normal", "full"] = "normal"
+    text: Literal["off", "truncate", "full"] = "off"
+    text_chars: int = Field(default=2000, ge=1)
+    redact: tuple[str, ...] = ()  # regular expressions replaced by [REDACTED] in kept text
+
+    @field_validator("redact")
+    @classmethod
+    def _patterns_compile(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        import re
+
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"redact pattern {pattern!r} is not a valid regular expression: {exc}") from None
+        return patterns
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("INHOUSE_CACHE_DIR")
     if env:
@@ -97,6 +132,21 @@ class Settings(_Frozen):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     keepalive_seconds: float = Field(default=10.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # security and accounting
+    auth: Literal["keys", "none"] = "keys"
+    state_dir: Path = Field(default_factory=default_state_dir)
+    database_url: str | None = None  # default: sqlite:///<state_dir>/inhouse.db
+    redis_url: str | None = None  # set: rate limits are shared by every replica using this Redis
+    admin_key: str | None = Field(default=None, repr=False)  # filled from admin_key_env / admin_key_file
+    admin_key_env: str = "INHOUSE_ADMIN_KEY"
+    admin_key_file: Path | None = None
+    key_cache_seconds: float = Field(default=2.0, ge=0)
+    metrics_public: bool = True
+    audit: AuditSettings = AuditSettings()
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'inhouse.db'}"
 
     @field_validator("models")
     @classmethod
@@ -151,9 +201,27 @@ def load_settings(
     if isinstance(models, list):
         data["models"] = [_resolve_paths(m, base_dir) for m in models]
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
+    return settings.model_copy(update={"admin_key": _admin_key(settings, base_dir)})
+
+
+def _admin_key(settings: Settings, base_dir: Path) -> str | None:
+    """The bootstrap admin secret: ``admin_key_file`` if set, else the ``admin_key_env`` variable."""
+    if settings.admin_key:
+        return settings.admin_key
+    if settings.admin_key_file is not None:
+        path = base_dir / settings.admin_key_file.expanduser()
+        try:
+            secret = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"admin_key_file {path}: {exc.strerror}") from None
+    else:
+        secret = os.environ.get(settings.admin_key_env, "").strip()
+    if secret and len(secret) < 20:
+        raise ConfigError("the admin key must be at least 20 characters (inhouse keys create prints one)")
+    return secret or None
 
 
 def _resolve_paths(model: object, base_dir: Path) -> object:

@@ -26,6 +26,12 @@ class ErrorCode(enum.Enum):
     MODEL_UNAVAILABLE = "model_unavailable"
     ENGINE_ERROR = "engine_error"
     INTERNAL = "internal_error"
+    INVALID_API_KEY = "invalid_api_key"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    ADMIN_REQUIRED = "admin_required"
+    RATE_LIMITED = "rate_limit_exceeded"
+    QUOTA_EXCEEDED = "insufficient_quota"
+    AUDIT_UNAVAILABLE = "audit_unavailable"
 
 
 STATUS: dict[ErrorCode, int] = {
@@ -42,6 +48,12 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_UNAVAILABLE: 503,
     ErrorCode.ENGINE_ERROR: 500,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.INVALID_API_KEY: 401,
+    ErrorCode.MODEL_NOT_ALLOWED: 403,
+    ErrorCode.ADMIN_REQUIRED: 403,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.QUOTA_EXCEEDED: 429,
+    ErrorCode.AUDIT_UNAVAILABLE: 503,
 }
 
 # OpenAI's `error.type` vocabulary, by code.
@@ -59,6 +71,12 @@ ERROR_TYPE: dict[ErrorCode, str] = {
     ErrorCode.MODEL_UNAVAILABLE: "service_unavailable_error",
     ErrorCode.ENGINE_ERROR: "server_error",
     ErrorCode.INTERNAL: "server_error",
+    ErrorCode.INVALID_API_KEY: "authentication_error",
+    ErrorCode.MODEL_NOT_ALLOWED: "permission_error",
+    ErrorCode.ADMIN_REQUIRED: "permission_error",
+    ErrorCode.RATE_LIMITED: "rate_limit_error",
+    ErrorCode.QUOTA_EXCEEDED: "insufficient_quota",
+    ErrorCode.AUDIT_UNAVAILABLE: "service_unavailable_error",
 }
 
 
@@ -71,12 +89,14 @@ class InhouseError(Exception):
         message: str,
         param: str | None = None,
         retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
         self.retry_after = retry_after
+        self.headers = headers or {}  # extra response headers (x-ratelimit-*)
 
     @property
     def status(self) -> int:

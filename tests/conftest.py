@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.process import REPO, ServerProcess
+from tests.services import PostgresServer, RedisServer
 from tests.tiny_model import build_tiny_llama
 
 TINY = "tiny-llama"
@@ -70,3 +72,28 @@ def smol_server(request: pytest.FixtureRequest, cache_dir: Path, logs_dir: Path)
     with ServerProcess(["--engine", engine], cache_dir, logs_dir / f"smol-{engine}.log", ready_timeout=600,
                        python=python_for(request, engine)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each kind: real SQLite in a file, a new database on the real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.create_database(f"t{uuid.uuid4().hex[:12]}")

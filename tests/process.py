@@ -6,12 +6,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+ADMIN_KEY = "ih-test-admin-0123456789abcdefghijklmnop"  # the bootstrap admin of every test server
 
 
 def free_port() -> int:
@@ -24,8 +26,14 @@ class ServerProcess:
     """``with ServerProcess([...args]) as server:`` → ``server.url`` answers once every model is ready."""
 
     def __init__(self, args: list[str], cache_dir: Path, log_path: Path, ready_timeout: float = 180.0,
-                 env: dict[str, str] | None = None, python: str = sys.executable) -> None:
+                 env: dict[str, str] | None = None, python: str = sys.executable, auth: bool = False,
+                 state_dir: Path | None = None) -> None:
+        """``auth`` False runs the server with ``--auth none`` (tests of other features); True needs keys,
+        with ``ADMIN_KEY`` as the bootstrap admin.  State (SQLite, audit log) goes to ``state_dir``, by default
+        a fresh directory beside the log."""
         self.python = python
+        self.auth = auth
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="state-", dir=log_path.parent))
         self.port = free_port()
         self.args = args
         self.cache_dir = cache_dir
@@ -39,8 +47,10 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, wait_ready: bool = True) -> ServerProcess:
-        env = {**os.environ, "INHOUSE_CACHE_DIR": str(self.cache_dir), "PYTHONUNBUFFERED": "1", **self.env}
-        cmd = [self.python, "-m", "inhouse", "serve", "--port", str(self.port), *self.args]
+        env = {**os.environ, "INHOUSE_CACHE_DIR": str(self.cache_dir), "INHOUSE_STATE_DIR": str(self.state_dir),
+               "INHOUSE_ADMIN_KEY": ADMIN_KEY, "PYTHONUNBUFFERED": "1", **self.env}
+        auth = [] if self.auth or "--auth" in self.args else ["--auth", "none"]
+        cmd = [self.python, "-m", "inhouse", "serve", "--port", str(self.port), *auth, *self.args]
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         if wait_ready:

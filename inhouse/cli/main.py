@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from inhouse.cli import serve
+from inhouse.cli import audit, keys, serve
 
 __all__ = ["main"]
 
@@ -13,5 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inhouse", description="Your own models behind an OpenAI-compatible API.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve.add_parser(commands)
+    keys.add_parser(commands)
+    audit.add_parser(commands)
     args = parser.parse_args(argv)
     return int(args.run(args))

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from inhouse.cli.state import StateError, add_state_flags, open_access
 from inhouse.config import BUILTIN_CHAT_MODEL, DEFAULT_MODEL_NAME, ConfigError, Settings, load_settings
 
 __all__ = ["add_parser", "build_settings", "run"]
@@ -31,6 +32,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--cache-dir", type=Path, help="where converted GGUF models are cached")
     p.add_argument("--keepalive", type=float, dest="keepalive_seconds", help="SSE keep-alive interval, seconds")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    add_state_flags(p)
+    p.add_argument("--auth", choices=["keys", "none"], help="keys (default): every API route needs a key; "
+                   "none: no authentication, for a lab only")
+    p.add_argument("--redis-url", help="share rate limits with every replica using this Redis (redis://...)")
     p.set_defaults(run=run)
 
 
@@ -45,6 +50,10 @@ def build_settings(args: argparse.Namespace) -> Settings:
         "cache_dir": args.cache_dir,
         "keepalive_seconds": args.keepalive_seconds,
         "log_level": args.log_level,
+        "auth": args.auth,
+        "redis_url": args.redis_url,
+        "database_url": args.database_url,
+        "state_dir": args.state_dir,
     }
     model_flags = {key: getattr(args, key) for key in _MODEL_FLAGS if getattr(args, key) is not None}
     if args.config is not None:
@@ -81,8 +90,13 @@ def run(args: argparse.Namespace) -> int:
     from inhouse.gateway.registry import ModelRegistry
     from inhouse.server import create_app
 
+    try:
+        access = open_access(settings)
+    except StateError as exc:
+        print(f"inhouse: {exc}", file=sys.stderr)
+        return 2
     registry = ModelRegistry.of((spec, build_engine(spec, settings.cache_dir)) for spec in settings.models)
-    app = create_app(settings, registry)
+    app = create_app(settings, registry, access)
     for spec in settings.models:
         logging.getLogger("inhouse").info("serving %s from %s (engine %s)", spec.name, spec.path, spec.engine)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -6,12 +6,15 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from inhouse.config import Settings
 from inhouse.gateway.registry import ModelRegistry
+from inhouse.server.access import AccessMiddleware, AccessParts
 from inhouse.server.context import ServerContext
 from inhouse.server.errors import EXCEPTION_HANDLERS
+from inhouse.server.routes import admin
 from inhouse.server.routes.chat import chat_completions
 from inhouse.server.routes.completions import completions
 from inhouse.server.routes.health import health, ready
@@ -32,18 +35,40 @@ def _routes() -> list[Route]:
     for prefix in ("/v1", ""):
         routes += [Route(prefix + path, endpoint, methods=methods) for path, endpoint, methods in api]
     routes += [Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"])]
+    routes += [
+        Route("/admin/keys", admin.list_keys, methods=["GET"]),
+        Route("/admin/keys", admin.create_key, methods=["POST"]),
+        Route("/admin/keys/{key}", admin.show_key, methods=["GET"]),
+        Route("/admin/keys/{key}/revoke", admin.revoke_key, methods=["POST"]),
+        Route("/admin/keys/{key}/rotate", admin.rotate_key, methods=["POST"]),
+        Route("/admin/audit", admin.audit_search, methods=["GET"]),
+        Route("/admin/audit/verify", admin.audit_verify, methods=["GET"]),
+    ]
     return routes
 
 
-def create_app(settings: Settings, registry: ModelRegistry) -> Starlette:
+def create_app(settings: Settings, registry: ModelRegistry, access: AccessParts | None = None) -> Starlette:
+    """Without ``access`` (or with its parts None): no keys, an in-memory limiter, no audit log."""
+    access = access or AccessParts()
+    keys, limiter, audit = access.keys, access.limiter, access.audit
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if audit is not None:
+            audit.start()
         registry.start_loading()
         try:
             yield
         finally:
             await registry.close()
+            await limiter.close()
+            if audit is not None:
+                audit.close()
 
-    app = Starlette(routes=_routes(), exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)  # type: ignore[arg-type]
-    app.state.inhouse = ServerContext(settings=settings, registry=registry)
+    public = {"/health", "/ready"} | ({"/metrics"} if settings.metrics_public else set())
+    middleware = Middleware(AccessMiddleware, keys=keys, limiter=limiter, audit=audit,  # type: ignore[arg-type]
+                            public_paths=frozenset(public), keep_text=settings.audit.text != "off")
+    app = Starlette(routes=_routes(), exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,  # type: ignore[arg-type]
+                    middleware=[middleware])
+    app.state.inhouse = ServerContext(settings=settings, registry=registry, keys=keys, db=access.db)
     return app

@@ -10,6 +10,8 @@ from starlette.requests import Request
 
 from inhouse.config import Settings
 from inhouse.gateway.registry import ModelRegistry
+from inhouse.keys.store import KeyStore
+from inhouse.storage.database import Database
 
 __all__ = ["ServerContext", "context_of"]
 
@@ -18,6 +20,8 @@ __all__ = ["ServerContext", "context_of"]
 class ServerContext:
     settings: Settings
     registry: ModelRegistry
+    keys: KeyStore | None = None  # None: auth is off
+    db: Database | None = None
     _counter: itertools.count[int] = field(default_factory=itertools.count)
     _prefix: str = field(default_factory=lambda: os.urandom(6).hex())
 

@@ -25,7 +25,7 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def error_response(error: InhouseError, headers: dict[str, str] | None = None) -> Response:
-    all_headers = dict(headers or {})
+    all_headers = {**error.headers, **(headers or {})}
     if error.retry_after is not None:
         all_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     return JSONResponse(error.to_dict(), status_code=error.status, headers=all_headers)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from inhouse.engine.base import Delta, Generation
 from inhouse.errors import ErrorCode, InhouseError
 from inhouse.protocol.common import usage
+from inhouse.server.call import Call
 from inhouse.server.generation import merged
 from inhouse.server.sse import DONE, event
 
@@ -33,7 +34,8 @@ class ChunkRenderer(Protocol):
 
 
 async def stream_events(
-    generations: list[Generation], prompt_tokens: int, include_usage: bool, render: ChunkRenderer
+    generations: list[Generation], prompt_tokens: int, include_usage: bool, render: ChunkRenderer,
+    call: Call | None = None,
 ) -> AsyncIterator[bytes]:
     completion_tokens = 0
     finished = 0
@@ -44,6 +46,10 @@ async def stream_events(
     try:
         async for index, delta in merged(generations):
             completion_tokens += delta.token_count
+            if call is not None:
+                call.output(delta.text, delta.token_count)
+                if delta.finish_reason is not None:
+                    call.finished(delta.finish_reason)
             if delta.finish_reason is None:
                 if delta.text or delta.logprobs:
                     yield event(render.chunk([render.choice(index, delta)], None))
@@ -55,8 +61,12 @@ async def stream_events(
         if include_usage:
             yield event(render.chunk([], usage(prompt_tokens, completion_tokens)))
     except InhouseError as exc:
+        if call is not None:
+            call.failed(exc.code.value)
         yield event(exc.to_dict())
     except Exception:
         log.exception("stream failed after it started")
+        if call is not None:
+            call.failed(ErrorCode.INTERNAL.value)
         yield event(InhouseError(ErrorCode.INTERNAL, "the stream failed; the answer is incomplete").to_dict())
     yield DONE

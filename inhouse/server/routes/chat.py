@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -12,6 +13,7 @@ from inhouse.engine.base import Delta
 from inhouse.protocol.chat import ChatCompletionRequest, chat_chunk, chat_completion, chat_logprobs
 from inhouse.protocol.common import usage
 from inhouse.server.body import read_model
+from inhouse.server.call import call_of
 from inhouse.server.context import context_of
 from inhouse.server.convert import chat_requests
 from inhouse.server.generation import collect, submit_all
@@ -41,20 +43,32 @@ class _ChatChunks:
         return chat_chunk(self.request_id, self.created, self.model, choices, totals, self.include_usage)
 
 
+def _messages_text(messages: Any) -> str:
+    return orjson.dumps([m.model_dump(exclude_none=True) for m in messages]).decode()
+
+
 async def chat_completions(request: Request) -> Response:
     ctx = context_of(request)
     body = await read_model(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
     deployment = ctx.registry.get(body.model)
     request_id = ctx.new_id("chatcmpl")
+    call = call_of(request)
+    if call is not None:
+        call.asked(request_id, body.model, deployment.name, deployment.name, body.stream)
     generations = await submit_all(deployment.engine, chat_requests(body, deployment.spec.defaults, request_id))
     created = int(time.time())
     headers = {"x-request-id": request_id}
     prompt_tokens = generations[0].prompt_tokens
+    if call is not None:
+        call.prompt(_messages_text(body.messages) if call.keep_text else None, prompt_tokens)
     if body.stream:
         render = _ChatChunks(request_id, created, body.model, body.include_usage)
-        events = stream_events(generations, prompt_tokens, body.include_usage, render)
+        events = stream_events(generations, prompt_tokens, body.include_usage, render, call)
         return sse_response(events, ctx.settings.keepalive_seconds, headers)
     results = await collect(generations, request)
+    if call is not None:
+        call.output("".join(r.text for r in results), sum(r.tokens for r in results))
+        call.finished(results[0].finish_reason)
     choices = [
         {
             "index": i,

@@ -12,6 +12,7 @@ from inhouse.engine.base import Delta
 from inhouse.protocol.common import usage
 from inhouse.protocol.completions import CompletionRequest, completion, completion_chunk, completion_logprobs
 from inhouse.server.body import read_model
+from inhouse.server.call import call_of
 from inhouse.server.context import context_of
 from inhouse.server.convert import completion_requests
 from inhouse.server.generation import collect, submit_all
@@ -47,18 +48,26 @@ async def completions(request: Request) -> Response:
     body = await read_model(request, CompletionRequest, ctx.settings.max_body_bytes)
     deployment = ctx.registry.get(body.model)
     request_id = ctx.new_id("cmpl")
+    call = call_of(request)
+    if call is not None:
+        call.asked(request_id, body.model, deployment.name, deployment.name, body.stream)
     generations = await submit_all(deployment.engine, completion_requests(body, deployment.spec.defaults, request_id))
     created = int(time.time())
     headers = {"x-request-id": request_id}
     prompts = body.prompts()
     prompt_tokens = sum(generations[p * body.n].prompt_tokens for p in range(len(prompts)))
+    if call is not None:
+        call.prompt("\n".join(p for p in prompts if isinstance(p, str)) if call.keep_text else None, prompt_tokens)
     echoes = [(prompts[i // body.n] if body.echo and isinstance(prompts[i // body.n], str) else "")
               for i in range(len(generations))]
     if body.stream:
         render = _CompletionChunks(request_id, created, body.model, body.include_usage, echoes)  # type: ignore[arg-type]
-        events = stream_events(generations, prompt_tokens, body.include_usage, render)
+        events = stream_events(generations, prompt_tokens, body.include_usage, render, call)
         return sse_response(events, ctx.settings.keepalive_seconds, headers)
     results = await collect(generations, request)
+    if call is not None:
+        call.output("".join(r.text for r in results), sum(r.tokens for r in results))
+        call.finished(results[0].finish_reason)
     choices = [
         {
             "index": i,

@@ -7,8 +7,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from inhouse.errors import ErrorCode, InhouseError
 from inhouse.gateway.registry import Deployment
 from inhouse.protocol.models import model_card, model_list
+from inhouse.server.call import call_of
 from inhouse.server.context import context_of
 from inhouse.server.render import json_response
 
@@ -24,10 +26,16 @@ def _card(deployment: Deployment) -> dict[str, Any]:
 
 
 async def list_models(request: Request) -> Response:
+    """The models this caller's key may use."""
     registry = context_of(request).registry
-    return json_response(model_list([_card(d) for d in registry.all()]))
+    call = call_of(request)
+    key = call.key if call is not None else None
+    return json_response(model_list([_card(d) for d in registry.all() if key is None or key.allows(d.name)]))
 
 
 async def get_model(request: Request) -> Response:
-    registry = context_of(request).registry
-    return json_response(_card(registry.get(request.path_params["model_id"])))
+    deployment = context_of(request).registry.get(request.path_params["model_id"])
+    call = call_of(request)
+    if call is not None and call.key is not None and not call.key.allows(deployment.name):
+        raise InhouseError(ErrorCode.MODEL_NOT_FOUND, f"The model '{deployment.name}' does not exist", param="model")
+    return json_response(_card(deployment))

@@ -1,0 +1,1 @@
+"""API keys (hashed at rest, scoped, revocable) and the per-key rate limiter."""

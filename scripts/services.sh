@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Makes sure PostgreSQL and Redis server binaries are installed (Debian packages), for the test suite,
+# which starts its own throwaway servers on loopback. Idempotent: installs nothing when both are there.
+set -euo pipefail
+
+have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
+have_redis() { command -v redis-server >/dev/null 2>&1; }
+
+missing=()
+have_pg || missing+=(postgresql)
+have_redis || missing+=(redis-server)
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/services.sh: need ${missing[*]}; run: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+echo "installing ${missing[*]} (Debian packages) for the test suite" >&2
+apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; }
+# the packages start system-wide services; the tests run their own servers, so stop these
+(service redis-server stop || true) >/dev/null 2>&1
+(service postgresql stop || true) >/dev/null 2>&1
+have_pg && have_redis

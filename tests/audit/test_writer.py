@@ -1,0 +1,91 @@
+"""The audit writer and the hash chain on real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import text
+
+from inhouse.audit.query import export, search, verify
+from inhouse.audit.record import AuditRecord
+from inhouse.audit.writer import AuditWriter, TextPolicy
+from inhouse.storage.database import Database
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = Database(database_url)
+    database.migrate()
+    yield database
+    database.close()
+
+
+def record(i: int, **extra: object) -> AuditRecord:
+    return AuditRecord(at=time.time(), request_id=f"req-{i}", method="POST", path="/v1/chat/completions",
+                       status=200, latency_ms=1.5, key_id="key_a", key_name="app", model="m", served_model="m",
+                       prompt_tokens=3, completion_tokens=4, stream=bool(i % 2), finish_reason="stop",
+                       **extra)  # type: ignore[arg-type]
+
+
+async def write_all(writer: AuditWriter, records: list[AuditRecord]) -> None:
+    await asyncio.gather(*(writer.write(r) for r in records))
+
+
+async def test_concurrent_writes_are_all_committed_in_batches_and_chained(db: Database) -> None:
+    writer = AuditWriter(db)
+    writer.start()
+    try:
+        await write_all(writer, [record(i) for i in range(300)])
+    finally:
+        writer.close()
+    assert writer.rows_written == 300 and writer.batches < 300  # group commit batched them
+    rows = search(db, limit=1000, newest_first=False)
+    assert [r["seq"] for r in rows] == list(range(1, 301))
+    assert {r["request_id"] for r in rows} == {f"req-{i}" for i in range(300)}
+    assert verify(db).ok and verify(db).rows == 300
+
+
+@pytest.mark.parametrize("tamper, problem", [
+    ("UPDATE inhouse_audit_log SET completion_tokens = 1 WHERE seq = 5", "row 5 was modified"),
+    ("DELETE FROM inhouse_audit_log WHERE seq = 7", "row 7 is missing"),
+    ("DELETE FROM inhouse_audit_log WHERE seq = 10", "rows at the end were deleted"),
+])
+async def test_verify_detects_tampering(db: Database, tamper: str, problem: str) -> None:
+    writer = AuditWriter(db)
+    writer.start()
+    await write_all(writer, [record(i) for i in range(10)])
+    writer.close()
+    assert verify(db).ok
+    with db.begin() as conn:
+        conn.execute(text(tamper))
+    result = verify(db)
+    assert not result.ok and problem in (result.problem or "")
+
+
+async def test_text_policy_truncates_and_redacts(db: Database) -> None:
+    policy = TextPolicy("truncate", 30, (r"(?<!\d)1[3-9]\d{9}(?!\d)", r"(?<!\d)\d{17}[\dXx](?![\dXx])"))
+    writer = AuditWriter(db, policy)
+    writer.start()
+    await writer.write(record(0, prompt_text="我的手机号是13812345678，身份证11010519491231002X，请帮我查询",
+                              response_text="好的"))
+    writer.close()
+    row = search(db)[0]
+    assert "13812345678" not in row["prompt_text"] and "11010519491231002X" not in row["prompt_text"]
+    assert row["prompt_text"].startswith("我的手机号是[REDACTED]") and len(row["prompt_text"]) == 30
+    assert verify(db).ok
+
+
+async def test_text_is_off_by_default_and_export_formats(db: Database) -> None:
+    writer = AuditWriter(db)
+    writer.start()
+    await writer.write(record(1, prompt_text="secret question"))
+    writer.close()
+    rows = search(db)
+    assert rows[0]["prompt_text"] is None
+    jsonl = "".join(export(rows, "jsonl"))
+    assert '"request_id": "req-1"' in jsonl
+    csv_text = "".join(export(rows, "csv"))
+    assert csv_text.splitlines()[0].startswith("seq,at,request_id") and "req-1" in csv_text
