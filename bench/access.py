@@ -107,12 +107,14 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=300, help="requests per level per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per level")
     p.add_argument("--audit-rows", type=int, default=20000)
+    p.add_argument("--on-without-audit", action="store_true", help="the 'on' server without the audit log "
+                   "(to split the cost of auth+limits from that of the audit)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "access.json")
     args = p.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="inhouse-bench-access-"))
     cache = ROOT / ".cache"
     servers: dict[str, ServerProcess] = {}
-    for mode, audit in (("off", "false"), ("on", "true")):
+    for mode, audit in (("off", "false"), ("on", "false" if args.on_without_audit else "true")):
         cfg = logs / f"{mode}.yaml"
         cfg.write_text(CONFIG.format(audit=audit), encoding="utf-8")
         extra = ["--log-level", "warning"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["HASHED_FIELDS", "AuditRecord", "row_hash"]
@@ -38,10 +38,11 @@ class AuditRecord:
     response_text: str | None = None
 
     def fields(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in _FIELDS}  # flat values: no deep copy like asdict()
 
 
-HASHED_FIELDS = ("seq", *AuditRecord.__dataclass_fields__)
+_FIELDS = tuple(AuditRecord.__dataclass_fields__)
+HASHED_FIELDS = ("seq", *_FIELDS)
 
 
 def row_hash(prev_hash: str, row: dict[str, Any]) -> str:

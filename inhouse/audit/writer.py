@@ -11,12 +11,14 @@ redaction, here in the writer thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 
@@ -64,6 +66,7 @@ class AuditWriter:
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inhouse-audit", daemon=True)
         self._started = False
+        self._sqlite: Any = None  # the writer thread's own driver connection, for SQLite
         self.rows_written = 0
         self.batches = 0
 
@@ -77,13 +80,16 @@ class AuditWriter:
         loop = asyncio.get_running_loop()
         pending = _Pending(record, loop.create_future(), loop)
         self._queue.put(pending)
-        await asyncio.shield(pending.future)
+        await pending.future  # if the caller is cancelled the row is still written; nobody waits for it
 
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
         if self._started:
             self._queue.put(None)
             self._thread.join(30)
+        if self._sqlite is not None:
+            self._sqlite.close()
+            self._sqlite = None
 
     def _run(self) -> None:
         stopping = False
@@ -112,25 +118,61 @@ class AuditWriter:
                 pending.loop.call_soon_threadsafe(_settle, pending.future, error)
 
     def _commit(self, records: list[AuditRecord]) -> None:
+        if self._db.dialect == "sqlite":
+            self._commit_sqlite(records)
+        else:
+            self._commit_locked(records)
+        self.rows_written += len(records)
+        self.batches += 1
+
+    def _chain(self, records: list[AuditRecord], seq: int, prev: str) -> tuple[list[dict[str, Any]], int, str]:
         rows = []
+        for record in records:
+            seq += 1
+            row = record.fields()
+            row["prompt_text"] = self._policy.apply(record.prompt_text, self._patterns)
+            row["response_text"] = self._policy.apply(record.response_text, self._patterns)
+            row["seq"] = seq
+            row["prev_hash"] = prev
+            row["row_hash"] = prev = row_hash(prev, row)
+            rows.append(row)
+        return rows, seq, prev
+
+    def _commit_locked(self, records: list[AuditRecord]) -> None:
+        """PostgreSQL: the head row is locked, so replicas append to one chain one batch at a time."""
         with self._db.begin() as conn:
-            head = select(audit_head.c.seq, audit_head.c.row_hash).where(audit_head.c.id == 1)
-            if self._db.dialect == "postgresql":
-                head = head.with_for_update()  # replicas append to one chain, one batch at a time
+            head = select(audit_head.c.seq, audit_head.c.row_hash).where(audit_head.c.id == 1).with_for_update()
             seq, prev = conn.execute(head).one()
-            for record in records:
-                seq += 1
-                row = record.fields()
-                row["prompt_text"] = self._policy.apply(record.prompt_text, self._patterns)
-                row["response_text"] = self._policy.apply(record.response_text, self._patterns)
-                row["seq"] = seq
-                row["prev_hash"] = prev
-                row["row_hash"] = prev = row_hash(prev, row)
-                rows.append(row)
+            rows, seq, prev = self._chain(records, seq, prev)
             conn.execute(audit_log.insert(), rows)
             conn.execute(audit_head.update().where(audit_head.c.id == 1).values(seq=seq, row_hash=prev))
-        self.rows_written += len(rows)
-        self.batches += 1
+
+    def _commit_sqlite(self, records: list[AuditRecord]) -> None:
+        """SQLite: the driver directly, one ``BEGIN IMMEDIATE`` (the write lock) per batch.
+
+        A tenth of the cost of the same transaction through SQLAlchemy (about 40 us against 420 us), which
+        is most of what auditing adds to a call at concurrency 1.
+        """
+        if self._sqlite is None:
+            self._sqlite = self._db.engine.raw_connection()
+        cursor = self._sqlite.cursor()
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+            seq, prev = cursor.execute("SELECT seq, row_hash FROM inhouse_audit_head WHERE id = 1").fetchone()
+            rows, seq, prev = self._chain(records, seq, prev)
+            cursor.executemany(_SQLITE_INSERT, rows)
+            cursor.execute("UPDATE inhouse_audit_head SET seq = ?, row_hash = ? WHERE id = 1", (seq, prev))
+            cursor.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                cursor.execute("ROLLBACK")
+            raise
+        finally:
+            cursor.close()
+
+
+_SQLITE_INSERT = (f"INSERT INTO inhouse_audit_log ({', '.join(c.name for c in audit_log.columns)}) "
+                  f"VALUES ({', '.join(':' + c.name for c in audit_log.columns)})")
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
