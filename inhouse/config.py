@@ -54,7 +54,7 @@ class ModelSpec(_Frozen):
 
     name: str = Field(min_length=1)
     path: str = Field(min_length=1, description="HF checkpoint dir, a .gguf file, or builtin:NAME")
-    engine: Literal["auto", "transformers", "vllm", "fake"] = "transformers"
+    engine: Literal["auto", "transformers", "vllm", "fake"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     context_length: int | None = Field(default=None, ge=16)

@@ -214,3 +214,21 @@ def test_audit_cli_verifies_the_servers_log(server: ServerProcess, admin: httpx.
     tampered = subprocess.run([sys.executable, "-m", "inhouse", "audit", "verify", "--database-url",
                                f"sqlite:///{copy}"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert tampered.returncode == 1 and "row 2 was modified" in tampered.stdout
+
+
+def test_first_start_prints_an_admin_key_once(tmp_path: Path, cache_dir: Path) -> None:
+    config = tmp_path / "inhouse.yaml"
+    config.write_text("models: [{name: echo, path: unused, engine: fake}]\n", encoding="utf-8")
+    secrets = []
+    for run in range(2):
+        log = tmp_path / f"run{run}.log"
+        with ServerProcess(["--config", str(config)], cache_dir, log, auth=True, state_dir=tmp_path / "state",
+                           env={"INHOUSE_ADMIN_KEY": ""}) as server:
+            text = log.read_text(errors="replace")
+            secrets += [line.strip() for line in text.splitlines() if line.strip().startswith("ih-")]
+            if run == 0:
+                assert len(secrets) == 1 and "shown only this once" in text
+                listed = httpx.get(server.url + "/admin/keys", timeout=10,
+                                   headers={"Authorization": f"Bearer {secrets[0]}"})
+                assert listed.status_code == 200 and listed.json()["data"][0]["admin"] is True
+    assert len(secrets) == 1, "the second start must not create or print another admin key"
