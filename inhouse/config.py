@@ -8,18 +8,21 @@ module reads files or the environment for configuration.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "BUILTIN_CHAT_MODEL",
     "DEFAULT_MODEL_NAME",
     "AuditSettings",
     "ConfigError",
+    "ExtraModels",
     "ModelSpec",
+    "RoutingSettings",
     "SamplingDefaults",
     "Settings",
     "default_cache_dir",
@@ -53,8 +56,8 @@ class ModelSpec(_Frozen):
     """One served model: where its weights are and how to run them."""
 
     name: str = Field(min_length=1)
-    path: str = Field(min_length=1, description="HF checkpoint dir, a .gguf file, or builtin:NAME")
-    engine: Literal["auto", "transformers", "vllm", "fake"] = "auto"
+    path: str = Field(default="", description="HF checkpoint dir, a .gguf file, or builtin:NAME")
+    engine: Literal["auto", "transformers", "vllm", "fake", "upstream"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     context_length: int | None = Field(default=None, ge=16)
@@ -74,6 +77,29 @@ class ModelSpec(_Frozen):
     fake_reply: str = "This is a scripted reply from the fake engine."
     fake_token_delay: float = Field(default=0.0, ge=0.0)
     fake_fail_after: int | None = Field(default=None, ge=0, description="fail mid-stream after N tokens")
+    # upstream engine only: any OpenAI-compatible server
+    base_url: str | None = None  # e.g. http://vllm-1:8000/v1
+    api_key: str | None = Field(default=None, repr=False)
+    upstream_model: str | None = None  # the name the upstream knows the model by (default: name)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    first_token_timeout: float = Field(default=120.0, gt=0)  # Dify waits up to 300 s between bytes
+    total_timeout: float = Field(default=1800.0, gt=0)
+    # routing, any engine: several entries with one name are deployments of one model
+    deployment: str | None = None  # label in /v1/models, x-inhouse-deployment and the audit log
+    weight: float = Field(default=1.0, gt=0)
+    fallbacks: tuple[str, ...] = ()  # other model names to try, in order, when every deployment failed
+
+    @property
+    def deployment_label(self) -> str:
+        return self.deployment or self.base_url or self.name
+
+    @model_validator(mode="after")
+    def _engine_needs(self) -> ModelSpec:
+        if self.engine == "upstream" and not self.base_url:
+            raise ValueError(f"model {self.name!r}: engine upstream needs base_url")
+        if self.engine not in ("upstream", "fake") and not self.path:
+            raise ValueError(f"model {self.name!r}: path is required (a model directory, .gguf file or builtin:)")
+        return self
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -122,6 +148,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "inhouse"
 
 
+class RoutingSettings(_Frozen):
+    """How requests find a working deployment: retries, circuit breaker, health checks."""
+
+    retries: int = Field(default=2, ge=0)  # more tries per model, before the first byte only
+    backoff_seconds: float = Field(default=0.2, ge=0)  # jittered, doubling per retry
+    circuit_failures: int = Field(default=3, ge=1)  # failures within circuit_window open the circuit
+    circuit_window_seconds: float = Field(default=30.0, gt=0)
+    cooldown_seconds: float = Field(default=30.0, gt=0)  # out of rotation, then one probe request
+    health_interval_seconds: float = Field(default=10.0, gt=0)  # GET {base_url}/models per upstream
+    health_timeout_seconds: float = Field(default=5.0, gt=0)
+
+
 class Settings(_Frozen):
     """Everything the server needs, decided before it starts."""
 
@@ -148,13 +186,22 @@ class Settings(_Frozen):
     def database(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'inhouse.db'}"
 
+    routing: RoutingSettings = RoutingSettings()
+
     @field_validator("models")
     @classmethod
-    def _unique_names(cls, models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
-        names = [m.name for m in models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+    def _deployments(cls, models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
+        """Entries sharing a name are deployments of one model; each needs its own label, fallbacks must exist."""
+        labels = [(m.name, m.deployment_label) for m in models]
+        dupes = sorted({f"{n} ({d})" for n, d in labels if labels.count((n, d)) > 1})
         if dupes:
-            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+            raise ValueError(f"model names must be unique, or give each deployment of a name its own "
+                             f"'deployment' label; repeated: {', '.join(dupes)}")
+        names = {m.name for m in models}
+        for m in models:
+            unknown = [f for f in m.fallbacks if f not in names or f == m.name]
+            if unknown:
+                raise ValueError(f"model {m.name!r}: fallbacks {unknown} are not other configured models")
         return models
 
 
@@ -180,23 +227,35 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class ExtraModels:
+    """Models and fallbacks from command-line flags (``--upstream``, ``--fallback``), added to the file's."""
+
+    models: list[dict[str, object]] = field(default_factory=list)
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
+
+
 def load_settings(
     config_file: Path | None = None,
     overrides: dict[str, object] | None = None,
     model: ModelSpec | dict[str, object] | None = None,
     base_dir: Path | None = None,
+    extra: ExtraModels | None = None,
+    default_model: bool = True,
 ) -> Settings:
-    """Build the one Settings object: YAML file, then CLI overrides, then a single CLI model.
+    """Build the one Settings object: YAML file, then CLI overrides, then a single CLI model and CLI upstreams.
 
-    With no model anywhere, the embedded default chat model is served.
+    With no model anywhere (and ``default_model``), the embedded default chat model is served.
     """
     data: dict[str, object] = _read_yaml(config_file) if config_file else {}
     base_dir = config_file.parent if config_file else (base_dir or Path.cwd())
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if model is not None:
         data["models"] = [model]
-    if not data.get("models"):
+    if not data.get("models") and default_model:
         data["models"] = [{"name": DEFAULT_MODEL_NAME, "path": BUILTIN_CHAT_MODEL}]
+    if extra is not None:
+        data["models"] = _with_extra(list(data.get("models") or []), extra)  # type: ignore[call-overload]
     models = data["models"]
     if isinstance(models, list):
         data["models"] = [_resolve_paths(m, base_dir) for m in models]
@@ -224,13 +283,24 @@ def _admin_key(settings: Settings, base_dir: Path) -> str | None:
     return secret or None
 
 
+def _with_extra(models: list[object], extra: ExtraModels) -> list[object]:
+    models = models + list(extra.models)
+    for name, others in extra.fallbacks.items():
+        targets = [m for m in models if isinstance(m, dict) and m.get("name") == name]
+        if not targets:
+            raise ConfigError(f"--fallback {name}=...: there is no model {name!r}")
+        for target in targets:
+            target["fallbacks"] = [*target.get("fallbacks", []), *others]
+    return models
+
+
 def _resolve_paths(model: object, base_dir: Path) -> object:
     """Relative model and template paths in a config file are relative to that file."""
     if not isinstance(model, dict):
         return model
     out = dict(model)
     path = out.get("path")
-    if isinstance(path, str) and not path.startswith("builtin:"):
+    if isinstance(path, str) and path and not path.startswith("builtin:"):
         out["path"] = str((base_dir / Path(path).expanduser()).resolve())
     template = out.get("chat_template")
     if isinstance(template, str) and "{" not in template:

@@ -32,6 +32,8 @@ class ErrorCode(enum.Enum):
     RATE_LIMITED = "rate_limit_exceeded"
     QUOTA_EXCEEDED = "insufficient_quota"
     AUDIT_UNAVAILABLE = "audit_unavailable"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_ERROR = "upstream_error"
 
 
 STATUS: dict[ErrorCode, int] = {
@@ -54,6 +56,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.QUOTA_EXCEEDED: 429,
     ErrorCode.AUDIT_UNAVAILABLE: 503,
+    ErrorCode.UPSTREAM_UNAVAILABLE: 503,
+    ErrorCode.UPSTREAM_ERROR: 502,
 }
 
 # OpenAI's `error.type` vocabulary, by code.
@@ -77,6 +81,8 @@ ERROR_TYPE: dict[ErrorCode, str] = {
     ErrorCode.RATE_LIMITED: "rate_limit_error",
     ErrorCode.QUOTA_EXCEEDED: "insufficient_quota",
     ErrorCode.AUDIT_UNAVAILABLE: "service_unavailable_error",
+    ErrorCode.UPSTREAM_UNAVAILABLE: "service_unavailable_error",
+    ErrorCode.UPSTREAM_ERROR: "server_error",
 }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.dify import VENV_SCRIPT, Dify
 from tests.process import REPO, ServerProcess
 from tests.services import PostgresServer, RedisServer
 from tests.tiny_model import build_tiny_llama
@@ -97,3 +98,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'state.db'}"
     server: PostgresServer = request.getfixturevalue("postgres")
     return server.create_database(f"t{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def dify_python() -> Path:
+    proc = subprocess.run(["bash", str(VENV_SCRIPT)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"scripts/dify_venv.sh failed:\n{proc.stderr[-4000:]}"
+    python = Path(proc.stdout.strip().splitlines()[-1])
+    assert python.is_file(), proc.stdout
+    return python
+
+
+@pytest.fixture(scope="session")
+def dify(dify_python: Path) -> Dify:
+    return Dify(dify_python)

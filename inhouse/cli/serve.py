@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 from inhouse.cli.state import StateError, add_state_flags, open_access
-from inhouse.config import BUILTIN_CHAT_MODEL, DEFAULT_MODEL_NAME, ConfigError, Settings, load_settings
+from inhouse.config import (
+    BUILTIN_CHAT_MODEL,
+    DEFAULT_MODEL_NAME,
+    ConfigError,
+    ExtraModels,
+    Settings,
+    load_settings,
+)
 
 __all__ = ["add_parser", "build_settings", "run"]
 
@@ -36,6 +43,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--auth", choices=["keys", "none"], help="keys (default): every API route needs a key; "
                    "none: no authentication, for a lab only")
     p.add_argument("--redis-url", help="share rate limits with every replica using this Redis (redis://...)")
+    p.add_argument("--upstream", action="append", default=[], metavar="NAME=BASE_URL",
+                   help="serve NAME from an OpenAI-compatible server (repeatable; the same NAME twice balances)")
+    p.add_argument("--upstream-key", action="append", default=[], metavar="NAME=KEY",
+                   help="the API key for NAME's upstream")
+    p.add_argument("--fallback", action="append", default=[], metavar="NAME=OTHER",
+                   help="when every deployment of NAME fails, answer with OTHER (repeatable, in order)")
     p.set_defaults(run=run)
 
 
@@ -60,7 +73,10 @@ def build_settings(args: argparse.Namespace) -> Settings:
         if args.model or args.name or model_flags:
             flags = ", ".join("--" + k.replace("_", "-") for k in ("model", "name", *model_flags) if getattr(args, k))
             raise ConfigError(f"{flags} cannot be combined with --config; set them per model in the file")
-        return load_settings(args.config, overrides)
+        return load_settings(args.config, overrides, extra=_gateway_flags(args))
+    extra = _gateway_flags(args)
+    if extra.models and not args.model and not args.name and not model_flags:
+        return load_settings(None, overrides, extra=extra, base_dir=Path.cwd(), default_model=False)
     if args.model:
         path = Path(args.model).expanduser()
         model: dict[str, object] = {
@@ -70,7 +86,29 @@ def build_settings(args: argparse.Namespace) -> Settings:
     else:
         model = {"name": args.name or DEFAULT_MODEL_NAME, "path": BUILTIN_CHAT_MODEL}
     model.update({k: str(v) if k == "chat_template" else v for k, v in model_flags.items()})
-    return load_settings(None, overrides, model, base_dir=Path.cwd())
+    return load_settings(None, overrides, model, base_dir=Path.cwd(), extra=extra)
+
+
+def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
+    out = []
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name or not rest:
+            raise ConfigError(f"{flag} wants NAME=VALUE, got {value!r}")
+        out.append((name.strip(), rest.strip()))
+    return out
+
+
+def _gateway_flags(args: argparse.Namespace) -> ExtraModels:
+    keys = dict(_pairs(args.upstream_key, "--upstream-key"))
+    models: list[dict[str, object]] = []
+    for name, url in _pairs(args.upstream, "--upstream"):
+        models.append({"name": name, "engine": "upstream", "base_url": url, "api_key": keys.get(name),
+                       "deployment": url})
+    fallbacks: dict[str, list[str]] = {}
+    for name, other in _pairs(args.fallback, "--fallback"):
+        fallbacks.setdefault(name, []).append(other)
+    return ExtraModels(models, fallbacks)
 
 
 def run(args: argparse.Namespace) -> int:

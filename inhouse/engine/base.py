@@ -129,6 +129,16 @@ class Generation:
         self._collector = collector
         self._abort = abort
         self._done = False
+        self._on_done: list[Any] = []
+
+    def add_done_callback(self, callback: Any) -> None:
+        """``callback()`` once, when the generation finished, failed or was aborted (the router's load count)."""
+        self._on_done.append(callback)
+
+    def _settle(self) -> None:
+        callbacks, self._on_done = self._on_done, []
+        for callback in callbacks:
+            callback()
 
     def __aiter__(self) -> AsyncIterator[Delta]:
         return self._iterate()
@@ -143,11 +153,13 @@ class Generation:
         finally:
             if not self._done:
                 self.abort()
+            self._settle()
 
     def abort(self) -> None:
         if not self._done:
             self._done = True
             self._abort(self.request_id)
+        self._settle()
 
 
 class Engine(Protocol):

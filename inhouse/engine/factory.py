@@ -29,6 +29,10 @@ def build_engine(spec: ModelSpec, cache_dir: Path) -> Engine:
             return AutoEngine(spec, cache_dir)
         kind = "transformers"
         log.info("model %s: engine auto → transformers (vLLM is not installed)", spec.name)
+    if kind == "upstream":
+        from inhouse.engine.upstream import UpstreamEngine
+
+        return UpstreamEngine(spec)
     if kind == "fake":
         from inhouse.engine.fake import FakeEngine
 

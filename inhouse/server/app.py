@@ -10,7 +10,9 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from inhouse.config import Settings
+from inhouse.gateway.health import HealthMonitor
 from inhouse.gateway.registry import ModelRegistry
+from inhouse.gateway.router import Router
 from inhouse.server.access import AccessMiddleware, AccessParts
 from inhouse.server.context import ServerContext
 from inhouse.server.errors import EXCEPTION_HANDLERS
@@ -52,14 +54,18 @@ def create_app(settings: Settings, registry: ModelRegistry, access: AccessParts 
     access = access or AccessParts()
     keys, limiter, audit = access.keys, access.limiter, access.audit
 
+    health = HealthMonitor(registry, settings.routing)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if audit is not None:
             audit.start()
         registry.start_loading()
+        health.start()
         try:
             yield
         finally:
+            await health.stop()
             await registry.close()
             await limiter.close()
             if audit is not None:
@@ -70,5 +76,6 @@ def create_app(settings: Settings, registry: ModelRegistry, access: AccessParts 
                             public_paths=frozenset(public), keep_text=settings.audit.text != "off")
     app = Starlette(routes=_routes(), exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,  # type: ignore[arg-type]
                     middleware=[middleware])
-    app.state.inhouse = ServerContext(settings=settings, registry=registry, keys=keys, db=access.db)
+    app.state.inhouse = ServerContext(settings=settings, registry=registry, router=Router(registry, settings.routing),
+                                      keys=keys, db=access.db)
     return app

@@ -27,14 +27,16 @@ class Call:
     keep_text: bool = False
     _text: list[str] = field(default_factory=list)
 
-    def asked(self, request_id: str, model: str, served_model: str, deployment: str, stream: bool) -> None:
-        """The route resolved the model: refuse it if the key may not use it, else note it."""
-        self.record.request_id = request_id
-        self.record.model = model
+    def asked(self, request_id: str, model: str, stream: bool) -> None:
+        """The route parsed the request: refuse the model if the key may not use it, else note it."""
+        self.record.request_id, self.record.model, self.record.stream = request_id, model, stream
         if self.key is not None and not self.key.allows(model):
             raise InhouseError(ErrorCode.MODEL_NOT_ALLOWED,
                                f"this API key may not use the model '{model}'", param="model")
-        self.record.served_model, self.record.deployment, self.record.stream = served_model, deployment, stream
+
+    def served(self, model: str, deployment: str) -> None:
+        """What answered: the asked model or a fallback, and which deployment of it."""
+        self.record.served_model, self.record.deployment = model, deployment
 
     def prompt(self, text: str | None, tokens: int) -> None:
         self.record.prompt_tokens = tokens

@@ -10,6 +10,7 @@ from starlette.requests import Request
 
 from inhouse.config import Settings
 from inhouse.gateway.registry import ModelRegistry
+from inhouse.gateway.router import Router
 from inhouse.keys.store import KeyStore
 from inhouse.storage.database import Database
 
@@ -20,6 +21,7 @@ __all__ = ["ServerContext", "context_of"]
 class ServerContext:
     settings: Settings
     registry: ModelRegistry
+    router: Router
     keys: KeyStore | None = None  # None: auth is off
     db: Database | None = None
     _counter: itertools.count[int] = field(default_factory=itertools.count)

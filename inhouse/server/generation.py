@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from inhouse.engine.base import Delta, Engine, GenerateRequest, Generation, TokenLogprob
+from inhouse.engine.base import Delta, Generation, TokenLogprob
 
-__all__ = ["ChoiceResult", "ClientDisconnectedError", "collect", "merged", "submit_all"]
+__all__ = ["ChoiceResult", "ClientDisconnectedError", "collect", "merged"]
 
 
 class ClientDisconnectedError(Exception):
@@ -28,19 +28,6 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     _parts: list[str] = field(default_factory=list)
-
-
-async def submit_all(engine: Engine, requests: list[GenerateRequest]) -> list[Generation]:
-    """Admit every request or none: if one is refused, the admitted ones are aborted."""
-    generations: list[Generation] = []
-    try:
-        for request in requests:
-            generations.append(await engine.submit(request))
-    except BaseException:
-        for generation in generations:
-            generation.abort()
-        raise
-    return generations
 
 
 async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Delta]]:

@@ -9,7 +9,7 @@ becomes one ``data: {"error": ...}`` event followed by ``[DONE]``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from inhouse.engine.base import Delta, Generation
@@ -34,9 +34,10 @@ class ChunkRenderer(Protocol):
 
 
 async def stream_events(
-    generations: list[Generation], prompt_tokens: int, include_usage: bool, render: ChunkRenderer,
+    generations: list[Generation], prompt_tokens: Callable[[], int], include_usage: bool, render: ChunkRenderer,
     call: Call | None = None,
 ) -> AsyncIterator[bytes]:
+    """``prompt_tokens`` is read when usage is sent: an upstream reports it only with its last chunk."""
     completion_tokens = 0
     finished = 0
     for index in range(len(generations)):
@@ -56,10 +57,12 @@ async def stream_events(
                 continue
             finished += 1
             last = finished == len(generations)
-            totals = usage(prompt_tokens, completion_tokens) if last and not include_usage else None
+            totals = usage(prompt_tokens(), completion_tokens) if last and not include_usage else None
+            if last and call is not None:
+                call.record.prompt_tokens = prompt_tokens()
             yield event(render.chunk([render.choice(index, delta)], totals))
         if include_usage:
-            yield event(render.chunk([], usage(prompt_tokens, completion_tokens)))
+            yield event(render.chunk([], usage(prompt_tokens(), completion_tokens)))
     except InhouseError as exc:
         if call is not None:
             call.failed(exc.code.value)

@@ -207,6 +207,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--stop", action="append", default=[], help="a stop word (repeatable)")
     parser.add_argument("--stream", action="store_true", help="stream the `stop` scenario")
+    parser.add_argument("--api-key", help="the API key as typed into Dify (default: left empty)")
     args = parser.parse_args(argv)
     if args.scenario == "stop" and not args.stop:
         parser.error("the stop scenario needs at least one --stop")
@@ -214,6 +215,8 @@ def main(argv: list[str]) -> int:
     recorder = Recorder()
     recorder.install()
     credentials = dify_credentials(args.base_url)
+    if args.api_key:
+        credentials["api_key"] = args.api_key
     started = time.monotonic()
     out: dict[str, Any] = {"scenario": args.scenario, "sdk_version": _sdk_version()}
     try:

@@ -10,11 +10,9 @@ Dify estimated (GPT-2 tokenizer, which needs a download an air-gapped Dify canno
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,52 +20,13 @@ import httpx
 import pytest
 
 from tests.conftest import SMOL, TINY
+from tests.e2e.dify import VENV_SCRIPT, Dify
 from tests.e2e.helpers import stream
-from tests.process import REPO, ServerProcess
+from tests.process import ServerProcess
 
 pytestmark = pytest.mark.slow
 
-DRIVER = Path(__file__).with_name("dify_driver.py")
-VENV_SCRIPT = REPO / "scripts" / "dify_venv.sh"
 QUESTION = "What is the capital of France?"
-
-
-@dataclass(frozen=True)
-class Dify:
-    """Runs one driver scenario in the 3.12 venv and returns its JSON result."""
-
-    python: Path
-
-    def run(self, scenario: str, base_url: str, model: str, *options: str) -> dict[str, Any]:
-        cmd = [str(self.python), str(DRIVER), scenario, "--base-url", base_url, "--model", model, *options]
-        env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"}
-        env.pop("PYTHONPATH", None)
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
-        lines = proc.stdout.strip().splitlines()
-        assert lines, f"driver printed nothing (exit {proc.returncode}); stderr:\n{proc.stderr[-4000:]}"
-        result: dict[str, Any] = json.loads(lines[-1])
-        assert proc.returncode == (0 if result["ok"] else 1), proc.stderr[-4000:]
-        return result
-
-    def ok(self, scenario: str, base_url: str, model: str, *options: str) -> dict[str, Any]:
-        result = self.run(scenario, base_url, model, *options)
-        assert result["ok"], f"Dify's SDK raised {result.get('error_type')}: {result.get('error')}"
-        assert result["sdk_version"] == "0.10.2"
-        return result
-
-
-@pytest.fixture(scope="session")
-def dify_python() -> Path:
-    proc = subprocess.run(["bash", str(VENV_SCRIPT)], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"scripts/dify_venv.sh failed:\n{proc.stderr[-4000:]}"
-    python = Path(proc.stdout.strip().splitlines()[-1])
-    assert python.is_file(), proc.stdout
-    return python
-
-
-@pytest.fixture(scope="session")
-def dify(dify_python: Path) -> Dify:
-    return Dify(dify_python)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from inhouse.server.body import read_model
 from inhouse.server.call import call_of
 from inhouse.server.context import context_of
 from inhouse.server.convert import chat_requests
-from inhouse.server.generation import collect, submit_all
+from inhouse.server.generation import collect
 from inhouse.server.render import json_response
 from inhouse.server.sse import sse_response
 from inhouse.server.streaming import stream_events
@@ -50,20 +50,22 @@ def _messages_text(messages: Any) -> str:
 async def chat_completions(request: Request) -> Response:
     ctx = context_of(request)
     body = await read_model(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
-    deployment = ctx.registry.get(body.model)
     request_id = ctx.new_id("chatcmpl")
+    ctx.registry.deployments(body.model)  # 404 for an unknown model comes before the key's scope (403)
     call = call_of(request)
     if call is not None:
-        call.asked(request_id, body.model, deployment.name, deployment.name, body.stream)
-    generations = await submit_all(deployment.engine, chat_requests(body, deployment.spec.defaults, request_id))
-    created = int(time.time())
-    headers = {"x-request-id": request_id}
-    prompt_tokens = generations[0].prompt_tokens
+        call.asked(request_id, body.model, body.stream)
+    routed = await ctx.router.submit(body.model, lambda spec: chat_requests(body, spec.defaults, request_id))
+    generations, model = routed.generations, routed.model
     if call is not None:
-        call.prompt(_messages_text(body.messages) if call.keep_text else None, prompt_tokens)
+        call.served(model, routed.deployment.label)
+    created = int(time.time())
+    headers = {"x-request-id": request_id, "x-inhouse-deployment": routed.deployment.label}
+    if call is not None:
+        call.prompt(_messages_text(body.messages) if call.keep_text else None, generations[0].prompt_tokens)
     if body.stream:
-        render = _ChatChunks(request_id, created, body.model, body.include_usage)
-        events = stream_events(generations, prompt_tokens, body.include_usage, render, call)
+        render = _ChatChunks(request_id, created, model, body.include_usage)
+        events = stream_events(generations, lambda: generations[0].prompt_tokens, body.include_usage, render, call)
         return sse_response(events, ctx.settings.keepalive_seconds, headers)
     results = await collect(generations, request)
     if call is not None:
@@ -78,5 +80,7 @@ async def chat_completions(request: Request) -> Response:
         }
         for i, r in enumerate(results)
     ]
-    totals = usage(prompt_tokens, sum(r.tokens for r in results))
-    return json_response(chat_completion(request_id, created, body.model, choices, totals), headers=headers)
+    totals = usage(generations[0].prompt_tokens, sum(r.tokens for r in results))  # upstreams report it at the end
+    if call is not None:
+        call.record.prompt_tokens = totals["prompt_tokens"]
+    return json_response(chat_completion(request_id, created, model, choices, totals), headers=headers)

@@ -15,7 +15,7 @@ from inhouse.server.body import read_model
 from inhouse.server.call import call_of
 from inhouse.server.context import context_of
 from inhouse.server.convert import completion_requests
-from inhouse.server.generation import collect, submit_all
+from inhouse.server.generation import collect
 from inhouse.server.render import json_response
 from inhouse.server.sse import sse_response
 from inhouse.server.streaming import stream_events
@@ -46,22 +46,28 @@ class _CompletionChunks:
 async def completions(request: Request) -> Response:
     ctx = context_of(request)
     body = await read_model(request, CompletionRequest, ctx.settings.max_body_bytes)
-    deployment = ctx.registry.get(body.model)
     request_id = ctx.new_id("cmpl")
+    ctx.registry.deployments(body.model)  # 404 for an unknown model comes before the key's scope (403)
     call = call_of(request)
     if call is not None:
-        call.asked(request_id, body.model, deployment.name, deployment.name, body.stream)
-    generations = await submit_all(deployment.engine, completion_requests(body, deployment.spec.defaults, request_id))
-    created = int(time.time())
-    headers = {"x-request-id": request_id}
-    prompts = body.prompts()
-    prompt_tokens = sum(generations[p * body.n].prompt_tokens for p in range(len(prompts)))
+        call.asked(request_id, body.model, body.stream)
+    routed = await ctx.router.submit(body.model, lambda spec: completion_requests(body, spec.defaults, request_id))
+    generations, model = routed.generations, routed.model
     if call is not None:
-        call.prompt("\n".join(p for p in prompts if isinstance(p, str)) if call.keep_text else None, prompt_tokens)
+        call.served(model, routed.deployment.label)
+    created = int(time.time())
+    headers = {"x-request-id": request_id, "x-inhouse-deployment": routed.deployment.label}
+    prompts = body.prompts()
+
+    def prompt_tokens() -> int:  # read when needed: an upstream reports it with its last chunk
+        return sum(generations[p * body.n].prompt_tokens for p in range(len(prompts)))
+
+    if call is not None:
+        call.prompt("\n".join(p for p in prompts if isinstance(p, str)) if call.keep_text else None, prompt_tokens())
     echoes = [(prompts[i // body.n] if body.echo and isinstance(prompts[i // body.n], str) else "")
               for i in range(len(generations))]
     if body.stream:
-        render = _CompletionChunks(request_id, created, body.model, body.include_usage, echoes)  # type: ignore[arg-type]
+        render = _CompletionChunks(request_id, created, model, body.include_usage, echoes)  # type: ignore[arg-type]
         events = stream_events(generations, prompt_tokens, body.include_usage, render, call)
         return sse_response(events, ctx.settings.keepalive_seconds, headers)
     results = await collect(generations, request)
@@ -77,5 +83,7 @@ async def completions(request: Request) -> Response:
         }
         for i, r in enumerate(results)
     ]
-    totals = usage(prompt_tokens, sum(r.tokens for r in results))
-    return json_response(completion(request_id, created, body.model, choices, totals), headers=headers)
+    totals = usage(prompt_tokens(), sum(r.tokens for r in results))
+    if call is not None:
+        call.record.prompt_tokens = totals["prompt_tokens"]
+    return json_response(completion(request_id, created, model, choices, totals), headers=headers)

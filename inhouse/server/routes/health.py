@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -14,14 +16,23 @@ __all__ = ["health", "ready"]
 async def health(request: Request) -> Response:
     registry = context_of(request).registry
     models = {}
-    for deployment in registry.all():
-        stats = deployment.engine.stats()
-        models[deployment.name] = {"state": stats.state.value, "running": stats.running, "waiting": stats.waiting,
-                                   "kv_cache_tokens": stats.kv_cache_tokens,
-                                   "kv_cache_usage": round(stats.kv_cache_usage, 4)}
-        error = registry.load_error(deployment.name)
-        if error:
-            models[deployment.name]["error"] = error
+    for name in registry.names():
+        deployments = registry.deployments(name)
+        entries = []
+        for deployment in deployments:
+            stats = deployment.engine.stats()
+            entry: dict[str, Any] = {"deployment": deployment.label, "state": stats.state.value,
+                                     "running": stats.running, "waiting": stats.waiting,
+                                     "kv_cache_tokens": stats.kv_cache_tokens,
+                                     "kv_cache_usage": round(stats.kv_cache_usage, 4),
+                                     "healthy": deployment.route.healthy, "circuit": deployment.route.circuit,
+                                     "in_flight": deployment.route.outstanding}
+            error = registry.load_error(deployment)
+            if error:
+                entry["error"] = error
+            entries.append(entry)
+        # the model's own line is its first deployment's (one deployment: exactly that), plus the list
+        models[name] = {**entries[0], "deployments": entries}
     return json_response({"status": "ok", "models": models})
 
 
@@ -29,5 +40,5 @@ async def ready(request: Request) -> Response:
     registry = context_of(request).registry
     is_ready = registry.ready()
     body = {"status": "ready" if is_ready else "loading",
-            "models": {d.name: d.engine.state.value for d in registry.all()}}
+            "models": {d.label if d.label != d.name else d.name: d.engine.state.value for d in registry.all()}}
     return json_response(body, status=200 if is_ready else 503)

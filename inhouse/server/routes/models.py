@@ -7,6 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from inhouse.engine.base import EngineState
 from inhouse.errors import ErrorCode, InhouseError
 from inhouse.gateway.registry import Deployment
 from inhouse.protocol.models import model_card, model_list
@@ -17,12 +18,20 @@ from inhouse.server.render import json_response
 __all__ = ["get_model", "list_models"]
 
 
-def _card(deployment: Deployment) -> dict[str, Any]:
-    info = deployment.engine.info
-    extra: dict[str, Any] = {"engine": info.kind, "status": deployment.engine.state.value}
+def _card(deployments: list[Deployment]) -> dict[str, Any]:
+    """One card per model name; its deployments (several for a balanced or upstream model) inside."""
+    first = deployments[0]
+    info = first.engine.info
+    ready = [d for d in deployments if d.engine.state is EngineState.READY]
+    extra: dict[str, Any] = {"engine": info.kind, "status": (ready[0] if ready else first).engine.state.value}
     if info.context_length:
         extra["max_model_len"] = info.context_length
-    return model_card(deployment.name, deployment.created, extra)
+    if first.spec.fallbacks:
+        extra["fallbacks"] = list(first.spec.fallbacks)
+    extra["deployments"] = [{"name": d.label, "engine": d.engine.info.kind, "status": d.engine.state.value,
+                             "healthy": d.route.healthy, "circuit": d.route.circuit,
+                             "in_flight": d.route.outstanding, "weight": d.spec.weight} for d in deployments]
+    return model_card(first.name, first.created, extra)
 
 
 async def list_models(request: Request) -> Response:
@@ -30,12 +39,14 @@ async def list_models(request: Request) -> Response:
     registry = context_of(request).registry
     call = call_of(request)
     key = call.key if call is not None else None
-    return json_response(model_list([_card(d) for d in registry.all() if key is None or key.allows(d.name)]))
+    return json_response(model_list([_card(registry.deployments(name)) for name in registry.names()
+                                     if key is None or key.allows(name)]))
 
 
 async def get_model(request: Request) -> Response:
-    deployment = context_of(request).registry.get(request.path_params["model_id"])
+    name = request.path_params["model_id"]
+    deployments = context_of(request).registry.deployments(name)
     call = call_of(request)
-    if call is not None and call.key is not None and not call.key.allows(deployment.name):
-        raise InhouseError(ErrorCode.MODEL_NOT_FOUND, f"The model '{deployment.name}' does not exist", param="model")
-    return json_response(_card(deployment))
+    if call is not None and call.key is not None and not call.key.allows(name):
+        raise InhouseError(ErrorCode.MODEL_NOT_FOUND, f"The model '{name}' does not exist", param="model")
+    return json_response(_card(deployments))
