@@ -156,7 +156,9 @@ class RoutingSettings(_Frozen):
     circuit_failures: int = Field(default=3, ge=1)  # failures within circuit_window open the circuit
     circuit_window_seconds: float = Field(default=30.0, gt=0)
     cooldown_seconds: float = Field(default=30.0, gt=0)  # out of rotation, then one probe request
-    health_interval_seconds: float = Field(default=10.0, gt=0)  # GET {base_url}/models per upstream
+    health_interval_seconds: float = Field(default=10.0, gt=0)
+    # models: GET {base_url}/models (cheap); completion: a 1-token chat completion (proves the model answers)
+    health_check: Literal["models", "completion"] = "models"
     health_timeout_seconds: float = Field(default=5.0, gt=0)
 
 

@@ -72,12 +72,19 @@ class UpstreamEngine:
             await self._session.close()
         self._state = EngineState.CLOSED
 
-    async def probe(self, timeout: float) -> bool:
-        """A cheap health check: ``GET /models`` answers 200."""
+    async def probe(self, timeout: float, kind: str = "models") -> bool:
+        """Health check: ``GET /models`` answers 200, or (``completion``) a 1-token chat completion does."""
         if self._session is None:
             return False
+        limit = aiohttp.ClientTimeout(total=timeout)
         try:
-            async with self._session.get(self._base + "/models", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            if kind == "completion":
+                body = {"model": self.spec.upstream_model or self.spec.name, "max_tokens": 1,
+                        "messages": [{"role": "user", "content": "ping"}]}
+                async with self._session.post(self._base + "/chat/completions", data=orjson.dumps(body),
+                                              headers={"Content-Type": "application/json"}, timeout=limit) as r:
+                    return r.status == 200
+            async with self._session.get(self._base + "/models", timeout=limit) as r:
                 return r.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False

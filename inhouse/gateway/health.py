@@ -1,6 +1,7 @@
 """HealthMonitor: active health checks of upstream deployments.
 
-Owns one loop that probes every upstream deployment (``GET {base_url}/models``) each interval and marks
+Owns one loop that probes every upstream deployment (``GET {base_url}/models``, or a 1-token completion
+with ``health_check: completion``) each interval and marks
 it up or down; the router skips deployments marked down.  Local engines report their own state and are
 not probed.  The loop reads like its job: sleep, probe all at once, record transitions.
 """
@@ -48,4 +49,4 @@ class HealthMonitor:
 
     async def _probe(self, deployment: Deployment) -> bool:
         probe = getattr(deployment.engine, "probe")  # noqa: B009  (upstream engines only)
-        return bool(await probe(self._routing.health_timeout_seconds))
+        return bool(await probe(self._routing.health_timeout_seconds, self._routing.health_check))

@@ -285,3 +285,33 @@ def test_upstream_and_fallback_flags_without_a_file(upstreams: dict[str, Upstrea
         r = httpx.post(server.url + "/v1/chat/completions", json={"model": "main", "messages": HI}, timeout=30)
         assert r.status_code == 200 and r.json()["model"] == "spare"
     assert a is not None
+
+
+def test_completion_health_checks_notice_a_model_that_errors(upstreams: dict[str, Upstream], tmp_path: Path,
+                                                              cache_dir: Path, logs_dir: Path) -> None:
+    """``health_check: completion`` sends a 1-token completion: an upstream whose /models still answers but
+    whose model fails (scripted 500s) is marked down, which a /models check would miss."""
+    c = upstreams["c"]
+    config = tmp_path / "inhouse.yaml"
+    config.write_text(f"""
+routing: {{health_interval_seconds: 0.3, health_timeout_seconds: 1, health_check: completion}}
+models: [{{name: probed, engine: upstream, base_url: "{c.url}/v1", upstream_model: up-model}}]
+""", encoding="utf-8")
+    with ServerProcess(["--config", str(config)], cache_dir, logs_dir / "probe.log") as server:
+        def healthy() -> bool:
+            return bool(httpx.get(server.url + "/health").json()["models"]["probed"]["healthy"])
+
+        before = len(c.log())
+        time.sleep(1.0)
+        probes = c.log()[before:]
+        assert probes and all(p["model"] == "up-model" and not p["stream"] for p in probes)
+        c.script(*[{"status": 500}] * 20)
+        deadline = time.monotonic() + 3
+        while healthy():
+            assert time.monotonic() < deadline, "a model answering 500 was not marked down"
+            time.sleep(0.05)
+        c.script()
+        deadline = time.monotonic() + 3
+        while not healthy():
+            assert time.monotonic() < deadline, "not marked up again"
+            time.sleep(0.05)
