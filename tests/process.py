@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -58,34 +59,30 @@ class ServerProcess:
         return self
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {self.ready_timeout}s; log: {self.log_path}\n{self.log()}")
+        """Until ``/ready`` answers 200: every model loaded."""
+        self._wait_until(lambda: httpx.get(self.url + "/ready", timeout=2).status_code == 200, "not ready")
 
     def wait_settled(self) -> None:
         """Until no model is still loading (for servers where some models are expected to fail)."""
+        def settled() -> bool:
+            models = httpx.get(self.url + "/health", timeout=2).json()["models"]
+            return all(m["state"] != "loading" for m in models.values())
+
+        self._wait_until(settled, "models still loading")
+
+    def _wait_until(self, condition: Callable[[], bool], failure: str) -> None:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}\n{self.log()}")
             try:
-                models = httpx.get(self.url + "/health", timeout=2).json()["models"]
-                if all(m["state"] != "loading" for m in models.values()):
+                if condition():
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"models still loading after {self.ready_timeout}s; log: {self.log_path}\n{self.log()}")
+        raise RuntimeError(f"{failure} after {self.ready_timeout}s; log: {self.log_path}\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]

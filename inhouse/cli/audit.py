@@ -9,8 +9,7 @@ from pathlib import Path
 
 from inhouse.audit.query import export, search, verify
 from inhouse.cli.keys import parse_time
-from inhouse.cli.state import StateError, add_state_flags, open_database
-from inhouse.config import ConfigError, load_settings
+from inhouse.cli.state import StateError, add_state_flags, database_from_args
 
 __all__ = ["add_parser"]
 
@@ -36,9 +35,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings(args.config, {"database_url": args.database_url, "state_dir": args.state_dir})
-        db = open_database(settings)
-    except (ConfigError, StateError) as exc:
+        db = database_from_args(args)
+    except StateError as exc:
         print(f"inhouse: {exc}", file=sys.stderr)
         return 2
     try:

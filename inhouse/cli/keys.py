@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from inhouse.cli.state import StateError, add_state_flags, open_database
-from inhouse.config import ConfigError, load_settings
+from inhouse.cli.state import StateError, add_state_flags, database_from_args
 from inhouse.keys.store import KeyLimits, KeyStore
 
 __all__ = ["add_parser", "parse_time"]
@@ -76,9 +75,8 @@ def _print(args: argparse.Namespace, data: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings(args.config, {"database_url": args.database_url, "state_dir": args.state_dir})
-        db = open_database(settings)
-    except (ConfigError, StateError) as exc:
+        db = database_from_args(args)
+    except StateError as exc:
         print(f"inhouse: {exc}", file=sys.stderr)
         return 2
     keys = KeyStore(db)

@@ -18,7 +18,7 @@ from inhouse.keys.store import KeyStore
 from inhouse.server.access import AccessParts
 from inhouse.storage.database import Database, StorageError
 
-__all__ = ["StateError", "add_state_flags", "open_access", "open_database"]
+__all__ = ["StateError", "add_state_flags", "database_from_args", "open_access", "open_database"]
 
 log = logging.getLogger("inhouse")
 
@@ -32,6 +32,17 @@ def add_state_flags(p: argparse.ArgumentParser) -> None:
                                           "(default: sqlite in --state-dir)")
     p.add_argument("--state-dir", type=Path, help="where the default SQLite database lives "
                                                   "(default: $INHOUSE_STATE_DIR or ~/.local/share/inhouse)")
+
+
+def database_from_args(args: argparse.Namespace) -> Database:
+    """The database of ``--config`` / ``--database-url`` / ``--state-dir`` (keys and audit commands)."""
+    from inhouse.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args.config, {"database_url": args.database_url, "state_dir": args.state_dir})
+    except ConfigError as exc:
+        raise StateError(str(exc)) from None
+    return open_database(settings)
 
 
 def open_database(settings: Settings) -> Database:
