@@ -88,6 +88,7 @@ class AccessMiddleware:
         finally:
             if not exchange.audited:  # the client left mid-answer, or the app failed: audit what happened
                 record.status = record.status or 499
+                record.error_code = record.error_code or "client_disconnected"
                 await self._write(call)
             if admission is not None and call.key is not None:
                 await self._limiter.release(call.key, admission, call.tokens)
