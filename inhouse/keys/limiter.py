@@ -11,6 +11,7 @@ finishes (a burst can overshoot TPM by the requests already in flight, as with O
 from __future__ import annotations
 
 import calendar
+import itertools
 import math
 import time
 import uuid
@@ -31,7 +32,7 @@ class Admission:
     """One admitted request's hold on its key's limits, and the ``x-ratelimit-*`` headers to send."""
 
     key_id: str
-    slot: str = field(default_factory=lambda: uuid.uuid4().hex)
+    slot: str = ""  # its concurrency slot in Redis (unique across replicas)
     headers: dict[str, str] = field(default_factory=dict)
     concurrent: bool = False
 
@@ -192,6 +193,8 @@ class RedisLimiter:
         self._prefix = prefix
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._release = self._redis.register_script(_RELEASE)
+        self._instance = uuid.uuid4().hex[:12]  # slots are "<instance>-<n>": unique without a uuid per request
+        self._slots = itertools.count()
 
     def _keys(self, key: ApiKey, now: float) -> tuple[str, str, str, str, float]:
         minute = int(now // 60)
@@ -201,7 +204,7 @@ class RedisLimiter:
 
     async def acquire(self, key: ApiKey) -> Admission:
         limits = key.limits
-        admission = Admission(key.id)
+        admission = Admission(key.id, slot=f"{self._instance}-{next(self._slots)}")
         if not limits.any:
             return admission
         now = time.time()
