@@ -1,10 +1,11 @@
 """Router: which deployment answers a request, and what to try when one fails.
 
 Owns the retry and fallback loop.  For the asked model, then each of its fallbacks in order, it picks
-the available deployment with the fewest requests in flight per unit of weight, submits, and on a
-failure before the first byte (an upstream that is unreachable, answers 429/5xx or stalls; a local
-engine that is loading or full) counts it against that deployment's circuit breaker, waits a jittered
-backoff and tries again, at most ``retries`` more times per model.  Errors that are the request's own
+the available deployment with the fewest requests in flight per unit of weight and submits.  An upstream
+that fails before the first byte (unreachable, 429/5xx, a stall) counts against that deployment's
+circuit breaker and is retried after a jittered backoff, at most ``retries`` more times per model; a
+local engine that is loading or full sends the request to another deployment if there is one, else on
+to the fallbacks, else its own 429/503 is the answer at once.  Errors that are the request's own
 (400, context length) are raised at once.  After the first byte nothing is retried: the stream ends
 with an error event instead.
 """
@@ -80,6 +81,8 @@ class Router:
                                     deployment.label, name, r.cooldown_seconds)
                 else:
                     deployment.route.probing = False
+                    if all(d.label in tried for d in deployments):
+                        return None  # full or loading, and no other deployment: refuse now, no backoff
             if attempt < self._routing.retries:
                 await asyncio.sleep(self._routing.backoff_seconds * 2 ** attempt * random.uniform(0.5, 1.5))
         return None
@@ -104,8 +107,10 @@ class Router:
         route.outstanding += 1
         try:
             generations = await submit_all(deployment.engine, requests)
-        except BaseException:
+        except BaseException as exc:
             route.outstanding -= 1
+            if not isinstance(exc, InhouseError):
+                route.probing = False  # cancelled mid-probe: let the next request probe instead
             raise
         route.succeeded()
         remaining = len(generations)
