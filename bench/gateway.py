@@ -104,7 +104,6 @@ def main() -> int:
     config.write_text(f'models: [{{name: mock, engine: upstream, base_url: "{mock}/v1"}}]\n', encoding="utf-8")
     gateway = ServerProcess(["--config", str(config), "--log-level", "warning"], ROOT / ".cache",
                             logs / "inhouse.log", auth=True, state_dir=logs / "state")
-    gateway.python = sys.executable
     gateway.start()
     # pin the running server to core 1 as well
     if pinned(1):

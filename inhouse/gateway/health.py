@@ -22,12 +22,12 @@ log = logging.getLogger("inhouse.health")
 
 class HealthMonitor:
     def __init__(self, registry: ModelRegistry, routing: RoutingSettings) -> None:
-        self._registry = registry
         self._routing = routing
+        self._upstreams = [d for d in registry.all() if hasattr(d.engine, "probe")]  # local engines: not probed
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        if any(hasattr(d.engine, "probe") for d in self._registry.all()):
+        if self._upstreams:
             self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -37,11 +37,10 @@ class HealthMonitor:
                 await self._task
 
     async def _run(self) -> None:
-        upstreams = [d for d in self._registry.all() if hasattr(d.engine, "probe")]
         while True:
             await asyncio.sleep(self._routing.health_interval_seconds)
-            results = await asyncio.gather(*(self._probe(d) for d in upstreams))
-            for deployment, healthy in zip(upstreams, results, strict=True):
+            results = await asyncio.gather(*(self._probe(d) for d in self._upstreams))
+            for deployment, healthy in zip(self._upstreams, results, strict=True):
                 if healthy != deployment.route.healthy:
                     log.warning("deployment %s of %s is %s", deployment.label, deployment.name,
                                 "up again" if healthy else "DOWN (health check failed)")

@@ -40,15 +40,17 @@ class RouteState:
         return "half_open" if time.monotonic() >= self.open_until else "open"
 
     def available(self) -> bool:
-        """May take a request now.  After the cooldown, exactly one probe request goes through."""
+        """May take a request now: healthy, and the circuit closed or cooled off with no probe in flight."""
         if not self.healthy:
             return False
         if self.open_until == 0.0:
             return True
-        if time.monotonic() < self.open_until or self.probing:
-            return False
-        self.probing = True
-        return True
+        return time.monotonic() >= self.open_until and not self.probing
+
+    def taken(self) -> None:
+        """The router chose this deployment: after a cooldown, that request is the one probe."""
+        if self.open_until != 0.0:
+            self.probing = True
 
     def failed(self, threshold: int, window: float, cooldown: float) -> bool:
         """Count a failure; True when it opened the circuit."""

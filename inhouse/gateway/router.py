@@ -96,9 +96,7 @@ class Router:
                 lowest = min((d.route.outstanding + 1) / d.spec.weight for d in candidates)
                 best = [d for d in candidates if (d.route.outstanding + 1) / d.spec.weight == lowest]
                 chosen = random.choice(best)
-                for other in candidates:
-                    if other is not chosen and other.route.probing and other.route.open_until:
-                        other.route.probing = False  # a probe slot claimed by available() but not used
+                chosen.route.taken()
                 return chosen
         return None
 

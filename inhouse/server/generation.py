@@ -1,4 +1,5 @@
-"""Runs the Generations behind one HTTP request: admits them all, then merges or collects their output.
+"""Runs the Generations behind one HTTP request: routes and admits them (noting the key's call), then merges
+or collects their output.
 
 Shared by the chat and completion routes, which differ only in how they render.
 """
@@ -7,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from inhouse.engine.base import Delta, Generation, TokenLogprob
+from inhouse.config import ModelSpec
+from inhouse.engine.base import Delta, GenerateRequest, Generation, TokenLogprob
+from inhouse.gateway.router import Routed
+from inhouse.server.call import Call, call_of
+from inhouse.server.context import context_of
 
-__all__ = ["ChoiceResult", "ClientDisconnectedError", "collect", "merged"]
+__all__ = ["ChoiceResult", "ClientDisconnectedError", "collect", "merged", "route"]
 
 
 class ClientDisconnectedError(Exception):
@@ -28,6 +33,20 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     _parts: list[str] = field(default_factory=list)
+
+
+async def route(request: Request, model: str, stream: bool, request_id: str,
+                build: Callable[[ModelSpec], list[GenerateRequest]]) -> tuple[Routed, Call | None]:
+    """Find the model (404), check the key may use it (403), admit it where the router says, note who answered."""
+    ctx = context_of(request)
+    ctx.registry.deployments(model)  # an unknown model is 404 before the key's scope is 403
+    call = call_of(request)
+    if call is not None:
+        call.asked(request_id, model, stream)
+    routed = await ctx.router.submit(model, build)
+    if call is not None:
+        call.served(routed.model, routed.deployment.label)
+    return routed, call
 
 
 async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Delta]]:

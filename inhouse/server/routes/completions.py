@@ -12,10 +12,9 @@ from inhouse.engine.base import Delta
 from inhouse.protocol.common import usage
 from inhouse.protocol.completions import CompletionRequest, completion, completion_chunk, completion_logprobs
 from inhouse.server.body import read_model
-from inhouse.server.call import call_of
 from inhouse.server.context import context_of
 from inhouse.server.convert import completion_requests
-from inhouse.server.generation import collect
+from inhouse.server.generation import collect, route
 from inhouse.server.render import json_response
 from inhouse.server.sse import sse_response
 from inhouse.server.streaming import stream_events
@@ -47,14 +46,9 @@ async def completions(request: Request) -> Response:
     ctx = context_of(request)
     body = await read_model(request, CompletionRequest, ctx.settings.max_body_bytes)
     request_id = ctx.new_id("cmpl")
-    ctx.registry.deployments(body.model)  # 404 for an unknown model comes before the key's scope (403)
-    call = call_of(request)
-    if call is not None:
-        call.asked(request_id, body.model, body.stream)
-    routed = await ctx.router.submit(body.model, lambda spec: completion_requests(body, spec.defaults, request_id))
+    routed, call = await route(request, body.model, body.stream, request_id,
+                               lambda spec: completion_requests(body, spec.defaults, request_id))
     generations, model = routed.generations, routed.model
-    if call is not None:
-        call.served(model, routed.deployment.label)
     created = int(time.time())
     headers = {"x-request-id": request_id, "x-inhouse-deployment": routed.deployment.label}
     prompts = body.prompts()

@@ -40,5 +40,5 @@ async def ready(request: Request) -> Response:
     registry = context_of(request).registry
     is_ready = registry.ready()
     body = {"status": "ready" if is_ready else "loading",
-            "models": {d.label if d.label != d.name else d.name: d.engine.state.value for d in registry.all()}}
+            "models": {d.label: d.engine.state.value for d in registry.all()}}
     return json_response(body, status=200 if is_ready else 503)
