@@ -170,6 +170,7 @@ class Settings(_Frozen):
     models: tuple[ModelSpec, ...] = ()
     cache_dir: Path = Field(default_factory=default_cache_dir)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_choices: int = Field(default=64, ge=1)  # choices one call may ask for: n × prompts (completions)
     keepalive_seconds: float = Field(default=10.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # security and accounting

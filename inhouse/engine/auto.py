@@ -10,6 +10,7 @@ engine that really serves.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence as Seq
 from pathlib import Path
 
 from inhouse.config import ModelSpec
@@ -59,8 +60,8 @@ class AutoEngine:
         self._engine = LocalEngine(self.spec, self._cache_dir)
         await self._engine.start()
 
-    async def submit(self, request: GenerateRequest) -> Generation:
-        return await self._engine.submit(request)
+    async def submit(self, requests: Seq[GenerateRequest]) -> list[Generation]:
+        return await self._engine.submit(requests)
 
     def stats(self) -> EngineStats:
         return self._engine.stats()

@@ -8,7 +8,7 @@ and then hands the caller a Generation to iterate.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -123,9 +123,11 @@ class EngineStats:
 class Generation:
     """The caller's handle on one admitted request: iterate it for Deltas, abort it to stop early."""
 
-    def __init__(self, request_id: str, prompt_tokens: int, collector: OutputCollector[Delta], abort: Any) -> None:
+    def __init__(self, request_id: str, prompt_tokens: int, collector: OutputCollector[Delta], abort: Any,
+                 max_tokens: int = 0) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens  # the completion budget the engine granted (0: unknown, an upstream's default)
         self._collector = collector
         self._abort = abort
         self._done = False
@@ -174,8 +176,9 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load weights.  Returns when ready; raises if loading failed."""
 
-    async def submit(self, request: GenerateRequest) -> Generation:
-        """Admit a request or raise InhouseError (context length, queue full, not ready)."""
+    async def submit(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
+        """Admit the choices of one call, all or none, or raise InhouseError (bad input, context length,
+        queue full, not ready).  Nothing a request carries may fail any other request later."""
 
     def stats(self) -> EngineStats: ...
 

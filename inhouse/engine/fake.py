@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Sequence as Seq
 
 from inhouse.config import ModelSpec
 from inhouse.engine.admission import AdmissionGate, completion_budget
@@ -53,20 +54,25 @@ class FakeEngine:
             task.cancel()
         self._state = EngineState.CLOSED
 
-    async def submit(self, request: GenerateRequest) -> Generation:
+    async def submit(self, requests: Seq[GenerateRequest]) -> list[Generation]:
         if self._state is not EngineState.READY:
             raise InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is not available")
-        prompt_tokens = _count_prompt(request)
-        max_tokens = completion_budget(prompt_tokens, request.sampling.max_tokens, self.info.context_length,
-                                       self.spec.defaults.max_tokens or len(self._pieces), self.spec.clamp_max_tokens)
-        self._gate.admit()
+        self._gate.check(len(requests))
+        budgets = [completion_budget(_count_prompt(r), r.sampling.max_tokens, self.info.context_length,
+                                     self.spec.defaults.max_tokens or len(self._pieces), self.spec.clamp_max_tokens)
+                   for r in requests]
+        self._gate.admit(len(requests))
+        return [self._start(request, max_tokens) for request, max_tokens in zip(requests, budgets, strict=True)]
+
+    def _start(self, request: GenerateRequest, max_tokens: int) -> Generation:
         collector: OutputCollector[Delta] = OutputCollector(asyncio.get_running_loop())
         cancelled = asyncio.Event()
         self._waiting += 1
         task = asyncio.create_task(self._produce(request, max_tokens, collector, cancelled))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return Generation(request.request_id, prompt_tokens, collector, lambda _rid: cancelled.set())
+        return Generation(request.request_id, _count_prompt(request), collector, lambda _rid: cancelled.set(),
+                          max_tokens)
 
     async def _produce(self, request: GenerateRequest, max_tokens: int, collector: OutputCollector[Delta],
                        cancelled: asyncio.Event) -> None:

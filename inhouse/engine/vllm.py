@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import threading
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,8 @@ class VllmEngine:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
         if self.spec.chat_template:
             tokenizer.chat_template = self.spec.chat_template
-        self._prompts = PromptBuilder(tokenizer)
         window = int(self._llm.model_config.max_model_len)
+        self._prompts = PromptBuilder(tokenizer, int(self._llm.model_config.get_vocab_size()), window)
         self._info = EngineInfo(kind="vllm", context_length=window, max_num_seqs=self.spec.max_num_seqs,
                                 device=str(self._llm.vllm_config.device_config.device), dtype=str(args.dtype))
         self._state = EngineState.READY
@@ -171,29 +172,36 @@ class VllmEngine:
             self._llm.shutdown()
         self._state = EngineState.CLOSED
 
-    async def submit(self, request: GenerateRequest) -> Generation:
+    async def submit(self, requests: Seq[GenerateRequest]) -> list[Generation]:
         check_ready(self.spec.name, self._state)
         assert self._prompts is not None
-        prompt_ids = await self._prompts.token_ids_async(request)
-        max_tokens = completion_budget(len(prompt_ids), request.sampling.max_tokens, self._info.context_length,
-                                       self.spec.defaults.max_tokens, self.spec.clamp_max_tokens)
-        self._gate.admit()
-        collector: OutputCollector[Delta] = OutputCollector(asyncio.get_running_loop())
-        task = asyncio.create_task(self._pump(request, prompt_ids, max_tokens, collector))
-        self._tasks[request.request_id] = task
-        return Generation(request.request_id, len(prompt_ids), collector, self._abort)
+        self._gate.check(len(requests))  # a full engine refuses before tokenizing anything
+        prompts = await self._prompts.token_ids_all(requests)
+        admitted = []
+        for request, prompt_ids in zip(requests, prompts, strict=True):
+            max_tokens = completion_budget(len(prompt_ids), request.sampling.max_tokens, self._info.context_length,
+                                           self.spec.defaults.max_tokens, self.spec.clamp_max_tokens)
+            admitted.append((request, prompt_ids, max_tokens, _sampling_params(request, max_tokens)))
+        self._gate.admit(len(admitted))
+        generations = []
+        loop = asyncio.get_running_loop()
+        for request, prompt_ids, max_tokens, params in admitted:
+            collector: OutputCollector[Delta] = OutputCollector(loop)
+            task = asyncio.create_task(self._pump(request, prompt_ids, params, collector))
+            self._tasks[request.request_id] = task
+            generations.append(Generation(request.request_id, len(prompt_ids), collector, self._abort, max_tokens))
+        return generations
 
     def _abort(self, request_id: str) -> None:
         task = self._tasks.get(request_id)
         if task is not None:
             task.cancel()  # AsyncLLM.generate aborts the request in vLLM when cancelled
 
-    async def _pump(self, request: GenerateRequest, prompt_ids: list[int], max_tokens: int,
+    async def _pump(self, request: GenerateRequest, prompt_ids: list[int], params: Any,
                     collector: OutputCollector[Delta]) -> None:
         from vllm.inputs import TokensPrompt
 
         try:
-            params = _sampling_params(request, max_tokens)
             async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params,
                                                    request.request_id):
                 choice = output.outputs[0]
@@ -217,28 +225,34 @@ def _finish(reason: str | None) -> str | None:
 
 
 def _sampling_params(request: GenerateRequest, max_tokens: int) -> Any:
-    from vllm import SamplingParams
+    """vLLM's SamplingParams, built before admission: what vLLM refuses is this request's 400, never a 500 later."""
+    from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     s = request.sampling
-    return SamplingParams(
-        n=1,
-        max_tokens=max_tokens,
-        temperature=0.0 if s.greedy else s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k if s.top_k > 0 else 0,
-        seed=s.seed,
-        stop=list(s.stop) or None,
-        stop_token_ids=list(s.stop_token_ids) or None,
-        presence_penalty=s.presence_penalty,
-        frequency_penalty=s.frequency_penalty,
-        repetition_penalty=s.repetition_penalty,
-        logprobs=s.top_logprobs if s.logprobs else None,
-        ignore_eos=s.ignore_eos,
-        min_tokens=s.min_tokens,
-        skip_special_tokens=True,
-        output_kind=RequestOutputKind.DELTA,
-    )
+    try:
+        return VllmSamplingParams(
+            n=1,
+            max_tokens=max_tokens,
+            temperature=0.0 if s.greedy else s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else 0,
+            seed=None if s.seed is None else s.seed % 2**63,
+            stop=list(s.stop) or None,
+            stop_token_ids=list(s.stop_token_ids) or None,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty,
+            logprobs=s.top_logprobs if s.logprobs else None,
+            ignore_eos=s.ignore_eos,
+            min_tokens=min(s.min_tokens, max_tokens),
+            skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+    except (ValueError, TypeError, OverflowError) as exc:
+        # vLLM's validation messages are written for clients ("top_k must be ... got ...")
+        raise InhouseError(ErrorCode.INVALID_REQUEST, f"the sampling parameters were refused: {str(exc)[:300]}",
+                           param=getattr(exc, "parameter", None)) from None
 
 
 def _logprobs(choice: Any, request: GenerateRequest) -> list[TokenLogprob] | None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from inhouse.config import ModelSpec, RoutingSettings
-from inhouse.engine.base import Engine, GenerateRequest, Generation
+from inhouse.engine.base import GenerateRequest, Generation
 from inhouse.errors import ErrorCode, InhouseError
 from inhouse.gateway.registry import Deployment, ModelRegistry
 
@@ -104,7 +104,7 @@ class Router:
         route = deployment.route
         route.outstanding += 1
         try:
-            generations = await submit_all(deployment.engine, requests)
+            generations = await deployment.engine.submit(requests)
         except BaseException as exc:
             route.outstanding -= 1
             if not isinstance(exc, InhouseError):
@@ -135,16 +135,3 @@ def _exhausted(model: str, errors: list[InhouseError]) -> InhouseError:
     reasons = "; ".join(dict.fromkeys(e.message for e in errors))
     return InhouseError(ErrorCode.UPSTREAM_UNAVAILABLE, f"no deployment of model '{model}' could answer: {reasons}",
                         retry_after=errors[-1].retry_after or 1)
-
-
-async def submit_all(engine: Engine, requests: list[GenerateRequest]) -> list[Generation]:
-    """Admit every request (one per choice) or none: if one is refused, the admitted ones are aborted."""
-    generations: list[Generation] = []
-    try:
-        for request in requests:
-            generations.append(await engine.submit(request))
-    except BaseException:
-        for generation in generations:
-            generation.abort()
-        raise
-    return generations

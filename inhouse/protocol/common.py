@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-__all__ = ["SamplingFields", "StreamOptions", "WireModel", "usage"]
+__all__ = ["INT32_MAX", "SamplingFields", "StreamOptions", "TokenId", "WireModel", "usage"]
 
 
 class WireModel(BaseModel):
@@ -19,26 +19,44 @@ class StreamOptions(WireModel):
     include_usage: bool = False
 
 
+INT32_MAX = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+StopString = Annotated[str, Field(max_length=512)]
+
+
 class SamplingFields(WireModel):
-    """The sampling fields chat and completions share, with OpenAI's (and vLLM's) ranges."""
+    """The sampling fields chat and completions share, with OpenAI's (and vLLM's) ranges.
+
+    Every number has both bounds, so nothing out of range reaches an engine: an engine batches many
+    requests, and one request's bad value must be its own 400, not everyone's 500.  How many choices
+    (``n`` × prompts) a call may ask for is the server's ``max_choices`` setting, checked by the route.
+    """
 
     model: str = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=16)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
-    n: Annotated[int, Field(ge=1, le=16)] = 1
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0)] | None = None
+    n: Annotated[int, Field(ge=1, le=INT32_MAX)] = 1
     user: str | None = None
     ignore_eos: bool = False
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_within_max(cls, value: int, info: ValidationInfo) -> int:
+        most = info.data.get("max_tokens")
+        if most is not None and value > most:
+            raise ValueError(f"min_tokens ({value}) must not exceed max_tokens ({most})")
+        return value
 
     @property
     def include_usage(self) -> bool:

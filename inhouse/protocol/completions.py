@@ -7,13 +7,13 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 
 from inhouse.engine.base import TokenLogprob
-from inhouse.protocol.common import SamplingFields
+from inhouse.protocol.common import SamplingFields, TokenId
 
 __all__ = ["CompletionRequest", "completion", "completion_chunk", "completion_logprobs"]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     suffix: str | None = None

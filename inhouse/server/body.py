@@ -1,6 +1,9 @@
 """Reads a request body into a protocol model, turning every failure into a clear 400 or 413.
 
-The body is decoded as UTF-8 JSON whatever the Content-Type charset says (Dify sends raw UTF-8).
+The body is decoded as UTF-8 JSON whatever the Content-Type charset says (Dify sends raw UTF-8).  JSON
+nested deeper than ``MAX_DEPTH`` is refused here, so nothing further in (templates, counting, logging)
+ever walks a structure deep enough to exhaust the stack.  A client that leaves while its body is still
+uploading is a ``ClientDisconnectedError``, not a server failure.
 """
 
 from __future__ import annotations
@@ -9,11 +12,14 @@ from typing import TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from inhouse.errors import ErrorCode, InhouseError
+from inhouse.server.disconnect import ClientDisconnectedError
 
-__all__ = ["read_model"]
+__all__ = ["MAX_DEPTH", "read_model"]
+
+MAX_DEPTH = 64  # OpenAI-style bodies need about 10 (a JSON schema inside a tool inside tools)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -24,11 +30,14 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnectedError from None
     return b"".join(chunks)
 
 
@@ -43,10 +52,29 @@ async def read_model(request: Request, model: type[M], limit: int) -> M:
         raise InhouseError(ErrorCode.INVALID_JSON, f"request body {reason}") from None
     if not isinstance(data, dict):
         raise InhouseError(ErrorCode.INVALID_JSON, "request body must be a JSON object")
+    deep = _too_deep(data)
+    if deep is not None:
+        raise InhouseError(ErrorCode.INVALID_REQUEST, f"'{deep}' is nested more than {MAX_DEPTH} levels deep",
+                           param=deep)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _describe(exc, data) from None
+
+
+def _too_deep(data: dict[str, object]) -> str | None:
+    """The top-level field holding JSON nested deeper than MAX_DEPTH, or None (walked without recursion)."""
+    for name, value in data.items():
+        stack: list[tuple[object, int]] = [(value, 1)]
+        while stack:
+            item, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                return name
+            if isinstance(item, dict):
+                stack.extend((v, depth + 1) for v in item.values())
+            elif isinstance(item, list):
+                stack.extend((v, depth + 1) for v in item)
+    return None
 
 
 def _param(loc: tuple[int | str, ...], data: object) -> str | None:

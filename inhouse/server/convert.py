@@ -14,7 +14,16 @@ from inhouse.protocol.chat import ChatCompletionRequest, ChatMessage
 from inhouse.protocol.common import SamplingFields
 from inhouse.protocol.completions import CompletionRequest
 
-__all__ = ["chat_requests", "completion_requests"]
+__all__ = ["chat_requests", "check_choices", "completion_requests"]
+
+
+def check_choices(n: int, prompts: int, limit: int) -> None:
+    """400 when a call asks for more choices (``n`` × prompts) than ``max_choices`` allows."""
+    if n * prompts > limit:
+        what = f"n={n}" if prompts == 1 else f"{prompts} prompts × n={n}"
+        raise InhouseError(ErrorCode.INVALID_REQUEST, f"this request asks for {n * prompts} choices ({what}); "
+                           f"this server answers at most {limit} per request (max_choices)",
+                           param="n" if prompts == 1 else "prompt")
 
 
 def _sampling(body: SamplingFields, defaults: SamplingDefaults, logprobs: bool, top_logprobs: int,

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import torch
 
 from inhouse.config import ModelSpec
 from inhouse.engine.admission import AdmissionGate, check_ready, completion_budget
-from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
+from inhouse.engine.base import EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.attention import register
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -26,7 +27,7 @@ from inhouse.engine.local.prompt import PromptBuilder
 from inhouse.engine.local.runner import ModelRunner
 from inhouse.engine.local.sampler import Sampler
 from inhouse.engine.local.scheduler import Scheduler, Step
-from inhouse.engine.local.sequence import Sequence
+from inhouse.engine.local.sequence import Sequence, SequenceStatus
 from inhouse.errors import ErrorCode, InhouseError
 
 __all__ = ["LocalEngine"]
@@ -73,7 +74,8 @@ class LocalEngine:
             self._state = EngineState.FAILED
             raise
         self._loaded = loaded
-        self._prompts = PromptBuilder(loaded.tokenizer)
+        self._prompts = PromptBuilder(loaded.tokenizer, loaded.model.get_input_embeddings().num_embeddings,
+                                      loaded.context_length)
         self._info = EngineInfo(
             kind="transformers",
             context_length=loaded.context_length,
@@ -87,29 +89,31 @@ class LocalEngine:
         log.info("model %s ready: context %d tokens, up to %d sequences at once",
                  self.spec.name, loaded.context_length, self.spec.max_num_seqs)
 
-    async def submit(self, request: GenerateRequest) -> Generation:
+    async def submit(self, requests: Seq[GenerateRequest]) -> list[Generation]:
         self._check_ready()
         assert self._loaded is not None and self._prompts is not None
-        prompt_ids = await self._prompts.token_ids_async(request)
-        max_tokens = completion_budget(len(prompt_ids), request.sampling.max_tokens, self._info.context_length,
-                                       self.spec.defaults.max_tokens, self.spec.clamp_max_tokens)
-        collector: OutputCollector[Delta] = OutputCollector(asyncio.get_running_loop())
-        tokenizer = self._loaded.tokenizer
-        seq = Sequence(
-            request_id=request.request_id,
-            prompt_ids=prompt_ids,
-            sampling=request.sampling,
-            max_tokens=max_tokens,
-            collector=collector,
-            detokenizer=IncrementalDetokenizer(tokenizer, prompt_ids),
-            stop_matcher=StopMatcher(request.sampling.stop),
-            generator=_seeded(request.sampling.seed),
-        )
-        self._gate.admit()
+        self._gate.check(len(requests))  # a full engine refuses before tokenizing anything
+        prompts = await self._prompts.token_ids_all(requests)
+        loop = asyncio.get_running_loop()
+        seqs = []
+        for request, prompt_ids in zip(requests, prompts, strict=True):
+            max_tokens = completion_budget(len(prompt_ids), request.sampling.max_tokens, self._info.context_length,
+                                           self.spec.defaults.max_tokens, self.spec.clamp_max_tokens)
+            seqs.append(Sequence(
+                request_id=request.request_id,
+                prompt_ids=prompt_ids,
+                sampling=request.sampling,
+                max_tokens=max_tokens,
+                collector=OutputCollector(loop),
+                detokenizer=IncrementalDetokenizer(self._loaded.tokenizer, prompt_ids),
+                stop_matcher=StopMatcher(request.sampling.stop),
+                generator=_seeded(request.sampling.seed),
+            ))
+        self._gate.admit(len(seqs))
         with self._lock:
-            self._inbox.append(seq)
+            self._inbox.extend(seqs)
             self._wakeup.notify()
-        return Generation(request.request_id, len(prompt_ids), collector, self._abort)
+        return [Generation(s.request_id, len(s.prompt_ids), s.collector, self._abort, s.max_tokens) for s in seqs]
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -165,22 +169,55 @@ class LocalEngine:
                 continue
             try:
                 self._step(step, runner, sampler, scheduler, loaded.stop_ids)
-            except Exception:
+            except Exception:  # not one request's fault (each row's own failures are isolated in _step)
                 log.exception("engine step failed for model %s; failing the %d requests in it",
                               self.spec.name, len(step.seqs))
                 for seq in step.seqs:
-                    seq.collector.fail(InhouseError(ErrorCode.ENGINE_ERROR, "the model failed while generating"))
-                    self._finish(seq, scheduler)
+                    self._fail(seq, scheduler, "the model failed while generating")
             self._publish(scheduler)
         self._fail_all(scheduler)
 
     def _step(self, step: Step, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler,
               stop_ids: frozenset[int]) -> None:
-        logits = runner.prefill(step.seqs, step.first_slot) if step.is_prefill else runner.decode(step.seqs)
-        tokens, logprobs = sampler.sample(logits, step.seqs)
-        for seq, token, logprob in zip(step.seqs, tokens, logprobs, strict=True):
-            if seq.append(token, stop_ids, logprob):
+        """Run, sample, hand out.  A row that fails on its own fails alone; the others go on."""
+        seqs, logits = self._forward(step, runner, scheduler)
+        tokens, logprobs = sampler.sample(logits, seqs)
+        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+            if token is None:
+                self._fail(seq, scheduler, "the model produced no valid next token for this request")
+                continue
+            try:
+                finished = seq.append(token, stop_ids, logprob)
+            except Exception:
+                log.exception("request %s failed while its output was decoded", seq.request_id)
+                self._fail(seq, scheduler, "the model's output could not be decoded")
+                continue
+            if finished:
                 self._finish(seq, scheduler)
+
+    def _forward(self, step: Step, runner: ModelRunner, scheduler: Scheduler) -> tuple[list[Sequence], torch.Tensor]:
+        """The step's logits; a batched prefill that fails is retried one prompt at a time, failing only the
+        prompts that fail alone (a decode step runs the model's own tokens: its failure is nobody's fault)."""
+        try:
+            if step.is_prefill:
+                return step.seqs, runner.prefill(step.seqs, step.first_slot)
+            return step.seqs, runner.decode(step.seqs)
+        except Exception:
+            if not step.is_prefill or len(step.seqs) == 1:
+                raise
+        log.warning("batched prefill of %d requests failed for model %s; retrying them one by one",
+                    len(step.seqs), self.spec.name)
+        kept, rows, broken = [], [], []
+        for seq in step.seqs:
+            try:
+                rows.append(runner.prefill([seq], seq.slot))
+                kept.append(seq)
+            except Exception:
+                log.exception("the prompt of request %s failed the model", seq.request_id)
+                broken.append(seq)
+        for seq in broken:
+            self._fail(seq, scheduler, "the model failed on this request's prompt")
+        return kept, (torch.cat(rows) if rows else torch.empty(0))
 
     def _take_inbox(self, scheduler: Scheduler) -> bool:
         """Move new requests and aborts into the scheduler; sleep while idle.  False when closing."""
@@ -209,6 +246,13 @@ class LocalEngine:
         scheduler.finish(seq)
         self._gate.release()
 
+    def _fail(self, seq: Sequence, scheduler: Scheduler, message: str) -> None:
+        """End one request with a 500 ``engine_error``; the others in its step go on."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        seq.collector.fail(InhouseError(ErrorCode.ENGINE_ERROR, message))
+        self._finish(seq, scheduler)
+
     def _fail_all(self, scheduler: Scheduler) -> None:
         with self._lock:
             leftovers = list(scheduler.running) + list(scheduler.waiting) + self._inbox
@@ -221,5 +265,5 @@ def _seeded(seed: int | None) -> torch.Generator | None:
     if seed is None:
         return None
     generator = torch.Generator()
-    generator.manual_seed(seed)
+    generator.manual_seed(seed % 2**64)  # any int64 seed (and seed + choice index) is a valid torch seed
     return generator

@@ -1,82 +1,153 @@
 """Turns chat messages or a completion prompt into token ids, with the model's own chat template.
 
 Owns the use of ``apply_chat_template`` (generation prompt added, the per-model override already set
-on the tokenizer by the loader).  Never joins ``role: content`` by hand.
+on the tokenizer by the loader), and every check a prompt gets before an engine admits it: its size
+against the window (a cheap bound before any tokenizing, so a megabyte prompt costs microseconds to
+refuse), the template arguments a request may set, and token ids within the vocabulary.  Never joins
+``role: content`` by hand.
+
+Tokenizing goes straight to the tokenizer's Rust backend, which is safe to share between threads and
+releases the GIL while it works: long prompts are tokenized in worker threads side by side, without a
+lock that would queue every request behind the longest one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from jinja2 import TemplateError
 
+from inhouse.engine.admission import context_exceeded
 from inhouse.engine.base import GenerateRequest
 from inhouse.errors import ErrorCode, InhouseError
 
-__all__ = ["PromptBuilder"]
+__all__ = ["RESERVED_TEMPLATE_ARGS", "PromptBuilder"]
 
-# apply_chat_template arguments a request's chat_template_kwargs may not override
-_RESERVED = frozenset({
-    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "tokenize", "return_dict",
-    "return_tensors", "padding", "truncation", "max_length", "continue_final_message",
+# Names a request's chat_template_kwargs may not set: apply_chat_template's and the renderer's own
+# arguments, and the template globals transformers provides.
+RESERVED_TEMPLATE_ARGS = frozenset({
+    "conversation", "conversations", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "raise_exception", "strftime_now",
 })
-
 
 # Requests with at most this many characters of text are tokenized on the event loop: that takes about
 # 0.2 ms, while a hop to a worker thread can wait a whole GIL switch interval (5 ms) on a busy server.
 INLINE_CHARS = 8192
+# A text normalizer (NFKC) can shrink text; with one, the size bound leaves this much room for it.
+_NORMALIZE_MARGIN = 2
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, window: int) -> None:
         self._tok = tokenizer
-        self._lock = threading.Lock()
+        self._vocab_size = vocab_size
+        self._window = window
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self._backend is not None:  # what the wrapper does on every call; once here, so calls never mutate it
+            self._backend.no_truncation()
+            self._backend.no_padding()
+        self._lock = threading.Lock()  # only for a tokenizer without a Rust backend
+        # No token covers more than its vocabulary entry's length: characters, or bytes for byte-level BPE
+        # (each character of its entries stands for one byte), the tighter bound for CJK text.
+        self._units_per_token = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        self._in_bytes = self._backend is not None and type(self._backend.decoder).__name__ == "ByteLevel"
+        if self._backend is None or self._backend.normalizer is not None:
+            self._units_per_token *= _NORMALIZE_MARGIN
 
-    def token_ids(self, request: GenerateRequest) -> list[int]:
-        with self._lock:
-            return self._token_ids(request)
+    async def token_ids_all(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
+        """The prompt of every request; the choices of one call share one prompt, tokenized once."""
+        done: dict[object, list[int]] = {}
+        out = []
+        for request in requests:
+            key: object = id(request.messages) if request.messages is not None else request.prompt
+            if key not in done:
+                done[key] = await self.token_ids_async(request)
+            out.append(done[key])
+        return out
 
     async def token_ids_async(self, request: GenerateRequest) -> list[int]:
         """``token_ids`` without blocking the event loop: short prompts inline, long ones in a thread."""
-        if _text_chars(request) <= INLINE_CHARS and self._lock.acquire(blocking=False):
-            try:
-                return self._token_ids(request)
-            finally:
-                self._lock.release()
+        text = request.prompt if request.messages is None else [m.get("content") for m in request.messages]
+        at_least = _size(text, _utf8_bytes if self._in_bytes else len) // self._units_per_token
+        if at_least >= self._window:  # refused without tokenizing: cheap, whatever the size
+            raise context_exceeded(self._window, f"at least {at_least} tokens")
+        if _size((request.prompt, request.messages, request.tools, request.chat_template_kwargs), len) <= INLINE_CHARS:
+            return self.token_ids(request)
         return await asyncio.to_thread(self.token_ids, request)
 
-    def _token_ids(self, request: GenerateRequest) -> list[int]:
+    def token_ids(self, request: GenerateRequest) -> list[int]:
         if request.messages is not None:
-            return self._chat(request)
-        if isinstance(request.prompt, tuple):
-            return list(request.prompt)
-        return list(self._tok(request.prompt or "", add_special_tokens=True)["input_ids"])
+            ids = self._encode(self._render(request), special=False)
+        elif isinstance(request.prompt, tuple):
+            ids = list(request.prompt)
+            bad = next((t for t in ids if not 0 <= t < self._vocab_size), None)
+            if bad is not None:
+                raise InhouseError(ErrorCode.INVALID_REQUEST,
+                                   f"token id {bad} is out of range: this model's vocabulary has ids "
+                                   f"0..{self._vocab_size - 1}", param="prompt")
+        else:
+            ids = self._encode(request.prompt or "", special=True)
+        if not ids:
+            raise InhouseError(ErrorCode.INVALID_REQUEST, "the prompt is empty: it has no tokens", param="prompt")
+        return ids
 
-    def _chat(self, request: GenerateRequest) -> list[int]:
+    def _encode(self, text: str, special: bool) -> list[int]:
+        if self._backend is not None:
+            ids: list[int] = self._backend.encode_batch([text], add_special_tokens=special)[0].ids
+            return ids
+        with self._lock:
+            return list(self._tok(text, add_special_tokens=special)["input_ids"])
+
+    def _render(self, request: GenerateRequest) -> str:
         if not self._tok.chat_template:
             raise InhouseError(
                 ErrorCode.UNSUPPORTED,
                 "this model has no chat template; set chat_template for it in the config, or use /v1/completions",
             )
+        reserved = sorted(RESERVED_TEMPLATE_ARGS.intersection(request.chat_template_kwargs))
+        if reserved:
+            raise InhouseError(ErrorCode.INVALID_REQUEST,
+                               f"chat_template_kwargs may not set '{reserved[0]}': the server sets it",
+                               param=f"chat_template_kwargs.{reserved[0]}")
         try:
-            text = self._tok.apply_chat_template(
+            text: str = self._tok.apply_chat_template(
                 list(request.messages or ()),
                 tools=list(request.tools) if request.tools else None,
                 add_generation_prompt=True,
                 tokenize=False,
-                **{k: v for k, v in request.chat_template_kwargs.items() if k not in _RESERVED},
+                **request.chat_template_kwargs,
             )
         except TemplateError as exc:
             # the template's own raise_exception() text is written for users ("roles must alternate")
             raise InhouseError(ErrorCode.INVALID_REQUEST, f"the chat template rejected the messages: {exc.message}",
                                param="messages") from None
-        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError):
+            # a template that cannot handle what the request sent (a tool or kwarg of an unexpected shape)
+            raise InhouseError(ErrorCode.INVALID_REQUEST, "the model's chat template could not render these "
+                               "messages, tools and chat_template_kwargs", param="messages") from None
+        return text
 
 
-def _text_chars(request: GenerateRequest) -> int:
-    if request.messages is None:
-        return len(request.prompt) if isinstance(request.prompt, str) else 0
-    total = sum(len(str(m.get("content") or "")) for m in request.messages)
-    return total + (len(str(request.tools)) if request.tools else 0)
+def _utf8_bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _size(value: object, measure: Callable[[str], int]) -> int:
+    """The total ``measure`` (characters or bytes) of the strings inside ``value`` (dict values, not keys),
+    walked without recursion.  For the messages' contents this is text every chat template renders, so it
+    bounds the prompt from below."""
+    total = 0
+    stack: list[object] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += measure(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total

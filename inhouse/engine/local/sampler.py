@@ -1,11 +1,15 @@
 """Picks the next token of every row of a batch, each row with its own sampling parameters.
 
 Owns penalties, temperature, top-k, top-p, seeded generators and logprobs.  Pure functions of the
-logits and the sequences' own state; greedy rows never depend on what else is in the batch.
+logits and the sequences' own state; greedy rows never depend on what else is in the batch.  A row is
+its own failure: a row whose scores are not finite (NaN, +inf, or nothing left to pick) gets no token
+(None) and does not touch the others, and if one row's parameters make the batched pass raise, the rows
+are sampled one by one so that only that row gets None.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as Seq
 
 import torch
@@ -15,6 +19,8 @@ from inhouse.engine.local.sequence import Sequence
 
 __all__ = ["Sampler"]
 
+log = logging.getLogger("inhouse.engine")
+
 
 class Sampler:
     def __init__(self, decode_token: object, stop_ids: frozenset[int]) -> None:
@@ -23,18 +29,41 @@ class Sampler:
         self._shared = torch.Generator()
         self._shared.seed()
 
-    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """``logits`` is ``[rows, vocab]`` float32 on the model's device; returns one token per row."""
+    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """``logits`` is ``[rows, vocab]`` float32 on the model's device; returns one token per row (None: that
+        row failed)."""
         logits = logits.cpu()
+        try:
+            return self._sample(logits, seqs)
+        except Exception:
+            if len(seqs) <= 1:
+                log.exception("sampling failed for request %s", seqs[0].request_id if seqs else "-")
+                return [None] * len(seqs), [None] * len(seqs)
+        tokens: list[int | None] = []
+        logprobs: list[TokenLogprob | None] = []
+        for i, seq in enumerate(seqs):  # one row broke the batch: find it, sample the others as usual
+            row_tokens, row_logprobs = self.sample(logits[i : i + 1], [seq])
+            tokens += row_tokens
+            logprobs += row_logprobs
+        return tokens, logprobs
+
+    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int | None], list[TokenLogprob | None]]:
         raw_logprobs = None
         if any(s.sampling.logprobs for s in seqs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = self._apply_penalties(logits, seqs)
-        tokens: list[int] = logits.argmax(dim=-1).tolist()  # right for every greedy row
+        broken = ~torch.isfinite(logits.amax(dim=-1))  # a NaN or +inf anywhere, or nothing left above -inf
+        bad = broken.nonzero().flatten().tolist()
+        if bad:
+            logits = logits.masked_fill(broken.view(-1, 1), 0.0)  # keeps the batch's arithmetic finite
+        tokens: list[int | None] = logits.argmax(dim=-1).tolist()  # right for every greedy row
         sampled_rows = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
         if sampled_rows:
             for i, token in zip(sampled_rows, self._sample_rows(logits, seqs, sampled_rows), strict=True):
                 tokens[i] = token
+        for i in bad:
+            log.warning("request %s: the model's scores are not finite; failing it alone", seqs[i].request_id)
+            tokens[i] = None
         return tokens, self._logprobs(raw_logprobs, seqs, tokens)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
@@ -74,7 +103,7 @@ class Sampler:
         return out
 
     def _logprobs(
-        self, raw: torch.Tensor | None, seqs: Seq[Sequence], tokens: list[int]
+        self, raw: torch.Tensor | None, seqs: Seq[Sequence], tokens: list[int | None]
     ) -> list[TokenLogprob | None]:
         result: list[TokenLogprob | None] = [None] * len(seqs)
         if raw is None:
@@ -84,10 +113,13 @@ class Sampler:
             if not seq.sampling.logprobs:
                 continue
             top: tuple[tuple[str, float], ...] = ()
+            token = tokens[i]
+            if token is None:
+                continue
             if seq.sampling.top_logprobs > 0:
-                values, ids = torch.topk(raw[i], seq.sampling.top_logprobs)
+                values, ids = torch.topk(raw[i], min(seq.sampling.top_logprobs, raw.shape[-1]))
                 top = tuple((decode(int(t)), float(v)) for t, v in zip(ids, values, strict=True))  # type: ignore[operator]
-            result[i] = TokenLogprob(decode(tokens[i]), float(raw[i, tokens[i]]), top)  # type: ignore[operator]
+            result[i] = TokenLogprob(decode(token), float(raw[i, token]), top)  # type: ignore[operator]
         return result
 
 
@@ -95,7 +127,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[floa
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     vocab = logits.shape[-1]
     ranks = torch.arange(vocab).view(1, -1)
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k]).view(-1, 1)
+    k = torch.tensor([min(kk, vocab) if kk > 0 else vocab for kk in top_k]).view(-1, 1)
     drop = ranks >= k
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs

@@ -51,7 +51,8 @@ class Sequence:
         """Record a sampled token and send its text on.  Returns True when the sequence is finished."""
         self.output_ids.append(token_id)
         finish: str | None = None
-        is_stop_token = token_id in stop_ids and not self.sampling.ignore_eos
+        is_stop_token = ((token_id in stop_ids and not self.sampling.ignore_eos)
+                         or token_id in self.sampling.stop_token_ids)
         text = "" if is_stop_token else self.detokenizer.add(token_id)
         text, hit_stop = self.stop_matcher.feed(text)
         if hit_stop or is_stop_token:

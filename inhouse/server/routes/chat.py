@@ -14,7 +14,7 @@ from inhouse.protocol.chat import ChatCompletionRequest, chat_chunk, chat_comple
 from inhouse.protocol.common import usage
 from inhouse.server.body import read_model
 from inhouse.server.context import context_of
-from inhouse.server.convert import chat_requests
+from inhouse.server.convert import chat_requests, check_choices
 from inhouse.server.generation import collect, route
 from inhouse.server.render import json_response
 from inhouse.server.sse import sse_response
@@ -49,6 +49,7 @@ def _messages_text(messages: Any) -> str:
 async def chat_completions(request: Request) -> Response:
     ctx = context_of(request)
     body = await read_model(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
+    check_choices(body.n, 1, ctx.settings.max_choices)
     request_id = ctx.new_id("chatcmpl")
     routed, call = await route(request, body.model, body.stream, request_id,
                                lambda spec: chat_requests(body, spec.defaults, request_id))

@@ -13,7 +13,7 @@ from inhouse.protocol.common import usage
 from inhouse.protocol.completions import CompletionRequest, completion, completion_chunk, completion_logprobs
 from inhouse.server.body import read_model
 from inhouse.server.context import context_of
-from inhouse.server.convert import completion_requests
+from inhouse.server.convert import check_choices, completion_requests
 from inhouse.server.generation import collect, route
 from inhouse.server.render import json_response
 from inhouse.server.sse import sse_response
@@ -45,13 +45,14 @@ class _CompletionChunks:
 async def completions(request: Request) -> Response:
     ctx = context_of(request)
     body = await read_model(request, CompletionRequest, ctx.settings.max_body_bytes)
+    prompts = body.prompts()
+    check_choices(body.n, len(prompts), ctx.settings.max_choices)
     request_id = ctx.new_id("cmpl")
     routed, call = await route(request, body.model, body.stream, request_id,
                                lambda spec: completion_requests(body, spec.defaults, request_id))
     generations, model = routed.generations, routed.model
     created = int(time.time())
     headers = {"x-request-id": request_id, "x-inhouse-deployment": routed.deployment.label}
-    prompts = body.prompts()
 
     def prompt_tokens() -> int:  # read when needed: an upstream reports it with its last chunk
         return sum(generations[p * body.n].prompt_tokens for p in range(len(prompts)))
