@@ -3,19 +3,29 @@
 Owns one pooled aiohttp session per upstream, turning a GenerateRequest back into an OpenAI body,
 and the upstream's SSE chunks into Deltas as they arrive.  Always streams from the upstream (so a
 blocking client and a streaming one cost the same and usage is seen), asks for usage, and counts it
-itself when the upstream sends none.  ``submit`` returns only after the upstream's first chunk, so
-everything that fails before the first byte (connect errors, 429/5xx, a stall past the first-token
-timeout) raises ``UpstreamUnavailable`` and the router may try elsewhere; a failure after it ends the
-stream with an error.  Aborting cancels the reading task, which closes the upstream connection.
+itself when the upstream sends none.
+
+``submit`` returns only after the upstream's first token, so everything that fails before anything
+reached the client raises ``UpstreamUnavailable`` and the router may try elsewhere: connect errors,
+429/5xx, a 200 that is not an event stream, a malformed or error chunk, an answer that ends, or a stall
+past ``first_token_timeout``.  After it one reader task forwards the rest; whatever ends that task (the
+upstream's last chunk, a malformed chunk, a broken connection, a timeout, a bug, a cancel) settles the
+request's collector in the task's done callback, so a client is never left waiting.  ``total_timeout``
+is one deadline over both.  Aborting cancels the reading task, which closes the upstream connection.
+
+Chunks are parsed defensively into a ``_Chunk`` (text, finish, usage): a chunk of the wrong shape is the
+upstream's error, never an exception that escapes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import time
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -29,6 +39,8 @@ from inhouse.errors import ErrorCode, InhouseError
 __all__ = ["UpstreamEngine", "UpstreamUnavailableError"]
 
 log = logging.getLogger("inhouse.upstream")
+
+_INCOMPLETE = "; the answer is incomplete"
 
 
 class UpstreamUnavailableError(InhouseError):
@@ -46,7 +58,7 @@ class UpstreamEngine:
         self._state = EngineState.LOADING
         self._session: aiohttp.ClientSession | None = None
         self._running = 0
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, asyncio.Task[Delta | InhouseError]] = {}
 
     @property
     def info(self) -> EngineInfo:
@@ -90,120 +102,256 @@ class UpstreamEngine:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    async def submit(self, request: GenerateRequest) -> Generation:
+    async def submit(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
+        """Each choice is its own upstream request, sent in turn; all are admitted or none (the admitted ones
+        are aborted)."""
         if self._session is None or self._state is not EngineState.READY:
             raise UpstreamUnavailableError(f"upstream {self.spec.deployment_label} is not started")
-        chat = request.messages is not None
-        url = self._base + ("/chat/completions" if chat else "/completions")
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.spec.connect_timeout,
-                                        sock_read=self.spec.first_token_timeout)
-        started = time.monotonic()
+        generations: list[Generation] = []
         try:
-            response = await self._session.post(url, data=orjson.dumps(_body(request, self.spec)),
-                                                headers={"Content-Type": "application/json"}, timeout=timeout)
-        except TimeoutError:  # aiohttp's connect and read timeouts are TimeoutErrors too
-            raise UpstreamUnavailableError(f"upstream {self.spec.deployment_label} did not answer within "
-                                           f"{self.spec.first_token_timeout:g} s") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailableError(f"upstream {self.spec.deployment_label} is unreachable "
-                                           f"({type(exc).__name__})") from None
-        try:
-            if response.status != 200:
-                raise await _status_error(response, self.spec.deployment_label)
-            lines = _Events(response)
-            try:
-                first = await asyncio.wait_for(lines.next(), self.spec.first_token_timeout)
-            except TimeoutError:
-                raise UpstreamUnavailableError(f"upstream {self.spec.deployment_label} sent no first token within "
-                                               f"{self.spec.first_token_timeout:g} s") from None
-            except (aiohttp.ClientError, ValueError):
-                raise UpstreamUnavailableError(f"upstream {self.spec.deployment_label} broke off before "
-                                               "its first token") from None
+            for request in requests:
+                generations.append(await self._submit_one(self._session, request))
         except BaseException:
-            response.release()
+            for generation in generations:
+                generation.abort()
             raise
+        return generations
+
+    async def _submit_one(self, session: aiohttp.ClientSession, request: GenerateRequest) -> Generation:
+        """Returns once the first token arrived, with a task reading the rest."""
+        deadline = asyncio.get_running_loop().time() + self.spec.total_timeout
+        usage = _Usage()
+        whole = asyncio.timeout_at(deadline)
+        try:
+            async with whole:
+                response = await self._post(session, request)
+                try:
+                    lines, first = await self._first_token(response, usage)
+                except BaseException:
+                    response.close()
+                    raise
+        except TimeoutError:  # only the total deadline gets here: _post and _first_token name their own
+            raise UpstreamUnavailableError(f"upstream {self.spec.deployment_label} took longer than "
+                                           f"{self._total_text()} before its first token") from None
         collector: OutputCollector[Delta] = OutputCollector(asyncio.get_running_loop())
-        generation = Generation(request.request_id, _estimate_prompt_tokens(request), collector, self._abort)
-        counter = _Usage(generation)
+        generation = Generation(request.request_id, _estimate_prompt_tokens(request), collector, self._abort,
+                                request.sampling.max_tokens or 0)
         self._running += 1
-        task = asyncio.create_task(self._pump(request, response, lines, first, counter, collector, started))
+        task = asyncio.create_task(self._rest(request.request_id, lines, first, usage, collector, deadline))
+        task.add_done_callback(functools.partial(self._settle, request.request_id, response, collector, generation,
+                                                 usage))
         self._tasks[request.request_id] = task
         return generation
+
+    async def _post(self, session: aiohttp.ClientSession, request: GenerateRequest) -> aiohttp.ClientResponse:
+        """The upstream's response headers; connect and header-wait failures are UpstreamUnavailable."""
+        spec, label = self.spec, self.spec.deployment_label
+        url = self._base + ("/chat/completions" if request.messages is not None else "/completions")
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=spec.connect_timeout,
+                                        sock_read=spec.first_token_timeout)
+        try:
+            return await session.post(url, data=orjson.dumps(_body(request, spec)),
+                                      headers={"Content-Type": "application/json"}, timeout=timeout)
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamUnavailableError(f"upstream {label} did not accept a connection within "
+                                           f"{spec.connect_timeout:g} s (connect_timeout)") from None
+        except TimeoutError:  # aiohttp's sock_read, while waiting for the headers
+            raise UpstreamUnavailableError(f"upstream {label} did not answer within "
+                                           f"{self._first_token_text()}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailableError(f"upstream {label} is unreachable ({type(exc).__name__})") from None
+
+    async def _first_token(self, response: aiohttp.ClientResponse, usage: _Usage) -> tuple[_Events, Delta]:
+        """Reads up to the first Delta: nothing has reached the client yet, so any failure is UpstreamUnavailable."""
+        label = self.spec.deployment_label
+        if response.status != 200:
+            raise await _status_error(response, label)
+        if response.content_type != "text/event-stream":
+            raise UpstreamUnavailableError(f"upstream {label} answered 200 without an event stream "
+                                           f"(Content-Type {response.content_type[:60]})")
+        lines = _Events(response)
+        try:
+            async with asyncio.timeout(self.spec.first_token_timeout):
+                while (data := await lines.next()) is not None:
+                    delta = usage.add(_parse_chunk(data))
+                    if delta is not None:
+                        return lines, delta
+        except _BadChunkError as exc:
+            raise UpstreamUnavailableError(f"upstream {label} {exc.reason} before its first token") from None
+        except TimeoutError:  # asyncio's or aiohttp's sock_read: both are first_token_timeout here
+            raise UpstreamUnavailableError(f"upstream {label} sent no first token within "
+                                           f"{self._first_token_text()}") from None
+        except (aiohttp.ClientError, ConnectionError):
+            raise UpstreamUnavailableError(f"upstream {label} broke off before its first token") from None
+        except Exception as exc:  # anything else the upstream made us trip on: still only this attempt failed
+            log.error("upstream %s: reading its first token failed: %s: %.200s", label, type(exc).__name__, exc)
+            raise UpstreamUnavailableError(f"upstream {label} sent an answer that could not be read") from None
+        raise UpstreamUnavailableError(f"upstream {label} ended its answer before its first token")
+
+    async def _rest(self, request_id: str, lines: _Events, delta: Delta, usage: _Usage,
+                    collector: OutputCollector[Delta], deadline: float) -> Delta | InhouseError:
+        """Forwards the Deltas after the first; returns the finishing one (held: usage may follow it) or
+        the error that ended the answer.  Anything raised instead is settled as an error by ``_settle``."""
+        finishing: Delta | None = None
+        whole = asyncio.timeout_at(deadline)
+        try:
+            async with whole:
+                while True:
+                    if delta.finish_reason is not None:
+                        finishing = delta
+                    elif delta.text:
+                        collector.put(delta)
+                    data = await lines.next()
+                    if data is None:
+                        break
+                    delta = usage.add(_parse_chunk(data)) or Delta()
+        except TimeoutError:  # whole's deadline, or aiohttp's sock_read (an aiohttp.ServerTimeoutError)
+            return self._timed_out(whole.expired())
+        except _BadChunkError as exc:
+            log.warning("upstream %s %s mid-answer for %s", self.spec.deployment_label, exc.reason, request_id)
+            return InhouseError(ErrorCode.UPSTREAM_ERROR, f"the upstream {exc.reason} mid-answer{_INCOMPLETE}")
+        except (aiohttp.ClientError, ConnectionError):
+            log.warning("upstream %s failed mid-answer for %s", self.spec.deployment_label, request_id)
+            return InhouseError(ErrorCode.UPSTREAM_ERROR, f"the upstream connection broke mid-answer{_INCOMPLETE}")
+        if finishing is None:
+            return InhouseError(ErrorCode.UPSTREAM_ERROR, f"the upstream ended the answer without finishing "
+                                f"it{_INCOMPLETE}")
+        return finishing
+
+    def _settle(self, request_id: str, response: aiohttp.ClientResponse, collector: OutputCollector[Delta],
+                generation: Generation, usage: _Usage, task: asyncio.Task[Delta | InhouseError]) -> None:
+        """The reader task ended, however it ended (even cancelled before it started): close the upstream
+        response and resolve the collector, so no client waits on a task that is gone."""
+        response.close()
+        self._running -= 1
+        self._tasks.pop(request_id, None)
+        if task.cancelled():  # aborted (nobody is listening) or closed (whoever is gets an error)
+            collector.fail(InhouseError(ErrorCode.UPSTREAM_ERROR, f"the upstream request was cancelled{_INCOMPLETE}"))
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("upstream %s: reading the answer for %s failed: %s: %.200s", self.spec.deployment_label,
+                      request_id, type(exc).__name__, exc)
+            collector.fail(InhouseError(ErrorCode.UPSTREAM_ERROR, f"the upstream's answer could not be "
+                                        f"read{_INCOMPLETE}"))
+            return
+        outcome = task.result()
+        if isinstance(outcome, InhouseError):
+            collector.fail(outcome)
+        else:
+            collector.put(usage.settle(outcome, generation))
 
     def _abort(self, request_id: str) -> None:
         task = self._tasks.get(request_id)
         if task is not None:
             task.cancel()
 
-    async def _pump(self, request: GenerateRequest, response: aiohttp.ClientResponse, lines: _Events,
-                    first: dict[str, Any] | None, counter: _Usage, collector: OutputCollector[Delta],
-                    started: float) -> None:
-        total = self.spec.total_timeout
-        try:
-            finishing: Delta | None = None
-            async with asyncio.timeout(max(0.001, total - (time.monotonic() - started))):
-                payload = first
-                while payload is not None:
-                    delta = counter.delta(payload)
-                    if delta is not None and delta.finish_reason is not None:
-                        finishing = delta  # held: the usage may come after it
-                    elif delta is not None:
-                        collector.put(delta)
-                    payload = await lines.next()
-            if finishing is not None:
-                collector.put(counter.settle(finishing))
-            else:
-                collector.fail(InhouseError(ErrorCode.UPSTREAM_ERROR, "the upstream ended the answer without "
-                                            "finishing it; the answer is incomplete"))
-        except asyncio.CancelledError:
-            pass  # aborted: closing the response below closes the upstream connection
-        except TimeoutError:
-            collector.fail(InhouseError(ErrorCode.UPSTREAM_ERROR, f"the upstream took longer than {total:g} s; "
-                                        "the answer is incomplete"))
-        except (aiohttp.ClientError, ValueError, ConnectionError):
-            log.warning("upstream %s failed mid-answer for %s", self.spec.deployment_label, request.request_id)
-            collector.fail(InhouseError(ErrorCode.UPSTREAM_ERROR, "the upstream connection broke mid-answer; "
-                                        "the answer is incomplete"))
-        finally:
-            response.close()
-            self._running -= 1
-            self._tasks.pop(request.request_id, None)
+    def _timed_out(self, total: bool) -> InhouseError:
+        """Names the timeout that fired, with its configured value."""
+        what = (f"took longer than {self._total_text()}" if total else
+                f"sent nothing for {self._first_token_text()}")
+        return InhouseError(ErrorCode.UPSTREAM_ERROR, f"the upstream {what}{_INCOMPLETE}")
+
+    def _first_token_text(self) -> str:
+        return f"{self.spec.first_token_timeout:g} s (first_token_timeout)"
+
+    def _total_text(self) -> str:
+        return f"{self.spec.total_timeout:g} s in total (total_timeout)"
+
+
+class _BadChunkError(Exception):
+    """The upstream sent something that is not a chunk of an answer; ``reason`` is written for the client."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """What one upstream chunk says: new text, whether (and why) the choice finished, and any usage."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+def _parse_chunk(data: bytes) -> _Chunk:
+    """One ``data:`` payload of a chat or completions stream, checked field by field; raises _BadChunkError."""
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise _BadChunkError("sent a chunk that is not JSON") from None
+    if not isinstance(payload, dict):
+        raise _BadChunkError("sent a chunk that is not a JSON object")
+    if payload.get("error") is not None:
+        raise _BadChunkError("sent an error event")
+    prompt, completion = _parse_usage(payload.get("usage"))
+    choices = payload.get("choices")
+    if choices is None:
+        choices = []
+    if not isinstance(choices, list):
+        raise _BadChunkError("sent a chunk whose choices is not a list")
+    if not choices:
+        return _Chunk(prompt_tokens=prompt, completion_tokens=completion)
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        raise _BadChunkError("sent a chunk whose choice is not an object")
+    if "delta" in choice:
+        delta = choice["delta"]
+        if delta is not None and not isinstance(delta, dict):
+            raise _BadChunkError("sent a chunk whose delta is not an object")
+        text = (delta or {}).get("content")
+    else:
+        text = choice.get("text")
+    finish = choice.get("finish_reason")
+    if not isinstance(text, str | None) or not isinstance(finish, str | None):
+        raise _BadChunkError("sent a chunk whose content or finish_reason is not a string")
+    return _Chunk(text or "", finish or None, prompt, completion)
+
+
+def _parse_usage(usage: object) -> tuple[int | None, int | None]:
+    if usage is None:
+        return None, None
+    if not isinstance(usage, dict):
+        raise _BadChunkError("sent a chunk whose usage is not an object")
+    counts = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    for count in counts:
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+            raise _BadChunkError("sent a chunk whose token counts are not whole numbers")
+    return counts
 
 
 class _Usage:
-    """Turns upstream chunks into Deltas and keeps the usage: the upstream's when sent, else counted.
+    """Turns chunks into Deltas and keeps the usage: the upstream's when sent, else counted.
 
     Upstreams report usage with the finishing chunk or in a ``choices: []`` chunk after it, so the
     finishing Delta is held until the stream ends; then the upstream's prompt tokens replace the estimate
     on the Generation and its completion tokens correct the count of chunks.
     """
 
-    def __init__(self, generation: Generation) -> None:
-        self.generation = generation
+    def __init__(self) -> None:
         self.counted = 0
+        self.prompt: int | None = None
         self.reported: int | None = None
 
-    def delta(self, payload: dict[str, Any]) -> Delta | None:
-        usage = payload.get("usage")
-        if isinstance(usage, dict):
-            if usage.get("prompt_tokens") is not None:
-                self.generation.prompt_tokens = int(usage["prompt_tokens"])
-            if usage.get("completion_tokens") is not None:
-                self.reported = int(usage["completion_tokens"])
-        choices = payload.get("choices") or []
-        if not choices:
+    def add(self, chunk: _Chunk) -> Delta | None:
+        if chunk.prompt_tokens is not None:
+            self.prompt = chunk.prompt_tokens
+        if chunk.completion_tokens is not None:
+            self.reported = chunk.completion_tokens
+        if not chunk.text and chunk.finish_reason is None:
             return None
-        choice = choices[0]
-        text = ((choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")) or ""
-        finish = choice.get("finish_reason")
-        if not text and finish is None:
-            return None
-        tokens = 1 if text else 0
+        tokens = 1 if chunk.text else 0
         self.counted += tokens
+        finish = chunk.finish_reason
         reason = None if finish is None else (finish if finish in ("stop", "length") else "stop")
-        return Delta(text=text, token_count=tokens, finish_reason=reason)
+        return Delta(text=chunk.text, token_count=tokens, finish_reason=reason)
 
-    def settle(self, finishing: Delta) -> Delta:
+    def settle(self, finishing: Delta, generation: Generation) -> Delta:
+        if self.prompt is not None:
+            generation.prompt_tokens = self.prompt
         if self.reported is not None:
             finishing.token_count += self.reported - self.counted
         return finishing
@@ -251,7 +399,7 @@ async def _status_error(response: aiohttp.ClientResponse, label: str) -> Inhouse
 
 
 class _Events:
-    """The ``data:`` JSON objects of an SSE body, read in whatever pieces the socket gives (not line by line:
+    """The ``data:`` payloads of an SSE body, read in whatever pieces the socket gives (not line by line:
     aiohttp's readline costs more than the rest of the gateway per chunk)."""
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
@@ -259,20 +407,16 @@ class _Events:
         self._buffer = b""
         self._lines: deque[bytes] = deque()
 
-    async def next(self) -> dict[str, Any] | None:
-        """The next object, or None at ``[DONE]`` or the end of the body."""
+    async def next(self) -> bytes | None:
+        """The next payload (unparsed), or None at ``[DONE]`` or the end of the body."""
         while True:
             while self._lines:
                 line = self._lines.popleft()
                 if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
-                if data == b"[DONE]":
-                    return None
-                payload = orjson.loads(data)
-                if isinstance(payload, dict) and "error" in payload:
-                    raise ValueError("the upstream sent an error event")
-                return payload if isinstance(payload, dict) else None
+                if data:  # an empty data line carries nothing
+                    return None if data == b"[DONE]" else data
             piece = await self._content.readany()
             if not piece:
                 if not self._buffer:
