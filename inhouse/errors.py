@@ -34,6 +34,7 @@ class ErrorCode(enum.Enum):
     AUDIT_UNAVAILABLE = "audit_unavailable"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_ERROR = "upstream_error"
+    CLIENT_DISCONNECTED = "client_disconnected"
 
 
 STATUS: dict[ErrorCode, int] = {
@@ -58,6 +59,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.AUDIT_UNAVAILABLE: 503,
     ErrorCode.UPSTREAM_UNAVAILABLE: 503,
     ErrorCode.UPSTREAM_ERROR: 502,
+    ErrorCode.CLIENT_DISCONNECTED: 499,  # nginx's "client closed request": only ever seen in the audit log
 }
 
 # OpenAI's `error.type` vocabulary, by code.
@@ -83,6 +85,7 @@ ERROR_TYPE: dict[ErrorCode, str] = {
     ErrorCode.AUDIT_UNAVAILABLE: "service_unavailable_error",
     ErrorCode.UPSTREAM_UNAVAILABLE: "service_unavailable_error",
     ErrorCode.UPSTREAM_ERROR: "server_error",
+    ErrorCode.CLIENT_DISCONNECTED: "invalid_request_error",
 }
 
 

@@ -28,10 +28,11 @@ class ServerProcess:
 
     def __init__(self, args: list[str], cache_dir: Path, log_path: Path, ready_timeout: float = 180.0,
                  env: dict[str, str] | None = None, python: str = sys.executable, auth: bool = False,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, cwd: Path = REPO) -> None:
         """``auth`` False runs the server with ``--auth none`` (tests of other features); True needs keys,
         with ``ADMIN_KEY`` as the bootstrap admin.  State (SQLite, audit log) goes to ``state_dir``, by default
-        a fresh directory beside the log."""
+        a fresh directory beside the log.  ``cwd`` is the checkout whose ``inhouse`` runs (benchmarks compare
+        another revision)."""
         self.python = python
         self.auth = auth
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="state-", dir=log_path.parent))
@@ -41,6 +42,7 @@ class ServerProcess:
         self.log_path = log_path
         self.ready_timeout = ready_timeout
         self.env = env or {}
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -53,7 +55,7 @@ class ServerProcess:
         auth = [] if self.auth or "--auth" in self.args else ["--auth", "none"]
         cmd = [self.python, "-m", "inhouse", "serve", "--port", str(self.port), *auth, *self.args]
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
         if wait_ready:
             self.wait_ready()
         return self

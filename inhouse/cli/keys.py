@@ -94,7 +94,12 @@ def _dispatch(args: argparse.Namespace, keys: KeyStore) -> int:
             return 2
         limits = KeyLimits(args.rpm, args.tpm, args.max_concurrency, args.token_budget, args.budget_period)
         models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-        key, secret = keys.create(args.name, admin=args.admin, models=models, limits=limits, expires_at=args.expires)
+        try:
+            key, secret = keys.create(args.name, admin=args.admin, models=models, limits=limits,
+                                      expires_at=args.expires)
+        except ValueError as exc:  # KeyNameTakenError among them: the store's refusals are written for people
+            print(f"inhouse: {exc}", file=sys.stderr)
+            return 1
         _print(args, {**key.public(), "secret": secret})
         if not args.json:
             print("\nThe secret is shown only now; store it where the application can read it.", file=sys.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 from inhouse.audit.writer import AuditWriter, TextPolicy
 from inhouse.config import Settings
 from inhouse.keys.limiter import Limiter, MemoryLimiter, RedisLimiter
-from inhouse.keys.store import KeyStore
+from inhouse.keys.store import KeyStore, hash_secret
 from inhouse.server.access import AccessParts
 from inhouse.storage.database import Database, StorageError
 
@@ -74,8 +74,13 @@ def open_access(settings: Settings) -> AccessParts:
 def _bootstrap_admin(keys: KeyStore, settings: Settings) -> None:
     if settings.admin_key:
         if keys.find_secret(settings.admin_key) is None:
-            keys.create("admin", admin=True, secret=settings.admin_key)
-            log.info("admin key from %s registered", settings.admin_key_file or settings.admin_key_env)
+            # a new secret for the bootstrap admin (a rotated Kubernetes secret): named by its prefix, since
+            # names are unique among active keys and the previous admin key stays until it is revoked
+            existing = keys.get("admin")
+            taken = existing is not None and existing.revoked_at is None
+            name = f"admin-{hash_secret(settings.admin_key)[:8]}" if taken else "admin"
+            keys.create(name, admin=True, secret=settings.admin_key)
+            log.info("admin key from %s registered as %r", settings.admin_key_file or settings.admin_key_env, name)
         return
     if keys.has_admin():
         return

@@ -3,9 +3,14 @@
 Owns the counting.  ``MemoryLimiter`` counts in this process; ``RedisLimiter`` counts in Redis with one
 Lua script per admission, so every replica sharing the Redis enforces one limit together.  Windows are
 fixed (the current UTC minute, day or month), which makes ``Retry-After`` exact: the seconds until the
-window that refused the request ends.  Tokens are counted after the response from its real usage, so
-a request is admitted while the minute's tokens are under the limit and its own tokens are added when it
-finishes (a burst can overshoot TPM by the requests already in flight, as with OpenAI's own limits).
+window that refused the request ends.
+
+Token budgets are reserved up front: once admitted, the caller ``reserve``s the most a request can use
+(prompt + max_tokens); it is refused with 429 ``insufficient_quota`` unless that fits in what remains of
+the period's budget, so parallel requests cannot overshoot it.  ``release`` reconciles the reservation
+with the real usage (unused tokens are given back) and adds the real tokens to the minute's TPM count:
+TPM is counted after the response, so a burst can overshoot it by the requests already in flight, as
+with OpenAI's own limits.
 """
 
 from __future__ import annotations
@@ -35,14 +40,22 @@ class Admission:
     slot: str = ""  # its concurrency slot in Redis (unique across replicas)
     headers: dict[str, str] = field(default_factory=dict)
     concurrent: bool = False
+    reserved: int = 0  # tokens reserved against the budget, reconciled at release
+    reserved_period: str = ""  # the budget period they were reserved in (a request is charged to it)
 
 
 class Limiter(Protocol):
     async def acquire(self, key: ApiKey) -> Admission:
         """Admit one request or raise 429 (``rate_limit_exceeded`` / ``insufficient_quota``) with Retry-After."""
 
+    async def reserve(self, key: ApiKey, admission: Admission, tokens: int) -> None:
+        """Reserve ``tokens`` (prompt + max_tokens) of the key's budget or raise 429 ``insufficient_quota``.
+
+        Nothing is reserved when refused; a key without a token budget costs nothing (no round trip).
+        """
+
     async def release(self, key: ApiKey, admission: Admission, tokens: int) -> None:
-        """The request finished having used ``tokens`` (prompt + completion)."""
+        """The request finished having used ``tokens`` (prompt + completion); its reservation is settled."""
 
     async def close(self) -> None: ...
 
@@ -55,6 +68,14 @@ def _period(period: str | None, now: float) -> tuple[str, float]:
         return f"{t.tm_year}-{t.tm_mon:02d}", float(calendar.timegm((year, month, 1, 0, 0, 0)))
     start = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0))
     return f"{t.tm_year}-{t.tm_mon:02d}-{t.tm_mday:02d}", float(start + 86400)
+
+
+def _short_of_budget(key: ApiKey, tokens: int, used: int) -> str:
+    limits = key.limits
+    assert limits.token_budget is not None
+    return (f"this request may use up to {tokens} tokens (prompt + max_tokens) but only "
+            f"{max(0, limits.token_budget - used)} of this API key's token budget of {limits.token_budget} "
+            f"for the {limits.budget_period} remain")
 
 
 def _retry(seconds: float) -> int:
@@ -75,7 +96,9 @@ def _headers(key: ApiKey, requests_used: int, tokens_used: int, minute_end: floa
     return out
 
 
-def _refuse(which: str, key: ApiKey, retry_after: float, headers: dict[str, str]) -> InhouseError:
+def _refuse(which: str, key: ApiKey, retry_after: float, headers: dict[str, str],
+            detail: str | None = None) -> InhouseError:
+    """The 429 for the limit ``which``; ``detail`` replaces the standard message."""
     limits = key.limits
     messages = {
         "concurrency": (ErrorCode.RATE_LIMITED,
@@ -86,6 +109,7 @@ def _refuse(which: str, key: ApiKey, retry_after: float, headers: dict[str, str]
                    f"this API key used its token budget of {limits.token_budget} for the {limits.budget_period}"),
     }
     code, message = messages[which]
+    message = detail or message
     return InhouseError(code, message + f"; retry in {_retry(retry_after)} s", retry_after=_retry(retry_after),
                         headers=headers)
 
@@ -128,19 +152,37 @@ class MemoryLimiter:
         admission.headers = _headers(key, requests_used + 1, tokens_used, minute_end, now)
         return admission
 
+    def _budget_used(self, key_id: str, period: str) -> int:
+        budget = self._budget.get(key_id, (period, 0))
+        return budget[1] if budget[0] == period else 0
+
+    async def reserve(self, key: ApiKey, admission: Admission, tokens: int) -> None:
+        limits = key.limits
+        if limits.token_budget is None or tokens <= 0:
+            return
+        now = time.time()
+        period, period_end = _period(limits.budget_period, now)
+        used = self._budget_used(key.id, period)
+        if used + tokens > limits.token_budget:
+            raise _refuse("budget", key, period_end - now, admission.headers, _short_of_budget(key, tokens, used))
+        self._budget[key.id] = (period, used + tokens)  # no await since the check: atomic on the event loop
+        admission.reserved, admission.reserved_period = admission.reserved + tokens, period
+
     async def release(self, key: ApiKey, admission: Admission, tokens: int) -> None:
         if admission.concurrent:
             self._in_flight[key.id] = max(0, self._in_flight.get(key.id, 0) - 1)
-        if tokens <= 0 or not key.limits.any:
+        tokens = max(0, tokens)
+        if not key.limits.any:
             return
         now = time.time()
-        minute = int(now // 60)
-        current = self._tokens.get(key.id, (minute, 0))
-        self._tokens[key.id] = (minute, (current[1] if current[0] == minute else 0) + tokens)
-        if key.limits.token_budget is not None:
+        if tokens > 0:
+            minute = int(now // 60)
+            current = self._tokens.get(key.id, (minute, 0))
+            self._tokens[key.id] = (minute, (current[1] if current[0] == minute else 0) + tokens)
+        if key.limits.token_budget is not None and tokens != admission.reserved:
             period, _ = _period(key.limits.budget_period, now)
-            budget = self._budget.get(key.id, (period, 0))
-            self._budget[key.id] = (period, (budget[1] if budget[0] == period else 0) + tokens)
+            if admission.reserved_period in ("", period):  # a reservation from a period that has ended is moot
+                self._budget[key.id] = (period, max(0, self._budget_used(key.id, period) + tokens - admission.reserved))
 
     async def close(self) -> None:
         return None
@@ -169,17 +211,28 @@ end
 return {0, requests, tokens}
 """
 
-# KEYS: 1 in-flight zset, 2 tokens this minute, 3 budget this period; ARGV: 1 slot, 2 tokens, 3 budget ttl
+# KEYS: 1 budget this period; ARGV: 1 tokens, 2 budget, 3 budget ttl
+# returns {reserved (1) or refused (0), budget used before}
+_RESERVE = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {0, used} end
+redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {1, used}
+"""
+
+# KEYS: 1 in-flight zset, 2 tokens this minute, 3 budget of the request's period
+# ARGV: 1 slot, 2 tokens (for TPM), 3 budget change (tokens - reserved; negative gives back), 4 budget ttl (0: none)
 _RELEASE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
-local tokens = tonumber(ARGV[2])
+local tokens, change = tonumber(ARGV[2]), tonumber(ARGV[3])
 if tokens > 0 then
   redis.call('INCRBY', KEYS[2], tokens)
   redis.call('EXPIRE', KEYS[2], 120)
-  if ARGV[3] ~= '0' then
-    redis.call('INCRBY', KEYS[3], tokens)
-    redis.call('EXPIRE', KEYS[3], ARGV[3])
-  end
+end
+if ARGV[4] ~= '0' and change ~= 0 then
+  if redis.call('INCRBY', KEYS[3], change) < 0 then redis.call('SET', KEYS[3], 0) end
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
 end
 return 1
 """
@@ -192,6 +245,7 @@ class RedisLimiter:
         self._redis: Any = redis.from_url(url)
         self._prefix = prefix
         self._acquire = self._redis.register_script(_ACQUIRE)
+        self._reserve = self._redis.register_script(_RESERVE)
         self._release = self._redis.register_script(_RELEASE)
         self._instance = uuid.uuid4().hex[:12]  # slots are "<instance>-<n>": unique without a uuid per request
         self._slots = itertools.count()
@@ -200,7 +254,11 @@ class RedisLimiter:
         minute = int(now // 60)
         period, period_end = _period(key.limits.budget_period, now)
         base = f"{self._prefix}:{key.id}"
-        return f"{base}:inflight", f"{base}:req:{minute}", f"{base}:tok:{minute}", f"{base}:budget:{period}", period_end
+        budget = self._budget_key(key, period)
+        return f"{base}:inflight", f"{base}:req:{minute}", f"{base}:tok:{minute}", budget, period_end
+
+    def _budget_key(self, key: ApiKey, period: str) -> str:
+        return f"{self._prefix}:{key.id}:budget:{period}"
 
     async def acquire(self, key: ApiKey) -> Admission:
         limits = key.limits
@@ -227,13 +285,30 @@ class RedisLimiter:
         admission.headers = headers
         return admission
 
+    async def reserve(self, key: ApiKey, admission: Admission, tokens: int) -> None:
+        limits = key.limits
+        if limits.token_budget is None or tokens <= 0:
+            return
+        now = time.time()
+        period, period_end = _period(limits.budget_period, now)
+        reserved, used = await self._reserve(keys=[self._budget_key(key, period)],
+                                             args=[tokens, limits.token_budget, int(period_end - now) + 3600])
+        if not int(reserved):
+            raise _refuse("budget", key, period_end - now, admission.headers,
+                          _short_of_budget(key, tokens, int(used)))
+        admission.reserved, admission.reserved_period = admission.reserved + tokens, period
+
     async def release(self, key: ApiKey, admission: Admission, tokens: int) -> None:
         if not key.limits.any:
             return
+        tokens = max(0, tokens)
         now = time.time()
         inflight, _req, tok, budget, period_end = self._keys(key, now)
+        if admission.reserved_period:  # charged to the period it was reserved in
+            budget = self._budget_key(key, admission.reserved_period)
         ttl = int(period_end - now) + 3600 if key.limits.token_budget is not None else 0
-        await self._release(keys=[inflight, tok, budget], args=[admission.slot, max(0, tokens), ttl])
+        await self._release(keys=[inflight, tok, budget],
+                            args=[admission.slot, tokens, tokens - admission.reserved, ttl])
 
     async def close(self) -> None:
         await self._redis.aclose()

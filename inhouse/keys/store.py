@@ -3,6 +3,8 @@
 Owns creating, listing, revoking and rotating keys, and turning a presented secret into an ``ApiKey``.
 A secret is ``ih-`` + 43 url-safe characters (32 random bytes); only its SHA-256 and its first
 characters (for recognising it in lists) are stored, and it is printed once, at creation.
+Names are unique among active (not revoked) keys: ``create`` refuses a taken one with
+``KeyNameTakenError``; ``rotate`` revokes the old key and creates its copy in one transaction.
 ``authenticate`` hashes the secret and looks the hash up in a cache that lives ``cache_seconds``
 (2 s by default), so auth costs microseconds and a revoke reaches every replica within that time.
 Blocking calls (database) are the callers' to run in a thread.
@@ -13,20 +15,31 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, func, select, text
 
 from inhouse.storage.database import Database
 from inhouse.storage.schema import api_keys
 
-__all__ = ["ApiKey", "KeyLimits", "KeyStore", "hash_secret"]
+__all__ = ["ApiKey", "KeyLimits", "KeyNameTakenError", "KeyStore", "hash_secret"]
 
 SECRET_PREFIX = "ih-"
 _CACHE_MAX = 10_000  # distinct secrets remembered; random bad keys must not grow memory without bound
+_NAME_LOCK = 7346296  # PostgreSQL advisory lock space for key names (with hashtext(name) as the second key)
+
+
+class KeyNameTakenError(ValueError):
+    """An active key already has this name: names are unique among keys that are not revoked."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the name {name!r} is taken by an active key; revoke or rotate that key, "
+                         "or choose another name")
+        self.name = name
 
 
 def hash_secret(secret: str) -> str:
@@ -85,6 +98,29 @@ def _row_to_key(row: Any) -> ApiKey:
     )
 
 
+def _new_row(name: str, admin: bool, models: list[str] | None, limits: KeyLimits, expires_at: float | None,
+             secret: str | None) -> tuple[dict[str, Any], str]:
+    """The row of a new key (checked) and its secret."""
+    if limits.token_budget is not None and limits.budget_period not in ("day", "month"):
+        raise ValueError("a token budget needs budget_period day or month")
+    if expires_at is not None and not math.isfinite(expires_at):
+        raise ValueError("expires_at must be a finite time (unix seconds)")
+    secret = secret or SECRET_PREFIX + secrets.token_urlsafe(32)
+    row = {"id": "key_" + secrets.token_hex(6), "name": name, "prefix": secret[:11],
+           "secret_hash": hash_secret(secret), "admin": admin,
+           "models": json.dumps(models) if models is not None else None,
+           "rpm": limits.rpm, "tpm": limits.tpm, "max_concurrency": limits.max_concurrency,
+           "token_budget": limits.token_budget, "budget_period": limits.budget_period,
+           "expires_at": expires_at, "created_at": time.time(), "revoked_at": None}
+    return row, secret
+
+
+def _active_named(conn: Connection, name: str) -> bool:
+    query = select(func.count()).select_from(api_keys).where(api_keys.c.name == name,
+                                                              api_keys.c.revoked_at.is_(None))
+    return bool(conn.execute(query).scalar())
+
+
 class KeyStore:
     def __init__(self, db: Database, cache_seconds: float = 2.0) -> None:
         self._db = db
@@ -96,20 +132,18 @@ class KeyStore:
     def create(self, name: str, *, admin: bool = False, models: list[str] | None = None,
                limits: KeyLimits | None = None, expires_at: float | None = None,
                secret: str | None = None) -> tuple[ApiKey, str]:
-        """A new key and its secret (shown once).  ``secret`` adopts a given one (the admin key from env)."""
-        limits = limits or KeyLimits()
-        if limits.token_budget is not None and limits.budget_period not in ("day", "month"):
-            raise ValueError("a token budget needs budget_period day or month")
-        secret = secret or SECRET_PREFIX + secrets.token_urlsafe(32)
-        key_id = "key_" + secrets.token_hex(6)
-        row = {"id": key_id, "name": name, "prefix": secret[:11], "secret_hash": hash_secret(secret),
-               "admin": admin, "models": json.dumps(models) if models is not None else None,
-               "rpm": limits.rpm, "tpm": limits.tpm, "max_concurrency": limits.max_concurrency,
-               "token_budget": limits.token_budget, "budget_period": limits.budget_period,
-               "expires_at": expires_at, "created_at": time.time(), "revoked_at": None}
+        """A new key and its secret (shown once).  ``secret`` adopts a given one (the admin key from env).
+
+        Raises ``KeyNameTakenError`` if an active key has this name, ``ValueError`` for a token budget
+        without a period or an expiry that is not a finite time.
+        """
+        row, secret = _new_row(name, admin, models, limits or KeyLimits(), expires_at, secret)
         with self._db.begin() as conn:
+            self._lock_name(conn, name)
+            if _active_named(conn, name):
+                raise KeyNameTakenError(name)
             conn.execute(api_keys.insert().values(**row))
-        key = self.get(key_id)
+        key = self.get(row["id"])
         assert key is not None
         return key, secret
 
@@ -121,7 +155,7 @@ class KeyStore:
             return [_row_to_key(r) for r in conn.execute(query)]
 
     def get(self, id_or_name: str) -> ApiKey | None:
-        """By id, else by name (the newest active key of that name)."""
+        """By id, else by name: the active key of that name (there is at most one), else the newest revoked one."""
         with self._db.begin() as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.id == id_or_name)).first()
             if row is None:
@@ -141,13 +175,27 @@ class KeyStore:
         return self.get(key.id)
 
     def rotate(self, id_or_name: str) -> tuple[ApiKey, str] | None:
-        """A new key with the same name, scope and limits; the old one is revoked."""
+        """A new key with the same name, admin flag, models, limits and expiry; the old one is revoked.
+
+        Both happen in one transaction, so the name is never taken twice nor left free.  None if there is
+        no such key or it is revoked already (a concurrent rotate or revoke got there first).
+        """
         old = self.get(id_or_name)
         if old is None or old.revoked_at is not None:
             return None
-        new, secret = self.create(old.name, admin=old.admin, models=list(old.models) if old.models else None,
-                                  limits=old.limits, expires_at=old.expires_at)
-        self.revoke(old.id)
+        row, secret = _new_row(old.name, old.admin, list(old.models) if old.models is not None else None,
+                               old.limits, old.expires_at, None)
+        with self._db.begin() as conn:
+            self._lock_name(conn, old.name)
+            revoked = conn.execute(api_keys.update()
+                                   .where(api_keys.c.id == old.id, api_keys.c.revoked_at.is_(None))
+                                   .values(revoked_at=time.time()))
+            if revoked.rowcount != 1:
+                return None
+            conn.execute(api_keys.insert().values(**row))
+        self._cache.clear()
+        new = self.get(row["id"])
+        assert new is not None
         return new, secret
 
     def has_admin(self) -> bool:
@@ -162,6 +210,12 @@ class KeyStore:
         if row is None or not hmac.compare_digest(row.secret_hash, digest):
             return None
         return _row_to_key(row)
+
+    def _lock_name(self, conn: Connection, name: str) -> None:
+        """Serialise writers of one name: PostgreSQL by an advisory lock; SQLite's BEGIN IMMEDIATE already does."""
+        if self._db.dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:space, hashtext(:name))"),
+                         {"space": _NAME_LOCK, "name": name})
 
     # ------------------------------------------------------------------ the request path
 

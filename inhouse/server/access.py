@@ -6,13 +6,19 @@ with ``Retry-After`` and ``x-ratelimit-*``) → run the route → audit.  The au
 before the call's last byte is sent: a blocking response is held until its row is written, a stream's
 ``data: [DONE]`` waits for its row.  If the row cannot be written the answer is not acknowledged (a
 blocking call gets 503 ``audit_unavailable``; a stream gets an error event instead of a clean end).
+
+Every response, public routes and errors included, carries ``x-request-id`` (the audit row's id).  A
+client that leaves early (while uploading, while a blocking answer is generated, or mid-stream) has one
+outcome: 499 ``client_disconnected`` in its audit row and one short log line, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,12 +64,16 @@ class AccessMiddleware:
         self._ids = 0
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in self._public:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         self._ids += 1
+        request_id = f"req-{id(self) & 0xffff:04x}{self._ids:08x}"
+        if scope["path"] in self._public:
+            await self.app(scope, receive, _with_request_id(send, lambda: request_id))
+            return
         client = scope.get("client")
-        record = AuditRecord(at=time.time(), request_id=f"req-{id(self) & 0xffff:04x}{self._ids:08x}",
+        record = AuditRecord(at=time.time(), request_id=request_id,
                              method=scope["method"], path=scope["path"], client_ip=client[0] if client else None)
         call = Call(record, keep_text=self._keep_text)
         scope.setdefault("state", {})["call"] = call
@@ -73,23 +83,35 @@ class AccessMiddleware:
             if call.key is not None:
                 record.key_id, record.key_name = call.key.id, call.key.name
                 admission = await self._limiter.acquire(call.key)
+                if call.key.limits.token_budget is not None:
+                    call.budget = functools.partial(self._limiter.reserve, call.key, admission)
         except InhouseError as exc:
             record.status, record.error_code = exc.status, exc.code.value
             if not await self._write(call):
                 exc = _audit_down()
-            await error_response(exc)(scope, receive, send)
+            await error_response(exc)(scope, receive, _with_request_id(send, lambda: record.request_id))
             return
         exchange = _Exchange(self, call, admission, scope, send)
+        failed = False
         try:
             await self.app(scope, receive, exchange.send)
         except Exception:
+            # a bug, not the client's doing: one traceback in the log, a 500 if nothing was sent yet, and
+            # nothing re-raised, so the server keeps the client's keep-alive connection
+            log.exception("unhandled error on %s %s (%s)", record.method, record.path, record.request_id)
+            failed = True
             record.status, record.error_code = 500, ErrorCode.INTERNAL.value
-            raise
+            if not exchange.sent:
+                error = InhouseError(ErrorCode.INTERNAL, "internal server error; see the server log")
+                reply: Any = exchange.send
+                await error_response(error)(scope, receive, reply)
         finally:
-            if not exchange.audited:  # the client left mid-answer, or the app failed: audit what happened
-                record.status = record.status or 499
-                record.error_code = record.error_code or "client_disconnected"
+            if not exchange.audited and not failed:  # the app returned without finishing: the client left
+                record.status, record.error_code = 499, ErrorCode.CLIENT_DISCONNECTED.value
+            if not exchange.audited:
                 await self._write(call)
+            if record.error_code == ErrorCode.CLIENT_DISCONNECTED.value:
+                log.info("client disconnected: %s %s (%s)", record.method, record.path, record.request_id)
             if admission is not None and call.key is not None:
                 await self._limiter.release(call.key, admission, call.tokens)
 
@@ -136,16 +158,18 @@ class _Exchange:
         self._streaming = False
         self._body: list[bytes] = []
         self.audited = False
+        self.sent = False  # something reached the client (a stream's headers, or the whole blocking answer)
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self._call.record.status = message["status"]
-            headers = list(message.get("headers", []))
+            headers = _add_request_id(list(message.get("headers", [])), self._call.record.request_id)
             headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self._headers.items()]
             message = {**message, "headers": headers}
             content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
             self._streaming = content_type.startswith(b"text/event-stream")
             if self._streaming:
+                self.sent = True
                 await self._send(message)
             else:
                 self._start = message  # held until the row is written
@@ -173,8 +197,25 @@ class _Exchange:
             await error_response(_audit_down())(self._scope, _no_receive, self._send)
             return
         assert self._start is not None
+        self.sent = True
         await self._send(self._start)
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _add_request_id(headers: list[tuple[bytes, bytes]], request_id: str) -> list[tuple[bytes, bytes]]:
+    if not any(k.lower() == b"x-request-id" for k, _ in headers):
+        headers.append((b"x-request-id", request_id.encode("latin-1")))
+    return headers
+
+
+def _with_request_id(send: Any, request_id: Callable[[], str]) -> Any:
+    """``send`` that adds ``x-request-id`` to a response that has none."""
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": _add_request_id(list(message.get("headers", [])), request_id())}
+        await send(message)
+
+    return sending
 
 
 def _presented_secret(scope: Scope) -> str | None:

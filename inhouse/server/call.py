@@ -8,6 +8,7 @@ first-token time, tokens and finish reason as they happen.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -25,6 +26,9 @@ class Call:
     started: float = field(default_factory=time.monotonic)
     key: ApiKey | None = None
     keep_text: bool = False
+    # reserves tokens against the key's budget (429 insufficient_quota when they do not fit); set by the
+    # access middleware for keys with a token budget
+    budget: Callable[[int], Awaitable[None]] | None = None
     _text: list[str] = field(default_factory=list)
 
     def asked(self, request_id: str, model: str, stream: bool) -> None:
@@ -33,6 +37,11 @@ class Call:
         if self.key is not None and not self.key.allows(model):
             raise InhouseError(ErrorCode.MODEL_NOT_ALLOWED,
                                f"this API key may not use the model '{model}'", param="model")
+
+    async def reserve(self, tokens: int) -> None:
+        """Hold ``tokens`` (prompt + max_tokens of what was admitted) against the key's budget, or raise 429."""
+        if self.budget is not None:
+            await self.budget(tokens)
 
     def served(self, model: str, deployment: str) -> None:
         """What answered: the asked model or a fallback, and which deployment of it."""

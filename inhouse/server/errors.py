@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inhouse.errors import ErrorCode, InhouseError
-from inhouse.server.generation import ClientDisconnectedError
+from inhouse.server.disconnect import ClientDisconnectedError
 from inhouse.server.render import error_response
 
 __all__ = ["EXCEPTION_HANDLERS"]
@@ -37,7 +37,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _disconnected(request: Request, exc: Exception) -> Response:
-    return Response(status_code=499)
+    """Nobody reads it; it carries the outcome to the audit row (the access middleware logs the one line)."""
+    return error_response(InhouseError(ErrorCode.CLIENT_DISCONNECTED, "the client closed the connection"))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -18,12 +18,9 @@ from inhouse.engine.base import Delta, GenerateRequest, Generation, TokenLogprob
 from inhouse.gateway.router import Routed
 from inhouse.server.call import Call, call_of
 from inhouse.server.context import context_of
+from inhouse.server.disconnect import ClientDisconnectedError
 
-__all__ = ["ChoiceResult", "ClientDisconnectedError", "collect", "merged", "route"]
-
-
-class ClientDisconnectedError(Exception):
-    """The client closed the connection before its blocking answer was ready."""
+__all__ = ["ChoiceResult", "collect", "merged", "route"]
 
 
 @dataclass
@@ -37,7 +34,8 @@ class ChoiceResult:
 
 async def route(request: Request, model: str, stream: bool, request_id: str,
                 build: Callable[[ModelSpec], list[GenerateRequest]]) -> tuple[Routed, Call | None]:
-    """Find the model (404), check the key may use it (403), admit it where the router says, note who answered."""
+    """Find the model (404), check the key may use it (403), admit it where the router says, note who answered,
+    and reserve prompt + max_tokens against the key's token budget (429, the admitted work aborted)."""
     ctx = context_of(request)
     ctx.registry.deployments(model)  # an unknown model is 404 before the key's scope is 403
     call = call_of(request)
@@ -46,6 +44,12 @@ async def route(request: Request, model: str, stream: bool, request_id: str,
     routed = await ctx.router.submit(model, build)
     if call is not None:
         call.served(routed.model, routed.deployment.label)
+        try:  # the key's token budget holds what this call may use, before it uses any
+            await call.reserve(sum(g.prompt_tokens + g.max_tokens for g in routed.generations))
+        except BaseException:
+            for generation in routed.generations:
+                generation.abort()
+            raise
     return routed, call
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from inhouse.errors import ErrorCode, InhouseError
-from inhouse.keys.limiter import Limiter, MemoryLimiter, RedisLimiter
+from inhouse.keys.limiter import Admission, Limiter, MemoryLimiter, RedisLimiter
 from inhouse.keys.store import ApiKey, KeyLimits
 from tests.services import RedisServer
 
@@ -73,6 +74,90 @@ async def test_token_budget_is_a_quota(limiter: Limiter) -> None:
     error = await refused(limiter, key)
     assert error.code is ErrorCode.QUOTA_EXCEEDED and error.to_dict()["error"]["type"] == "insufficient_quota"
     assert error.retry_after is not None and error.retry_after <= 86400
+
+
+async def admitted_reserve(limiter: Limiter, key: ApiKey, tokens: int) -> Admission:
+    admission = await limiter.acquire(key)
+    await limiter.reserve(key, admission, tokens)
+    return admission
+
+
+async def test_a_reservation_that_does_not_fit_is_refused_and_reserves_nothing(limiter: Limiter) -> None:
+    key = make_key("reserve", token_budget=30, budget_period="day")
+    first = await admitted_reserve(limiter, key, 20)
+    assert first.reserved == 20
+    second = await limiter.acquire(key)  # 20 < 30: admitted, but 20 more do not fit
+    with pytest.raises(InhouseError) as info:
+        await limiter.reserve(key, second, 20)
+    error = info.value
+    assert error.code is ErrorCode.QUOTA_EXCEEDED and error.status == 429 and second.reserved == 0
+    assert error.retry_after is not None and 1 <= error.retry_after <= 86400
+    assert "up to 20 tokens" in error.message and "only 10" in error.message and "budget of 30" in error.message
+    await limiter.reserve(key, second, 10)  # the refused reservation took nothing: exactly 10 remain
+    with pytest.raises(InhouseError):
+        await admitted_reserve(limiter, key, 1)
+
+
+async def test_concurrent_reservations_never_exceed_the_budget(limiter: Limiter) -> None:
+    key = make_key("parallel", token_budget=30, budget_period="day")
+    admissions = [await limiter.acquire(key) for _ in range(8)]
+    outcomes = await asyncio.gather(*(limiter.reserve(key, a, 10) for a in admissions), return_exceptions=True)
+    refusals = [o for o in outcomes if isinstance(o, InhouseError)]
+    assert len(refusals) == 5 and all(r.code is ErrorCode.QUOTA_EXCEEDED for r in refusals)
+    assert sorted(a.reserved for a in admissions) == [0] * 5 + [10] * 3
+
+
+async def test_release_gives_back_what_a_reservation_did_not_use(limiter: Limiter) -> None:
+    key = make_key("giveback", token_budget=30, budget_period="month", tpm=1000)
+    await limiter.release(key, await admitted_reserve(limiter, key, 25), 5)  # used 5 of 25: 25 remain
+    failed = await admitted_reserve(limiter, key, 25)
+    assert failed.headers["x-ratelimit-remaining-tokens"] == "995"  # TPM counts the 5 real tokens only
+    await limiter.release(key, failed, 0)  # a request that failed gives its whole reservation back
+    await limiter.release(key, await admitted_reserve(limiter, key, 25), 20)  # 5 remain after 5 + 20
+    with pytest.raises(InhouseError) as info:
+        await admitted_reserve(limiter, key, 6)
+    assert info.value.code is ErrorCode.QUOTA_EXCEEDED and "only 5" in info.value.message
+    await admitted_reserve(limiter, key, 5)
+
+
+async def test_usage_beyond_the_reservation_is_charged(limiter: Limiter) -> None:
+    key = make_key("beyond", token_budget=30, budget_period="day")
+    await limiter.release(key, await admitted_reserve(limiter, key, 10), 25)  # 15 more than reserved
+    with pytest.raises(InhouseError):
+        await admitted_reserve(limiter, key, 6)
+    await admitted_reserve(limiter, key, 5)
+
+
+async def test_reserve_is_free_without_a_token_budget(limiter: Limiter) -> None:
+    for key in (make_key("none"), make_key("rpm-only", rpm=100, tpm=10)):
+        admission = await admitted_reserve(limiter, key, 10**9)
+        assert admission.reserved == 0
+        await limiter.release(key, admission, 5)
+
+
+async def test_reserve_without_a_budget_makes_no_redis_round_trip() -> None:
+    unreachable = RedisLimiter("redis://127.0.0.1:1")  # any call to Redis would fail
+    try:
+        for key in (make_key("none"), make_key("rpm-only", rpm=100)):
+            admission = Admission(key.id)
+            await unreachable.reserve(key, admission, 10**9)
+            assert admission.reserved == 0
+    finally:
+        await unreachable.close()
+
+
+async def test_two_redis_limiters_share_one_budget(redis_server: RedisServer) -> None:
+    a, b = RedisLimiter(redis_server.url), RedisLimiter(redis_server.url)
+    key = make_key("shared-budget", token_budget=30, budget_period="day")
+    try:
+        admissions = [(limiter, await limiter.acquire(key)) for limiter in (a, b) * 4]
+        outcomes = await asyncio.gather(*(limiter.reserve(key, adm, 10) for limiter, adm in admissions),
+                                        return_exceptions=True)
+        assert sum(o is None for o in outcomes) == 3
+        assert all(isinstance(o, InhouseError) for o in outcomes if o is not None)
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def test_unlimited_keys_cost_nothing(limiter: Limiter) -> None:

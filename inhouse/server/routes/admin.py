@@ -1,18 +1,25 @@
-"""``/admin/keys…`` and ``/admin/audit…``: key management and the read-only audit log, for admin keys only."""
+"""``/admin/keys…`` and ``/admin/audit…``: key management and the read-only audit log, for admin keys only.
+
+Bodies are strict (no coercion: ``"yes"`` is not a bool, ``"5"`` not an int) and query parameters are
+checked; every refusal is a 400 ``invalid_request`` naming the parameter.  Unknown query parameters are
+ignored.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
 from inhouse.audit.query import search, verify
 from inhouse.errors import ErrorCode, InhouseError
-from inhouse.keys.store import KeyLimits, KeyStore
+from inhouse.keys.store import KeyLimits, KeyNameTakenError, KeyStore
 from inhouse.server.body import read_model
 from inhouse.server.call import call_of
 from inhouse.server.context import context_of
@@ -22,18 +29,30 @@ from inhouse.storage.database import Database
 __all__ = ["audit_search", "audit_verify", "create_key", "list_keys", "revoke_key", "rotate_key", "show_key"]
 
 
-class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_INT32 = 2**31 - 1  # the rpm, tpm and max_concurrency columns are 32-bit
+_LIMIT_MAX = 10_000  # audit rows per page
+_ModelName = Annotated[StrictStr, Field(min_length=1, max_length=200)]
 
-    name: str = Field(min_length=1, max_length=200)
-    admin: bool = False
-    models: list[str] | None = None
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_concurrency: int | None = Field(default=None, ge=1)
-    token_budget: int | None = Field(default=None, ge=1)
-    budget_period: str | None = Field(default=None, pattern="^(day|month)$")
-    expires_at: float | None = None
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: StrictStr = Field(min_length=1, max_length=200)
+    admin: StrictBool = False
+    models: list[_ModelName] | None = None  # [] is a key that may use no model
+    rpm: StrictInt | None = Field(default=None, ge=1, le=_INT32)
+    tpm: StrictInt | None = Field(default=None, ge=1, le=_INT32)
+    max_concurrency: StrictInt | None = Field(default=None, ge=1, le=_INT32)
+    token_budget: StrictInt | None = Field(default=None, ge=1, le=2**53)
+    budget_period: Literal["day", "month"] | None = None
+    expires_at: StrictFloat | None = None  # unix seconds; strict floats take JSON integers too
+
+    @field_validator("expires_at")
+    @classmethod
+    def _in_the_future(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > time.time()):
+            raise ValueError("expires_at must be a time in the future (unix seconds)")
+        return value
 
 
 def _admin(request: Request) -> tuple[KeyStore, Database]:
@@ -65,8 +84,11 @@ async def create_key(request: Request) -> Response:
         raise InhouseError(ErrorCode.INVALID_REQUEST, "token_budget needs budget_period (day or month)",
                            param="budget_period")
     limits = KeyLimits(body.rpm, body.tpm, body.max_concurrency, body.token_budget, body.budget_period)
-    key, secret = await asyncio.to_thread(keys.create, body.name, admin=body.admin, models=body.models,
-                                          limits=limits, expires_at=body.expires_at)
+    try:
+        key, secret = await asyncio.to_thread(keys.create, body.name, admin=body.admin, models=body.models,
+                                              limits=limits, expires_at=body.expires_at)
+    except KeyNameTakenError as exc:
+        raise InhouseError(ErrorCode.INVALID_REQUEST, str(exc), param="name") from None
     return json_response({**key.public(), "secret": secret}, status=201)
 
 
@@ -90,23 +112,35 @@ async def rotate_key(request: Request) -> Response:
 
 
 def _number(request: Request, name: str) -> float | None:
+    """A finite number of unix seconds, or None if the parameter is absent or empty."""
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise InhouseError(ErrorCode.INVALID_REQUEST, f"{name} must be a number (unix seconds)", param=name) \
-            from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise InhouseError(ErrorCode.INVALID_REQUEST, f"{name} must be a finite number (unix seconds)", param=name)
+    return value
+
+
+def _limit(request: Request, default: int = 100) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None or raw == "":
+        return default
+    if re.fullmatch(r"[0-9]{1,6}", raw) is None or not 1 <= int(raw) <= _LIMIT_MAX:
+        raise InhouseError(ErrorCode.INVALID_REQUEST, f"limit must be an integer from 1 to {_LIMIT_MAX}",
+                           param="limit")
+    return int(raw)
 
 
 async def audit_search(request: Request) -> Response:
     _, db = _admin(request)
     q = request.query_params
-    since = _number(request, "since")
-    limit = int(_number(request, "limit") or 100)
-    rows = await asyncio.to_thread(search, db, since=since, until=_number(request, "until"), key=q.get("key"),
-                                   model=q.get("model"), limit=max(1, min(limit, 10_000)))
+    since, until, limit = _number(request, "since"), _number(request, "until"), _limit(request)
+    rows = await asyncio.to_thread(search, db, since=since, until=until, key=q.get("key"), model=q.get("model"),
+                                   limit=limit)
     return json_response({"object": "list", "data": rows, "at": time.time()})
 
 
