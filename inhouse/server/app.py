@@ -16,6 +16,7 @@ from inhouse.gateway.router import Router
 from inhouse.server.access import AccessMiddleware, AccessParts
 from inhouse.server.context import ServerContext
 from inhouse.server.errors import EXCEPTION_HANDLERS
+from inhouse.server.openapi import OPENAPI_PATH, build_openapi, openapi_route
 from inhouse.server.routes import admin
 from inhouse.server.routes.chat import chat_completions
 from inhouse.server.routes.completions import completions
@@ -71,10 +72,11 @@ def create_app(settings: Settings, registry: ModelRegistry, access: AccessParts 
             if audit is not None:
                 audit.close()
 
-    public = {"/health", "/ready"} | ({"/metrics"} if settings.metrics_public else set())
+    public = {"/health", "/ready", OPENAPI_PATH} | ({"/metrics"} if settings.metrics_public else set())
     middleware = Middleware(AccessMiddleware, keys=keys, limiter=limiter, audit=audit,  # type: ignore[arg-type]
                             public_paths=frozenset(public), keep_text=settings.audit.text != "off")
-    app = Starlette(routes=_routes(), exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,  # type: ignore[arg-type]
+    routes = [*_routes(), openapi_route(build_openapi(settings.models[0].name if settings.models else None))]
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,  # type: ignore[arg-type]
                     middleware=[middleware])
     app.state.inhouse = ServerContext(settings=settings, registry=registry, router=Router(registry, settings.routing),
                                       keys=keys, db=access.db)

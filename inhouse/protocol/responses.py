@@ -1,0 +1,291 @@
+"""Response wire models: every JSON body the server sends, as it is really rendered, for ``/openapi.json``.
+
+Owns the shapes only; the routes still build their bodies with the builders next to the request models, and
+these models describe those dicts field for field (``extra="forbid"``: a field the server adds without adding
+it here breaks the contract test).  A field typed ``X | SkipJsonSchema[None] = None`` may be absent but is
+never ``null``.  Nothing here knows about engines or HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
+
+__all__ = [
+    "ApiKey",
+    "ApiKeyList",
+    "AuditList",
+    "AuditRow",
+    "AuditVerification",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "Completion",
+    "CompletionChunk",
+    "ErrorResponse",
+    "Health",
+    "ModelCard",
+    "ModelList",
+    "NewApiKey",
+    "Ready",
+]
+
+EngineStateName = Literal["loading", "ready", "failed", "closed"]
+Circuit = Literal["closed", "open", "half_open"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+class ErrorDetail(_Body):
+    message: str = Field(description="written for the client; never an internal exception's text")
+    type: str = Field(description="OpenAI's vocabulary: invalid_request_error, authentication_error, ...")
+    param: str | None = Field(description="the offending request field, dotted (messages.0.role), if any")
+    code: str | None = Field(description="inhouse's stable error code (README: the error table)")
+
+
+class ErrorResponse(_Body):
+    error: ErrorDetail
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
+class Usage(_Body):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Body):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Body):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(_Body):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Body):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None = Field(description="stop or length")
+
+
+class ChatCompletion(_Body):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str = Field(description="the model that answered (a fallback may differ from the one asked)")
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(_Body):
+    role: Literal["assistant"] | SkipJsonSchema[None] = Field(default=None, description="first chunk only")
+    content: str | SkipJsonSchema[None] = None
+
+
+class ChatChunkChoice(_Body):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(_Body):
+    """One ``data:`` event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice] = Field(description="empty in the separate usage chunk (include_usage)")
+    usage: Usage | None = Field(default=None, description="on the last chunk; null before it with include_usage")
+
+
+class CompletionLogprobs(_Body):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Body):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class Completion(_Body):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(_Body):
+    """One ``data:`` event of a streamed completion (OpenAI names its object ``text_completion`` too)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class StreamError(_Body):
+    """The one event a stream carries if it fails after its first byte; ``data: [DONE]`` follows."""
+
+    error: ErrorDetail
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+class DeploymentCard(_Body):
+    name: str
+    engine: str = Field(description="transformers, vllm, upstream or fake")
+    status: EngineStateName
+    healthy: bool
+    circuit: Circuit
+    in_flight: int
+    weight: float
+
+
+class ModelCard(_Body):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: Literal["inhouse"]
+    engine: str
+    status: EngineStateName = Field(description="the first ready deployment's state, else the first's")
+    max_model_len: int | SkipJsonSchema[None] = None
+    fallbacks: list[str] | SkipJsonSchema[None] = None
+    deployments: list[DeploymentCard]
+
+
+class ModelList(_Body):
+    object: Literal["list"]
+    data: list[ModelCard] = Field(description="only the models the caller's key may use")
+
+
+# ----------------------------------------------------------------------------------------------- health
+
+
+class DeploymentHealth(_Body):
+    deployment: str
+    state: EngineStateName
+    running: int
+    waiting: int
+    kv_cache_tokens: int
+    kv_cache_usage: float
+    healthy: bool
+    circuit: Circuit
+    in_flight: int
+    error: str | SkipJsonSchema[None] = Field(default=None, description="why the deployment failed to load")
+
+
+class ModelHealth(DeploymentHealth):
+    """The model's first deployment, plus all of them."""
+
+    deployments: list[DeploymentHealth]
+
+
+class Health(_Body):
+    status: Literal["ok"]
+    models: dict[str, ModelHealth]
+
+
+class Ready(_Body):
+    status: Literal["ready", "loading"]
+    models: dict[str, EngineStateName] = Field(description="by deployment label")
+
+
+# ----------------------------------------------------------------------------------------------- admin
+
+
+class ApiKey(_Body):
+    """A key as the admin API shows it: never its secret or the secret's hash."""
+
+    id: str
+    name: str
+    prefix: str = Field(description="the secret's first characters, to recognise it")
+    admin: bool
+    models: list[str] | None = Field(description="the models it may use; null: every model")
+    rpm: int | None
+    tpm: int | None
+    max_concurrency: int | None
+    token_budget: int | None
+    budget_period: Literal["day", "month"] | None
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    status: Literal["active", "revoked", "expired"]
+
+
+class NewApiKey(ApiKey):
+    secret: str = Field(description="shown once, in this answer only")
+
+
+class ApiKeyList(_Body):
+    object: Literal["list"]
+    data: list[ApiKey]
+
+
+class AuditRow(_Body):
+    seq: int
+    at: float
+    request_id: str
+    key_id: str | None
+    key_name: str | None
+    client_ip: str | None
+    method: str
+    path: str
+    model: str | None
+    served_model: str | None
+    deployment: str | None
+    status: int
+    error_code: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_ms: float
+    ttft_ms: float | None
+    stream: bool
+    finish_reason: str | None
+    prompt_text: str | None
+    response_text: str | None
+    prev_hash: str
+    row_hash: str
+
+
+class AuditList(_Body):
+    object: Literal["list"]
+    data: list[AuditRow] = Field(description="newest first")
+    at: float = Field(description="when the search ran (unix seconds)")
+
+
+class AuditVerification(_Body):
+    ok: bool
+    rows: int = Field(description="rows checked before the first problem")
+    problem: str | None
