@@ -3,7 +3,8 @@
 Owns the use of ``apply_chat_template`` (generation prompt added, the per-model override already set
 on the tokenizer by the loader), and every check a prompt gets before an engine admits it: its size
 against the window (a cheap bound before any tokenizing, so a megabyte prompt costs microseconds to
-refuse), the template arguments a request may set, and token ids within the vocabulary.  Never joins
+refuse), the template arguments a request may set, and token ids (prompt and ``stop_token_ids``) within
+the vocabulary: vLLM fails an out-of-vocabulary stop token id only once the request runs.  Never joins
 ``role: content`` by hand.
 
 Tokenizing goes straight to the tokenizer's Rust backend, which is safe to share between threads and
@@ -63,6 +64,7 @@ class PromptBuilder:
         done: dict[object, list[int]] = {}
         out = []
         for request in requests:
+            self._check_ids(request.sampling.stop_token_ids, "stop_token_ids")
             key: object = id(request.messages) if request.messages is not None else request.prompt
             if key not in done:
                 done[key] = await self.token_ids_async(request)
@@ -84,16 +86,18 @@ class PromptBuilder:
             ids = self._encode(self._render(request), special=False)
         elif isinstance(request.prompt, tuple):
             ids = list(request.prompt)
-            bad = next((t for t in ids if not 0 <= t < self._vocab_size), None)
-            if bad is not None:
-                raise InhouseError(ErrorCode.INVALID_REQUEST,
-                                   f"token id {bad} is out of range: this model's vocabulary has ids "
-                                   f"0..{self._vocab_size - 1}", param="prompt")
+            self._check_ids(ids, "prompt")
         else:
             ids = self._encode(request.prompt or "", special=True)
         if not ids:
             raise InhouseError(ErrorCode.INVALID_REQUEST, "the prompt is empty: it has no tokens", param="prompt")
         return ids
+
+    def _check_ids(self, ids: Sequence[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self._vocab_size), None)
+        if bad is not None:
+            raise InhouseError(ErrorCode.INVALID_REQUEST, f"token id {bad} is out of range: this model's vocabulary "
+                               f"has ids 0..{self._vocab_size - 1}", param=param)
 
     def _encode(self, text: str, special: bool) -> list[int]:
         if self._backend is not None:
