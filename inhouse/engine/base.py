@@ -8,13 +8,15 @@ and then hands the caller a Generation to iterate.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from inhouse.engine.collector import OutputCollector
 
 __all__ = [
+    "TEXT",
+    "Capability",
     "Delta",
     "Engine",
     "EngineInfo",
@@ -95,6 +97,21 @@ class ModelLoadError(Exception):
     """
 
 
+class Capability(enum.Enum):
+    """What a model can be asked for; its card in ``/v1/models`` lists them."""
+
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDINGS = "embeddings"
+    RERANK = "rerank"
+    TOOLS = "tools"
+    VISION = "vision"
+    JSON_SCHEMA = "json_schema"
+
+
+TEXT = frozenset({Capability.CHAT, Capability.COMPLETION})
+
+
 class EngineState(enum.Enum):
     LOADING = "loading"
     READY = "ready"
@@ -109,6 +126,7 @@ class EngineInfo:
     max_num_seqs: int
     device: str = "cpu"
     dtype: str = "float32"
+    capabilities: frozenset[Capability] = TEXT  # a generator without a chat template: COMPLETION only
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,17 +141,17 @@ class EngineStats:
 class Generation:
     """The caller's handle on one admitted request: iterate it for Deltas, abort it to stop early."""
 
-    def __init__(self, request_id: str, prompt_tokens: int, collector: OutputCollector[Delta], abort: Any,
-                 max_tokens: int = 0) -> None:
+    def __init__(self, request_id: str, prompt_tokens: int, collector: OutputCollector[Delta],
+                 abort: Callable[[str], None], max_tokens: int = 0) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens  # the completion budget the engine granted (0: unknown, an upstream's default)
         self._collector = collector
         self._abort = abort
         self._done = False
-        self._on_done: list[Any] = []
+        self._on_done: list[Callable[[], None]] = []
 
-    def add_done_callback(self, callback: Any) -> None:
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
         """``callback()`` once, when the generation finished, failed or was aborted (the router's load count)."""
         self._on_done.append(callback)
 

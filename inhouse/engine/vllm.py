@@ -29,9 +29,9 @@ from inhouse.engine.base import (
     ModelLoadError,
     TokenLogprob,
 )
+from inhouse.engine.checkpoint import resolve_checkpoint
 from inhouse.engine.collector import OutputCollector
-from inhouse.engine.local.loader import resolve_checkpoint
-from inhouse.engine.local.prompt import PromptBuilder
+from inhouse.engine.prompt import PromptBuilder
 from inhouse.errors import ErrorCode, InhouseError
 
 __all__ = ["VllmEngine", "vllm_available"]
@@ -144,7 +144,8 @@ class VllmEngine:
         window = int(self._llm.model_config.max_model_len)
         self._prompts = PromptBuilder(tokenizer, int(self._llm.model_config.get_vocab_size()), window)
         self._info = EngineInfo(kind="vllm", context_length=window, max_num_seqs=self.spec.max_num_seqs,
-                                device=str(self._llm.vllm_config.device_config.device), dtype=str(args.dtype))
+                                device=str(self._llm.vllm_config.device_config.device), dtype=str(args.dtype),
+                                capabilities=self._prompts.capabilities)
         self._state = EngineState.READY
         log.info("model %s ready on vLLM: context %d tokens", self.spec.name, window)
 
@@ -153,7 +154,7 @@ class VllmEngine:
         with VllmEngine._spawn_lock:
             if on_cpu:
                 _cpu_environment(self.spec)
-            _preflight(self.spec.name, checkpoint, on_cpu)
+            _preflight(self.spec.name, checkpoint, on_cpu, self.spec.kv_cache_gib)
             return async_llm.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._scheduler)])
 
     def stats(self) -> EngineStats:
@@ -275,7 +276,7 @@ def _runs_on_cpu(spec: ModelSpec) -> bool:
     return bool(current_platform.is_cpu())
 
 
-def _preflight(name: str, checkpoint: Path, on_cpu: bool) -> None:
+def _preflight(name: str, checkpoint: Path, on_cpu: bool, kv_gib: float) -> None:
     """Refuse, with the fix, what vLLM would refuse only after a long start or with an obscure trace."""
     import json
 
@@ -304,11 +305,10 @@ def _preflight(name: str, checkpoint: Path, on_cpu: bool) -> None:
         raise ModelLoadError(
             f"vLLM's CPU attention supports head sizes {head_sizes}; model {name!r} has {head_dim}. "
             "Serve it with engine: transformers.")
-    kv_gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 0)
     available = _available_gib()
     if available is not None and kv_gib > available:
         raise ModelLoadError(
-            f"vLLM needs {kv_gib:g} GiB for the KV cache of model {name!r} (kv_cache_gib / VLLM_CPU_KVCACHE_SPACE) "
+            f"vLLM needs {kv_gib:g} GiB for the KV cache of model {name!r} (kv_cache_gib) "
             f"but only {available:.1f} GiB of memory is available. Lower kv_cache_gib.")
 
 

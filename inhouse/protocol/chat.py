@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from inhouse.engine.base import TokenLogprob
-from inhouse.protocol.common import SamplingFields, WireModel
+from inhouse.protocol.common import LogprobEntry, SamplingFields, WireModel
 
 __all__ = ["ChatCompletionRequest", "ChatMessage", "chat_chunk", "chat_completion", "chat_logprobs"]
 
@@ -43,7 +43,7 @@ class ChatCompletionRequest(SamplingFields):
         return self
 
 
-def chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+def chat_logprobs(entries: Sequence[LogprobEntry] | None) -> dict[str, Any] | None:
     if entries is None:
         return None
     return {

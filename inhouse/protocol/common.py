@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-__all__ = ["INT32_MAX", "SamplingFields", "StreamOptions", "TokenId", "WireModel", "usage"]
+__all__ = ["INT32_MAX", "LogprobEntry", "SamplingFields", "StreamOptions", "TokenId", "WireModel", "usage"]
+
+
+class LogprobEntry(Protocol):
+    """One sampled token's log-probability and its top alternatives, as the logprob renderers read it
+    (the engine's TokenLogprob has this shape; protocol/ does not import engine/)."""
+
+    @property
+    def token(self) -> str: ...
+
+    @property
+    def logprob(self) -> float: ...
+
+    @property
+    def top(self) -> tuple[tuple[str, float], ...]: ...
 
 
 class WireModel(BaseModel):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 
-from inhouse.engine.base import TokenLogprob
-from inhouse.protocol.common import SamplingFields, TokenId
+from inhouse.protocol.common import LogprobEntry, SamplingFields, TokenId
 
 __all__ = ["CompletionRequest", "completion", "completion_chunk", "completion_logprobs"]
 
@@ -37,7 +37,7 @@ class CompletionRequest(SamplingFields):
         return out
 
 
-def completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+def completion_logprobs(entries: Sequence[LogprobEntry] | None, offset: int) -> dict[str, Any] | None:
     if entries is None:
         return None
     offsets, position = [], offset

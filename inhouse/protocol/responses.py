@@ -180,6 +180,8 @@ class ModelCard(_Body):
     owned_by: Literal["inhouse"]
     engine: str
     status: EngineStateName = Field(description="the first ready deployment's state, else the first's")
+    capabilities: list[Literal["chat", "completion", "embeddings", "rerank", "tools", "vision", "json_schema"]] = \
+        Field(description="what the model can be asked for")
     max_model_len: int | SkipJsonSchema[None] = None
     fallbacks: list[str] | SkipJsonSchema[None] = None
     deployments: list[DeploymentCard]

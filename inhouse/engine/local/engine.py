@@ -23,11 +23,11 @@ from inhouse.engine.local.attention import register
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
 from inhouse.engine.local.kv_cache import SlotKVCache
 from inhouse.engine.local.loader import LoadedModel, load_model
-from inhouse.engine.local.prompt import PromptBuilder
 from inhouse.engine.local.runner import ModelRunner
 from inhouse.engine.local.sampler import Sampler
 from inhouse.engine.local.scheduler import Scheduler, Step
 from inhouse.engine.local.sequence import Sequence, SequenceStatus
+from inhouse.engine.prompt import PromptBuilder
 from inhouse.errors import ErrorCode, InhouseError
 
 __all__ = ["LocalEngine"]
@@ -82,6 +82,7 @@ class LocalEngine:
             max_num_seqs=self.spec.max_num_seqs,
             device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."),
+            capabilities=self._prompts.capabilities,
         )
         self._thread = threading.Thread(target=self._run, args=(loaded,), name=f"engine-{self.spec.name}", daemon=True)
         self._thread.start()

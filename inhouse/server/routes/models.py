@@ -23,7 +23,8 @@ def _card(deployments: list[Deployment]) -> dict[str, Any]:
     first = deployments[0]
     info = first.engine.info
     ready = [d for d in deployments if d.engine.state is EngineState.READY]
-    extra: dict[str, Any] = {"engine": info.kind, "status": (ready[0] if ready else first).engine.state.value}
+    extra: dict[str, Any] = {"engine": info.kind, "status": (ready[0] if ready else first).engine.state.value,
+                             "capabilities": sorted(c.value for c in info.capabilities)}
     if info.context_length:
         extra["max_model_len"] = info.context_length
     if first.spec.fallbacks:

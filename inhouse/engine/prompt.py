@@ -22,7 +22,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from inhouse.engine.admission import context_exceeded
-from inhouse.engine.base import GenerateRequest
+from inhouse.engine.base import TEXT, Capability, GenerateRequest
 from inhouse.errors import ErrorCode, InhouseError
 
 __all__ = ["RESERVED_TEMPLATE_ARGS", "PromptBuilder"]
@@ -58,6 +58,11 @@ class PromptBuilder:
         self._in_bytes = self._backend is not None and type(self._backend.decoder).__name__ == "ByteLevel"
         if self._backend is None or self._backend.normalizer is not None:
             self._units_per_token *= _NORMALIZE_MARGIN
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """Chat needs a chat template (the model's own or the configured override)."""
+        return TEXT if self._tok.chat_template else frozenset({Capability.COMPLETION})
 
     async def token_ids_all(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
         """The prompt of every request; the choices of one call share one prompt, tokenized once."""

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from inhouse.engine.base import GenerateRequest, SamplingParams
-from inhouse.engine.local.prompt import PromptBuilder
+from inhouse.engine.prompt import PromptBuilder
 from inhouse.errors import ErrorCode, InhouseError
 
 PIECES = ["hello", " ", "\n", "    ", "你好", "世界", "😀", "é", "Paris", "################", "=" * 30, "\t", "ok."]
@@ -78,3 +78,13 @@ async def test_choices_sharing_one_prompt_are_tokenized_once(tokenizer: object) 
     builder._render = counting  # type: ignore[method-assign]
     ids = await builder.token_ids_all(requests)
     assert calls == 1 and ids[0] == ids[1] == ids[2] and ids[0]
+
+
+def test_chat_is_a_capability_only_with_a_chat_template(tiny_model_dir: Path) -> None:
+    from inhouse.engine.base import Capability
+
+    with_template = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert PromptBuilder(with_template, 600, 512).capabilities == {Capability.CHAT, Capability.COMPLETION}
+    without = AutoTokenizer.from_pretrained(tiny_model_dir)
+    without.chat_template = None
+    assert PromptBuilder(without, 600, 512).capabilities == {Capability.COMPLETION}

