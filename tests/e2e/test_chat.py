@@ -99,7 +99,9 @@ def test_streamed_cjk_text_equals_blocking_byte_for_byte(client: openai.OpenAI, 
     streamed = stream(http, "/v1/chat/completions", body)
     pieces = [e["choices"][0]["delta"].get("content", "") for e in streamed.events if e["choices"]]
     assert "".join(pieces).encode() == blocking.encode()
-    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in blocking
+    # the model's own invalid bytes show as U+FFFD inside a piece; a piece (or the answer, cut at max_tokens)
+    # ending in U+FFFD would be a character split at the boundary, sent before its last bytes
+    assert not any(p.endswith("\ufffd") for p in pieces), pieces
     assert len(blocking) > 0
 
 

@@ -1,8 +1,9 @@
 """Incremental detokenization and stop-string matching for one sequence.
 
 Owns the rule that no text leaves a sequence before it is final: a token that ends inside a UTF-8
-character is held back until the character completes, and text that could be the start of a stop
-string is held back until it is known not to be one.  Holds no model state.
+character is held back until the character completes (and dropped if generation ends first), and text
+that could be the start of a stop string is held back until it is known not to be one.  Holds no model
+state.
 """
 
 from __future__ import annotations
@@ -49,11 +50,20 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """At the end of generation: whatever is still held back, as it decodes."""
+        """At the end of generation: the held-back text, without a character the last tokens left unfinished.
+
+        Text is held back only while it decodes to a trailing U+FFFD, and an unfinished UTF-8 sequence at the
+        end decodes to exactly one, so that one is dropped: a length limit or stop token that falls inside a
+        character never shows a replacement character the model did not write (its tokens still count).
+        A U+FFFD the model did write is sent once text follows it; only as the very last character is it
+        indistinguishable, from text alone, from an unfinished one, and dropped as tokenizers' DecodeStream
+        (and so vLLM) drops it.
+        """
         prefix_text = self._decode(self._ids[self._prefix : self._read])
         full_text = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
-        return full_text[len(prefix_text) :] if len(full_text) > len(prefix_text) else ""
+        held = full_text[len(prefix_text) :] if len(full_text) > len(prefix_text) else ""
+        return held.removesuffix(_REPLACEMENT)
 
 
 class StopMatcher:

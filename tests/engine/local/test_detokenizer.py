@@ -17,6 +17,13 @@ TEXTS = [
 ]
 
 
+# characters the tiny tokenizer never merged: each is two to four byte tokens, so a cut can fall inside it
+CUT_TEXTS = [
+    "今天天气很好，我们去公园散步吧🎉🐍。",
+    "mixed 中文 and English, こんにちは",
+]
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -34,6 +41,30 @@ def test_token_by_token_equals_full_decode(tokenizer, text: str) -> None:  # typ
         assert "" in pieces[:-1]
 
 
+@pytest.mark.parametrize("text", CUT_TEXTS)
+def test_a_cut_inside_a_character_drops_its_bytes_never_sends_a_replacement(tokenizer, text: str) -> None:  # type: ignore[no-untyped-def]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decodes = [tokenizer.decode(ids[:cut]) for cut in range(len(ids) + 1)]
+    assert sum(d.endswith("\ufffd") for d in decodes) >= 5, "the text should be cut inside characters"
+    for cut, decoded in enumerate(decodes):
+        detok = IncrementalDetokenizer(tokenizer, prompt_ids=tokenizer("prompt:")["input_ids"])
+        streamed = "".join(detok.add(i) for i in ids[:cut]) + detok.flush()
+        assert "\ufffd" not in streamed, cut
+        assert text.startswith(streamed)
+        assert streamed == decoded.removesuffix("\ufffd"), "only the unfinished character is dropped"
+
+
+def test_a_replacement_character_the_model_wrote_is_sent(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    lone_continuation_byte = encode("龘")[1]  # invalid UTF-8 on its own
+    ids = [lone_continuation_byte, *encode(" a"), *encode("\ufffd"), *encode(" b")]
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids=[])
+    streamed = "".join(detok.add(i) for i in ids) + detok.flush()
+    assert streamed == tokenizer.decode(ids) == "\ufffd a\ufffd b"
+
+
 def test_random_byte_tokens_stream_equals_decode(tokenizer) -> None:  # type: ignore[no-untyped-def]
     import random
 
@@ -41,7 +72,8 @@ def test_random_byte_tokens_stream_equals_decode(tokenizer) -> None:  # type: ig
     ids = [rng.randrange(3, len(tokenizer)) for _ in range(300)]
     detok = IncrementalDetokenizer(tokenizer, prompt_ids=[])
     streamed = "".join(detok.add(i) for i in ids) + detok.flush()
-    assert streamed == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    decoded = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert streamed == decoded.removesuffix("\ufffd")  # a last unfinished character is dropped
 
 
 @pytest.mark.parametrize("split", range(1, 12))
