@@ -1,8 +1,9 @@
-"""ModelRegistry: public model name → its deployments (local engines or upstream servers).
+"""ModelRegistry: public model name → its deployments (local engines or upstream servers), live.
 
-Owns the set of served models, their start/stop, load errors, and each deployment's routing state
-(requests in flight, circuit breaker, health).  Knows nothing about HTTP; the router decides which
-deployment answers.
+Owns the set of served models and its changes (``replace`` swaps a model's deployments at once, then drains
+and closes the old engines), the engines' start and close (once per engine, however many deployments share
+it), load errors, and each deployment's routing state (requests in flight, circuit breaker, health).
+Knows nothing about HTTP; the router decides which deployment answers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ __all__ = ["Deployment", "ModelRegistry", "RouteState"]
 
 log = logging.getLogger("inhouse.registry")
 
+_DRAIN_POLL_SECONDS = 0.05  # how often a drain looks at the old deployments' in-flight counts
+
 
 @dataclass
 class RouteState:
@@ -32,6 +35,7 @@ class RouteState:
     open_until: float = 0.0  # circuit open (out of rotation) until then; then one probe request
     probing: bool = False
     healthy: bool = True  # from the health checker (upstreams only)
+    health_error: str | None = None  # why the last health check failed, for the operator
 
     @property
     def circuit(self) -> str:
@@ -71,6 +75,10 @@ class RouteState:
         self.failures.clear()
         self.open_until, self.probing = 0.0, False
 
+    def checked(self, reason: str | None) -> None:
+        """A health check's verdict: None is healthy, else the reason it is not."""
+        self.healthy, self.health_error = reason is None, reason
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -89,20 +97,30 @@ class Deployment:
 
 
 class ModelRegistry:
-    def __init__(self, deployments: Iterable[Deployment]) -> None:
+    """The live set: ``deployments(name)`` always answers with the current set, and ``replace`` swaps a name's
+    set at once.  Engines are started and closed here, each exactly once however many deployments share it
+    (an engine is held while a live or draining deployment uses it)."""
+
+    def __init__(self, deployments: Iterable[Deployment], drain_seconds: float = 30.0) -> None:
         self._by_name: dict[str, list[Deployment]] = {}
         for deployment in deployments:
             self._by_name.setdefault(deployment.name, []).append(deployment)
-        self._loading: list[asyncio.Task[None]] = []
-        self._load_errors: dict[str, str] = {}
+        self._drain_seconds = drain_seconds
+        self._engines: dict[int, _Held] = {}  # id(engine) → the engine and its start; until it is closed
+        self._load_errors: dict[int, str] = {}  # id(engine) → why it failed to start
 
     @classmethod
-    def of(cls, pairs: Iterable[tuple[ModelSpec, Engine]]) -> ModelRegistry:
+    def of(cls, pairs: Iterable[tuple[ModelSpec, Engine]], drain_seconds: float = 30.0) -> ModelRegistry:
         now = int(time.time())
-        return cls(Deployment(spec, engine, now) for spec, engine in pairs)
+        return cls((Deployment(spec, engine, now) for spec, engine in pairs), drain_seconds)
+
+    def find(self, name: str) -> list[Deployment]:
+        """The model's deployments now; empty when there is no such model (any more)."""
+        return self._by_name.get(name, [])
 
     def deployments(self, name: str) -> list[Deployment]:
-        found = self._by_name.get(name)
+        """The model's deployments now, or 404 ``model_not_found``."""
+        found = self.find(name)
         if not found:
             raise InhouseError(
                 ErrorCode.MODEL_NOT_FOUND,
@@ -128,7 +146,48 @@ class ModelRegistry:
     def start_loading(self) -> None:
         """Load every model in the background; the server answers (503 for loading models) meanwhile."""
         for deployment in self.all():
-            self._loading.append(asyncio.create_task(self._load(deployment)))
+            self._start(deployment)
+
+    async def replace(self, name: str, deployments: Iterable[Deployment], drain_seconds: float | None = None) -> None:
+        """Make ``deployments`` the whole set of model ``name`` (none: the model is gone).
+
+        Their engines start first (one already held is reused), while the old set still answers; then the
+        set is swapped at once, so the next request goes to the new one.  Requests in flight finish on the
+        old engines, which are closed once idle, or at the deadline (``drain_seconds``) regardless; an
+        engine that a live deployment still uses stays open.  Returns when the old engines are closed.
+        """
+        new = list(deployments)
+        if any(d.name != name for d in new):
+            raise ValueError(f"replace({name!r}, ...) was given deployments of another model")
+        await self._started(new)
+        old = self._by_name.pop(name, [])
+        if new:
+            self._by_name[name] = new
+        await self._retire(old, self._drain_seconds if drain_seconds is None else drain_seconds)
+
+    async def add(self, deployment: Deployment) -> None:
+        """One more deployment for its model (a new model when the name is new), once its engine started."""
+        await self._started([deployment])
+        self._by_name[deployment.name] = [*self.find(deployment.name), deployment]
+
+    async def remove(self, name: str, drain_seconds: float | None = None) -> None:
+        """Stop serving a model: new requests get 404 at once; those in flight finish first (up to the deadline)."""
+        self.deployments(name)  # 404 for an unknown name
+        await self.replace(name, [], drain_seconds)
+
+    async def _started(self, deployments: list[Deployment]) -> None:
+        """Until the deployments' engines finished starting (or failed: a load error, as at start-up)."""
+        starting = {self._start(d) for d in deployments}
+        if starting:  # asyncio.wait, not gather: a cancelled replace must not cancel a shared engine's start
+            await asyncio.wait(starting)
+
+    def _start(self, deployment: Deployment) -> asyncio.Task[None]:
+        """The engine's start, begun on its first deployment only."""
+        held = self._engines.get(id(deployment.engine))
+        if held is None:
+            task = asyncio.create_task(self._load(deployment))
+            held = self._engines[id(deployment.engine)] = _Held(deployment.engine, task)
+        return held.start
 
     async def _load(self, deployment: Deployment) -> None:
         started = time.monotonic()
@@ -136,22 +195,54 @@ class ModelRegistry:
             await deployment.engine.start()
         except ModelLoadError as exc:
             log.error("model %s failed to load: %s", deployment.name, exc)
-            self._load_errors[deployment.label] = str(exc)
+            self._load_errors[id(deployment.engine)] = str(exc)
             return
         except Exception:
             log.exception("model %s failed to load", deployment.name)
-            self._load_errors[deployment.label] = "the model failed to load; the reason is in the server log"
+            self._load_errors[id(deployment.engine)] = "the model failed to load; the reason is in the server log"
             return
         log.info("model %s (%s) loaded in %.1f s", deployment.name, deployment.label, time.monotonic() - started)
 
+    async def _retire(self, old: list[Deployment], drain_seconds: float) -> None:
+        """Wait until the old deployments have nothing in flight (or the deadline), then close every engine of
+        theirs that no live deployment uses."""
+        live = {id(d.engine) for d in self.all()}
+        leaving = [d for d in old if id(d.engine) not in live]
+        deadline = time.monotonic() + drain_seconds
+        while any(d.route.outstanding for d in leaving) and time.monotonic() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_SECONDS)
+        for deployment in leaving:
+            if deployment.route.outstanding:
+                log.warning("deployment %s of %s: closing with %d requests still in flight after %.0f s",
+                            deployment.label, deployment.name, deployment.route.outstanding, drain_seconds)
+        live = {id(d.engine) for d in self.all()}  # a replace meanwhile may have taken an engine back
+        await asyncio.gather(*(self._close(d.engine) for d in leaving if id(d.engine) not in live))
+
+    async def _close(self, engine: Engine) -> None:
+        """Close an engine once: a second call (another deployment that shared it) finds it gone."""
+        held = self._engines.pop(id(engine), None)
+        if held is None:
+            return
+        self._load_errors.pop(id(engine), None)
+        held.start.cancel()
+        try:
+            await engine.close()
+        except Exception:
+            log.exception("closing an engine of %s failed", type(engine).__name__)
+
     def load_error(self, deployment: Deployment) -> str | None:
         """Why a deployment failed to load, in words meant for the operator, or None."""
-        return self._load_errors.get(deployment.label)
+        return self._load_errors.get(id(deployment.engine))
 
     async def wait_loaded(self) -> None:
-        await asyncio.gather(*self._loading, return_exceptions=True)
+        await asyncio.gather(*(held.start for held in list(self._engines.values())), return_exceptions=True)
 
     async def close(self) -> None:
-        for task in self._loading:
-            task.cancel()
-        await asyncio.gather(*(d.engine.close() for d in self.all()), return_exceptions=True)
+        """Close every engine started here and not closed yet, live or draining, each once."""
+        await asyncio.gather(*(self._close(held.engine) for held in list(self._engines.values())))
+
+
+@dataclass(frozen=True)
+class _Held:
+    engine: Engine
+    start: asyncio.Task[None]

@@ -1,13 +1,18 @@
 """Router: which deployment answers a request, and what to try when one fails.
 
-Owns the retry and fallback loop.  For the asked model, then each of its fallbacks in order, it picks
-the available deployment with the fewest requests in flight per unit of weight and submits.  An upstream
-that fails before the first byte (unreachable, 429/5xx, a stall) counts against that deployment's
-circuit breaker and is retried after a jittered backoff, at most ``retries`` more times per model; a
-local engine that is loading or full sends the request to another deployment if there is one, else on
-to the fallbacks, else its own 429/503 is the answer at once.  Errors that are the request's own
-(400, context length) are raised at once.  After the first byte nothing is retried: the stream ends
-with an error event instead.
+Owns the retry and fallback loop and the in-flight counts, for any operation: the caller passes an
+``attempt`` that does its work on one deployment (admit generations, embed, ...) and gets back a
+``Routed``: the deployment, the attempt's result, and ``release()`` to call when that work is over.  It
+knows no operation, no request and no Generation.
+
+For the asked model, then each of its fallbacks in order, it picks the available deployment with the
+fewest requests in flight per unit of weight (from the registry's current set, read on every try) and
+runs the attempt.  An upstream that fails before the first byte (unreachable, 429/5xx, a stall) counts
+against that deployment's circuit breaker and is retried after a jittered backoff, at most ``retries``
+more times per model; a local engine that is loading or full sends the request to another deployment
+if there is one, else on to the fallbacks, else its own 429/503 is the answer at once.  Errors that are
+the request's own (400, context length) are raised at once.  After the first byte nothing is retried:
+the stream ends with an error event instead.
 """
 
 from __future__ import annotations
@@ -15,15 +20,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
-from inhouse.config import ModelSpec, RoutingSettings
-from inhouse.engine.base import GenerateRequest, Generation
+from inhouse.config import RoutingSettings
 from inhouse.errors import ErrorCode, InhouseError
-from inhouse.gateway.registry import Deployment, ModelRegistry
+from inhouse.gateway.registry import Deployment, ModelRegistry, RouteState
 
-__all__ = ["Routed", "Router"]
+__all__ = ["Attempt", "Routed", "Router"]
+
+T = TypeVar("T")
+
+Attempt = Callable[[Deployment], Awaitable[T]]
+"""Does the operation on the chosen deployment; raises InhouseError when that deployment cannot."""
 
 log = logging.getLogger("inhouse.router")
 
@@ -33,14 +43,35 @@ _TRY_ELSEWHERE = {ErrorCode.UPSTREAM_UNAVAILABLE, ErrorCode.QUEUE_FULL, ErrorCod
                   ErrorCode.MODEL_UNAVAILABLE}
 
 
+class _InFlight:
+    """One request counted in flight on a deployment, from the pick until ``end()`` (once; later calls do nothing)."""
+
+    def __init__(self, route: RouteState) -> None:
+        self._route: RouteState | None = route
+        route.outstanding += 1
+
+    def end(self) -> None:
+        if self._route is not None:
+            self._route.outstanding -= 1
+            self._route = None
+
+
 @dataclass(frozen=True)
-class Routed:
+class Routed(Generic[T]):
+    """Who answered and what the attempt returned.  The request stays counted in flight on the deployment
+    (balancing, and the registry's drain before it closes a replaced engine) until ``release()``."""
+
     deployment: Deployment
-    generations: list[Generation]
+    result: T
+    _in_flight: _InFlight = field(repr=False)
 
     @property
     def model(self) -> str:
         return self.deployment.name
+
+    def release(self) -> None:
+        """The operation's work on the deployment is over (finished, failed or aborted); idempotent."""
+        self._in_flight.end()
 
 
 class Router:
@@ -48,28 +79,29 @@ class Router:
         self._registry = registry
         self._routing = routing
 
-    async def submit(self, model: str, build: Callable[[ModelSpec], list[GenerateRequest]]) -> Routed:
+    async def call(self, model: str, attempt: Attempt[T]) -> Routed[T]:
+        """Run ``attempt`` on a deployment of ``model`` (or of its fallbacks), retrying before the first byte.
+        The caller must ``release()`` the answer once the operation's work is over."""
         first = self._registry.deployments(model)  # 404 for an unknown model, before anything else
         errors: list[InhouseError] = []
         for name in (model, *first[0].spec.fallbacks):
-            routed = await self._try_model(name, build, errors)
+            routed = await self._try_model(name, attempt, errors)
             if routed is not None:
                 if name != model:
                     log.warning("model %s: every deployment failed; answered by fallback %s", model, name)
                 return routed
         raise _exhausted(model, errors)
 
-    async def _try_model(self, name: str, build: Callable[[ModelSpec], list[GenerateRequest]],
-                         errors: list[InhouseError]) -> Routed | None:
-        deployments = self._registry.deployments(name)
+    async def _try_model(self, name: str, attempt: Attempt[T], errors: list[InhouseError]) -> Routed[T] | None:
         tried: set[str] = set()
-        for attempt in range(1 + self._routing.retries):
+        for retry in range(1 + self._routing.retries):
+            deployments = self._registry.find(name)  # the current set: a replace may have swapped it (or emptied it)
             deployment = self._pick(deployments, tried)
             if deployment is None:
                 return None
             tried.add(deployment.label)
             try:
-                return Routed(deployment, await self._submit(deployment, build(deployment.spec)))
+                return await self._attempt(deployment, attempt)
             except InhouseError as exc:
                 if exc.code not in _TRY_ELSEWHERE:
                     raise
@@ -79,12 +111,10 @@ class Router:
                     if deployment.route.failed(r.circuit_failures, r.circuit_window_seconds, r.cooldown_seconds):
                         log.warning("deployment %s of %s: circuit open for %.0f s after repeated failures",
                                     deployment.label, name, r.cooldown_seconds)
-                else:
-                    deployment.route.probing = False
-                    if all(d.label in tried for d in deployments):
-                        return None  # full or loading, and no other deployment: refuse now, no backoff
-            if attempt < self._routing.retries:
-                await asyncio.sleep(self._routing.backoff_seconds * 2 ** attempt * random.uniform(0.5, 1.5))
+                elif all(d.label in tried for d in deployments):
+                    return None  # full or loading, and no other deployment: refuse now, no backoff
+            if retry < self._routing.retries:
+                await asyncio.sleep(self._routing.backoff_seconds * 2 ** retry * random.uniform(0.5, 1.5))
         return None
 
     def _pick(self, deployments: list[Deployment], tried: set[str]) -> Deployment | None:
@@ -100,28 +130,20 @@ class Router:
                 return chosen
         return None
 
-    async def _submit(self, deployment: Deployment, requests: list[GenerateRequest]) -> list[Generation]:
-        route = deployment.route
-        route.outstanding += 1
+    async def _attempt(self, deployment: Deployment, attempt: Attempt[T]) -> Routed[T]:
+        """Counted in flight from here; a failed attempt ends its count, a successful one hands it to the caller."""
+        in_flight = _InFlight(deployment.route)
         try:
-            generations = await deployment.engine.submit(requests)
+            result = await attempt(deployment)
         except BaseException as exc:
-            route.outstanding -= 1
-            if not isinstance(exc, InhouseError):
-                route.probing = False  # cancelled mid-probe: let the next request probe instead
+            in_flight.end()
+            if not (isinstance(exc, InhouseError) and exc.code in _DEPLOYMENT_FAULTS):
+                # not the deployment's fault (the request's own 400, full, cancelled): if this was the probe
+                # after a cooldown, let the next request probe instead
+                deployment.route.probing = False
             raise
-        route.succeeded()
-        remaining = len(generations)
-
-        def one_done() -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                route.outstanding -= 1
-
-        for generation in generations:
-            generation.add_done_callback(one_done)
-        return generations
+        deployment.route.succeeded()
+        return Routed(deployment, result, in_flight)
 
 
 def _exhausted(model: str, errors: list[InhouseError]) -> InhouseError:

@@ -90,11 +90,13 @@ routing: {{retries: 2, backoff_seconds: 0.05, circuit_failures: 3, circuit_windo
           cooldown_seconds: 1.5, health_interval_seconds: 0.5, health_timeout_seconds: 0.5}}
 models:
   - {{name: solo, engine: upstream, base_url: "{a}", upstream_model: up-model}}
-  - {{name: pair, engine: upstream, base_url: "{b}", deployment: b, weight: 3, first_token_timeout: 1}}
-  - {{name: pair, engine: upstream, base_url: "{c}", deployment: c, weight: 1, first_token_timeout: 1}}
-  - {{name: flaky, engine: upstream, base_url: "{d}", deployment: d, fallbacks: [backup]}}
+  - {{name: pair, engine: upstream, base_url: "{b}", deployment: b, weight: 3, first_token_timeout: 1,
+     upstream_model: up-model}}
+  - {{name: pair, engine: upstream, base_url: "{c}", deployment: c, weight: 1, first_token_timeout: 1,
+     upstream_model: up-model}}
+  - {{name: flaky, engine: upstream, base_url: "{d}", deployment: d, fallbacks: [backup], upstream_model: up-model}}
   - {{name: backup, engine: fake, fake_reply: "answer from the backup"}}
-  - {{name: watched, engine: upstream, base_url: "{e}", deployment: e}}
+  - {{name: watched, engine: upstream, base_url: "{e}", deployment: e, upstream_model: up-model}}
   - {{name: tiny, engine: upstream, base_url: "{inner.url}/v1", upstream_model: {TINY}}}
 """, encoding="utf-8")
     with ServerProcess(["--config", str(config)], cache_dir, logs_dir / "gateway.log") as server:
@@ -227,12 +229,14 @@ def test_health_checks_mark_a_killed_upstream_down_and_back_up(
     while healthy():
         assert time.monotonic() - killed < 1.0 + 0.5, "not marked down within 2 health intervals"
         time.sleep(0.05)
+    assert "unreachable" in http.get("/health").json()["models"]["watched"]["health_error"]
     assert_error(chat(http, "watched"), 503, "upstream_unavailable")
     e.start()
     restarted = time.monotonic()
     while not healthy():
         assert time.monotonic() - restarted < 1.0 + 0.5, "not marked up within 2 health intervals"
         time.sleep(0.05)
+    assert "health_error" not in http.get("/health").json()["models"]["watched"]
     assert chat(http, "watched").status_code == 200
 
 
@@ -277,8 +281,8 @@ def test_upstream_and_fallback_flags_without_a_file(upstreams: dict[str, Upstrea
                                                     logs_dir: Path) -> None:
     a, b = upstreams["a"], upstreams["b"]
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
-    args = ["--upstream", f"main={dead}", "--upstream", f"spare={b.url}/v1", "--upstream-key", "spare=sk-test",
-            "--fallback", "main=spare"]
+    args = ["--upstream", f"main={dead}", "--upstream", f"spare=up-model@{b.url}/v1", "--upstream-key",
+            "spare=sk-test", "--fallback", "main=spare"]
     with ServerProcess(args, cache_dir, logs_dir / "flags.log") as server:
         names = [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
         assert names == ["main", "spare"], "only the upstreams: the embedded model is not loaded"

@@ -72,12 +72,15 @@ def gateway(upstreams: dict[str, Upstream], tmp_path_factory: pytest.TempPathFac
 keepalive_seconds: 1
 routing: {{retries: 0, circuit_failures: 1000, circuit_window_seconds: 1, cooldown_seconds: 0.1}}
 models:
-  - {{name: direct, engine: upstream, base_url: "{faulty}", deployment: faulty-direct, {timeouts}}}
-  - {{name: guarded, engine: upstream, base_url: "{faulty}", deployment: faulty-guarded, {timeouts},
+  - {{name: direct, engine: upstream, base_url: "{faulty}", deployment: faulty-direct, upstream_model: up-model,
+     {timeouts}}}
+  - {{name: guarded, engine: upstream, base_url: "{faulty}", deployment: faulty-guarded, upstream_model: up-model,
+     {timeouts},
      fallbacks: [spare]}}
-  - {{name: hasty, engine: upstream, base_url: "{faulty}", deployment: faulty-hasty, first_token_timeout: 3,
+  - {{name: hasty, engine: upstream, base_url: "{faulty}", deployment: faulty-hasty, upstream_model: up-model,
+     first_token_timeout: 3,
      total_timeout: 2}}
-  - {{name: spare, engine: upstream, base_url: "{spare}", deployment: spare}}
+  - {{name: spare, engine: upstream, base_url: "{spare}", deployment: spare, upstream_model: up-model}}
 """, encoding="utf-8")
     with ServerProcess(["--config", str(config)], cache_dir, logs_dir / "faults-gateway.log") as server:
         yield server

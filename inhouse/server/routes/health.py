@@ -30,6 +30,8 @@ async def health(request: Request) -> Response:
             error = registry.load_error(deployment)
             if error:
                 entry["error"] = error
+            if deployment.route.health_error is not None:
+                entry["health_error"] = deployment.route.health_error
             entries.append(entry)
         # the model's own line is its first deployment's (one deployment: exactly that), plus the list
         models[name] = {**entries[0], "deployments": entries}
