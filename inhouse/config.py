@@ -10,24 +10,40 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 __all__ = [
     "BUILTIN_CHAT_MODEL",
     "DEFAULT_MODEL_NAME",
     "AuditSettings",
+    "AutoSpec",
     "ConfigError",
     "ExtraModels",
+    "FakeSpec",
+    "LocalSpec",
     "ModelSpec",
     "RoutingSettings",
     "SamplingDefaults",
     "Settings",
+    "TransformersSpec",
+    "UpstreamSpec",
+    "VllmSpec",
     "default_cache_dir",
     "default_state_dir",
     "load_settings",
+    "model_spec",
 ]
 
 BUILTIN_CHAT_MODEL = "builtin:smollm2-135m-instruct"
@@ -52,38 +68,15 @@ class SamplingDefaults(_Frozen):
     repetition_penalty: float | None = None
 
 
-class ModelSpec(_Frozen):
-    """One served model: where its weights are and how to run them."""
+class _ModelBase(_Frozen):
+    """What every served model has, whatever engine runs it."""
 
     name: str = Field(min_length=1)
-    path: str = Field(default="", description="HF checkpoint dir, a .gguf file, or builtin:NAME")
-    engine: Literal["auto", "transformers", "vllm", "fake", "upstream"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
     context_length: int | None = Field(default=None, ge=16)
-    chat_template: str | None = None
     max_num_seqs: int = Field(default=32, ge=1)
     max_waiting: int = Field(default=256, ge=0)
     clamp_max_tokens: bool = False
     defaults: SamplingDefaults = SamplingDefaults()
-    # vLLM engine only
-    kv_cache_gib: int = Field(default=1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    # None: eager on CPU (vLLM 0.32's compiled CPU path changed SmolLM2's greedy answers here), vLLM's
-    # default (compiled / CUDA graphs) on GPU
-    enforce_eager: bool | None = None
-    # fake engine only: what it answers and how fast
-    fake_reply: str = "This is a scripted reply from the fake engine."
-    fake_token_delay: float = Field(default=0.0, ge=0.0)
-    fake_fail_after: int | None = Field(default=None, ge=0, description="fail mid-stream after N tokens")
-    # upstream engine only: any OpenAI-compatible server
-    base_url: str | None = None  # e.g. http://vllm-1:8000/v1
-    api_key: str | None = Field(default=None, repr=False)
-    upstream_model: str | None = None  # the name the upstream knows the model by (default: name)
-    connect_timeout: float = Field(default=5.0, gt=0)
-    first_token_timeout: float = Field(default=120.0, gt=0)  # Dify waits up to 300 s between bytes
-    total_timeout: float = Field(default=1800.0, gt=0)
     # routing, any engine: several entries with one name are deployments of one model
     deployment: str | None = None  # label in /v1/models, x-inhouse-deployment and the audit log
     weight: float = Field(default=1.0, gt=0)
@@ -91,21 +84,95 @@ class ModelSpec(_Frozen):
 
     @property
     def deployment_label(self) -> str:
-        return self.deployment or self.base_url or self.name
+        return self.deployment or self.name
 
-    @model_validator(mode="after")
-    def _engine_needs(self) -> ModelSpec:
-        if self.engine == "upstream" and not self.base_url:
-            raise ValueError(f"model {self.name!r}: engine upstream needs base_url")
-        if self.engine not in ("upstream", "fake") and not self.path:
-            raise ValueError(f"model {self.name!r}: path is required (a model directory, .gguf file or builtin:)")
-        return self
+
+class _Weights(_ModelBase):
+    """A model whose weights this server loads: an HF checkpoint directory, a .gguf file, or builtin:NAME."""
+
+    path: str = Field(min_length=1, description="HF checkpoint dir, a .gguf file, or builtin:NAME")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    chat_template: str | None = None
 
     @field_validator("dtype", mode="before")
     @classmethod
     def _dtype_alias(cls, value: object) -> object:
         aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
         return aliases.get(str(value), value) if value is not None else value
+
+
+class TransformersSpec(_Weights):
+    """``engine: transformers``: inhouse's own continuous-batching engine."""
+
+    engine: Literal["transformers"] = "transformers"
+
+
+class VllmSpec(_Weights):
+    """``engine: vllm``: vLLM in-process (the optional vllm / vllm-cpu package)."""
+
+    engine: Literal["vllm"] = "vllm"
+    kv_cache_gib: int = Field(default=1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    # None: eager on CPU (vLLM 0.32's compiled CPU path changed SmolLM2's greedy answers here), vLLM's
+    # default (compiled / CUDA graphs) on GPU
+    enforce_eager: bool | None = None
+
+
+class AutoSpec(VllmSpec):
+    """``engine: auto`` (the default): vLLM when installed and it accepts the model, else transformers;
+    takes vLLM's options, used when vLLM serves."""
+
+    engine: Literal["auto"] = "auto"  # type: ignore[assignment]
+
+
+class FakeSpec(_ModelBase):
+    """``engine: fake``: a scripted engine for gateway tests and benchmarks."""
+
+    engine: Literal["fake"] = "fake"
+    path: str = Field(default="", description="ignored")
+    fake_reply: str = "This is a scripted reply from the fake engine."
+    fake_token_delay: float = Field(default=0.0, ge=0.0)
+    fake_fail_after: int | None = Field(default=None, ge=0, description="fail mid-stream after N tokens")
+
+
+class UpstreamSpec(_ModelBase):
+    """``engine: upstream``: any OpenAI-compatible server (vLLM, TGI, SGLang, Ollama, llama.cpp, another inhouse)."""
+
+    engine: Literal["upstream"] = "upstream"
+    base_url: str = Field(min_length=1)  # e.g. http://vllm-1:8000/v1
+    api_key: str | None = Field(default=None, repr=False)
+    upstream_model: str | None = None  # the name the upstream knows the model by (default: name)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    first_token_timeout: float = Field(default=120.0, gt=0)  # Dify waits up to 300 s between bytes
+    total_timeout: float = Field(default=1800.0, gt=0)
+
+    @property
+    def deployment_label(self) -> str:
+        return self.deployment or self.base_url
+
+
+def _engine_of(value: object) -> str:
+    engine = value.get("engine", "auto") if isinstance(value, dict) else getattr(value, "engine", "auto")
+    return str(engine)
+
+
+# One model: the common part plus the options of its engine kind, chosen by ``engine:`` (default auto), so an
+# option of another engine is refused with its name ("models.0.transformers.kv_cache_gib: Extra inputs ...").
+ModelSpec = Annotated[
+    Annotated[TransformersSpec, Tag("transformers")] | Annotated[VllmSpec, Tag("vllm")]
+    | Annotated[AutoSpec, Tag("auto")] | Annotated[FakeSpec, Tag("fake")] | Annotated[UpstreamSpec, Tag("upstream")],
+    Discriminator(_engine_of),
+]
+LocalSpec = TransformersSpec | VllmSpec | AutoSpec  # models whose weights this server loads
+
+_MODEL_SPEC: TypeAdapter[ModelSpec] = TypeAdapter(ModelSpec)
+
+
+def model_spec(**fields: object) -> ModelSpec:
+    """A ModelSpec of the engine kind ``fields["engine"]`` names (default auto), validated."""
+    return _MODEL_SPEC.validate_python(fields)
 
 
 def default_state_dir() -> Path:
@@ -222,11 +289,22 @@ def _read_yaml(path: Path) -> dict[str, object]:
     return raw
 
 
+_ENGINES = frozenset({"transformers", "vllm", "auto", "fake", "upstream"})
+
+
 def _describe(exc: ValidationError) -> str:
+    """Each error at its key's path; for a model, the engine kind whose options were checked is named once."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        parts.append(f"{loc}: {err['msg']}")
+        loc = [str(p) for p in err["loc"]]
+        engine = next((p for p in loc[2:3] if loc[:1] == ["models"] and p in _ENGINES), None)
+        if engine is not None:
+            loc.remove(engine)
+        where = ".".join(loc)
+        if engine is not None and err["type"] == "extra_forbidden":
+            parts.append(f"{where}: '{loc[-1]}' is not an option of engine {engine}")
+        else:
+            parts.append(f"{where}: {err['msg']}" + (f" (engine {engine})" if engine is not None else ""))
     return "; ".join(parts)
 
 

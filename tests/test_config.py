@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from inhouse.config import BUILTIN_CHAT_MODEL, ConfigError, load_settings
+from inhouse.config import BUILTIN_CHAT_MODEL, ConfigError, UpstreamSpec, load_settings, model_spec
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -69,3 +69,19 @@ def test_bad_config_is_explained(tmp_path: Path, text: str, fragment: str) -> No
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(Path("/nonexistent/inhouse.yaml"))
+
+
+def test_an_option_of_another_engine_is_refused_by_name() -> None:
+    for model, key, engine in (({"name": "a", "path": "/m", "engine": "transformers", "kv_cache_gib": 2},
+                                "kv_cache_gib", "transformers"),
+                               ({"name": "b", "path": "/m", "base_url": "http://x/v1"}, "base_url", "auto"),
+                               ({"name": "c", "engine": "upstream", "base_url": "http://x/v1", "dtype": "bf16"},
+                                "dtype", "upstream")):
+        with pytest.raises(ConfigError) as refused:
+            load_settings(overrides={"models": [model]})
+        assert f"models.0.{key}: '{key}' is not an option of engine {engine}" in str(refused.value)
+    with pytest.raises(ConfigError, match=r"models\.0\.base_url: Field required \(engine upstream\)"):
+        load_settings(overrides={"models": [{"name": "d", "engine": "upstream"}]})
+    spec = model_spec(name="e", engine="upstream", base_url="http://x/v1")
+    assert isinstance(spec, UpstreamSpec) and spec.deployment_label == "http://x/v1"
+    assert model_spec(name="f", path="/m").engine == "auto"  # the default kind

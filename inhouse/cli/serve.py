@@ -14,7 +14,9 @@ from inhouse.config import (
     DEFAULT_MODEL_NAME,
     ConfigError,
     ExtraModels,
+    ModelSpec,
     Settings,
+    UpstreamSpec,
     load_settings,
 )
 
@@ -43,8 +45,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--auth", choices=["keys", "none"], help="keys (default): every API route needs a key; "
                    "none: no authentication, for a lab only")
     p.add_argument("--redis-url", help="share rate limits with every replica using this Redis (redis://...)")
-    p.add_argument("--upstream", action="append", default=[], metavar="NAME=BASE_URL",
-                   help="serve NAME from an OpenAI-compatible server (repeatable; the same NAME twice balances)")
+    p.add_argument("--upstream", action="append", default=[], metavar="NAME=[ID@]BASE_URL",
+                   help="serve NAME from an OpenAI-compatible server, which calls it ID (default: NAME; "
+                   "repeatable; the same NAME twice balances)")
+    p.add_argument("--upstream-model", action="append", default=[], metavar="NAME=ID",
+                   help="the upstream's model id for NAME (what its GET /models lists), for every deployment of NAME")
     p.add_argument("--upstream-key", action="append", default=[], metavar="NAME=KEY",
                    help="the API key for NAME's upstream")
     p.add_argument("--fallback", action="append", default=[], metavar="NAME=OTHER",
@@ -99,12 +104,33 @@ def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
     return out
 
 
+def _upstream_target(name: str, value: str) -> tuple[str | None, str]:
+    """``ID@URL`` → (ID, URL), the URL starting at the last ``@http`` (an ID may hold ``/``, ``:`` and ``@``);
+    a bare URL → (None, URL)."""
+    at = value.rfind("@http")
+    if at == -1:
+        return None, value
+    model, url = value[:at].strip(), value[at + 1:].strip()
+    if not model:
+        raise ConfigError(f"--upstream {name}={value}: the model id before '@' is empty")
+    return model, url
+
+
 def _gateway_flags(args: argparse.Namespace) -> ExtraModels:
     keys = dict(_pairs(args.upstream_key, "--upstream-key"))
+    upstream_models = dict(_pairs(args.upstream_model, "--upstream-model"))
+    upstreams = _pairs(args.upstream, "--upstream")
+    unknown = sorted(set(upstream_models) - {name for name, _ in upstreams})
+    if unknown:
+        raise ConfigError(f"--upstream-model {unknown[0]}=...: there is no --upstream {unknown[0]}=...")
     models: list[dict[str, object]] = []
-    for name, url in _pairs(args.upstream, "--upstream"):
+    for name, value in upstreams:
+        model, url = _upstream_target(name, value)
+        if model is not None and name in upstream_models and upstream_models[name] != model:
+            raise ConfigError(f"--upstream {name}={value} names model {model!r} but --upstream-model says "
+                              f"{upstream_models[name]!r}")
         models.append({"name": name, "engine": "upstream", "base_url": url, "api_key": keys.get(name),
-                       "deployment": url})
+                       "upstream_model": model or upstream_models.get(name), "deployment": url})
     fallbacks: dict[str, list[str]] = {}
     for name, other in _pairs(args.fallback, "--fallback"):
         fallbacks.setdefault(name, []).append(other)
@@ -125,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from inhouse.engine.factory import build_engine
+    from inhouse.gateway.health import HealthMonitor
     from inhouse.gateway.registry import ModelRegistry
+    from inhouse.gateway.router import Router
     from inhouse.server import create_app
 
     try:
@@ -134,9 +162,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"inhouse: {exc}", file=sys.stderr)
         return 2
     registry = ModelRegistry.of((spec, build_engine(spec, settings.cache_dir)) for spec in settings.models)
-    app = create_app(settings, registry, access)
+    router = Router(registry, settings.routing)
+    app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access)
     for spec in settings.models:
-        logging.getLogger("inhouse").info("serving %s from %s (engine %s)", spec.name, spec.path, spec.engine)
+        logging.getLogger("inhouse").info("serving %s from %s (engine %s)", spec.name, _source(spec), spec.engine)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=5)
     return 0
+
+
+def _source(spec: ModelSpec) -> str:
+    """Where a model comes from, for the start-up line: its weights, or its upstream (and the upstream's id)."""
+    if isinstance(spec, UpstreamSpec):
+        model = spec.upstream_model
+        return spec.base_url + (f" as model {model!r}" if model and model != spec.name else "")
+    return spec.path or "no weights"

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
-from inhouse.config import ModelSpec
+from inhouse.config import AutoSpec
 from inhouse.engine.base import (
     Engine,
     EngineInfo,
@@ -30,7 +30,7 @@ log = logging.getLogger("inhouse.engine")
 
 
 class AutoEngine:
-    def __init__(self, spec: ModelSpec, cache_dir: Path) -> None:
+    def __init__(self, spec: AutoSpec, cache_dir: Path) -> None:
         from inhouse.engine.vllm import VllmEngine
 
         self.spec = spec

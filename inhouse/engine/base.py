@@ -8,13 +8,15 @@ and then hands the caller a Generation to iterate.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from inhouse.config import SamplingDefaults
 from inhouse.engine.collector import OutputCollector
 
 __all__ = [
+    "DEFAULTABLE",
     "TEXT",
     "Capability",
     "Delta",
@@ -27,6 +29,7 @@ __all__ = [
     "ModelLoadError",
     "SamplingParams",
     "TokenLogprob",
+    "Usage",
 ]
 
 
@@ -46,10 +49,22 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False
     min_tokens: int = 0
+    # fields the client left out (of DEFAULTABLE): the serving model's defaults fill them, engine side
+    unset: frozenset[str] = frozenset()
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 1e-5 or self.top_k == 1
+
+    def with_defaults(self, defaults: SamplingDefaults) -> SamplingParams:
+        """These parameters with the model's defaults in the fields the client left out."""
+        values = {name: getattr(defaults, name) for name in self.unset if getattr(defaults, name) is not None}
+        if "top_k" in values:
+            values["top_k"] = max(values["top_k"], 0)
+        return replace(self, unset=self.unset - values.keys(), **values)
+
+
+DEFAULTABLE = ("temperature", "top_p", "top_k", "repetition_penalty")  # max_tokens: see completion_budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +86,23 @@ class TokenLogprob:
     top: tuple[tuple[str, float], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one choice used, as the engine counted it (an upstream's own count when it sends one)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
 @dataclass(slots=True)
 class Delta:
-    """New output since the previous Delta.  ``finish_reason`` is set on the last one only."""
+    """New output since the previous Delta.  ``finish_reason`` and ``usage`` are set on the last one only."""
 
     text: str = ""
     token_count: int = 0
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    usage: Usage | None = None
 
     def merge(self, later: Delta) -> None:
         self.text += later.text
@@ -87,6 +111,8 @@ class Delta:
             self.logprobs = (self.logprobs or []) + later.logprobs
         if later.finish_reason is not None:
             self.finish_reason = later.finish_reason
+        if later.usage is not None:
+            self.usage = later.usage
 
 
 class ModelLoadError(Exception):
@@ -160,10 +186,10 @@ class Generation:
         for callback in callbacks:
             callback()
 
-    def __aiter__(self) -> AsyncIterator[Delta]:
+    def __aiter__(self) -> AsyncGenerator[Delta]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[Delta]:
+    async def _iterate(self) -> AsyncGenerator[Delta]:
         try:
             while not self._done:
                 delta = await self._collector.get()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from inhouse.config import ModelSpec
+from inhouse.config import LocalSpec
 from inhouse.engine.base import ModelLoadError
 
 __all__ = ["convert_gguf", "resolve_checkpoint"]
@@ -76,7 +76,7 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     return target
 
 
-def resolve_checkpoint(spec: ModelSpec, cache_dir: Path) -> Path:
+def resolve_checkpoint(spec: LocalSpec, cache_dir: Path) -> Path:
     """The HF checkpoint directory to load for ``spec``, converting GGUF files when needed."""
     if spec.path.startswith("builtin:"):
         return convert_gguf(_builtin_gguf(spec.path), cache_dir)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from inhouse.config import ModelSpec
+from inhouse.config import AutoSpec, FakeSpec, ModelSpec, UpstreamSpec, VllmSpec
 from inhouse.engine.base import Engine
 
 __all__ = ["build_engine"]
@@ -18,8 +18,7 @@ log = logging.getLogger("inhouse.engine")
 
 
 def build_engine(spec: ModelSpec, cache_dir: Path) -> Engine:
-    kind = spec.engine
-    if kind == "auto":
+    if isinstance(spec, AutoSpec):
         from inhouse.engine.vllm import vllm_available
 
         if vllm_available():
@@ -27,17 +26,16 @@ def build_engine(spec: ModelSpec, cache_dir: Path) -> Engine:
 
             log.info("model %s: engine auto → vllm (transformers if vLLM refuses the model)", spec.name)
             return AutoEngine(spec, cache_dir)
-        kind = "transformers"
         log.info("model %s: engine auto → transformers (vLLM is not installed)", spec.name)
-    if kind == "upstream":
+    elif isinstance(spec, UpstreamSpec):
         from inhouse.engine.upstream import UpstreamEngine
 
         return UpstreamEngine(spec)
-    if kind == "fake":
+    elif isinstance(spec, FakeSpec):
         from inhouse.engine.fake import FakeEngine
 
         return FakeEngine(spec)
-    if kind == "vllm":
+    elif isinstance(spec, VllmSpec):
         from inhouse.engine.vllm import VllmEngine
 
         return VllmEngine(spec, cache_dir)

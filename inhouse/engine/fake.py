@@ -12,9 +12,9 @@ import asyncio
 import re
 from collections.abc import Sequence as Seq
 
-from inhouse.config import ModelSpec
+from inhouse.config import FakeSpec
 from inhouse.engine.admission import AdmissionGate, completion_budget
-from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
+from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation, Usage
 from inhouse.engine.collector import OutputCollector
 from inhouse.errors import ErrorCode, InhouseError
 
@@ -24,7 +24,7 @@ _WORD = re.compile(r"\S+\s*")
 
 
 class FakeEngine:
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: FakeSpec) -> None:
         self.spec = spec
         self._state = EngineState.LOADING
         self._pieces = _WORD.findall(spec.fake_reply) or [spec.fake_reply]
@@ -92,6 +92,7 @@ class FakeEngine:
     async def _emit(self, request: GenerateRequest, max_tokens: int, collector: OutputCollector[Delta],
                     cancelled: asyncio.Event) -> None:
         stops = request.sampling.stop
+        prompt_tokens = _count_prompt(request)
         text_so_far = ""
         for count, piece in enumerate(self._pieces[:max_tokens], start=1):
             if cancelled.is_set():
@@ -104,12 +105,14 @@ class FakeEngine:
             candidate = text_so_far + piece
             cut = min((candidate.find(s) for s in stops if s in candidate), default=-1)
             if cut != -1:
-                collector.put(Delta(text=candidate[len(text_so_far):cut], token_count=1, finish_reason="stop"))
+                collector.put(Delta(text=candidate[len(text_so_far):cut], token_count=1, finish_reason="stop",
+                                    usage=Usage(prompt_tokens, count)))
                 return
             text_so_far = candidate
             last = count == min(max_tokens, len(self._pieces))
             finish = None if not last else ("stop" if count == len(self._pieces) else "length")
-            collector.put(Delta(text=piece, token_count=1, finish_reason=finish))
+            collector.put(Delta(text=piece, token_count=1, finish_reason=finish,
+                                usage=Usage(prompt_tokens, count) if finish else None))
 
 
 def _count_prompt(request: GenerateRequest) -> int:

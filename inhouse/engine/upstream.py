@@ -31,8 +31,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from inhouse.config import ModelSpec
-from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
+from inhouse.config import UpstreamSpec
+from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation, Usage
 from inhouse.engine.collector import OutputCollector
 from inhouse.errors import ErrorCode, InhouseError
 
@@ -51,8 +51,7 @@ class UpstreamUnavailableError(InhouseError):
 
 
 class UpstreamEngine:
-    def __init__(self, spec: ModelSpec) -> None:
-        assert spec.base_url is not None
+    def __init__(self, spec: UpstreamSpec) -> None:
         self.spec = spec
         self._base = spec.base_url.rstrip("/")
         self._state = EngineState.LOADING
@@ -85,22 +84,29 @@ class UpstreamEngine:
             await self._session.close()
         self._state = EngineState.CLOSED
 
-    async def probe(self, timeout: float, kind: str = "models") -> bool:
-        """Health check: ``GET /models`` answers 200, or (``completion``) a 1-token chat completion does."""
+    async def probe(self, timeout: float, kind: str = "models") -> str | None:
+        """Health check (the gateway's ``HealthProbe``): None when healthy, else the reason.
+
+        ``models``: ``GET /models`` answers 200 with a model list that has the model id this engine asks for;
+        ``completion``: a 1-token chat completion of that model answers 200."""
         if self._session is None:
-            return False
+            return "the upstream client is not started"
+        model = self.spec.upstream_model or self.spec.name
         limit = aiohttp.ClientTimeout(total=timeout)
         try:
             if kind == "completion":
-                body = {"model": self.spec.upstream_model or self.spec.name, "max_tokens": 1,
-                        "messages": [{"role": "user", "content": "ping"}]}
+                body = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
                 async with self._session.post(self._base + "/chat/completions", data=orjson.dumps(body),
                                               headers={"Content-Type": "application/json"}, timeout=limit) as r:
-                    return r.status == 200
+                    return None if r.status == 200 else f"a 1-token completion of '{model}' answered {r.status}"
             async with self._session.get(self._base + "/models", timeout=limit) as r:
-                return r.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+                if r.status != 200:
+                    return f"GET /models answered {r.status}"
+                return _serves(await r.read(), model)
+        except TimeoutError:
+            return f"no answer within {timeout:g} s (health_timeout_seconds)"
+        except (aiohttp.ClientError, OSError) as exc:
+            return f"the upstream is unreachable ({type(exc).__name__})"
 
     async def submit(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
         """Each choice is its own upstream request, sent in turn; all are admitted or none (the admitted ones
@@ -327,8 +333,8 @@ class _Usage:
     """Turns chunks into Deltas and keeps the usage: the upstream's when sent, else counted.
 
     Upstreams report usage with the finishing chunk or in a ``choices: []`` chunk after it, so the
-    finishing Delta is held until the stream ends; then the upstream's prompt tokens replace the estimate
-    on the Generation and its completion tokens correct the count of chunks.
+    finishing Delta is held until the stream ends; then it carries the choice's Usage: the upstream's
+    prompt tokens (else the admission estimate) and its completion tokens (else the chunks counted).
     """
 
     def __init__(self) -> None:
@@ -350,10 +356,10 @@ class _Usage:
         return Delta(text=chunk.text, token_count=tokens, finish_reason=reason)
 
     def settle(self, finishing: Delta, generation: Generation) -> Delta:
-        if self.prompt is not None:
-            generation.prompt_tokens = self.prompt
         if self.reported is not None:
             finishing.token_count += self.reported - self.counted
+        prompt = self.prompt if self.prompt is not None else generation.prompt_tokens
+        finishing.usage = Usage(prompt, self.reported if self.reported is not None else self.counted)
         return finishing
 
 
@@ -369,11 +375,12 @@ def _estimate_prompt_tokens(request: GenerateRequest) -> int:
     return cjk + max(1, (len(text) - cjk + 3) // 4) + 4 * len(request.messages or ())
 
 
-def _body(request: GenerateRequest, spec: ModelSpec) -> dict[str, Any]:
-    s = request.sampling
+def _body(request: GenerateRequest, spec: UpstreamSpec) -> dict[str, Any]:
+    s = request.sampling.with_defaults(spec.defaults)
     body: dict[str, Any] = {"model": spec.upstream_model or spec.name, "stream": True,
-                            "stream_options": {"include_usage": True}, "temperature": s.temperature,
-                            "top_p": s.top_p}
+                            "stream_options": {"include_usage": True}}
+    # what the client left out and this deployment has no default for: the upstream's own default applies
+    body.update({name: getattr(s, name) for name in ("temperature", "top_p") if name not in s.unset})
     if request.messages is not None:
         body["messages"] = list(request.messages)
         if request.tools:
@@ -384,6 +391,19 @@ def _body(request: GenerateRequest, spec: ModelSpec) -> dict[str, Any]:
                 "presence_penalty": s.presence_penalty or None, "frequency_penalty": s.frequency_penalty or None}
     body.update({k: v for k, v in optional.items() if v is not None})
     return body
+
+
+def _serves(body: bytes, model: str) -> str | None:
+    """None when an OpenAI model list (``{"data": [{"id": ...}, ...]}``) has ``model``, else the reason."""
+    try:
+        data = orjson.loads(body).get("data")
+        ids = [str(entry["id"]) for entry in data]
+    except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
+        return "GET /models answered 200 without a model list"
+    if model in ids or f"{model}:latest" in ids:  # Ollama lists "llama3" as "llama3:latest"
+        return None
+    listed = ", ".join(ids[:20]) + (f" (and {len(ids) - 20} more)" if len(ids) > 20 else "")
+    return f"the upstream does not serve model '{model}'; it lists: {listed or 'nothing'}"
 
 
 async def _status_error(response: aiohttp.ClientResponse, label: str) -> InhouseError:

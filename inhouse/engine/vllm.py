@@ -17,7 +17,7 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
-from inhouse.config import ModelSpec
+from inhouse.config import VllmSpec
 from inhouse.engine.admission import AdmissionGate, check_ready, completion_budget
 from inhouse.engine.base import (
     Delta,
@@ -27,7 +27,9 @@ from inhouse.engine.base import (
     GenerateRequest,
     Generation,
     ModelLoadError,
+    SamplingParams,
     TokenLogprob,
+    Usage,
 )
 from inhouse.engine.checkpoint import resolve_checkpoint
 from inhouse.engine.collector import OutputCollector
@@ -56,7 +58,7 @@ class _SchedulerState:
 def _stat_logger_factory(state: _SchedulerState) -> Any:
     from vllm.v1.metrics.loggers import StatLoggerBase
 
-    class InhouseStatLogger(StatLoggerBase):
+    class InhouseStatLogger(StatLoggerBase):  # type: ignore[misc]  # vLLM is untyped here
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
             pass
 
@@ -78,7 +80,7 @@ class VllmEngine:
     # starting at once must not see each other's settings.
     _spawn_lock = threading.Lock()
 
-    def __init__(self, spec: ModelSpec, cache_dir: Path) -> None:
+    def __init__(self, spec: VllmSpec, cache_dir: Path) -> None:
         self.spec = spec
         self._cache_dir = cache_dir
         self._state = EngineState.LOADING
@@ -182,7 +184,8 @@ class VllmEngine:
         for request, prompt_ids in zip(requests, prompts, strict=True):
             max_tokens = completion_budget(len(prompt_ids), request.sampling.max_tokens, self._info.context_length,
                                            self.spec.defaults.max_tokens, self.spec.clamp_max_tokens)
-            admitted.append((request, prompt_ids, max_tokens, _sampling_params(request, max_tokens)))
+            sampling = request.sampling.with_defaults(self.spec.defaults)
+            admitted.append((request, prompt_ids, max_tokens, _sampling_params(sampling, max_tokens)))
         self._gate.admit(len(admitted))
         generations = []
         loop = asyncio.get_running_loop()
@@ -200,15 +203,25 @@ class VllmEngine:
 
     async def _pump(self, request: GenerateRequest, prompt_ids: list[int], params: Any,
                     collector: OutputCollector[Delta]) -> None:
+        """Hand vLLM's DELTA outputs on as Deltas, their text unchanged.
+
+        vLLM's detokenizer (tokenizers' DecodeStream, or its slow fallback) sends no text while it decodes to a
+        trailing U+FFFD and sends nothing more at a finish, so a length cut inside a character ends the text
+        before it, as the local engine does; a U+FFFD in ``choice.text`` is therefore one the model wrote, and
+        nothing is stripped.  (It also holds back whole text that shares a token with the unfinished bytes.)
+        """
         from vllm.inputs import TokensPrompt
 
+        generated = 0
         try:
             async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params,
                                                    request.request_id):
                 choice = output.outputs[0]
                 finish = choice.finish_reason if output.finished else None
+                generated += len(choice.token_ids)
                 collector.put(Delta(text=choice.text, token_count=len(choice.token_ids),
-                                    logprobs=_logprobs(choice, request), finish_reason=_finish(finish)))
+                                    logprobs=_logprobs(choice, request), finish_reason=_finish(finish),
+                                    usage=Usage(len(prompt_ids), generated) if finish is not None else None))
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -225,12 +238,11 @@ def _finish(reason: str | None) -> str | None:
     return reason if reason in ("stop", "length") else "stop"
 
 
-def _sampling_params(request: GenerateRequest, max_tokens: int) -> Any:
+def _sampling_params(s: SamplingParams, max_tokens: int) -> Any:
     """vLLM's SamplingParams, built before admission: what vLLM refuses is this request's 400, never a 500 later."""
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    s = request.sampling
     try:
         return VllmSamplingParams(
             n=1,
@@ -268,7 +280,7 @@ def _logprobs(choice: Any, request: GenerateRequest) -> list[TokenLogprob] | Non
     return entries
 
 
-def _runs_on_cpu(spec: ModelSpec) -> bool:
+def _runs_on_cpu(spec: VllmSpec) -> bool:
     if spec.device == "cpu":
         return True
     from vllm.platforms import current_platform
@@ -323,7 +335,7 @@ def _available_gib() -> float | None:
     return None
 
 
-def _cpu_environment(spec: ModelSpec) -> None:
+def _cpu_environment(spec: VllmSpec) -> None:
     """vLLM's CPU backend reads its knobs from the environment; set sensible ones for small machines."""
     cores = os.cpu_count() or 1
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)  # per model: kv_cache_gib is the setting

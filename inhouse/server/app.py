@@ -22,6 +22,7 @@ from inhouse.server.routes.chat import chat_completions
 from inhouse.server.routes.completions import completions
 from inhouse.server.routes.health import health, ready
 from inhouse.server.routes.models import get_model, list_models
+from inhouse.server.sinks import sinks_for
 
 __all__ = ["create_app"]
 
@@ -50,12 +51,12 @@ def _routes() -> list[Route]:
     return routes
 
 
-def create_app(settings: Settings, registry: ModelRegistry, access: AccessParts | None = None) -> Starlette:
-    """Without ``access`` (or with its parts None): no keys, an in-memory limiter, no audit log."""
+def create_app(settings: Settings, registry: ModelRegistry, router: Router, health: HealthMonitor,
+               access: AccessParts | None = None) -> Starlette:
+    """The app over already-built parts; its lifespan starts them (loading, health checks, audit) and closes
+    them.  Without ``access`` (or with its parts None): no keys, an in-memory limiter, no audit log."""
     access = access or AccessParts()
     keys, limiter, audit = access.keys, access.limiter, access.audit
-
-    health = HealthMonitor(registry, settings.routing)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -73,11 +74,11 @@ def create_app(settings: Settings, registry: ModelRegistry, access: AccessParts 
                 audit.close()
 
     public = {"/health", "/ready", OPENAPI_PATH} | ({"/metrics"} if settings.metrics_public else set())
-    middleware = Middleware(AccessMiddleware, keys=keys, limiter=limiter, audit=audit,  # type: ignore[arg-type]
+    middleware = Middleware(AccessMiddleware, keys=keys, limiter=limiter, sinks=sinks_for(audit),
                             public_paths=frozenset(public), keep_text=settings.audit.text != "off")
     routes = [*_routes(), openapi_route(build_openapi(settings.models[0].name if settings.models else None))]
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,  # type: ignore[arg-type]
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
                     middleware=[middleware])
-    app.state.inhouse = ServerContext(settings=settings, registry=registry, router=Router(registry, settings.routing),
+    app.state.inhouse = ServerContext(settings=settings, registry=registry, router=router,
                                       keys=keys, db=access.db)
     return app

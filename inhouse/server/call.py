@@ -1,8 +1,12 @@
-"""Call: what one API call did, filled in by the route and the stream as it goes, audited at its end.
+"""Call: what one API call did, and the one event that ends it.
 
-Owns the per-request record that the access middleware creates and routes reach with ``call_of``.
-Routes say which model was asked and answered and what it used; the streaming generator adds the
-first-token time, tokens and finish reason as they happen.
+Owns the per-request record that the access middleware opens and routes reach with ``call_of``.  Routes
+say which model was asked and answered, what the answer used and how it finished; then the call ends,
+once, through ``end(status)``: its record is complete and every sink sees it (the audit log, and next
+the metrics and the structured access log).  ``end`` returns False when a sink that must keep the call
+(the audit log) could not: the answer must then not be acknowledged.  Who calls ``end``: a stream just
+before its ``[DONE]``, the access middleware when any other response starts, or when the app returns
+without a response (the client left, or the app failed).
 """
 
 from __future__ import annotations
@@ -10,25 +14,35 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from starlette.requests import Request
 
 from inhouse.audit.record import AuditRecord
+from inhouse.engine.base import Usage
 from inhouse.errors import ErrorCode, InhouseError
 from inhouse.keys.store import ApiKey
 
-__all__ = ["Call", "call_of"]
+__all__ = ["Call", "CallSink", "call_of"]
+
+
+class CallSink(Protocol):
+    async def __call__(self, record: AuditRecord) -> bool:
+        """Take the ended call's record; False if it could not be kept and the call must not be acknowledged."""
 
 
 @dataclass
 class Call:
     record: AuditRecord
+    sinks: tuple[CallSink, ...] = ()
     started: float = field(default_factory=time.monotonic)
     key: ApiKey | None = None
     keep_text: bool = False
     # reserves tokens against the key's budget (429 insufficient_quota when they do not fit); set by the
     # access middleware for keys with a token budget
     budget: Callable[[int], Awaitable[None]] | None = None
+    streaming: bool = False  # the answer is a stream, which ends the call itself before its [DONE]
+    ended: bool = False
     _text: list[str] = field(default_factory=list)
 
     def asked(self, request_id: str, model: str, stream: bool) -> None:
@@ -48,12 +62,14 @@ class Call:
         self.record.served_model, self.record.deployment = model, deployment
 
     def prompt(self, text: str | None, tokens: int) -> None:
+        """The prompt as admitted (its text kept when the audit log keeps text); ``used`` has the final count."""
         self.record.prompt_tokens = tokens
         if self.keep_text:
             self.record.prompt_text = text
 
     def output(self, text: str, tokens: int) -> None:
-        """A piece of the answer (streaming) or all of it (blocking)."""
+        """A piece of the answer (streaming) or all of it (blocking): the first one is the time to first token.
+        Tokens are counted as they come, so a call that ends early still has what it used."""
         if text and self.record.ttft_ms is None:
             self.record.ttft_ms = round((time.monotonic() - self.started) * 1000, 3)
         self.record.completion_tokens = (self.record.completion_tokens or 0) + tokens
@@ -61,11 +77,26 @@ class Call:
             self._text.append(text)
             self.record.response_text = "".join(self._text)
 
-    def finished(self, reason: str | None) -> None:
-        self.record.finish_reason = reason
+    def used(self, usage: Usage, finish_reason: str | None) -> None:
+        """What the whole answer used (every choice) and how it finished."""
+        self.record.prompt_tokens, self.record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        self.record.finish_reason = finish_reason
 
-    def failed(self, code: str) -> None:
-        self.record.error_code = code
+    def failed(self, code: ErrorCode) -> None:
+        self.record.error_code = code.value
+
+    async def end(self, status: int) -> bool:
+        """The call is over: complete its record and hand it to every sink, once.  False if a sink could not
+        keep it (the caller must not acknowledge the answer)."""
+        if self.ended:
+            return True
+        self.ended = True
+        self.record.status = status
+        self.record.latency_ms = round((time.monotonic() - self.started) * 1000, 3)
+        kept = True
+        for sink in self.sinks:
+            kept = await sink(self.record) and kept
+        return kept
 
     @property
     def tokens(self) -> int:

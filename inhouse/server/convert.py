@@ -1,14 +1,15 @@
 """Wire → engine: turns validated protocol requests into engine GenerateRequests.
 
-Wire types stop here.  Model defaults from the config fill in what the request leaves out.
+Wire types stop here.  What the request leaves out of the defaultable sampling fields gets the neutral value
+and is named in ``SamplingParams.unset``: the engine that serves it fills in its model's configured
+defaults (engine side of the seam, so each deployment applies its own).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from inhouse.config import SamplingDefaults
-from inhouse.engine.base import GenerateRequest, SamplingParams
+from inhouse.engine.base import DEFAULTABLE, GenerateRequest, SamplingParams
 from inhouse.errors import ErrorCode, InhouseError
 from inhouse.protocol.chat import ChatCompletionRequest, ChatMessage
 from inhouse.protocol.common import SamplingFields
@@ -26,28 +27,24 @@ def check_choices(n: int, prompts: int, limit: int) -> None:
                            param="n" if prompts == 1 else "prompt")
 
 
-def _sampling(body: SamplingFields, defaults: SamplingDefaults, logprobs: bool, top_logprobs: int,
-              index: int) -> SamplingParams:
-    def pick(value: Any, default: Any, fallback: Any) -> Any:
-        return value if value is not None else (default if default is not None else fallback)
-
-    top_k = pick(body.top_k, defaults.top_k, 0)
+def _sampling(body: SamplingFields, logprobs: bool, top_logprobs: int, index: int) -> SamplingParams:
     seed = body.seed + index if body.seed is not None else None
     return SamplingParams(
         max_tokens=body.max_tokens,
-        temperature=pick(body.temperature, defaults.temperature, 1.0),
-        top_p=pick(body.top_p, defaults.top_p, 1.0),
-        top_k=max(top_k, 0),
+        temperature=body.temperature if body.temperature is not None else 1.0,
+        top_p=body.top_p if body.top_p is not None else 1.0,
+        top_k=max(body.top_k, 0) if body.top_k is not None else 0,
         seed=seed,
         stop=body.stop_list(),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=pick(body.repetition_penalty, defaults.repetition_penalty, 1.0),
+        repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         ignore_eos=body.ignore_eos,
         min_tokens=body.min_tokens,
+        unset=frozenset(name for name in DEFAULTABLE if getattr(body, name) is None),
     )
 
 
@@ -75,7 +72,7 @@ def _message(message: ChatMessage, index: int) -> dict[str, Any]:
     return out
 
 
-def chat_requests(body: ChatCompletionRequest, defaults: SamplingDefaults, request_id: str) -> list[GenerateRequest]:
+def chat_requests(body: ChatCompletionRequest, request_id: str) -> list[GenerateRequest]:
     messages = tuple(_message(m, i) for i, m in enumerate(body.messages))
     top = body.top_logprobs or 0
     if top and not body.logprobs:
@@ -83,7 +80,7 @@ def chat_requests(body: ChatCompletionRequest, defaults: SamplingDefaults, reque
     return [
         GenerateRequest(
             request_id=f"{request_id}-{i}",
-            sampling=_sampling(body, defaults, body.logprobs, top, i),
+            sampling=_sampling(body, body.logprobs, top, i),
             messages=messages,
             tools=tuple(body.tools) if body.tools else None,
             chat_template_kwargs=dict(body.chat_template_kwargs or {}),
@@ -92,7 +89,7 @@ def chat_requests(body: ChatCompletionRequest, defaults: SamplingDefaults, reque
     ]
 
 
-def completion_requests(body: CompletionRequest, defaults: SamplingDefaults, request_id: str) -> list[GenerateRequest]:
+def completion_requests(body: CompletionRequest, request_id: str) -> list[GenerateRequest]:
     wants = body.logprobs is not None
     out = []
     for p, prompt in enumerate(body.prompts()):
@@ -101,7 +98,7 @@ def completion_requests(body: CompletionRequest, defaults: SamplingDefaults, req
             out.append(
                 GenerateRequest(
                     request_id=f"{request_id}-{index}",
-                    sampling=_sampling(body, defaults, wants, body.logprobs or 0, index),
+                    sampling=_sampling(body, wants, body.logprobs or 0, index),
                     prompt=prompt,
                 )
             )

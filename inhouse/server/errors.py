@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inhouse.errors import ErrorCode, InhouseError
+from inhouse.server.call import call_of
 from inhouse.server.disconnect import ClientDisconnectedError
 from inhouse.server.render import error_response
 
@@ -19,9 +20,17 @@ log = logging.getLogger("inhouse.server")
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.BODY_TOO_LARGE}
 
 
+def _answer(request: Request, error: InhouseError, headers: dict[str, str] | None = None) -> Response:
+    """The error's response; its code is noted on the call, whose end the response's start is."""
+    call = call_of(request)
+    if call is not None:
+        call.failed(error.code)
+    return error_response(error, headers=headers)
+
+
 async def _inhouse_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, InhouseError)
-    return error_response(exc)
+    return _answer(request, exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -33,12 +42,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         message = f"method {request.method} is not allowed on {request.url.path}"
     else:
         message = "the request could not be handled"
-    return error_response(InhouseError(code, message), headers=dict(exc.headers or {}))
+    return _answer(request, InhouseError(code, message), headers=dict(exc.headers or {}))
 
 
 async def _disconnected(request: Request, exc: Exception) -> Response:
-    """Nobody reads it; it carries the outcome to the audit row (the access middleware logs the one line)."""
-    return error_response(InhouseError(ErrorCode.CLIENT_DISCONNECTED, "the client closed the connection"))
+    """Nobody reads it; it ends the call as 499 ``client_disconnected`` (the access-log sink writes the one line)."""
+    return _answer(request, InhouseError(ErrorCode.CLIENT_DISCONNECTED, "the client closed the connection"))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from inhouse.config import ModelSpec
-from inhouse.engine.base import Delta, GenerateRequest, Generation, TokenLogprob
+from inhouse.engine.base import Delta, GenerateRequest, Generation, TokenLogprob, Usage
 from inhouse.gateway.router import Routed
 from inhouse.server.call import Call, call_of
 from inhouse.server.context import context_of
 from inhouse.server.disconnect import ClientDisconnectedError
 
-__all__ = ["ChoiceResult", "collect", "merged", "route"]
+__all__ = ["ChoiceResult", "collect", "merged", "route", "total_usage"]
 
 
 @dataclass
@@ -29,35 +28,56 @@ class ChoiceResult:
     tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    usage: Usage | None = None  # from the finishing Delta
     _parts: list[str] = field(default_factory=list)
 
 
+def total_usage(usages: Sequence[Usage], prompt_of: Callable[[Sequence[Usage]], int]) -> Usage:
+    """The call's usage from its choices': ``prompt_of`` counts the prompt once per prompt (chat choices share
+    one; each prompt of a completions call has ``n`` choices)."""
+    return Usage(prompt_of(usages), sum(u.completion_tokens for u in usages))
+
+
 async def route(request: Request, model: str, stream: bool, request_id: str,
-                build: Callable[[ModelSpec], list[GenerateRequest]]) -> tuple[Routed, Call | None]:
+                requests: list[GenerateRequest]) -> tuple[Routed[list[Generation]], Call | None]:
     """Find the model (404), check the key may use it (403), admit it where the router says, note who answered,
-    and reserve prompt + max_tokens against the key's token budget (429, the admitted work aborted)."""
+    and reserve prompt + max_tokens against the key's token budget (429, the admitted work aborted).
+    The deployment counts the call in flight until its last generation ends."""
     ctx = context_of(request)
     ctx.registry.deployments(model)  # an unknown model is 404 before the key's scope is 403
     call = call_of(request)
     if call is not None:
         call.asked(request_id, model, stream)
-    routed = await ctx.router.submit(model, build)
+    routed = await ctx.router.call(model, lambda d: d.engine.submit(requests))
+    remaining = len(routed.result)
+
+    def one_done() -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0:
+            routed.release()
+
+    for generation in routed.result:
+        generation.add_done_callback(one_done)
+    if not routed.result:
+        routed.release()
     if call is not None:
         call.served(routed.model, routed.deployment.label)
         try:  # the key's token budget holds what this call may use, before it uses any
-            await call.reserve(sum(g.prompt_tokens + g.max_tokens for g in routed.generations))
+            await call.reserve(sum(g.prompt_tokens + g.max_tokens for g in routed.result))
         except BaseException:
-            for generation in routed.generations:
+            for generation in routed.result:
                 generation.abort()
             raise
     return routed, call
 
 
-async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, Delta]]:
+async def merged(generations: list[Generation]) -> AsyncGenerator[tuple[int, Delta]]:
     """(choice index, delta) from all generations, as they arrive.  Aborts all when closed early."""
     if len(generations) == 1:
-        async for delta in generations[0]:
-            yield 0, delta
+        async with contextlib.aclosing(aiter(generations[0])) as deltas:  # closed early: aborted at once
+            async for delta in deltas:
+                yield 0, delta
         return
     queue: asyncio.Queue[tuple[int, Delta] | tuple[int, BaseException] | None] = asyncio.Queue()
 
@@ -111,6 +131,7 @@ async def collect(generations: list[Generation], request: Request) -> list[Choic
                 result.logprobs = (result.logprobs or []) + delta.logprobs
             if delta.finish_reason is not None:
                 result.finish_reason = delta.finish_reason
+                result.usage = delta.usage
 
     work = asyncio.ensure_future(gather())
     watch = asyncio.ensure_future(_until_disconnected(request))
@@ -125,6 +146,7 @@ async def collect(generations: list[Generation], request: Request) -> list[Choic
     if work.cancelled():
         raise ClientDisconnectedError
     work.result()
-    for result in results:
+    for result, generation in zip(results, generations, strict=True):
         result.text = "".join(result._parts)
+        result.usage = result.usage or Usage(generation.prompt_tokens, result.tokens)  # engines send it
     return results

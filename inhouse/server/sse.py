@@ -55,6 +55,8 @@ async def with_keepalive(source: AsyncIterator[bytes], interval: float) -> Async
                 async with asyncio.timeout(interval):
                     item = await queue.get()
             except TimeoutError:
+                if task.done() and queue.empty():  # the pump died of a BaseException and queued no end
+                    raise RuntimeError("the stream's source stopped without ending") from None
                 yield KEEPALIVE
                 continue
             if item is None:

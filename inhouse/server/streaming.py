@@ -2,21 +2,24 @@
 
 Owns the order of events every client relies on: the opening chunk per choice, one chunk per
 delta, the finish chunk, usage (on the last finish chunk always, and as a separate ``choices: []``
-chunk when ``stream_options.include_usage`` asks), then ``[DONE]``.  An error after the first byte
-becomes one ``data: {"error": ...}`` event followed by ``[DONE]``.
+chunk when ``stream_options.include_usage`` asks), then the end of the call, then ``[DONE]``.  An error
+after the first byte becomes one ``data: {"error": ...}`` event followed by ``[DONE]``; so does a call
+its sinks could not keep (503 ``audit_unavailable``): the stream never ends cleanly unacknowledged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
-from inhouse.engine.base import Delta, Generation
+from inhouse.engine.base import Delta, Generation, Usage
 from inhouse.errors import ErrorCode, InhouseError
 from inhouse.protocol.common import usage
 from inhouse.server.call import Call
-from inhouse.server.generation import merged
+from inhouse.server.generation import merged, total_usage
+from inhouse.server.sinks import audit_unavailable
 from inhouse.server.sse import DONE, event
 
 __all__ = ["ChunkRenderer", "stream_events"]
@@ -33,43 +36,67 @@ class ChunkRenderer(Protocol):
     def chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]: ...
 
 
-async def stream_events(
-    generations: list[Generation], prompt_tokens: Callable[[], int], include_usage: bool, render: ChunkRenderer,
-    call: Call | None = None,
-) -> AsyncIterator[bytes]:
-    """``prompt_tokens`` is read when usage is sent: an upstream reports it only with its last chunk."""
-    completion_tokens = 0
-    finished = 0
+def stream_events(generations: list[Generation], prompt_of: Callable[[Sequence[Usage]], int], include_usage: bool,
+                  render: ChunkRenderer, call: Call | None = None) -> AsyncIterator[bytes]:
+    """The events of the stream.  The call (if any) is a stream from now on: it is ended by the stream itself,
+    before ``[DONE]``.  ``prompt_of`` turns the choices' usages into the call's prompt tokens."""
+    if call is not None:
+        call.streaming = True
+    return _events(generations, prompt_of, include_usage, render, call)
+
+
+async def _events(generations: list[Generation], prompt_of: Callable[[Sequence[Usage]], int], include_usage: bool,
+                  render: ChunkRenderer, call: Call | None) -> AsyncIterator[bytes]:
+    usages: list[Usage | None] = [None] * len(generations)
+    counted = [0] * len(generations)
+    finish_reason: str | None = None
+    error: InhouseError | None = None
     for index in range(len(generations)):
         opening = render.opening(index)
         if opening is not None:
             yield event(render.chunk([opening], None))
     try:
-        async for index, delta in merged(generations):
-            completion_tokens += delta.token_count
-            if call is not None:
-                call.output(delta.text, delta.token_count)
-                if delta.finish_reason is not None:
-                    call.finished(delta.finish_reason)
-            if delta.finish_reason is None:
-                if delta.text or delta.logprobs:
-                    yield event(render.chunk([render.choice(index, delta)], None))
-                continue
-            finished += 1
-            last = finished == len(generations)
-            totals = usage(prompt_tokens(), completion_tokens) if last and not include_usage else None
-            if last and call is not None:
-                call.record.prompt_tokens = prompt_tokens()
-            yield event(render.chunk([render.choice(index, delta)], totals))
-        if include_usage:
-            yield event(render.chunk([], usage(prompt_tokens(), completion_tokens)))
+        async with contextlib.aclosing(merged(generations)) as deltas:  # closing the stream aborts at once
+            async for index, delta in deltas:
+                counted[index] += delta.token_count
+                if call is not None:
+                    call.output(delta.text, delta.token_count)
+                if delta.finish_reason is None:
+                    if delta.text or delta.logprobs:
+                        yield event(render.chunk([render.choice(index, delta)], None))
+                    continue
+                # engines send usage with the finishing delta; counted here only if one did not
+                usages[index] = delta.usage or Usage(generations[index].prompt_tokens, counted[index])
+                finish_reason = finish_reason or delta.finish_reason
+                done = _all(usages)
+                totals = _wire(total_usage(done, prompt_of)) if done and not include_usage else None
+                yield event(render.chunk([render.choice(index, delta)], totals))
+        done = _all(usages)
+        if include_usage and done:
+            yield event(render.chunk([], _wire(total_usage(done, prompt_of))))
     except InhouseError as exc:
-        if call is not None:
-            call.failed(exc.code.value)
-        yield event(exc.to_dict())
+        error = exc
     except Exception:
         log.exception("stream failed after it started")
-        if call is not None:
-            call.failed(ErrorCode.INTERNAL.value)
-        yield event(InhouseError(ErrorCode.INTERNAL, "the stream failed; the answer is incomplete").to_dict())
+        error = InhouseError(ErrorCode.INTERNAL, "the stream failed; the answer is incomplete")
+    if call is not None:
+        done = _all(usages)
+        if done:  # the engines' own count of the whole answer
+            call.used(total_usage(done, prompt_of), finish_reason)
+        if error is not None:
+            call.failed(error.code)
+        if not await call.end(200):
+            error = audit_unavailable()
+    if error is not None:
+        yield event(error.to_dict())
     yield DONE
+
+
+def _all(usages: list[Usage | None]) -> list[Usage] | None:
+    """Every choice's usage, once every choice finished."""
+    done = [u for u in usages if u is not None]
+    return done if len(done) == len(usages) else None
+
+
+def _wire(total: Usage) -> dict[str, Any]:
+    return usage(total.prompt_tokens, total.completion_tokens)

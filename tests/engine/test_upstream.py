@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from inhouse.config import ModelSpec
+from inhouse.config import UpstreamSpec
 from inhouse.engine.base import GenerateRequest, Generation, SamplingParams
 from inhouse.engine.upstream import UpstreamEngine, UpstreamUnavailableError, _BadChunkError, _parse_chunk
 from inhouse.errors import ErrorCode, InhouseError
@@ -80,7 +80,7 @@ class _Server:
 @pytest.fixture
 async def upstream() -> AsyncIterator[tuple[_Server, UpstreamEngine]]:
     server = await _Server().start()
-    engine = UpstreamEngine(ModelSpec(name="up", engine="upstream", base_url=server.url, first_token_timeout=5,
+    engine = UpstreamEngine(UpstreamSpec(name="up", base_url=server.url, first_token_timeout=5,
                                       total_timeout=10))
     await engine.start()
     yield server, engine
@@ -101,8 +101,9 @@ async def _read(generation: Generation) -> str:
 async def test_a_good_answer_passes_with_the_upstreams_usage(upstream: tuple[_Server, UpstreamEngine]) -> None:
     _, engine = upstream
     [generation] = await engine.submit(_request())
-    assert await _read(generation) == "Hi "
-    assert generation.prompt_tokens == 7
+    deltas = [delta async for delta in generation]
+    assert "".join(d.text for d in deltas) == "Hi "
+    assert deltas[-1].usage is not None and deltas[-1].usage.prompt_tokens == 7  # the upstream's, with the end
 
 
 async def test_a_bad_first_chunk_is_unavailable_and_a_later_one_fails_the_answer(

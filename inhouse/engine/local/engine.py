@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from inhouse.config import ModelSpec
+from inhouse.config import LocalSpec
 from inhouse.engine.admission import AdmissionGate, check_ready, completion_budget
 from inhouse.engine.base import EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
 from inhouse.engine.collector import OutputCollector
@@ -39,7 +39,7 @@ _IDLE_WAIT_SECONDS = 0.5
 
 
 class LocalEngine:
-    def __init__(self, spec: ModelSpec, cache_dir: Path) -> None:
+    def __init__(self, spec: LocalSpec, cache_dir: Path) -> None:
         self.spec = spec
         self._cache_dir = cache_dir
         self._state = EngineState.LOADING
@@ -98,17 +98,18 @@ class LocalEngine:
         loop = asyncio.get_running_loop()
         seqs = []
         for request, prompt_ids in zip(requests, prompts, strict=True):
-            max_tokens = completion_budget(len(prompt_ids), request.sampling.max_tokens, self._info.context_length,
+            sampling = request.sampling.with_defaults(self.spec.defaults)
+            max_tokens = completion_budget(len(prompt_ids), sampling.max_tokens, self._info.context_length,
                                            self.spec.defaults.max_tokens, self.spec.clamp_max_tokens)
             seqs.append(Sequence(
                 request_id=request.request_id,
                 prompt_ids=prompt_ids,
-                sampling=request.sampling,
+                sampling=sampling,
                 max_tokens=max_tokens,
                 collector=OutputCollector(loop),
                 detokenizer=IncrementalDetokenizer(self._loaded.tokenizer, prompt_ids),
-                stop_matcher=StopMatcher(request.sampling.stop),
-                generator=_seeded(request.sampling.seed),
+                stop_matcher=StopMatcher(sampling.stop),
+                generator=_seeded(sampling.seed),
             ))
         self._gate.admit(len(seqs))
         with self._lock:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from inhouse.config import ModelSpec
+from inhouse.config import LocalSpec
 from inhouse.engine.base import ModelLoadError
 from inhouse.engine.checkpoint import resolve_checkpoint
 
@@ -47,7 +47,7 @@ def _pick_dtype(wanted: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_model(spec: ModelSpec, cache_dir: Path, attn_implementation: str) -> LoadedModel:
+def load_model(spec: LocalSpec, cache_dir: Path, attn_implementation: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint = resolve_checkpoint(spec, cache_dir)

@@ -81,7 +81,7 @@ class Sampler:
                 values = row[seen]
                 row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
             if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
-                ids, counts = torch.tensor(seq.output_ids, dtype=torch.long).unique(return_counts=True)
+                ids, counts = torch.unique(torch.tensor(seq.output_ids, dtype=torch.long), return_counts=True)
                 row[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(row.dtype)
             if ban_stop:
                 row[self._stop_ids] = float("-inf")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inhouse.engine.base import Delta, SamplingParams, TokenLogprob
+from inhouse.engine.base import Delta, SamplingParams, TokenLogprob, Usage
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
 
@@ -70,6 +70,7 @@ class Sequence:
                 token_count=1,
                 logprobs=[logprob] if logprob is not None else None,
                 finish_reason=finish,
+                usage=Usage(len(self.prompt_ids), len(self.output_ids)) if finish is not None else None,
             )
         )
         if finish is not None:

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from inhouse.engine.base import Delta
+from inhouse.engine.base import Delta, Usage
 from inhouse.protocol.chat import ChatCompletionRequest, chat_chunk, chat_completion, chat_logprobs
 from inhouse.protocol.common import usage
 from inhouse.server.body import read_model
 from inhouse.server.context import context_of
 from inhouse.server.convert import chat_requests, check_choices
-from inhouse.server.generation import collect, route
+from inhouse.server.generation import collect, route, total_usage
 from inhouse.server.render import json_response
 from inhouse.server.sse import sse_response
 from inhouse.server.streaming import stream_events
@@ -52,20 +53,21 @@ async def chat_completions(request: Request) -> Response:
     check_choices(body.n, 1, ctx.settings.max_choices)
     request_id = ctx.new_id("chatcmpl")
     routed, call = await route(request, body.model, body.stream, request_id,
-                               lambda spec: chat_requests(body, spec.defaults, request_id))
-    generations, model = routed.generations, routed.model
+                               chat_requests(body, request_id))
+    generations, model = routed.result, routed.model
     created = int(time.time())
     headers = {"x-request-id": request_id, "x-inhouse-deployment": routed.deployment.label}
     if call is not None:
         call.prompt(_messages_text(body.messages) if call.keep_text else None, generations[0].prompt_tokens)
     if body.stream:
         render = _ChatChunks(request_id, created, model, body.include_usage)
-        events = stream_events(generations, lambda: generations[0].prompt_tokens, body.include_usage, render, call)
+        events = stream_events(generations, _one_prompt, body.include_usage, render, call)
         return sse_response(events, ctx.settings.keepalive_seconds, headers)
     results = await collect(generations, request)
+    totals = total_usage([r.usage for r in results if r.usage is not None], _one_prompt)
     if call is not None:
-        call.output("".join(r.text for r in results), sum(r.tokens for r in results))
-        call.finished(results[0].finish_reason)
+        call.output("".join(r.text for r in results), totals.completion_tokens)
+        call.used(totals, results[0].finish_reason)
     choices = [
         {
             "index": i,
@@ -75,7 +77,10 @@ async def chat_completions(request: Request) -> Response:
         }
         for i, r in enumerate(results)
     ]
-    totals = usage(generations[0].prompt_tokens, sum(r.tokens for r in results))  # upstreams report it at the end
-    if call is not None:
-        call.record.prompt_tokens = totals["prompt_tokens"]
-    return json_response(chat_completion(request_id, created, model, choices, totals), headers=headers)
+    return json_response(chat_completion(request_id, created, model, choices,
+                                         usage(totals.prompt_tokens, totals.completion_tokens)), headers=headers)
+
+
+def _one_prompt(usages: Sequence[Usage]) -> int:
+    """Every choice of a chat call answers the same prompt."""
+    return usages[0].prompt_tokens

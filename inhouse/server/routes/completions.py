@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from inhouse.engine.base import Delta
+from inhouse.engine.base import Delta, Usage
 from inhouse.protocol.common import usage
 from inhouse.protocol.completions import CompletionRequest, completion, completion_chunk, completion_logprobs
 from inhouse.server.body import read_model
 from inhouse.server.context import context_of
 from inhouse.server.convert import check_choices, completion_requests
-from inhouse.server.generation import collect, route
+from inhouse.server.generation import collect, route, total_usage
 from inhouse.server.render import json_response
 from inhouse.server.sse import sse_response
 from inhouse.server.streaming import stream_events
@@ -49,26 +50,28 @@ async def completions(request: Request) -> Response:
     check_choices(body.n, len(prompts), ctx.settings.max_choices)
     request_id = ctx.new_id("cmpl")
     routed, call = await route(request, body.model, body.stream, request_id,
-                               lambda spec: completion_requests(body, spec.defaults, request_id))
-    generations, model = routed.generations, routed.model
+                               completion_requests(body, request_id))
+    generations, model = routed.result, routed.model
     created = int(time.time())
     headers = {"x-request-id": request_id, "x-inhouse-deployment": routed.deployment.label}
 
-    def prompt_tokens() -> int:  # read when needed: an upstream reports it with its last chunk
-        return sum(generations[p * body.n].prompt_tokens for p in range(len(prompts)))
+    def prompt_of(usages: Sequence[Usage]) -> int:  # each prompt's n choices share it
+        return sum(usages[p * body.n].prompt_tokens for p in range(len(prompts)))
 
     if call is not None:
-        call.prompt("\n".join(p for p in prompts if isinstance(p, str)) if call.keep_text else None, prompt_tokens())
+        call.prompt("\n".join(p for p in prompts if isinstance(p, str)) if call.keep_text else None,
+                    sum(generations[p * body.n].prompt_tokens for p in range(len(prompts))))
     echoes = [(prompts[i // body.n] if body.echo and isinstance(prompts[i // body.n], str) else "")
               for i in range(len(generations))]
     if body.stream:
         render = _CompletionChunks(request_id, created, model, body.include_usage, echoes)  # type: ignore[arg-type]
-        events = stream_events(generations, prompt_tokens, body.include_usage, render, call)
+        events = stream_events(generations, prompt_of, body.include_usage, render, call)
         return sse_response(events, ctx.settings.keepalive_seconds, headers)
     results = await collect(generations, request)
+    totals = total_usage([r.usage for r in results if r.usage is not None], prompt_of)
     if call is not None:
-        call.output("".join(r.text for r in results), sum(r.tokens for r in results))
-        call.finished(results[0].finish_reason)
+        call.output("".join(r.text for r in results), totals.completion_tokens)
+        call.used(totals, results[0].finish_reason)
     choices = [
         {
             "index": i,
@@ -78,7 +81,5 @@ async def completions(request: Request) -> Response:
         }
         for i, r in enumerate(results)
     ]
-    totals = usage(prompt_tokens(), sum(r.tokens for r in results))
-    if call is not None:
-        call.record.prompt_tokens = totals["prompt_tokens"]
-    return json_response(completion(request_id, created, model, choices, totals), headers=headers)
+    return json_response(completion(request_id, created, model, choices,
+                                    usage(totals.prompt_tokens, totals.completion_tokens)), headers=headers)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from inhouse.config import ModelSpec
+from inhouse.config import TransformersSpec
 from inhouse.engine.base import GenerateRequest, Generation, SamplingParams
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -26,7 +26,7 @@ TOKENS = 24
 
 @pytest.fixture(scope="module")
 async def engine(tiny_model_dir: Path, cache_dir: Path) -> AsyncIterator[LocalEngine]:
-    spec = ModelSpec(name="tiny", path=str(tiny_model_dir), engine="transformers", dtype="float32",
+    spec = TransformersSpec(name="tiny", path=str(tiny_model_dir), dtype="float32",
                      max_num_seqs=8, max_waiting=4)
     engine = LocalEngine(spec, cache_dir)
     await engine.start()
