@@ -1,0 +1,203 @@
+"""SlotKVCache: capacity in multiples of 128 kept near need, exact moves, writes read back where they belong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inhouse.engine.local.kv_cache import SlotKVCache
+
+
+def cache(max_length: int = 4096, slots: int = 3, layers: int = 2, kv_heads: int = 2, head_dim: int = 4,
+          dtype: torch.dtype = torch.float32) -> SlotKVCache:
+    return SlotKVCache(num_layers=layers, num_slots=slots, kv_heads=kv_heads, head_dim=head_dim,
+                       max_length=max_length, dtype=dtype, device=torch.device("cpu"))
+
+
+def fill_slot(kv: SlotKVCache, slot: int, length: int, base: float) -> None:
+    """Position p of ``slot`` holds base + p in keys and -(base + p) in values, on every layer and head."""
+    with torch.inference_mode():
+        marks = base + torch.arange(length, dtype=kv.dtype).view(1, -1, 1)
+        for layer in range(kv.num_layers):
+            kv.keys[layer][slot, :, :length].copy_(marks.expand(kv.kv_heads, length, kv.head_dim) + layer)
+            kv.values[layer][slot, :, :length].copy_(-marks.expand(kv.kv_heads, length, kv.head_dim) - layer)
+
+
+def assert_slot_holds(kv: SlotKVCache, slot: int, length: int, base: float) -> None:
+    marks = base + torch.arange(length, dtype=kv.dtype).view(1, -1, 1)
+    for layer in range(kv.num_layers):
+        keys, values = kv.window(layer, kv.num_slots)
+        assert torch.equal(keys[slot, :, :length], marks.expand(kv.kv_heads, length, kv.head_dim) + layer)
+        assert torch.equal(values[slot, :, :length], -marks.expand(kv.kv_heads, length, kv.head_dim) - layer)
+
+
+def test_starts_at_one_granule_of_zeros_with_the_right_shape() -> None:
+    kv = cache()
+    assert kv.capacity == 128
+    assert len(kv.keys) == len(kv.values) == 2
+    assert kv.keys[0].shape == (3, 2, 128, 4) and kv.keys[0].dtype is torch.float32
+    assert all((t == 0).all() for t in kv.keys + kv.values)
+
+
+def test_bytes_per_token_counts_keys_and_values_of_every_layer() -> None:
+    assert cache(layers=2, kv_heads=2, head_dim=4).bytes_per_token == 2 * 2 * 2 * 4 * 4
+    assert cache(layers=3, kv_heads=1, head_dim=8, dtype=torch.bfloat16).bytes_per_token == 2 * 3 * 1 * 8 * 2
+
+
+@pytest.mark.parametrize(("length", "capacity"), [
+    (1, 128), (128, 128),  # within what is there: nothing changes
+    (129, 256),  # 129 + 32 = 161 → 256
+    (205, 256),  # 205 + 51 = 256 exactly
+    (206, 384),  # 206 + 51 = 257: a quarter ahead crosses into the next granule
+    (1000, 1280),  # 1000 + 250 = 1250 → 1280
+])
+def test_reserve_grows_a_quarter_ahead_in_multiples_of_128(length: int, capacity: int) -> None:
+    kv = cache()
+    kv.reserve(length)
+    assert kv.capacity == capacity and kv.capacity % 128 == 0
+    assert all(t.shape[2] == capacity for t in kv.keys + kv.values)
+
+
+def test_reserve_never_shrinks() -> None:
+    kv = cache()
+    kv.reserve(1000)
+    kv.reserve(10)
+    assert kv.capacity == 1280
+
+
+def test_growth_stops_at_max_length_unless_more_is_needed() -> None:
+    kv = cache(max_length=300)
+    kv.reserve(260)  # a quarter ahead would be 384; the model never needs more than 300
+    assert kv.capacity == 300
+    kv.reserve(300)
+    assert kv.capacity == 300
+    kv.reserve(350)  # asked for more than max_length: exactly that, nothing ahead
+    assert kv.capacity == 350
+
+
+def test_fit_gives_memory_back_when_under_half_is_used() -> None:
+    kv = cache()
+    kv.reserve(1000)
+    assert kv.capacity == 1280
+    kv.fit(600)  # 1280 ≤ 2 × 600 + 128: keep it
+    assert kv.capacity == 1280
+    kv.fit(500)  # 1280 > 2 × 500 + 128: shrink to what 500 needs, a quarter ahead
+    assert kv.capacity == 640
+    kv.fit(10)
+    assert kv.capacity == 128
+
+
+def test_fit_grows_like_reserve() -> None:
+    kv = cache()
+    kv.fit(206)
+    assert kv.capacity == 384
+
+
+def test_fit_near_the_minimum_does_not_thrash() -> None:
+    kv = cache()
+    kv.reserve(129)
+    assert kv.capacity == 256
+    kv.fit(1)  # 256 is not more than max(2, 128) + 128: no reallocation for a granule's difference
+    assert kv.capacity == 256
+
+
+def test_shrink_returns_to_one_granule_and_forgets() -> None:
+    kv = cache()
+    kv.reserve(500)
+    fill_slot(kv, 0, 100, base=1.0)
+    kv.shrink()
+    assert kv.capacity == 128
+    assert all(t.shape[2] == 128 and (t == 0).all() for t in kv.keys + kv.values)
+
+
+def test_shrink_at_the_minimum_keeps_the_tensors() -> None:
+    kv = cache()
+    fill_slot(kv, 1, 10, base=3.0)
+    before = kv.keys[0]
+    kv.shrink()
+    assert kv.keys[0] is before
+    assert_slot_holds(kv, 1, 10, base=3.0)
+
+
+def test_contents_survive_growing() -> None:
+    kv = cache()
+    fill_slot(kv, 0, 128, base=1.0)
+    fill_slot(kv, 2, 50, base=500.0)
+    kv.reserve(700)
+    assert kv.capacity == 896
+    assert_slot_holds(kv, 0, 128, base=1.0)
+    assert_slot_holds(kv, 2, 50, base=500.0)
+    assert all((t[:, :, 128:] == 0).all() for t in kv.keys + kv.values)
+
+
+def test_contents_within_the_new_capacity_survive_shrinking() -> None:
+    kv = cache()
+    kv.reserve(1000)
+    fill_slot(kv, 1, 300, base=7.0)
+    kv.fit(100)
+    assert kv.capacity == 128
+    assert_slot_holds(kv, 1, 128, base=7.0)
+
+
+def test_move_copies_exactly_length_positions_of_every_layer() -> None:
+    kv = cache()
+    fill_slot(kv, 2, 128, base=10.0)
+    fill_slot(kv, 0, 128, base=1000.0)
+    kv.move(2, 0, 37)
+    assert_slot_holds(kv, 0, 37, base=10.0)
+    for layer in range(kv.num_layers):
+        keys, values = kv.window(layer, 1)
+        rest = 1000.0 + torch.arange(37, 128, dtype=kv.dtype) + layer
+        assert torch.equal(keys[0, 0, 37:, 0], rest)  # beyond length: untouched
+        assert torch.equal(values[0, 1, 37:, 3], -rest)
+    assert_slot_holds(kv, 2, 128, base=10.0)  # the source is left as it was
+
+
+def test_move_onto_itself_or_of_nothing_is_a_no_op() -> None:
+    kv = cache()
+    fill_slot(kv, 0, 20, base=1.0)
+    fill_slot(kv, 1, 20, base=50.0)
+    kv.move(1, 1, 20)
+    kv.move(0, 1, 0)
+    assert_slot_holds(kv, 1, 20, base=50.0)
+
+
+def test_rows_at_writes_each_token_and_head_where_window_reads_it() -> None:
+    kv = cache(slots=3, kv_heads=2, head_dim=4)
+    kv.reserve(200)  # a capacity other than 128, so the row arithmetic must use it
+    slots = torch.tensor([0, 2, 2, 1])
+    positions = torch.tensor([5, 0, 199, 64])
+    tokens = len(slots)
+    key = torch.arange(tokens * 2 * 4, dtype=torch.float32).view(tokens, 2, 4) + 1
+    value = -key
+    rows = kv.rows_at(slots, positions)
+    assert rows.shape == (tokens * 2,)
+    with torch.inference_mode():  # the runner writes under inference mode; the tensors are inference tensors
+        kv.write(1, rows, key, value)
+    keys, values = kv.window(1, 3)
+    for t in range(tokens):
+        for head in range(2):
+            assert torch.equal(keys[slots[t], head, positions[t]], key[t, head])
+            assert torch.equal(values[slots[t], head, positions[t]], value[t, head])
+    assert int((keys != 0).sum()) == tokens * 2 * 4  # nothing else was touched
+    assert (kv.keys[0] == 0).all()  # nor any other layer
+
+
+def test_write_takes_batched_token_major_input() -> None:
+    kv = cache(slots=2, kv_heads=2, head_dim=4)
+    slots = torch.tensor([[0, 0], [1, 1]]).reshape(-1)
+    positions = torch.tensor([[3, 4], [3, 4]]).reshape(-1)
+    key = torch.randn(2, 2, 2, 4)  # [batch, tokens, kv_heads, head_dim]
+    with torch.inference_mode():
+        kv.write(0, kv.rows_at(slots, positions), key, key * 2)
+    keys, values = kv.window(0, 2)
+    assert torch.equal(keys[1, :, 4], key[1, 1]) and torch.equal(values[0, :, 3], 2 * key[0, 0])
+
+
+def test_window_is_the_first_slots_over_the_whole_capacity_and_contiguous() -> None:
+    kv = cache(slots=3)
+    kv.reserve(300)
+    keys, values = kv.window(0, 2)
+    assert keys.shape == values.shape == (2, 2, kv.capacity, 4)
+    assert keys.is_contiguous() and values.is_contiguous()
+    assert keys.data_ptr() == kv.keys[0].data_ptr()  # a view, not a copy
