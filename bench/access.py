@@ -5,70 +5,44 @@ Two real servers with the same instant fake model: ``off`` (``--auth none``, ``a
 Closed-loop load at concurrency 1 and 16, blocking and streaming, alternating between the two servers in
 rounds so both see the same machine; reports p50/p99 latency and the added p50.  Then the audit writer
 alone: rows/s into SQLite from many concurrent writers.  Table on stdout, JSON in ``bench/results/access.json``.
+Servers, load and report come from ``bench/common``.
 
     python bench/access.py                 # about 2 minutes
     python bench/access.py --requests 400 --rounds 5
+    python bench/access.py --smoke         # a few requests per level: do both servers answer?
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import contextlib
+import functools
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.process import ADMIN_KEY, ServerProcess  # noqa: E402  (the same launcher the e2e tests use)
+from bench.common import load, report, servers  # noqa: E402
 
-CONFIG = """
-audit: {{enabled: {audit}}}
-models:
-  - {{name: echo, path: unused, engine: fake, fake_reply: "one two three four five six seven eight nine ten
-      eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty"}}
-"""
+REPLY = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+         "seventeen eighteen nineteen twenty")
+AUTH = ("off: --auth none, audit.enabled: false; on: auth: keys with a key whose rpm/tpm limits are counted, "
+        "the audit log on SQLite{}")
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-async def one(client: httpx.AsyncClient, streaming: bool) -> float:
+def measure(server: servers.Running, headers: dict[str, str], concurrency: int, requests: int,
+            streaming: bool) -> list[float]:
+    """Latencies (ms) of ``requests`` chat calls to the fake model; every one must succeed."""
     body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "stream": streaming}
-    started = time.perf_counter()
-    if streaming:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-            async for _ in r.aiter_raw():
-                pass
-            assert r.status_code == 200, r.status_code
-    else:
-        r = await client.post("/v1/chat/completions", json=body)
-        assert r.status_code == 200, r.text
-    return (time.perf_counter() - started) * 1000
-
-
-async def load(url: str, headers: dict[str, str], concurrency: int, requests: int, streaming: bool) -> list[float]:
-    latencies: list[float] = []
-    remaining = requests
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30, limits=limits) as client:
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                latencies.append(await one(client, streaming))
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies
+    result = asyncio.run(load.run(server.url, [body] * requests, concurrency, headers=headers,
+                                  send=functools.partial(load.request, stream=streaming)))
+    return result.check(f"{server.log_path.stem} c={concurrency}").latencies_ms()
 
 
 def audit_writer_rate(rows: int, writers: int) -> dict[str, float]:
@@ -102,6 +76,30 @@ def audit_writer_rate(rows: int, writers: int) -> dict[str, float]:
             "batches": writer.batches}
 
 
+def compare(running: dict[str, servers.Running], headers: dict[str, dict[str, str]], requests: int, rounds: int,
+            warmup: int) -> tuple[dict[str, Any], list[list[str]]]:
+    """Each load on ``off`` and ``on`` in alternating rounds: the JSON of every load and the table's rows."""
+    results: dict[str, Any] = {}
+    rows = []
+    for streaming in (False, True):
+        for concurrency in (1, 16):
+            label = f"c={concurrency} {'stream' if streaming else 'blocking'}"
+            samples: dict[str, list[float]] = {"off": [], "on": []}
+            for mode in ("off", "on"):  # warm-up
+                measure(running[mode], headers[mode], concurrency, warmup, streaming)
+            for _ in range(rounds):
+                for mode in ("off", "on"):
+                    samples[mode] += measure(running[mode], headers[mode], concurrency, requests, streaming)
+            p50 = {m: load.percentile(v, 50) or 0.0 for m, v in samples.items()}
+            p99 = {m: load.percentile(v, 99) or 0.0 for m, v in samples.items()}
+            results[label] = {"p50_ms": p50, "p99_ms": p99, "added_p50_ms": p50["on"] - p50["off"],
+                              "requests": {m: len(v) for m, v in samples.items()}}
+            rows.append([label, f"{p50['off']:.3f} ms", f"{p50['on']:.3f} ms", report.signed_ms(p50["on"] - p50["off"]),
+                         f"{p99['off']:.3f} ms", f"{p99['on']:.3f} ms"])
+            print(f"{label}: off p50 {p50['off']:.3f} ms, on p50 {p50['on']:.3f} ms", flush=True)
+    return results, rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=300, help="requests per level per round")
@@ -109,61 +107,44 @@ def main() -> int:
     p.add_argument("--audit-rows", type=int, default=20000)
     p.add_argument("--on-without-audit", action="store_true", help="the 'on' server without the audit log "
                    "(to split the cost of auth+limits from that of the audit)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "access.json")
+    report.add_flags(p, "access")
     args = p.parse_args()
-    logs = Path(tempfile.mkdtemp(prefix="inhouse-bench-access-"))
-    cache = ROOT / ".cache"
-    servers: dict[str, ServerProcess] = {}
-    for mode, audit in (("off", "false"), ("on", "false" if args.on_without_audit else "true")):
-        cfg = logs / f"{mode}.yaml"
-        cfg.write_text(CONFIG.format(audit=audit), encoding="utf-8")
-        extra = ["--log-level", "warning"]
-        servers[mode] = ServerProcess(["--config", str(cfg), *extra], cache, logs / f"{mode}.log",
-                                      auth=mode == "on", state_dir=logs / f"state-{mode}").start()
+    if args.smoke:
+        args.requests, args.rounds, args.audit_rows = 5, 1, 640
+    auth = AUTH.format(" off (--on-without-audit)" if args.on_without_audit else "")
+    started = report.Started()
+    logs = servers.log_dir("access")
     try:
-        created = httpx.post(servers["on"].url + "/admin/keys", json={"name": "bench", "rpm": 10**8, "tpm": 10**10},
-                             headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
-        headers = {"on": {"Authorization": f"Bearer {created['secret']}"}, "off": {}}
-        results: dict[str, Any] = {}
-        rows = []
-        for streaming in (False, True):
-            for concurrency in (1, 16):
-                label = f"c={concurrency} {'stream' if streaming else 'blocking'}"
-                samples: dict[str, list[float]] = {"off": [], "on": []}
-                for mode in ("off", "on"):  # warm-up
-                    asyncio.run(load(servers[mode].url, headers[mode], concurrency, 50, streaming))
-                for _ in range(args.rounds):
-                    for mode in ("off", "on"):
-                        samples[mode] += asyncio.run(load(servers[mode].url, headers[mode], concurrency,
-                                                          args.requests, streaming))
-                p50 = {m: statistics.median(v) for m, v in samples.items()}
-                p99 = {m: percentile(v, 0.99) for m, v in samples.items()}
-                results[label] = {"p50_ms": p50, "p99_ms": p99, "added_p50_ms": p50["on"] - p50["off"],
-                                  "requests": {m: len(v) for m, v in samples.items()}}
-                rows.append((label, p50["off"], p50["on"], p50["on"] - p50["off"], p99["off"], p99["on"]))
-                print(f"{label}: off p50 {p50['off']:.3f} ms, on p50 {p50['on']:.3f} ms", flush=True)
-    finally:
-        for server in servers.values():
-            server.stop()
+        with contextlib.ExitStack() as stack:
+            running: dict[str, servers.Running] = {}
+            for mode, audit in (("off", False), ("on", not args.on_without_audit)):
+                config = servers.inhouse_config(logs / f"{mode}.yaml", audit={"enabled": audit}, models=[
+                    {"name": "echo", "path": "unused", "engine": "fake", "fake_reply": REPLY}])
+                running[mode] = stack.enter_context(servers.inhouse(
+                    ["--config", str(config), "--log-level", "warning"], logs / f"{mode}.log",
+                    auth="keys" if mode == "on" else "none"))
+            headers = {"on": {"Authorization": f"Bearer {servers.create_key(running['on'])}"}, "off": {}}
+            results, rows = compare(running, headers, args.requests, args.rounds, 5 if args.smoke else 50)
+    except load.LoadError as exc:
+        print(f"FAILED: {exc}\nserver logs in {logs}", flush=True)
+        return 1
     writer = audit_writer_rate(args.audit_rows, 64)
     print()
-    print(f"{'load':<18} {'off p50':>9} {'on p50':>9} {'added p50':>10} {'off p99':>9} {'on p99':>9}")
-    for label, off, on, added, off99, on99 in rows:
-        print(f"{label:<18} {off:>7.3f}ms {on:>7.3f}ms {added:>+8.3f}ms {off99:>7.3f}ms {on99:>7.3f}ms")
+    print(report.table(["load", "off p50", "on p50", "added p50", "off p99", "on p99"], rows,
+                       title=f"{report.SMOKE}\n{auth}" if args.smoke else auth))
     print(f"\naudit writer (SQLite WAL, synchronous=NORMAL, 64 concurrent writers): "
           f"{writer['rows_per_s']:.0f} rows/s ({writer['rows']} rows in {writer['batches']} batches)")
     added = results["c=1 blocking"]["added_p50_ms"]
     checks = [
-        ("c=1 blocking: auth+limits+audit add < 0.3 ms p50", added, added < 0.3),
-        ("audit writer >= 2000 rows/s on SQLite", writer["rows_per_s"], writer["rows_per_s"] >= 2000),
+        report.check("c=1 blocking: auth+limits+audit add < 0.3 ms p50", added, lambda v: v < 0.3, bound=0.3),
+        report.check("audit writer >= 2000 rows/s on SQLite", writer["rows_per_s"], lambda v: v >= 2000,
+                     bound=2000),
     ]
-    for target, value, ok in checks:
-        print(f"{'PASS' if ok else 'FAIL'}  {target}  (measured {value:.3f})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"loads": results, "audit_writer": writer, "cpu_count": os.cpu_count(),
-                                    "targets": [{"target": t, "value": v, "pass": ok} for t, v, ok in checks]},
-                                   indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {args.out}; server logs in {logs}")
+    print("\n".join(check.line() for check in checks))
+    report.write(report.out_path("access", args.out, args.smoke), {
+        "meta": started.meta(logs, auth=auth, smoke=args.smoke, requests=args.requests, rounds=args.rounds),
+        "loads": results, "audit_writer": writer, "cpu_count": os.cpu_count(),
+        "targets": [check.to_json() for check in checks]})
     return 0
 
 

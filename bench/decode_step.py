@@ -12,18 +12,18 @@ against ``model.generate`` on each prompt alone, up to generate's first stop tok
 float32.  In float32 they must be equal, and so must a lone prompt's in bfloat16.  In a bfloat16 batch
 near-ties flip, so the check also reports how often ``generate`` on the padded batch differs from
 ``generate`` alone: the noise floor to compare with.  Prints tables and writes
-``bench/results/decode_step.json``.
+``bench/results/decode_step.json``.  CPU contention and the report come from ``bench/common``.
 
     python bench/decode_step.py                          # B = 1, 8, 32; 128 steps; 3 repeats
     python bench/decode_step.py --batch-sizes 8 --repeats 1 --no-check
     python bench/decode_step.py --wait-quiet 60            # wait up to 60 s for an idle machine per run
+    python bench/decode_step.py --smoke                  # B = 1, 2; 4 steps; 1 repeat; 4 tokens checked
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -40,7 +40,8 @@ from transformers import StoppingCriteria
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from inhouse.config import ModelSpec  # noqa: E402
+from bench.common import machine, report  # noqa: E402
+from inhouse.config import TransformersSpec  # noqa: E402
 from inhouse.engine.local.attention import register  # noqa: E402
 from inhouse.engine.local.kv_cache import SlotKVCache  # noqa: E402
 from inhouse.engine.local.loader import LoadedModel, load_model  # noqa: E402
@@ -49,7 +50,7 @@ from inhouse.engine.local.runner import ModelRunner  # noqa: E402
 __all__ = ["QUESTIONS", "main"]
 
 MODEL_PATH = "builtin:smollm2-135m-instruct"
-RESULTS = ROOT / "bench" / "results" / "decode_step.json"
+NO_HTTP = "in one process, no server: auth and the audit log do not apply"
 
 # User turns of 5-30 tokens; with SmolLM2's system prompt each chat prompt is about 30-60 tokens.
 QUESTIONS: tuple[str, ...] = (
@@ -137,7 +138,7 @@ class Models:
 
 
 def load(dtype: Literal["bfloat16", "float32"]) -> Models:
-    spec = ModelSpec(name="bench", path=MODEL_PATH, dtype=dtype)
+    spec = TransformersSpec(name="bench", path=MODEL_PATH, dtype=dtype)
     ours = load_model(spec, ROOT / ".cache", register())
     stock = load_model(spec, ROOT / ".cache", "sdpa").model
     return Models(ours, stock, int(ours.tokenizer.pad_token_id))
@@ -161,41 +162,6 @@ def new_runner(loaded: LoadedModel, slots: int) -> ModelRunner:
         device=loaded.device,
     )
     return ModelRunner(loaded.model, cache, loaded.device)
-
-
-# ---------------------------------------------------------------------------------------------- machine
-
-
-def _cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far."""
-    with open("/proc/stat", encoding="ascii") as stat:
-        fields = [int(x) for x in stat.readline().split()[1:8]]
-    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-    own = os.times()
-    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-class Contention:
-    """Cores used by other processes between ``start()`` and ``cores()``."""
-
-    def start(self) -> None:
-        self._at = time.monotonic()
-        self._busy, self._own = _cpu_seconds()
-
-    def cores(self) -> float:
-        busy, own = _cpu_seconds()
-        elapsed = max(time.monotonic() - self._at, 1e-6)
-        return max((busy - self._busy) - (own - self._own), 0.0) / elapsed
-
-
-def wait_for_quiet(max_wait_s: float, threshold_cores: float = 0.3) -> None:
-    deadline = time.monotonic() + max_wait_s
-    probe = Contention()
-    while time.monotonic() < deadline:
-        probe.start()
-        time.sleep(2.0)
-        if probe.cores() < threshold_cores:
-            return
 
 
 # ---------------------------------------------------------------------------------------------- contenders
@@ -272,11 +238,10 @@ def measure_speed(models: Models, sizes: list[int], steps: int, repeats: int, qu
             run(batch, 8)  # warm-up: kernels and cache capacity for this shape
         for _ in range(repeats):
             for name, run in contenders.items():
-                wait_for_quiet(quiet_s)
-                probe = Contention()
-                probe.start()
+                machine.wait_for_quiet(quiet_s, sample_s=2.0)
+                before = machine.cpu_snapshot()
                 timing = run(batch, steps)
-                samples[name].append((timing, probe.cores()))
+                samples[name].append((timing, machine.others_cores(before, machine.cpu_snapshot()) or 0.0))
             runner.cache.shrink()
         rows += [_summarize(name, size, runs) for name, runs in samples.items()]
     return rows
@@ -333,17 +298,18 @@ def _divergence(got: list[list[int]], expected: list[list[int]]) -> dict[int, in
 # ---------------------------------------------------------------------------------------------- report
 
 
-def print_speed(rows: list[SpeedRow]) -> None:
+def print_speed(rows: list[SpeedRow], smoke: bool) -> None:
     by_key = {(r.contender, r.batch): r for r in rows}
-    print(f"{'B':>3}  {'contender':<9} {'prefill ms':>10} {'decode ms/step':>15} {'tok/s':>8} {'vs generate':>11} "
-          f"{'others cores':>12}")
+    cells = []
     for size in sorted({r.batch for r in rows}):
         reference = by_key[("generate", size)]
         for name in ("inhouse", "generate"):
             row = by_key[(name, size)]
-            ratio = row.tokens_per_s / reference.tokens_per_s
-            print(f"{size:>3}  {name:<9} {row.prefill_ms:>10.1f} {row.step_ms:>15.2f} {row.tokens_per_s:>8.1f} "
-                  f"{ratio:>10.2f}x {row.others_cores:>12.2f}")
+            cells.append([str(size), name, f"{row.prefill_ms:.1f}", f"{row.step_ms:.2f}", f"{row.tokens_per_s:.1f}",
+                          f"{row.tokens_per_s / reference.tokens_per_s:.2f}x", f"{row.others_cores:.2f}"])
+    head = ["B", "contender", "prefill ms", "decode ms/step", "tok/s", "vs generate", "others cores"]
+    title = f"{report.SMOKE}\n{NO_HTTP}" if smoke else NO_HTTP
+    print(report.table(head, cells, title=title, left=2))
 
 
 def print_checks(rows: list[CheckRow]) -> None:
@@ -364,14 +330,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each timed run, wait up to this long for other processes to go idle")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    report.add_flags(parser, "decode_step")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch_sizes, args.steps, args.repeats, args.check_tokens = "1,2", 4, 1, 4
+    started = report.Started()
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
 
     speed = measure_speed(load("bfloat16"), sizes, args.steps, args.repeats, args.wait_quiet)
-    print_speed(speed)
+    print_speed(speed, args.smoke)
     checks: list[CheckRow] = []
     if not args.no_check:
         dtypes: tuple[Literal["bfloat16", "float32"], ...] = ("bfloat16", "float32")
@@ -379,8 +348,8 @@ def main(argv: list[str] | None = None) -> None:
             checks += check_exact(load(dtype), max(sizes), args.check_tokens)
         print_checks(checks)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
+    report.write(report.out_path("decode_step", args.out, args.smoke), {
+        "meta": started.meta(auth=NO_HTTP, smoke=args.smoke),
         "steps": args.steps,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
@@ -389,9 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         "cpus": os.cpu_count(),
         "speed": [asdict(r) for r in speed],
         "exactness": [asdict(r) for r in checks],
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    })
 
 
 if __name__ == "__main__":

