@@ -6,15 +6,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 RUNTIME_HASH := $(shell cat requirements.txt requirements-nodeps.txt pyproject.toml | sha256sum | cut -c1-16)
 TEST_HASH    := $(shell cat requirements-test.txt | sha256sum | cut -c1-16)
+BENCH_HASH   := $(shell cat requirements-bench.txt | sha256sum | cut -c1-16)
 RUNTIME_STAMP := $(VENV)/.runtime-$(RUNTIME_HASH)
 TEST_STAMP    := $(VENV)/.test-$(TEST_HASH)-$(RUNTIME_HASH)
+BENCH_STAMP   := $(VENV)/.bench-$(BENCH_HASH)-$(TEST_HASH)-$(RUNTIME_HASH)
 ARGS ?=
 
 .PHONY: install serve test test-fast lint services bench clean
 
 $(RUNTIME_STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@rm -f $(VENV)/.runtime-* $(VENV)/.test-*
+	@rm -f $(VENV)/.runtime-* $(VENV)/.test-* $(VENV)/.bench-*
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
@@ -23,6 +25,11 @@ $(RUNTIME_STAMP):
 $(TEST_STAMP): $(RUNTIME_STAMP)
 	@rm -f $(VENV)/.test-*
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements-test.txt -c requirements.txt
+	@touch $@
+
+$(BENCH_STAMP): $(TEST_STAMP)
+	@rm -f $(VENV)/.bench-*
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-bench.txt -c requirements.txt
 	@touch $@
 
 install: $(RUNTIME_STAMP)
@@ -47,7 +54,8 @@ lint: $(TEST_STAMP)
 test-fast: lint
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
-bench: $(TEST_STAMP)
+## Benchmarks (bench/README.md); make bench ARGS="--smoke --only inhouse" proves it runs in seconds
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/engine.py $(ARGS)
 
 clean:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.process import ADMIN_KEY, ServerProcess
 
 
 @dataclass
@@ -78,3 +84,25 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
     if param is not None:
         assert error["param"] == param, error
     return error
+
+
+@contextlib.contextmanager
+def keyed_server(folder: Path, config: str, cache_dir: Path, log_path: Path) -> Iterator[ServerProcess]:
+    """The real CLI with ``auth: keys`` (ADMIN_KEY the bootstrap admin) on ``config``, state under ``folder``."""
+    (folder / "inhouse.yaml").write_text(config, encoding="utf-8")
+    with ServerProcess(["--config", str(folder / "inhouse.yaml")], cache_dir, log_path, auth=True,
+                       state_dir=folder / "state") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def admin_client(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as c:
+        yield c
+
+
+def new_key(admin: httpx.Client, **fields: object) -> dict[str, Any]:
+    """A key made through the admin API (a fresh name unless ``name`` is given): its public fields and secret."""
+    r = admin.post("/admin/keys", json={"name": f"app-{time.time_ns()}", **fields})
+    assert r.status_code == 201, r.text
+    return r.json()  # type: ignore[no-any-return]

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.helpers import assert_error, stream
+from tests.e2e.helpers import admin_client, assert_error, keyed_server, new_key, stream
 from tests.process import ADMIN_KEY, REPO, ServerProcess
 
 CONFIG = """
@@ -35,22 +35,14 @@ HI = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, logs_dir: Path) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("access")
-    (folder / "inhouse.yaml").write_text(CONFIG, encoding="utf-8")
-    with ServerProcess(["--config", str(folder / "inhouse.yaml")], cache_dir, logs_dir / "access.log",
-                       auth=True, state_dir=folder / "state") as s:
+    with keyed_server(folder, CONFIG, cache_dir, logs_dir / "access.log") as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def admin(server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as c:
+    with admin_client(server) as c:
         yield c
-
-
-def new_key(admin: httpx.Client, **fields: object) -> dict:  # type: ignore[type-arg]
-    r = admin.post("/admin/keys", json={"name": f"app-{time.time_ns()}", **fields})
-    assert r.status_code == 201, r.text
-    return r.json()  # type: ignore[no-any-return]
 
 
 def keyed(server: ServerProcess, secret: str) -> httpx.Client:

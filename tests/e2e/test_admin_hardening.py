@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.helpers import assert_error
-from tests.process import ADMIN_KEY, REPO, ServerProcess
+from tests.e2e.helpers import admin_client, assert_error, keyed_server
+from tests.process import REPO, ServerProcess
 
 CONFIG = """
 key_cache_seconds: 0.5
@@ -31,15 +31,13 @@ HI = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, logs_dir: Path) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("admin-hardening")
-    (folder / "inhouse.yaml").write_text(CONFIG, encoding="utf-8")
-    with ServerProcess(["--config", str(folder / "inhouse.yaml")], cache_dir, logs_dir / "admin-hardening.log",
-                       auth=True, state_dir=folder / "state") as s:
+    with keyed_server(folder, CONFIG, cache_dir, logs_dir / "admin-hardening.log") as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def admin(server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as c:
+    with admin_client(server) as c:
         yield c
 
 

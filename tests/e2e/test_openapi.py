@@ -23,6 +23,7 @@ from schemathesis.engine import events
 from schemathesis.hooks import GLOBAL_HOOK_DISPATCHER
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
+from tests.e2e.helpers import keyed_server
 from tests.process import ADMIN_KEY, ServerProcess
 
 CONFIG = """
@@ -50,10 +51,7 @@ CHECKS = ["not_a_server_error", "status_code_conformance", "response_schema_conf
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, logs_dir: Path) -> Iterator[ServerProcess]:
-    folder = tmp_path_factory.mktemp("openapi")
-    (folder / "inhouse.yaml").write_text(CONFIG, encoding="utf-8")
-    with ServerProcess(["--config", str(folder / "inhouse.yaml")], cache_dir, logs_dir / "openapi.log",
-                       auth=True, state_dir=folder / "state") as s:
+    with keyed_server(tmp_path_factory.mktemp("openapi"), CONFIG, cache_dir, logs_dir / "openapi.log") as s:
         yield s
 
 
