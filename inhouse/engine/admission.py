@@ -65,10 +65,6 @@ class AdmissionGate:
         self._lock = threading.Lock()
         self.in_progress = 0
 
-    @property
-    def capacity(self) -> int:
-        return self._limit
-
     def check(self, count: int = 1) -> None:
         """Refuse now what ``admit(count)`` would refuse: cheap, so a full engine answers 429 before tokenizing."""
         if count > self._limit:

@@ -58,30 +58,30 @@ class FakeEngine:
         if self._state is not EngineState.READY:
             raise InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is not available")
         self._gate.check(len(requests))
-        budgets = [completion_budget(_count_prompt(r), r.sampling.max_tokens, self.info.context_length,
+        prompts = [_count_prompt(r) for r in requests]
+        budgets = [completion_budget(prompt, r.sampling.max_tokens, self.info.context_length,
                                      self.spec.defaults.max_tokens or len(self._pieces), self.spec.clamp_max_tokens)
-                   for r in requests]
+                   for r, prompt in zip(requests, prompts, strict=True)]
         self._gate.admit(len(requests))
-        return [self._start(request, max_tokens) for request, max_tokens in zip(requests, budgets, strict=True)]
+        return [self._start(*admitted) for admitted in zip(requests, prompts, budgets, strict=True)]
 
-    def _start(self, request: GenerateRequest, max_tokens: int) -> Generation:
+    def _start(self, request: GenerateRequest, prompt_tokens: int, max_tokens: int) -> Generation:
         collector: OutputCollector[Delta] = OutputCollector(asyncio.get_running_loop())
         cancelled = asyncio.Event()
         self._waiting += 1
-        task = asyncio.create_task(self._produce(request, max_tokens, collector, cancelled))
+        task = asyncio.create_task(self._produce(request, prompt_tokens, max_tokens, collector, cancelled))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return Generation(request.request_id, _count_prompt(request), collector, lambda _rid: cancelled.set(),
-                          max_tokens)
+        return Generation(request.request_id, prompt_tokens, collector, lambda _rid: cancelled.set(), max_tokens)
 
-    async def _produce(self, request: GenerateRequest, max_tokens: int, collector: OutputCollector[Delta],
-                       cancelled: asyncio.Event) -> None:
+    async def _produce(self, request: GenerateRequest, prompt_tokens: int, max_tokens: int,
+                       collector: OutputCollector[Delta], cancelled: asyncio.Event) -> None:
         try:
             async with self._slots:
                 self._waiting -= 1
                 self._running += 1
                 try:
-                    await self._emit(request, max_tokens, collector, cancelled)
+                    await self._emit(request, prompt_tokens, max_tokens, collector, cancelled)
                 finally:
                     self._running -= 1
         except asyncio.CancelledError:
@@ -89,10 +89,9 @@ class FakeEngine:
         finally:
             self._gate.release()
 
-    async def _emit(self, request: GenerateRequest, max_tokens: int, collector: OutputCollector[Delta],
-                    cancelled: asyncio.Event) -> None:
+    async def _emit(self, request: GenerateRequest, prompt_tokens: int, max_tokens: int,
+                    collector: OutputCollector[Delta], cancelled: asyncio.Event) -> None:
         stops = request.sampling.stop
-        prompt_tokens = _count_prompt(request)
         text_so_far = ""
         for count, piece in enumerate(self._pieces[:max_tokens], start=1):
             if cancelled.is_set():
