@@ -60,10 +60,11 @@ async def outcome(generation: Generation) -> tuple[int, str | None] | InhouseErr
 
 
 @pytest.mark.parametrize("poison", [
-    SamplingParams(max_tokens=TOKENS, temperature=1.0, top_k=2**63),  # overflows a long long in the sampler
-    SamplingParams(max_tokens=TOKENS, repetition_penalty=1e-300),  # inf / nan scores
-    SamplingParams(max_tokens=TOKENS, temperature=1.0, repetition_penalty=1e-300),
-    SamplingParams(max_tokens=TOKENS, logprobs=True, top_logprobs=10**6),  # more than the vocabulary
+    # ignore_eos: a clamped row must run its full length, whatever the random tiny model's EOS odds
+    SamplingParams(max_tokens=TOKENS, ignore_eos=True, temperature=1.0, top_k=2**63),  # long long overflow
+    SamplingParams(max_tokens=TOKENS, ignore_eos=True, repetition_penalty=1e-300),  # inf / nan scores
+    SamplingParams(max_tokens=TOKENS, ignore_eos=True, temperature=1.0, repetition_penalty=1e-300),
+    SamplingParams(max_tokens=TOKENS, ignore_eos=True, logprobs=True, top_logprobs=10**6),  # > vocabulary
 ], ids=["top_k_overflow", "penalty_greedy", "penalty_sampled", "top_logprobs"])
 async def test_a_poisoned_sampling_row_fails_alone(engine: LocalEngine, poison: SamplingParams) -> None:
     good = await engine.submit([innocent(i) for i in range(3)])
