@@ -26,6 +26,8 @@ from pydantic import (
 
 __all__ = [
     "BUILTIN_CHAT_MODEL",
+    "BUILTIN_EMBEDDING_MODEL",
+    "DEFAULT_EMBEDDING_NAME",
     "DEFAULT_MODEL_NAME",
     "AuditSettings",
     "AutoSpec",
@@ -36,6 +38,7 @@ __all__ = [
     "ModelSpec",
     "RoutingSettings",
     "SamplingDefaults",
+    "SentenceTransformersSpec",
     "Settings",
     "TransformersSpec",
     "UpstreamSpec",
@@ -48,6 +51,8 @@ __all__ = [
 
 BUILTIN_CHAT_MODEL = "builtin:smollm2-135m-instruct"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+BUILTIN_EMBEDDING_MODEL = "builtin:all-minilm-l6-v2"
+DEFAULT_EMBEDDING_NAME = "all-minilm-l6-v2"
 
 
 class ConfigError(Exception):
@@ -66,6 +71,11 @@ class SamplingDefaults(_Frozen):
     top_k: int | None = None
     max_tokens: int | None = None
     repetition_penalty: float | None = None
+
+
+def _dtype_alias(value: object) -> object:
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    return aliases.get(str(value), value) if value is not None else value
 
 
 class _ModelBase(_Frozen):
@@ -98,8 +108,7 @@ class _Weights(_ModelBase):
     @field_validator("dtype", mode="before")
     @classmethod
     def _dtype_alias(cls, value: object) -> object:
-        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-        return aliases.get(str(value), value) if value is not None else value
+        return _dtype_alias(value)
 
 
 class TransformersSpec(_Weights):
@@ -127,6 +136,35 @@ class AutoSpec(VllmSpec):
     engine: Literal["auto"] = "auto"  # type: ignore[assignment]
 
 
+class SentenceTransformersSpec(_ModelBase):
+    """``engine: sentence-transformers``: an embedding model or a cross-encoder reranker from a local path
+    (its own sentence-transformers files say how it pools and normalises), batched across requests."""
+
+    engine: Literal["sentence-transformers"] = "sentence-transformers"
+    path: str = Field(min_length=1, description="a sentence-transformers model dir, or builtin:all-minilm-l6-v2")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    # embed: vectors (and rerank by cosine similarity); rerank: a cross-encoder; auto: a checkpoint with a
+    # sequence-classification head is a cross-encoder, anything else an embedding model
+    task: Literal["auto", "embed", "rerank"] = "auto"
+    # inputs longer than the model's window: cut to it (true), or refused with context_length_exceeded
+    truncate: bool = True
+    # Matryoshka models: the sizes ``dimensions`` may ask for ([] for any size); unset: read from the model
+    matryoshka_dimensions: tuple[int, ...] | None = None
+    max_inputs: int = Field(default=2048, ge=1, description="inputs (texts, or documents) per request")
+    # dynamic batching: one forward pass takes queued inputs up to max_num_seqs of them and max_batch_tokens
+    # padded tokens; an idle engine waits batch_wait_ms for company before it runs a lone input
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_batch_tokens: int = Field(default=16384, ge=16)
+    batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    max_waiting: int = Field(default=4096, ge=0, description="queued inputs beyond this: 429")
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: object) -> object:
+        return _dtype_alias(value)
+
+
 class FakeSpec(_ModelBase):
     """``engine: fake``: a scripted engine for gateway tests and benchmarks."""
 
@@ -147,6 +185,11 @@ class UpstreamSpec(_ModelBase):
     connect_timeout: float = Field(default=5.0, gt=0)
     first_token_timeout: float = Field(default=120.0, gt=0)  # Dify waits up to 300 s between bytes
     total_timeout: float = Field(default=1800.0, gt=0)
+    # what the upstream model serves (its card in /v1/models; other operations are refused with 400)
+    capabilities: tuple[Literal["chat", "completion", "embeddings", "rerank"], ...] = ("chat", "completion")
+    # rerank request shape: jina (Jina/Cohere: query + documents → results[].relevance_score; vLLM, Xinference,
+    # llama.cpp, another inhouse) or tei (Hugging Face text-embeddings-inference: query + texts → [{index, score}])
+    rerank_api: Literal["jina", "tei"] = "jina"
 
     @property
     def deployment_label(self) -> str:
@@ -162,10 +205,11 @@ def _engine_of(value: object) -> str:
 # option of another engine is refused with its name ("models.0.transformers.kv_cache_gib: Extra inputs ...").
 ModelSpec = Annotated[
     Annotated[TransformersSpec, Tag("transformers")] | Annotated[VllmSpec, Tag("vllm")]
-    | Annotated[AutoSpec, Tag("auto")] | Annotated[FakeSpec, Tag("fake")] | Annotated[UpstreamSpec, Tag("upstream")],
+    | Annotated[AutoSpec, Tag("auto")] | Annotated[FakeSpec, Tag("fake")] | Annotated[UpstreamSpec, Tag("upstream")]
+    | Annotated[SentenceTransformersSpec, Tag("sentence-transformers")],
     Discriminator(_engine_of),
 ]
-LocalSpec = TransformersSpec | VllmSpec | AutoSpec  # models whose weights this server loads
+LocalSpec = TransformersSpec | VllmSpec | AutoSpec  # generators whose weights this server loads
 
 _MODEL_SPEC: TypeAdapter[ModelSpec] = TypeAdapter(ModelSpec)
 
@@ -289,7 +333,7 @@ def _read_yaml(path: Path) -> dict[str, object]:
     return raw
 
 
-_ENGINES = frozenset({"transformers", "vllm", "auto", "fake", "upstream"})
+_ENGINES = frozenset({"transformers", "vllm", "auto", "fake", "upstream", "sentence-transformers"})
 
 
 def _describe(exc: ValidationError) -> str:
@@ -326,7 +370,8 @@ def load_settings(
 ) -> Settings:
     """Build the one Settings object: YAML file, then CLI overrides, then a single CLI model and CLI upstreams.
 
-    With no model anywhere (and ``default_model``), the embedded default chat model is served.
+    With no model anywhere (and ``default_model``), the embedded defaults are served: the chat model and the
+    embedding model (which also reranks, by cosine similarity).
     """
     data: dict[str, object] = _read_yaml(config_file) if config_file else {}
     base_dir = config_file.parent if config_file else (base_dir or Path.cwd())
@@ -334,7 +379,9 @@ def load_settings(
     if model is not None:
         data["models"] = [model]
     if not data.get("models") and default_model:
-        data["models"] = [{"name": DEFAULT_MODEL_NAME, "path": BUILTIN_CHAT_MODEL}]
+        data["models"] = [{"name": DEFAULT_MODEL_NAME, "path": BUILTIN_CHAT_MODEL},
+                          {"name": DEFAULT_EMBEDDING_NAME, "engine": "sentence-transformers",
+                           "path": BUILTIN_EMBEDDING_MODEL}]
     if extra is not None:
         data["models"] = _with_extra(list(data.get("models") or []), extra)  # type: ignore[call-overload]
     models = data["models"]

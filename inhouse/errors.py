@@ -16,6 +16,7 @@ class ErrorCode(enum.Enum):
     INVALID_REQUEST = "invalid_request"
     INVALID_JSON = "invalid_json"
     MODEL_NOT_FOUND = "model_not_found"
+    WRONG_MODEL_KIND = "model_not_supported"  # e.g. embeddings asked of a chat model
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     UNSUPPORTED = "unsupported_feature"
     NOT_FOUND = "not_found"
@@ -41,6 +42,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_REQUEST: 400,
     ErrorCode.INVALID_JSON: 400,
     ErrorCode.MODEL_NOT_FOUND: 404,
+    ErrorCode.WRONG_MODEL_KIND: 400,
     ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
     ErrorCode.UNSUPPORTED: 400,
     ErrorCode.NOT_FOUND: 404,
@@ -67,6 +69,7 @@ ERROR_TYPE: dict[ErrorCode, str] = {
     ErrorCode.INVALID_REQUEST: "invalid_request_error",
     ErrorCode.INVALID_JSON: "invalid_request_error",
     ErrorCode.MODEL_NOT_FOUND: "invalid_request_error",
+    ErrorCode.WRONG_MODEL_KIND: "invalid_request_error",
     ErrorCode.CONTEXT_LENGTH_EXCEEDED: "invalid_request_error",
     ErrorCode.UNSUPPORTED: "invalid_request_error",
     ErrorCode.NOT_FOUND: "invalid_request_error",

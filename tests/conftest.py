@@ -14,6 +14,7 @@ import pytest
 from tests.e2e.dify import VENV_SCRIPT, Dify
 from tests.process import REPO, ServerProcess
 from tests.services import PostgresServer, RedisServer
+from tests.tiny_encoder import build_tiny_cross_encoder, build_tiny_embedder
 from tests.tiny_model import build_tiny_llama
 
 TINY = "tiny-llama"
@@ -34,6 +35,18 @@ def cache_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(cache_dir: Path) -> Path:
     return build_tiny_llama(cache_dir / "tiny-llama-h64")
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder_dir(cache_dir: Path) -> Path:
+    """A tiny random sentence-transformers embedding model (BERT, mean pooling, Normalize; 64-token window)."""
+    return build_tiny_embedder(cache_dir / "tiny-embedder-h32")
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder_dir(cache_dir: Path) -> Path:
+    """A tiny random cross-encoder (BertForSequenceClassification, one label; 64-token window)."""
+    return build_tiny_cross_encoder(cache_dir / "tiny-cross-encoder-h32-i02")
 
 
 @pytest.fixture(scope="session")

@@ -21,15 +21,50 @@ of steps, each used by one request then dropped (an empty list: behave normally)
 
 ``GET /_log`` returns what it saw: one entry per request (model, stream, and whether the client
 disconnected before the end), so tests can prove that a client's disconnect reached the upstream.
+
+It also answers ``/v1/embeddings`` and ``/v1/rerank`` (and ``/embeddings``, ``/rerank`` at the root, where TEI
+serves rerank).  Embeddings are 8 numbers (or ``dimensions`` of them) derived from a hash of each input;
+a rerank score is the share of the query's words found in the document.  The rerank answer has the shape
+the request asked in: ``documents`` → Jina's ``{"results": [{index, relevance_score}], "usage"}``, ``texts``
+→ TEI's ``[{index, score}]``, best first.  Their log entries also hold ``path`` and the request ``body``.
+The same script steps apply (``status``, ``html``, ``usage: false``; ``delay`` notes a client that leaves
+while it waits), and these:
+
+    {"stall": 5.0}             send the headers, then nothing for that long, then the body
+    {"usage": "total"}         report only ``usage.total_tokens``
+    {"usage": "billed_units"}  no usage, only Cohere's ``meta.billed_units.search_units``
+    {"base64": true}           embeddings as base64 little-endian float32, whatever ``encoding_format`` said
+    {"reverse": true}          the data items (each with its index) in reverse order
+    {"no_index": true}         data items without ``index``
+    {"ignore_dimensions": true}
+                               8-number vectors whatever ``dimensions`` asked
+    {"logits": true}           rerank scores as logits (10 * score - 5) instead of probabilities
+    {"score_key": "score"}     Jina-shaped results with ``score`` instead of ``relevance_score``
+    {"malformed": "..."}       a wrong answer: for embeddings ``count`` (one vector short), ``type`` (a
+                               string among the numbers), ``nan`` (a base64 vector with a NaN), ``dims``
+                               (the last vector one number short), ``index`` (two items with index 0),
+                               ``shape`` (``data`` is an object), ``json`` (not JSON); for rerank
+                               ``missing_index`` (the last document unscored), ``index`` (an index out of
+                               range), ``duplicate`` (one document scored twice), ``type`` (a score that is
+                               a string), ``shape`` (``results`` is an object), ``json``
+    {"raw_body": "..."}        send that string verbatim as the 200 ``application/json`` body
+
+``running(name)`` serves it in a thread of this process (for in-process tests) and yields its base URL.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import contextlib
+import hashlib
 import json
+import socket
+import struct
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import uvicorn
@@ -79,6 +114,131 @@ class Upstream:
             entry["finished"] = True
             return JSONResponse(answer.blocking())
         return StreamingResponse(_watched(answer.events(), entry), media_type="text/event-stream")
+
+    async def embeddings(self, request: Request) -> Response:
+        return await self._encode(request, _embeddings)
+
+    async def rerank(self, request: Request) -> Response:
+        return await self._encode(request, _rerank)
+
+    async def _encode(self, request: Request, answer: Any) -> Response:
+        """One blocking JSON answer (``answer(body, step)``), shaped by the next script step."""
+        body = await request.json()
+        step = self.script.pop(0) if self.script else {}
+        entry: dict[str, Any] = {"model": body.get("model"), "stream": False, "at": time.time(),
+                                 "disconnected": False, "finished": False, "served_by": self.name,
+                                 "path": request.url.path, "body": body}
+        self.log.append(entry)
+        if step.get("delay") and await _left_while_waiting(request, step["delay"]):
+            entry["disconnected"] = True
+            return Response(status_code=499)
+        if step.get("status"):
+            entry["finished"] = True
+            kind = "server_error" if step["status"] >= 500 else "invalid_request_error"
+            return JSONResponse({"error": {"message": f"scripted {step['status']}", "type": kind, "param": None,
+                                           "code": None}}, status_code=step["status"])
+        if step.get("html"):
+            entry["finished"] = True
+            return HTMLResponse(HTML)
+        text = step["raw_body"] if "raw_body" in step else answer(body, step)
+        if step.get("stall"):
+            return StreamingResponse(_watched(_stalled(text, step["stall"]), entry), media_type="application/json")
+        entry["finished"] = True
+        return Response(text, media_type="application/json")
+
+
+def _vector(item: Any, size: int) -> list[float]:
+    digest = hashlib.sha256(json.dumps(item).encode()).digest()
+    return [(digest[i % len(digest)] - 127.5) / 127.5 for i in range(size)]
+
+
+def _tokens(item: Any) -> int:
+    return len(item) if isinstance(item, list) else len(str(item).split()) or 1
+
+
+def _usage(step: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """The usage (or Cohere meta) fields of an answer, as the step wants them."""
+    kind = step.get("usage", True)
+    if kind == "total":
+        return {"usage": {"total_tokens": tokens}}
+    if kind == "billed_units":
+        return {"meta": {"billed_units": {"search_units": 1}}}
+    return {"usage": {"prompt_tokens": tokens, "total_tokens": tokens}} if kind else {}
+
+
+def _embeddings(body: dict[str, Any], step: dict[str, Any]) -> str:
+    inputs = body.get("input")
+    inputs = inputs if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else [inputs]
+    size = 8 if step.get("ignore_dimensions") else body.get("dimensions") or 8
+    vectors: list[Any] = [_vector(item, size) for item in inputs]
+    if step.get("base64"):
+        vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
+    bad = step.get("malformed")
+    if bad == "json":
+        return "{not json"
+    if bad == "type":
+        vectors[0][0] = "0.5"
+    elif bad == "nan":
+        vectors[0] = base64.b64encode(struct.pack("<2f", float("nan"), 1.0)).decode()
+    elif bad == "dims":
+        vectors[-1] = vectors[-1][:-1]
+    items: list[dict[str, Any]] = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+    if bad == "count":
+        items.pop()
+    elif bad == "index":
+        items[-1]["index"] = 0
+    if step.get("no_index"):
+        for item in items:
+            del item["index"]
+    if step.get("reverse"):
+        items.reverse()
+    out: dict[str, Any] = {"object": "list", "data": {"0": items} if bad == "shape" else items,
+                           "model": body.get("model")}
+    return json.dumps(out | _usage(step, sum(_tokens(item) for item in inputs)))
+
+
+def _rerank(body: dict[str, Any], step: dict[str, Any]) -> str:
+    query = str(body.get("query"))
+    tei = "texts" in body
+    documents = [str(d) for d in body.get("texts" if tei else "documents") or []]
+    words = set(query.lower().split()) or {""}
+    scores = [len(words & set(d.lower().split())) / len(words) for d in documents]
+    if step.get("logits"):
+        scores = [10 * s - 5 for s in scores]
+    key = "score" if tei else step.get("score_key", "relevance_score")
+    results: list[dict[str, Any]] = sorted(({"index": i, key: s} for i, s in enumerate(scores)),
+                                           key=lambda r: -r[key])[:body.get("top_n") or len(documents)]
+    bad = step.get("malformed")
+    if bad == "json":
+        return "{not json"
+    if bad == "missing_index":
+        results = [r for r in results if r["index"] != len(documents) - 1]
+    elif bad == "index":
+        results[-1]["index"] = len(documents)
+    elif bad == "duplicate":
+        results[-1]["index"] = results[0]["index"]
+    elif bad == "type":
+        results[0][key] = "high"
+    if tei:
+        return json.dumps({"0": results} if bad == "shape" else results)
+    tokens = sum(_tokens(query) + _tokens(d) for d in documents)
+    out = {"id": "rerank-1", "model": body.get("model"), "results": {"0": results} if bad == "shape" else results}
+    return json.dumps(out | _usage(step, tokens))
+
+
+async def _left_while_waiting(request: Request, seconds: float) -> bool:
+    """Waits ``seconds``; True as soon as the client hangs up instead."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await request.is_disconnected():
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def _stalled(text: str, seconds: float) -> AsyncIterator[str]:
+    await asyncio.sleep(seconds)  # the headers are out already
+    yield text
 
 
 class _Answer:
@@ -161,7 +321,32 @@ def build(name: str) -> Starlette:
         Route("/v1/models", up.models, methods=["GET"]),
         Route("/v1/chat/completions", up.complete, methods=["POST"]),
         Route("/v1/completions", up.complete, methods=["POST"]),
+        Route("/v1/embeddings", up.embeddings, methods=["POST"]),
+        Route("/embeddings", up.embeddings, methods=["POST"]),
+        Route("/v1/rerank", up.rerank, methods=["POST"]),
+        Route("/rerank", up.rerank, methods=["POST"]),
     ])
+
+
+@contextlib.contextmanager
+def running(name: str = "upstream") -> Iterator[str]:
+    """This upstream served on a free loopback port by a thread of this process: yields ``http://127.0.0.1:P``."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(build(name), log_level="warning", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the fault upstream did not start")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from inhouse.config import BUILTIN_CHAT_MODEL, ConfigError, UpstreamSpec, load_settings, model_spec
+from inhouse.config import (
+    BUILTIN_CHAT_MODEL,
+    BUILTIN_EMBEDDING_MODEL,
+    ConfigError,
+    SentenceTransformersSpec,
+    UpstreamSpec,
+    load_settings,
+    model_spec,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -15,10 +23,39 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_default_is_the_embedded_model() -> None:
+def test_default_is_the_embedded_chat_and_embedding_models() -> None:
     settings = load_settings()
-    assert [m.path for m in settings.models] == [BUILTIN_CHAT_MODEL]
+    assert [m.path for m in settings.models] == [BUILTIN_CHAT_MODEL, BUILTIN_EMBEDDING_MODEL]
+    assert [m.name for m in settings.models] == ["smollm2-135m-instruct", "all-minilm-l6-v2"]
+    assert isinstance(settings.models[1], SentenceTransformersSpec)
     assert settings.host == "127.0.0.1" and settings.port == 8000
+
+
+def test_sentence_transformers_options_and_a_generator_option_refused_by_name(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, """
+models:
+  - name: emb
+    engine: sentence-transformers
+    path: ./minilm
+    dtype: bf16
+    task: embed
+    truncate: false
+    matryoshka_dimensions: [64, 128]
+"""))
+    spec = settings.models[0]
+    assert isinstance(spec, SentenceTransformersSpec)
+    assert (spec.dtype, spec.task, spec.truncate, spec.matryoshka_dimensions) == ("bfloat16", "embed", False, (64, 128))
+    assert spec.path == str((tmp_path / "minilm").resolve())
+    with pytest.raises(ConfigError, match="'kv_cache_gib' is not an option of engine sentence-transformers"):
+        load_settings(write(tmp_path, "models: [{name: e, engine: sentence-transformers, path: x, kv_cache_gib: 2}]"))
+
+
+def test_upstream_capabilities_default_to_generation(tmp_path: Path) -> None:
+    spec = model_spec(name="u", engine="upstream", base_url="http://x/v1")
+    assert isinstance(spec, UpstreamSpec) and spec.capabilities == ("chat", "completion")
+    with pytest.raises(ConfigError, match="capabilities"):
+        load_settings(write(tmp_path, "models: [{name: u, engine: upstream, base_url: http://x, "
+                                      "capabilities: [speech]}]"))
 
 
 def test_yaml_models_paths_templates_and_aliases(tmp_path: Path) -> None:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from inhouse.config import AutoSpec
 from inhouse.engine.base import (
-    Engine,
     EngineInfo,
     EngineState,
     EngineStats,
     GenerateRequest,
     Generation,
+    Generator,
     ModelLoadError,
 )
 
@@ -35,7 +35,7 @@ class AutoEngine:
 
         self.spec = spec
         self._cache_dir = cache_dir
-        self._engine: Engine = VllmEngine(spec, cache_dir)
+        self._engine: Generator = VllmEngine(spec, cache_dir)
 
     @property
     def info(self) -> EngineInfo:

@@ -1,8 +1,11 @@
-"""The engine seam: the one protocol every engine implements, and the plain data that crosses it.
+"""The engine seam: the protocols engines implement, and the plain data that crosses them.
 
 Wire types (pydantic protocol models) stop before this module; engines see only these dataclasses.
-An engine admits a request in ``submit`` (raising an InhouseError there, before any byte is sent)
-and then hands the caller a Generation to iterate.
+Every engine has the ``Engine`` lifecycle (info, state, start, stats, close) and serves one or more
+operations, each its own protocol: a ``Generator`` admits a request in ``submit`` (raising an
+InhouseError there, before any byte is sent) and hands the caller a Generation to iterate; an
+``Embedder`` turns texts into vectors, a ``Reranker`` scores documents against a query.  What an
+engine serves is also in ``info.capabilities`` (the cards in ``/v1/models``), known before it loads.
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
 
 from inhouse.config import SamplingDefaults
 from inhouse.engine.collector import OutputCollector
@@ -20,13 +26,20 @@ __all__ = [
     "TEXT",
     "Capability",
     "Delta",
+    "EmbedRequest",
+    "Embedder",
+    "Embeddings",
     "Engine",
     "EngineInfo",
     "EngineState",
     "EngineStats",
     "GenerateRequest",
     "Generation",
+    "Generator",
     "ModelLoadError",
+    "RerankRequest",
+    "RerankScores",
+    "Reranker",
     "SamplingParams",
     "TokenLogprob",
     "Usage",
@@ -153,6 +166,12 @@ class EngineInfo:
     device: str = "cpu"
     dtype: str = "float32"
     capabilities: frozenset[Capability] = TEXT  # a generator without a chat template: COMPLETION only
+    # embedding models: the vector size (0: not known yet, or not an embedder), and the sizes ``dimensions``
+    # may ask for: None when the model was not trained for truncation (Matryoshka), () for any size up to it
+    embedding_dimensions: int = 0
+    matryoshka_dimensions: tuple[int, ...] | None = None
+    # rerankers: how the scores are made ("cross-encoder", "embedding-cosine", "upstream")
+    rerank_method: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +181,10 @@ class EngineStats:
     waiting: int
     kv_cache_tokens: int = 0
     kv_cache_usage: float = 0.0  # fraction of the engine's KV-cache budget in use
+    # batching encoders (embeddings, rerank): forward passes run and the inputs they carried, since start
+    batches: int = 0
+    batched_inputs: int = 0
+    max_batch: int = 0  # the most inputs one forward pass carried
 
 
 class Generation:
@@ -208,8 +231,41 @@ class Generation:
         self._settle()
 
 
+@dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    """Texts (or token-id lists, in the model's own vocabulary) to embed, in order."""
+
+    request_id: str
+    inputs: tuple[str | tuple[int, ...], ...]
+    dimensions: int | None = None  # truncate each vector to this size (Matryoshka models only)
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """One float32 row per input, in input order, and the tokens the inputs took (as the model counted)."""
+
+    vectors: npt.NDArray[np.float32]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RerankRequest:
+    request_id: str
+    query: str
+    documents: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RerankScores:
+    """One relevance score in [0, 1] per document, in input order (the route sorts and cuts)."""
+
+    scores: tuple[float, ...]
+    prompt_tokens: int
+
+
+@runtime_checkable
 class Engine(Protocol):
-    """What the server needs from any engine: load, admit, report, close."""
+    """What every engine has, whatever it serves: load, report, close."""
 
     @property
     def info(self) -> EngineInfo: ...
@@ -220,10 +276,29 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load weights.  Returns when ready; raises if loading failed."""
 
+    def stats(self) -> EngineStats: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Generator(Engine, Protocol):
+    """Chat and text completion."""
+
     async def submit(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
         """Admit the choices of one call, all or none, or raise InhouseError (bad input, context length,
         queue full, not ready).  Nothing a request carries may fail any other request later."""
 
-    def stats(self) -> EngineStats: ...
 
-    async def close(self) -> None: ...
+@runtime_checkable
+class Embedder(Engine, Protocol):
+    async def embed(self, request: EmbedRequest) -> Embeddings:
+        """The request's vectors, or InhouseError (bad input, too long when strict, queue full, not ready).
+        Cancelling the caller drops its inputs that have not run yet; nothing one request carries may fail
+        another batched with it."""
+
+
+@runtime_checkable
+class Reranker(Engine, Protocol):
+    async def rerank(self, request: RerankRequest) -> RerankScores:
+        """Each document's relevance to the query, as ``embed`` for errors, cancelling and batching."""

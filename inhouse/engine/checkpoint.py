@@ -16,6 +16,7 @@ import torch
 
 from inhouse.config import LocalSpec
 from inhouse.engine.base import ModelLoadError
+from inhouse.engine.loading import WEIGHTS_LOCK
 
 __all__ = ["convert_gguf", "resolve_checkpoint"]
 
@@ -57,9 +58,10 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     log.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)
     source = str(gguf.parent)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf.name, local_files_only=True)
-    packed = AutoModelForCausalLM.from_pretrained(
-        source, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-    )
+    with WEIGHTS_LOCK:  # from_pretrained sets torch's process-wide default dtype while it builds
+        packed = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
     # transformers marks a GGUF-loaded model as not serializable: copy its weights into a fresh one.
     config = packed.config
     if hasattr(config, "quantization_config"):

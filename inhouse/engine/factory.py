@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from inhouse.config import AutoSpec, FakeSpec, ModelSpec, UpstreamSpec, VllmSpec
+from inhouse.config import AutoSpec, FakeSpec, ModelSpec, SentenceTransformersSpec, UpstreamSpec, VllmSpec
 from inhouse.engine.base import Engine
 
 __all__ = ["build_engine"]
@@ -31,6 +31,10 @@ def build_engine(spec: ModelSpec, cache_dir: Path) -> Engine:
         from inhouse.engine.upstream import UpstreamEngine
 
         return UpstreamEngine(spec)
+    elif isinstance(spec, SentenceTransformersSpec):
+        from inhouse.engine.encoder.engine import EncoderEngine
+
+        return EncoderEngine(spec, cache_dir)
     elif isinstance(spec, FakeSpec):
         from inhouse.engine.fake import FakeEngine
 

@@ -15,6 +15,12 @@ is one deadline over both.  Aborting cancels the reading task, which closes the 
 
 Chunks are parsed defensively into a ``_Chunk`` (text, finish, usage): a chunk of the wrong shape is the
 upstream's error, never an exception that escapes.
+
+``embed`` and ``rerank`` (when ``capabilities`` lists them) are one blocking JSON exchange each, with the
+bodies and answers of ``upstream_encoders.py``.  Nothing reaches the client before the whole answer is read
+and checked, so every failure is ``UpstreamUnavailable`` except the request's own 4xx: the same
+connect_timeout, first_token_timeout (here: no byte for that long) and total_timeout apply.  Cancelling the
+caller closes the upstream connection.
 """
 
 from __future__ import annotations
@@ -29,11 +35,33 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import numpy as np
 import orjson
 
 from inhouse.config import UpstreamSpec
-from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation, Usage
+from inhouse.engine.base import (
+    Capability,
+    Delta,
+    Embeddings,
+    EmbedRequest,
+    EngineInfo,
+    EngineState,
+    EngineStats,
+    GenerateRequest,
+    Generation,
+    RerankRequest,
+    RerankScores,
+    Usage,
+)
 from inhouse.engine.collector import OutputCollector
+from inhouse.engine.upstream_encoders import (
+    MalformedAnswerError,
+    embeddings_body,
+    estimate_tokens,
+    read_embeddings,
+    read_rerank,
+    rerank_body,
+)
 from inhouse.errors import ErrorCode, InhouseError
 
 __all__ = ["UpstreamEngine", "UpstreamUnavailableError"]
@@ -41,6 +69,8 @@ __all__ = ["UpstreamEngine", "UpstreamUnavailableError"]
 log = logging.getLogger("inhouse.upstream")
 
 _INCOMPLETE = "; the answer is incomplete"
+_CAPABILITIES = {"chat": Capability.CHAT, "completion": Capability.COMPLETION, "embeddings": Capability.EMBEDDINGS,
+                 "rerank": Capability.RERANK}
 
 
 class UpstreamUnavailableError(InhouseError):
@@ -58,11 +88,13 @@ class UpstreamEngine:
         self._session: aiohttp.ClientSession | None = None
         self._running = 0
         self._tasks: dict[str, asyncio.Task[Delta | InhouseError]] = {}
+        self._capabilities = frozenset(_CAPABILITIES[name] for name in spec.capabilities)
 
     @property
     def info(self) -> EngineInfo:
         return EngineInfo(kind="upstream", context_length=self.spec.context_length or 0,
-                          max_num_seqs=self.spec.max_num_seqs)
+                          max_num_seqs=self.spec.max_num_seqs, capabilities=self._capabilities,
+                          rerank_method="upstream" if Capability.RERANK in self._capabilities else None)
 
     @property
     def state(self) -> EngineState:
@@ -122,6 +154,68 @@ class UpstreamEngine:
                 generation.abort()
             raise
         return generations
+
+    async def embed(self, request: EmbedRequest) -> Embeddings:
+        """POST ``/embeddings``: the vectors in input order, or UpstreamUnavailable (any failure before a
+        complete, well-formed answer) or the upstream's refusal (its 4xx, passed on)."""
+        if not request.inputs:
+            return Embeddings(vectors=np.zeros((0, 0), dtype=np.float32), prompt_tokens=0)
+        data = await self._exchange("/embeddings", embeddings_body(request, self._model))
+        try:
+            return read_embeddings(data, request)
+        except MalformedAnswerError as exc:
+            raise self._malformed(exc) from None
+
+    async def rerank(self, request: RerankRequest) -> RerankScores:
+        """POST ``/rerank`` in the ``rerank_api`` shape: one score in [0, 1] per document, in input order; fails
+        as ``embed``."""
+        if not request.documents:
+            return RerankScores(scores=(), prompt_tokens=0)
+        data = await self._exchange("/rerank", rerank_body(request, self._model, self.spec.rerank_api))
+        try:
+            return read_rerank(data, request)
+        except MalformedAnswerError as exc:
+            raise self._malformed(exc) from None
+
+    @property
+    def _model(self) -> str:
+        return self.spec.upstream_model or self.spec.name
+
+    def _malformed(self, exc: MalformedAnswerError) -> UpstreamUnavailableError:
+        return UpstreamUnavailableError(f"upstream {self.spec.deployment_label} {exc.reason}")
+
+    async def _exchange(self, path: str, body: dict[str, Any]) -> bytes:
+        """One blocking JSON POST: the body of a 200, or UpstreamUnavailable, or the request's own 4xx error."""
+        if self._session is None or self._state is not EngineState.READY:
+            raise UpstreamUnavailableError(f"upstream {self.spec.deployment_label} is not started")
+        spec, label = self.spec, self.spec.deployment_label
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=spec.connect_timeout,
+                                        sock_read=spec.first_token_timeout)
+        whole = asyncio.timeout(spec.total_timeout)
+        self._running += 1
+        try:
+            async with whole, self._session.post(self._base + path, data=orjson.dumps(body), timeout=timeout,
+                                                 headers={"Content-Type": "application/json"}) as response:
+                if response.status != 200:
+                    raise await _status_error(response, label)
+                return await response.read()
+        except InhouseError:
+            raise
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamUnavailableError(f"upstream {label} did not accept a connection within "
+                                           f"{spec.connect_timeout:g} s (connect_timeout)") from None
+        except TimeoutError:  # whole's deadline, or aiohttp's sock_read (headers or body)
+            what = (f"took longer than {self._total_text()}" if whole.expired() else
+                    f"sent nothing for {self._first_token_text()}")
+            raise UpstreamUnavailableError(f"upstream {label} {what}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailableError(f"upstream {label} is unreachable or broke off "
+                                           f"({type(exc).__name__})") from None
+        except Exception as exc:  # anything else the upstream made us trip on: still only this attempt failed
+            log.error("upstream %s: POST %s failed: %s: %.200s", label, path, type(exc).__name__, exc)
+            raise UpstreamUnavailableError(f"upstream {label} sent an answer that could not be read") from None
+        finally:
+            self._running -= 1
 
     async def _submit_one(self, session: aiohttp.ClientSession, request: GenerateRequest) -> Generation:
         """Returns once the first token arrived, with a task reading the rest."""
@@ -364,15 +458,14 @@ class _Usage:
 
 
 def _estimate_prompt_tokens(request: GenerateRequest) -> int:
-    """Used only when the upstream reports no usage: one token per CJK character, one per 4 other characters."""
+    """Used only when the upstream reports no usage: ``estimate_tokens`` of the text, 4 more per message."""
     if request.messages is not None:
         text = " ".join(str(m.get("content") or "") for m in request.messages)
     elif isinstance(request.prompt, tuple):
         return len(request.prompt)
     else:
         text = request.prompt or ""
-    cjk = sum(1 for ch in text if "\u3000" <= ch <= "\u9fff" or "\uac00" <= ch <= "\ud7af")
-    return cjk + max(1, (len(text) - cjk + 3) // 4) + 4 * len(request.messages or ())
+    return estimate_tokens(text) + 4 * len(request.messages or ())
 
 
 def _body(request: GenerateRequest, spec: UpstreamSpec) -> dict[str, Any]:
@@ -412,10 +505,24 @@ async def _status_error(response: aiohttp.ClientResponse, label: str) -> Inhouse
         return UpstreamUnavailableError(f"upstream {label} answered {response.status}")
     message = f"the upstream refused the request ({response.status})"
     with contextlib.suppress(Exception):
-        detail = orjson.loads(await response.read())["error"]["message"]
-        message = f"{message}: {str(detail)[:500]}"
+        detail = _error_detail(orjson.loads(await response.read()))
+        if detail:
+            message = f"{message}: {detail[:500]}"
     code = ErrorCode.MODEL_NOT_FOUND if response.status == 404 else ErrorCode.INVALID_REQUEST
     return InhouseError(code, message)
+
+
+def _error_detail(payload: object) -> str | None:
+    """The message of an error body: OpenAI's ``{"error": {"message"}}``, TEI's ``{"error": "..."}``, vLLM's
+    older ``{"message"}`` or FastAPI's ``{"detail": "..."}``."""
+    if not isinstance(payload, dict):
+        return None
+    error = payload.get("error")
+    for detail in (error.get("message") if isinstance(error, dict) else error, payload.get("message"),
+                   payload.get("detail")):
+        if isinstance(detail, str) and detail:
+            return detail
+    return None
 
 
 class _Events:

@@ -17,7 +17,8 @@ from inhouse.engine.base import Delta, GenerateRequest, Generation, TokenLogprob
 from inhouse.gateway.router import Routed
 from inhouse.server.call import Call, call_of
 from inhouse.server.context import context_of
-from inhouse.server.disconnect import ClientDisconnectedError
+from inhouse.server.disconnect import or_disconnect
+from inhouse.server.operations import GENERATION, generator, require
 
 __all__ = ["ChoiceResult", "collect", "merged", "route", "total_usage"]
 
@@ -44,11 +45,11 @@ async def route(request: Request, model: str, stream: bool, request_id: str,
     and reserve prompt + max_tokens against the key's token budget (429, the admitted work aborted).
     The deployment counts the call in flight until its last generation ends."""
     ctx = context_of(request)
-    ctx.registry.deployments(model)  # an unknown model is 404 before the key's scope is 403
+    require(ctx.registry, model, GENERATION)  # an unknown model is 404 (and an embedder 400) before a 403
     call = call_of(request)
     if call is not None:
         call.asked(request_id, model, stream)
-    routed = await ctx.router.call(model, lambda d: d.engine.submit(requests))
+    routed = await ctx.router.call(model, lambda d: generator(d.engine, d.name).submit(requests))
     remaining = len(routed.result)
 
     def one_done() -> None:
@@ -111,13 +112,6 @@ async def merged(generations: list[Generation]) -> AsyncGenerator[tuple[int, Del
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _until_disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 async def collect(generations: list[Generation], request: Request) -> list[ChoiceResult]:
     """Wait for complete answers; if the client goes away first, abort the generations."""
     results = [ChoiceResult() for _ in generations]
@@ -133,19 +127,7 @@ async def collect(generations: list[Generation], request: Request) -> list[Choic
                 result.finish_reason = delta.finish_reason
                 result.usage = delta.usage
 
-    work = asyncio.ensure_future(gather())
-    watch = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not work.done():  # the client left (or we were cancelled): stop generating for it
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
-    if work.cancelled():
-        raise ClientDisconnectedError
-    work.result()
+    await or_disconnect(request, gather())
     for result, generation in zip(results, generations, strict=True):
         result.text = "".join(result._parts)
         result.usage = result.usage or Usage(generation.prompt_tokens, result.tokens)  # engines send it

@@ -16,6 +16,7 @@ import torch
 from inhouse.config import LocalSpec
 from inhouse.engine.base import ModelLoadError
 from inhouse.engine.checkpoint import resolve_checkpoint
+from inhouse.engine.loading import WEIGHTS_LOCK
 
 __all__ = ["LoadedModel", "load_model"]
 
@@ -57,9 +58,10 @@ def load_model(spec: LocalSpec, cache_dir: Path, attn_implementation: str) -> Lo
     model: Any
     try:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            checkpoint, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
-        )
+        with WEIGHTS_LOCK:  # from_pretrained sets torch's process-wide default dtype while it builds
+            model = AutoModelForCausalLM.from_pretrained(
+                checkpoint, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
+            )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"model {spec.name!r}: cannot load {checkpoint}: {exc}") from exc
     model.to(device).eval()
