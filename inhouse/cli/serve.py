@@ -11,6 +11,8 @@ from pathlib import Path
 from inhouse.cli.state import StateError, add_state_flags, open_access
 from inhouse.config import (
     BUILTIN_CHAT_MODEL,
+    BUILTIN_EMBEDDING_MODEL,
+    DEFAULT_EMBEDDING_NAME,
     DEFAULT_MODEL_NAME,
     ConfigError,
     ExtraModels,
@@ -36,6 +38,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--max-num-seqs", type=int, help="sequences decoded together at most")
     p.add_argument("--max-waiting", type=int, help="requests allowed to wait beyond those; then 429")
     p.add_argument("--chat-template", type=Path, help="a Jinja chat template file overriding the tokenizer's")
+    p.add_argument("--embedding-model", metavar="PATH",
+                   help="a sentence-transformers model (embedding model or cross-encoder reranker) to serve beside "
+                   "the chat model; default: the embedded all-MiniLM-L6-v2 when no --model is given; none: no "
+                   "embedding model")
+    p.add_argument("--embedding-name", help="the public name for --embedding-model (default: the directory name)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--cache-dir", type=Path, help="where converted GGUF models are cached")
@@ -75,13 +82,18 @@ def build_settings(args: argparse.Namespace) -> Settings:
     }
     model_flags = {key: getattr(args, key) for key in _MODEL_FLAGS if getattr(args, key) is not None}
     if args.config is not None:
-        if args.model or args.name or model_flags:
-            flags = ", ".join("--" + k.replace("_", "-") for k in ("model", "name", *model_flags) if getattr(args, k))
+        if args.model or args.name or args.embedding_model or model_flags:
+            flags = ", ".join("--" + k.replace("_", "-") for k in ("model", "name", "embedding_model", *model_flags)
+                              if getattr(args, k))
             raise ConfigError(f"{flags} cannot be combined with --config; set them per model in the file")
         return load_settings(args.config, overrides, extra=_gateway_flags(args))
     extra = _gateway_flags(args)
     if extra.models and not args.model and not args.name and not model_flags:
+        if args.embedding_model not in (None, "none"):
+            extra.models.append(_embedding_model(args))
         return load_settings(None, overrides, extra=extra, base_dir=Path.cwd(), default_model=False)
+    if args.embedding_model != "none" and (args.embedding_model is not None or not args.model):
+        extra.models.append(_embedding_model(args))
     if args.model:
         path = Path(args.model).expanduser()
         model: dict[str, object] = {
@@ -92,6 +104,16 @@ def build_settings(args: argparse.Namespace) -> Settings:
         model = {"name": args.name or DEFAULT_MODEL_NAME, "path": BUILTIN_CHAT_MODEL}
     model.update({k: str(v) if k == "chat_template" else v for k, v in model_flags.items()})
     return load_settings(None, overrides, model, base_dir=Path.cwd(), extra=extra)
+
+
+def _embedding_model(args: argparse.Namespace) -> dict[str, object]:
+    """``--embedding-model`` (default: the embedded all-MiniLM-L6-v2) as a sentence-transformers model."""
+    source = args.embedding_model or BUILTIN_EMBEDDING_MODEL
+    if source.startswith("builtin:"):
+        name = args.embedding_name or (DEFAULT_EMBEDDING_NAME if source == BUILTIN_EMBEDDING_MODEL else source[8:])
+        return {"name": name, "engine": "sentence-transformers", "path": source}
+    path = Path(source).expanduser().resolve()
+    return {"name": args.embedding_name or path.name, "engine": "sentence-transformers", "path": str(path)}
 
 
 def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
@@ -142,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars in the log
     try:
         settings = build_settings(args)
     except ConfigError as exc:

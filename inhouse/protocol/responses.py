@@ -23,12 +23,14 @@ __all__ = [
     "ChatCompletionChunk",
     "Completion",
     "CompletionChunk",
+    "EmbeddingList",
     "ErrorResponse",
     "Health",
     "ModelCard",
     "ModelList",
     "NewApiKey",
     "Ready",
+    "RerankResult",
 ]
 
 EngineStateName = Literal["loading", "ready", "failed", "closed"]
@@ -160,12 +162,50 @@ class StreamError(_Body):
     error: ErrorDetail
 
 
+# ----------------------------------------------------------------------------------------------- embeddings
+
+
+class EmbeddingUsage(_Body):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Embedding(_Body):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32 (encoding_format)")
+
+
+class EmbeddingList(_Body):
+    object: Literal["list"]
+    data: list[Embedding] = Field(description="one per input, in input order")
+    model: str
+    usage: EmbeddingUsage
+
+
+class RerankedDocument(_Body):
+    text: str
+
+
+class Reranked(_Body):
+    index: int = Field(description="the document's position in the request")
+    relevance_score: float = Field(ge=0, le=1)
+    document: RerankedDocument | SkipJsonSchema[None] = Field(default=None, description="with return_documents")
+
+
+class RerankResult(_Body):
+    id: str
+    model: str
+    results: list[Reranked] = Field(description="by descending relevance, at most top_n")
+    usage: EmbeddingUsage
+
+
 # ----------------------------------------------------------------------------------------------- models
 
 
 class DeploymentCard(_Body):
     name: str
-    engine: str = Field(description="transformers, vllm, upstream or fake")
+    engine: str = Field(description="transformers, vllm, sentence-transformers, upstream or fake")
     status: EngineStateName
     healthy: bool
     circuit: Circuit
@@ -183,6 +223,12 @@ class ModelCard(_Body):
     capabilities: list[Literal["chat", "completion", "embeddings", "rerank", "tools", "vision", "json_schema"]] = \
         Field(description="what the model can be asked for")
     max_model_len: int | SkipJsonSchema[None] = None
+    embedding_dimensions: int | SkipJsonSchema[None] = Field(default=None, description="embedding models")
+    matryoshka_dimensions: list[int] | SkipJsonSchema[None] = Field(
+        default=None, description="the sizes `dimensions` may ask for (empty: any up to embedding_dimensions)")
+    rerank_method: Literal["cross-encoder", "embedding-cosine", "upstream"] | SkipJsonSchema[None] = Field(
+        default=None, description="how rerank scores are made: a cross-encoder, or the cosine similarity of "
+        "embeddings (clamped to [0, 1]; a weaker ranking than a cross-encoder's), or the upstream's")
     fallbacks: list[str] | SkipJsonSchema[None] = None
     deployments: list[DeploymentCard]
 
@@ -206,6 +252,10 @@ class DeploymentHealth(_Body):
     circuit: Circuit
     in_flight: int
     error: str | SkipJsonSchema[None] = Field(default=None, description="why the deployment failed to load")
+    health_error: str | SkipJsonSchema[None] = Field(default=None, description="why its last health check failed")
+    batches: int | SkipJsonSchema[None] = Field(default=None, description="encoders: forward passes run")
+    batched_inputs: int | SkipJsonSchema[None] = Field(default=None, description="encoders: inputs they carried")
+    max_batch: int | SkipJsonSchema[None] = Field(default=None, description="encoders: most inputs in one pass")
 
 
 class ModelHealth(DeploymentHealth):

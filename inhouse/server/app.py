@@ -20,8 +20,10 @@ from inhouse.server.openapi import OPENAPI_PATH, build_openapi, openapi_route
 from inhouse.server.routes import admin
 from inhouse.server.routes.chat import chat_completions
 from inhouse.server.routes.completions import completions
+from inhouse.server.routes.embeddings import embeddings
 from inhouse.server.routes.health import health, ready
 from inhouse.server.routes.models import get_model, list_models
+from inhouse.server.routes.rerank import rerank
 from inhouse.server.sinks import sinks_for
 
 __all__ = ["create_app"]
@@ -31,6 +33,8 @@ def _routes() -> list[Route]:
     api = [
         ("/chat/completions", chat_completions, ["POST"]),
         ("/completions", completions, ["POST"]),
+        ("/embeddings", embeddings, ["POST"]),
+        ("/rerank", rerank, ["POST"]),
         ("/models", list_models, ["GET"]),
         ("/models/{model_id:path}", get_model, ["GET"]),
     ]
@@ -38,6 +42,7 @@ def _routes() -> list[Route]:
     # Dify users type the base URL with or without /v1 and Dify adds nothing: serve both.
     for prefix in ("/v1", ""):
         routes += [Route(prefix + path, endpoint, methods=methods) for path, endpoint, methods in api]
+    routes.append(Route("/v2/rerank", rerank, methods=["POST"]))  # Cohere v2 clients; same body and answer
     routes += [Route("/health", health, methods=["GET"]), Route("/ready", ready, methods=["GET"])]
     routes += [
         Route("/admin/keys", admin.list_keys, methods=["GET"]),

@@ -24,6 +24,7 @@ from inhouse.errors import ErrorCode as E
 from inhouse.protocol import responses as r
 from inhouse.protocol.chat import ChatCompletionRequest
 from inhouse.protocol.completions import CompletionRequest
+from inhouse.protocol.embeddings import EmbeddingRequest, RerankRequest
 from inhouse.server.render import json_response
 from inhouse.server.routes.admin import KeyCreate
 
@@ -36,8 +37,11 @@ _SCHEMES = ("bearer", "apiKeyHeader")  # either one: Authorization: Bearer, or x
 _KEYED = (E.INVALID_API_KEY, E.RATE_LIMITED, E.QUOTA_EXCEEDED, E.AUDIT_UNAVAILABLE, E.INTERNAL)
 _ADMIN = (*_KEYED, E.ADMIN_REQUIRED, E.UNSUPPORTED)  # unsupported: the server runs with auth: none
 _GENERATE = (*_KEYED, E.INVALID_REQUEST, E.INVALID_JSON, E.UNSUPPORTED, E.CONTEXT_LENGTH_EXCEEDED,
-             E.MODEL_NOT_FOUND, E.MODEL_NOT_ALLOWED, E.BODY_TOO_LARGE, E.QUEUE_FULL, E.MODEL_LOADING,
-             E.MODEL_UNAVAILABLE, E.UPSTREAM_UNAVAILABLE, E.UPSTREAM_ERROR, E.ENGINE_ERROR)
+             E.MODEL_NOT_FOUND, E.WRONG_MODEL_KIND, E.MODEL_NOT_ALLOWED, E.BODY_TOO_LARGE, E.QUEUE_FULL,
+             E.MODEL_LOADING, E.MODEL_UNAVAILABLE, E.UPSTREAM_UNAVAILABLE, E.UPSTREAM_ERROR, E.ENGINE_ERROR)
+_ENCODE = (*_KEYED, E.INVALID_REQUEST, E.INVALID_JSON, E.CONTEXT_LENGTH_EXCEEDED, E.MODEL_NOT_FOUND,
+           E.WRONG_MODEL_KIND, E.MODEL_NOT_ALLOWED, E.BODY_TOO_LARGE, E.QUEUE_FULL, E.MODEL_LOADING,
+           E.MODEL_UNAVAILABLE, E.UPSTREAM_UNAVAILABLE, E.ENGINE_ERROR)
 _RATE_HEADERS = tuple(f"x-ratelimit-{part}-{unit}" for part in ("limit", "remaining", "reset")
                       for unit in ("requests", "tokens"))
 
@@ -70,6 +74,10 @@ def _api(prefix: str) -> list[_Op]:
             {200: r.ChatCompletion}, _GENERATE, body=ChatCompletionRequest, stream=r.ChatCompletionChunk),
         _Op("post", f"{prefix}/completions", "createCompletion" + suffix, "Text completion", "generation",
             {200: r.Completion}, _GENERATE, body=CompletionRequest, stream=r.CompletionChunk),
+        _Op("post", f"{prefix}/embeddings", "createEmbedding" + suffix, "Embeddings of texts or token ids",
+            "embeddings", {200: r.EmbeddingList}, _ENCODE, body=EmbeddingRequest),
+        _Op("post", f"{prefix}/rerank", "rerank" + suffix, "Documents by relevance to a query (Jina/Cohere)",
+            "embeddings", {200: r.RerankResult}, _ENCODE, body=RerankRequest),
         _Op("get", f"{prefix}/models", "listModels" + suffix, "The models this key may use", "models",
             {200: r.ModelList}, _KEYED),
         _Op("get", f"{prefix}/models/{{model_id}}", "retrieveModel" + suffix, "One model's card", "models",
@@ -93,6 +101,8 @@ def _operations() -> list[_Op]:
     return [
         *_api("/v1"),
         *_api(""),
+        _Op("post", "/v2/rerank", "rerankV2", "Rerank, at Cohere v2's path (same body and answer)", "embeddings",
+            {200: r.RerankResult}, _ENCODE, body=RerankRequest),
         _Op("get", "/health", "health", "Liveness and each model's engine state", "health", {200: r.Health},
             (E.INTERNAL,), public=True),
         _Op("get", "/ready", "ready", "200 when every model is loaded, else 503", "health",

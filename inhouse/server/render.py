@@ -17,7 +17,7 @@ class JSONResponse(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)  # embeddings: float32 rows as written
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

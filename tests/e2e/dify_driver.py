@@ -1,33 +1,57 @@
 """Drives Dify's own plugin SDK against a running server, the way Dify's plugin runtime calls it.
 
 Run by ``.venv-dify/bin/python`` (the SDK needs Python >= 3.12; ``scripts/dify_venv.sh`` builds that venv),
-never imported by the 3.11 test suite.  ``tests/e2e/test_dify.py`` runs it as a subprocess and reads the
-one JSON object it prints on stdout.
+never imported by the 3.11 test suite.  ``tests/e2e/test_dify.py`` and ``test_dify_embeddings.py`` run it as
+a subprocess and read the one JSON object it prints on stdout.
 
 What is real here, and what only watches:
 
 * real: ``import dify_plugin`` (which applies gevent's monkey patching first, as in the plugin process); one
-  fresh ``OAICompatLargeLanguageModel([])`` per call, as ``ModelFactory.get_instance`` builds it for a
-  customizable-model provider (``self.models[model_type](self.provider.models)``, an empty schema list);
-  credentials as Dify stores them when a user filled in only the URL and the model name (every value a
-  string, form defaults filled in, see shared/DIFY_CONTRACT.md §2); prompt messages parsed by the daemon's
-  own ``ModelInvokeLLMRequest``; then ``validate_credentials(model, credentials)`` or
-  ``invoke(model, credentials, prompt_messages, model_parameters, tools, stop, stream, user_id)`` with the
-  positional arguments ``PluginExecutor.invoke_llm`` uses, and every chunk iterated as the host does.
-* watching only: ``requests.post`` is wrapped to record each request the SDK sends (URL, headers, body)
-  and the response status; it calls through unchanged.
-* the one stand-in: the SDK's token estimator (``_num_tokens_from_string``) counts the call and raises
-  ``TokenEstimationRefusedError``.  A call means the server gave no usage, so Dify would guess with GPT-2's
-  tokenizer, which tiktoken first downloads from the internet: an air-gapped Dify fails right there.  The
-  stand-in fails the same way without sending anything off this machine.
+  fresh model instance per call, as ``ModelFactory.get_instance`` builds it for a customizable-model provider
+  (``self.models[model_type](self.provider.models)``, an empty schema list): ``OAICompatLargeLanguageModel``,
+  ``OAICompatEmbeddingModel`` or ``OAICompatRerankModel``; credentials as Dify stores them when a user filled
+  in only the URL and the model name (every value a string, the form defaults of that model type filled in,
+  see shared/DIFY_CONTRACT.md §2); the daemon's own request entities (``ModelInvokeLLMRequest``,
+  ``ModelInvokeTextEmbeddingRequest``, ``ModelInvokeRerankRequest``) parse the call; then
+  ``validate_credentials(model, credentials)`` or ``invoke(...)`` with the arguments ``PluginExecutor`` uses
+  (``invoke_llm``: ``model, credentials, prompt_messages, model_parameters, tools, stop, stream, user_id``;
+  ``invoke_text_embedding``: ``model, credentials, texts, user=user_id, input_type=input_type``;
+  ``invoke_rerank``: ``model, credentials, query, docs, score_threshold, top_n, user_id``).
+* watching only: ``requests.post`` (and the copy the rerank module imported by name) is wrapped to record
+  each request the SDK sends (URL, headers, body) and the response (status, content type, and the body when
+  it was not streamed); it calls through unchanged.
+* guard: urllib3's ``create_connection`` refuses any host but loopback and records the attempt, so nothing
+  in the SDK can reach the internet from a test, whatever it tries.
+
+The two stand-ins, both for token counting with GPT-2's tokenizer, which tiktoken downloads from
+``openaipublic.blob.core.windows.net`` on first use (an air-gapped Dify fails right there):
+
+* LLM: the token estimator (``_num_tokens_from_string``) counts the call and raises
+  ``TokenEstimationRefusedError``.  A call means the server gave no usage, so Dify would guess; the
+  stand-in fails the way an air-gapped Dify does, without sending anything off this machine.
+* embeddings: ``OAICompatEmbeddingModel._invoke`` calls ``_get_num_tokens_by_gpt2`` on **every text of every
+  call**, whatever the server answers, only to cut texts of ``context_size`` (credential, "4096") GPT-2
+  tokens or more.  That call cannot be avoided (a finding: the bare SDK embedding class needs tiktoken's
+  GPT-2 files, or a pre-filled ``TIKTOKEN_CACHE_DIR``, before it embeds anything).  Refusing it would fail
+  every embedding, so it is replaced by a faithful offline bound: GPT-2 is a byte-level BPE, every token
+  covers at least one UTF-8 byte, so the byte count bounds the token count from above.  Below the context
+  size the bound proves the SDK sends the text uncut, exactly as with the real tokenizer, and that is what
+  the stand-in returns; at or above it the cut would depend on the real count, so it raises
+  ``TokenEstimationRefusedError`` instead of guessing.  Each call is counted (``gpt2_counts``).  With
+  ``--tiktoken`` the real method runs instead, on an empty ``TIKTOKEN_CACHE_DIR``: the guard then shows the
+  download an air-gapped plugin would attempt (and refuses it).
 
 Usage::
 
-    dify_driver.py SCENARIO --base-url URL --model NAME [--prompt TEXT] [--max-tokens N] [--stop WORD]...
-                   [--stream]
+    dify_driver.py SCENARIO --base-url URL --model NAME [--api-key KEY]
+        LLM:        [--prompt TEXT] [--max-tokens N] [--stop WORD]... [--stream]
+        embeddings: [--text TEXT]... [--input-type document|query] [--tiktoken]
+        rerank:     [--query TEXT] [--doc TEXT]... [--score-threshold X] [--top-n N]
 
-SCENARIO is ``validate`` (the "Save" ping), ``blocking`` (stream=False), ``stream`` (stream=True),
-``multiturn`` (system prompt, then user/assistant/user) or ``stop`` (stop words; blocking unless --stream).
+SCENARIO is ``validate`` (the LLM "Save" ping), ``blocking`` (stream=False), ``stream`` (stream=True),
+``multiturn`` (system prompt, then user/assistant/user), ``stop`` (stop words; blocking unless --stream),
+``embed-validate`` / ``embed`` (the text-embedding class: Save, or one invoke with all --text) or
+``rerank-validate`` / ``rerank`` (the rerank class: Save, or one invoke; no --top-n sends ``top_n: null``).
 The exit status is 0 when the SDK call succeeded, 1 when it raised (the JSON then says what it raised).
 """
 
@@ -36,7 +60,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +71,12 @@ from typing import Any
 # Import order matters as in the plugin process: the package import applies gevent's patching first.
 import dify_plugin  # noqa: F401
 import requests
-from dify_plugin.core.entities.plugin.request import ModelInvokeLLMRequest
+import urllib3.util.connection
+from dify_plugin.core.entities.plugin.request import (
+    ModelInvokeLLMRequest,
+    ModelInvokeRerankRequest,
+    ModelInvokeTextEmbeddingRequest,
+)
 from dify_plugin.entities.model import ModelType
 from dify_plugin.entities.model.llm import LLMResultChunk
 from dify_plugin.entities.model.message import (
@@ -53,14 +85,22 @@ from dify_plugin.entities.model.message import (
     SystemPromptMessage,
     UserPromptMessage,
 )
+from dify_plugin.interfaces.model.openai_compatible import rerank as sdk_rerank
 from dify_plugin.interfaces.model.openai_compatible.llm import OAICompatLargeLanguageModel
+from dify_plugin.interfaces.model.openai_compatible.rerank import OAICompatRerankModel
+from dify_plugin.interfaces.model.openai_compatible.text_embedding import OAICompatEmbeddingModel
 
-SCENARIOS = ("validate", "blocking", "stream", "multiturn", "stop")
+LLM_SCENARIOS = ("validate", "blocking", "stream", "multiturn", "stop")
+EMBEDDING_SCENARIOS = ("embed-validate", "embed")
+RERANK_SCENARIOS = ("rerank-validate", "rerank")
+SCENARIOS = LLM_SCENARIOS + EMBEDDING_SCENARIOS + RERANK_SCENARIOS
 USER_ID = "dify-e2e-user"  # apps always pass the end user's id; the SDK forwards it as `user`
 MULTITURN_SYSTEM = "You are a helpful geography assistant. Answer in one short sentence."
 MULTITURN_FIRST_QUESTION = "What is the capital of France?"
 MULTITURN_FIRST_ANSWER = "The capital of France is Paris."
 MULTITURN_SECOND_QUESTION = "And what is the capital of Germany?"
+EMBEDDING_CONTEXT_SIZE = 4096  # the form default of "Model context size" for text-embedding models
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def dify_credentials(base_url: str) -> dict[str, str]:
@@ -88,21 +128,58 @@ def dify_credentials(base_url: str) -> dict[str, str]:
     }
 
 
+def embedding_credentials(base_url: str) -> dict[str, str]:
+    """The same for a text-embedding model: the form shows max_chunks, context_size, encoding_format, vision."""
+    return {
+        "endpoint_url": base_url,
+        "max_chunks": "1",  # read by nobody: the SDK's schema hardcodes MAX_CHUNKS 1
+        "context_size": str(EMBEDDING_CONTEXT_SIZE),
+        "encoding_format": "not_set",  # read only by the official plugin; the SDK always sends "float"
+        "vision_support": "no_support",
+    }
+
+
+def rerank_credentials(base_url: str) -> dict[str, str]:
+    """The same for a rerank model: context_size and vision_support (both unread by the SDK class)."""
+    return {"endpoint_url": base_url, "context_size": "4096", "vision_support": "no_support"}
+
+
+def credentials_for(scenario: str, base_url: str) -> dict[str, str]:
+    if scenario in EMBEDDING_SCENARIOS:
+        return embedding_credentials(base_url)
+    if scenario in RERANK_SCENARIOS:
+        return rerank_credentials(base_url)
+    return dify_credentials(base_url)
+
+
 class TokenEstimationRefusedError(RuntimeError):
-    """Raised where the SDK would estimate token counts because the server sent no usage."""
+    """Raised where the SDK would count tokens with GPT-2's tokenizer and the stand-in cannot answer exactly."""
+
+
+class RemoteConnectionRefusedError(ConnectionError):
+    """Raised when anything in the driver tries to open a connection to a host other than loopback."""
 
 
 class Recorder:
-    """Records what ``requests.post`` sends; counts and refuses the SDK's token estimation."""
+    """Records what ``requests.post`` sends; stands in for GPT-2 token counting; keeps the network local."""
 
     def __init__(self) -> None:
         self.wire: list[dict[str, Any]] = []
         self.estimations = 0
+        self.gpt2_counts = 0
+        self.remote_connections: list[str] = []
 
-    def install(self) -> None:
-        requests.post = self._wrap_post(requests.post)  # type: ignore[method-assign]
+    def install(self, gpt2_stand_in: bool = True) -> None:
+        """``gpt2_stand_in`` False leaves the SDK's own GPT-2 counting (tiktoken) to meet the network guard."""
+        recorded = self._wrap_post(requests.post)
+        requests.post = recorded
+        sdk_rerank.post = recorded  # the rerank module did `from requests import post` at import time
         cls = OAICompatLargeLanguageModel
-        cls._num_tokens_from_string = self._refuse(cls._num_tokens_from_string)  # type: ignore[method-assign]
+        cls._num_tokens_from_string = self._refuse(cls._num_tokens_from_string)
+        if gpt2_stand_in:
+            embedder = OAICompatEmbeddingModel
+            embedder._get_num_tokens_by_gpt2 = self._gpt2_upper_bound(embedder._get_num_tokens_by_gpt2)
+        urllib3.util.connection.create_connection = self._loopback_only(urllib3.util.connection.create_connection)
 
     def _wrap_post(self, post: Callable[..., requests.Response]) -> Callable[..., requests.Response]:
         @functools.wraps(post)
@@ -117,6 +194,8 @@ class Recorder:
                 "body": json.loads(body) if body else None,
                 "status": response.status_code,
                 "response_content_type": response.headers.get("content-type"),
+                # a streamed body belongs to the SDK's parser; any other was already read by requests
+                "response_body": None if kwargs.get("stream") else _body_of(response),
             })
             return response
 
@@ -131,6 +210,36 @@ class Recorder:
                 "which downloads it from the internet (fails in an air-gapped Dify)")
 
         return refused
+
+    def _gpt2_upper_bound(self, method: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(method)
+        def upper_bound(_model: object, text: str) -> int:
+            self.gpt2_counts += 1
+            bound = len(text.encode("utf-8"))  # byte-level BPE: at most one GPT-2 token per byte
+            if bound >= EMBEDDING_CONTEXT_SIZE:
+                raise TokenEstimationRefusedError(
+                    f"the SDK cuts texts of {EMBEDDING_CONTEXT_SIZE}+ GPT-2 tokens; this one has {bound} bytes, "
+                    "so only the real tokenizer (which tiktoken downloads from the internet) could say where")
+            return bound
+
+        return upper_bound
+
+    def _loopback_only(self, create: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(create)
+        def loopback_only(address: tuple[str, int], *args: Any, **kwargs: Any) -> Any:
+            if address[0] not in LOOPBACK:
+                self.remote_connections.append(f"{address[0]}:{address[1]}")
+                raise RemoteConnectionRefusedError(f"the driver refuses to connect to {address[0]}")
+            return create(address, *args, **kwargs)
+
+        return loopback_only
+
+
+def _body_of(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text[:4000]
 
 
 def prompt_messages(args: argparse.Namespace) -> list[PromptMessage]:
@@ -198,34 +307,110 @@ def run_validate(args: argparse.Namespace, credentials: dict[str, str]) -> dict[
     return {}
 
 
-def main(argv: list[str]) -> int:
+def run_embed_validate(args: argparse.Namespace, credentials: dict[str, str]) -> dict[str, Any]:
+    OAICompatEmbeddingModel([]).validate_credentials(args.model, credentials)
+    return {}
+
+
+def run_embed(args: argparse.Namespace, credentials: dict[str, str]) -> dict[str, Any]:
+    data = ModelInvokeTextEmbeddingRequest.model_validate({
+        "user_id": USER_ID,
+        "provider": "openai_api_compatible",
+        "model_type": ModelType.TEXT_EMBEDDING.value,
+        "model": args.model,
+        "credentials": credentials,
+        "texts": args.text or ["What is the capital of France?"],
+        "input_type": args.input_type,
+    })
+    model = OAICompatEmbeddingModel([])  # ModelFactory.get_instance: a fresh instance, empty schemas
+    result = model.invoke(data.model, data.credentials, data.texts, user=data.user_id, input_type=data.input_type)
+    return {
+        "model": result.model,
+        "embeddings": result.embeddings,
+        "usage": {"tokens": result.usage.tokens, "total_tokens": result.usage.total_tokens},
+    }
+
+
+def run_rerank_validate(args: argparse.Namespace, credentials: dict[str, str]) -> dict[str, Any]:
+    OAICompatRerankModel([]).validate_credentials(args.model, credentials)
+    return {}
+
+
+def run_rerank(args: argparse.Namespace, credentials: dict[str, str]) -> dict[str, Any]:
+    data = ModelInvokeRerankRequest.model_validate({
+        "user_id": USER_ID,
+        "provider": "openai_api_compatible",
+        "model_type": ModelType.RERANK.value,
+        "model": args.model,
+        "credentials": credentials,
+        "query": args.query,
+        "docs": args.doc,
+        "score_threshold": args.score_threshold,
+        "top_n": args.top_n,
+    })
+    model = OAICompatRerankModel([])  # ModelFactory.get_instance: a fresh instance, empty schemas
+    result = model.invoke(data.model, data.credentials, data.query, data.docs, data.score_threshold, data.top_n,
+                          data.user_id)
+    return {"model": result.model, "docs": [doc.model_dump() for doc in result.docs]}
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace, dict[str, str]], dict[str, Any]]] = {
+    "validate": run_validate,
+    **dict.fromkeys(("blocking", "stream", "multiturn", "stop"), run_invoke),
+    "embed-validate": run_embed_validate,
+    "embed": run_embed,
+    "rerank-validate": run_rerank_validate,
+    "rerank": run_rerank,
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", choices=SCENARIOS)
     parser.add_argument("--base-url", required=True, help="the API Base URL as typed into Dify")
     parser.add_argument("--model", required=True, help="the model name as typed into Dify")
-    parser.add_argument("--prompt", default="What is the capital of France?")
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--stop", action="append", default=[], help="a stop word (repeatable)")
-    parser.add_argument("--stream", action="store_true", help="stream the `stop` scenario")
     parser.add_argument("--api-key", help="the API key as typed into Dify (default: left empty)")
+    llm = parser.add_argument_group("LLM scenarios")
+    llm.add_argument("--prompt", default="What is the capital of France?")
+    llm.add_argument("--max-tokens", type=int, default=48)
+    llm.add_argument("--stop", action="append", default=[], help="a stop word (repeatable)")
+    llm.add_argument("--stream", action="store_true", help="stream the `stop` scenario")
+    embed = parser.add_argument_group("embedding scenarios")
+    embed.add_argument("--text", action="append", default=[], help="a text to embed (repeatable, in order)")
+    embed.add_argument("--input-type", choices=("document", "query"), default="document")
+    embed.add_argument("--tiktoken", action="store_true",
+                       help="no GPT-2 stand-in: the SDK's tiktoken runs on an empty cache, as in an air-gapped plugin")
+    rerank = parser.add_argument_group("rerank scenarios")
+    rerank.add_argument("--query", default="What is the capital of France?")
+    rerank.add_argument("--doc", action="append", default=[], help="a document to rerank (repeatable)")
+    rerank.add_argument("--score-threshold", type=float, help="Dify's score threshold (default: none)")
+    rerank.add_argument("--top-n", type=int, help="Dify's top K (default: none, sent as top_n: null)")
     args = parser.parse_args(argv)
     if args.scenario == "stop" and not args.stop:
         parser.error("the stop scenario needs at least one --stop")
+    return args
 
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
     recorder = Recorder()
-    recorder.install()
-    credentials = dify_credentials(args.base_url)
+    recorder.install(gpt2_stand_in=not args.tiktoken)
+    if args.tiktoken:  # nothing cached: tiktoken must download GPT-2's files, and the guard refuses the host
+        os.environ["TIKTOKEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="tiktoken-empty-")
+    credentials = credentials_for(args.scenario, args.base_url)
     if args.api_key:
         credentials["api_key"] = args.api_key
     started = time.monotonic()
     out: dict[str, Any] = {"scenario": args.scenario, "sdk_version": _sdk_version()}
     try:
-        run = run_validate if args.scenario == "validate" else run_invoke
-        out.update(run(args, credentials))
+        out.update(RUNNERS[args.scenario](args, credentials))
         out["ok"] = True
     except Exception as exc:
         out.update(ok=False, error_type=type(exc).__name__, error=str(exc))
-    out.update(seconds=round(time.monotonic() - started, 3), wire=recorder.wire, estimations=recorder.estimations)
+    out.update(seconds=round(time.monotonic() - started, 3), wire=recorder.wire, estimations=recorder.estimations,
+               gpt2_counts=recorder.gpt2_counts, remote_connections=recorder.remote_connections)
+    if args.tiktoken:
+        shutil.rmtree(os.environ["TIKTOKEN_CACHE_DIR"], ignore_errors=True)
     print(json.dumps(out, ensure_ascii=False))
     return 0 if out["ok"] else 1
 

@@ -29,13 +29,17 @@ from tests.process import ADMIN_KEY, ServerProcess
 CONFIG = """
 key_cache_seconds: 0.5
 models:
-  - {name: echo, path: unused, engine: fake, fake_reply: "Hello there friend"}
-  - {name: org/small, path: unused, engine: fake, context_length: 32}
+  - {{name: echo, path: unused, engine: fake, fake_reply: "Hello there friend"}}
+  - {{name: org/small, path: unused, engine: fake, context_length: 32}}
+  - {{name: vec, engine: sentence-transformers, path: "{embedder}"}}
+  - {{name: ranker, engine: sentence-transformers, path: "{cross_encoder}"}}
 """
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ROUTES = {
     *(("post", p + "/chat/completions") for p in ("/v1", "")),
     *(("post", p + "/completions") for p in ("/v1", "")),
+    *(("post", p + "/embeddings") for p in ("/v1", "")),
+    *(("post", p + "/rerank") for p in ("/v1", "", "/v2")),
     *(("get", p + "/models") for p in ("/v1", "")),
     *(("get", p + "/models/{model_id}") for p in ("/v1", "")),
     ("get", "/health"), ("get", "/ready"), ("get", "/openapi.json"),
@@ -44,14 +48,16 @@ ROUTES = {
     ("get", "/admin/audit"), ("get", "/admin/audit/verify"),
 }
 PUBLIC = {"/health", "/ready", "/openapi.json"}
-MODELS = ("echo", "org/small")
+MODELS = ("echo", "org/small", "vec", "ranker")
 CHECKS = ["not_a_server_error", "status_code_conformance", "response_schema_conformance", "content_type_conformance",
           "response_headers_conformance"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, logs_dir: Path) -> Iterator[ServerProcess]:
-    with keyed_server(tmp_path_factory.mktemp("openapi"), CONFIG, cache_dir, logs_dir / "openapi.log") as s:
+def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, logs_dir: Path, tiny_embedder_dir: Path,
+           tiny_cross_encoder_dir: Path) -> Iterator[ServerProcess]:
+    config = CONFIG.format(embedder=tiny_embedder_dir, cross_encoder=tiny_cross_encoder_dir)
+    with keyed_server(tmp_path_factory.mktemp("openapi"), config, cache_dir, logs_dir / "openapi.log") as s:
         yield s
 
 
@@ -119,6 +125,16 @@ def test_real_answers_of_every_route_match_the_document(server: ServerProcess, a
                     _validate(api_schema, "post", prefix + route, answer)
                     if answer.status_code == 200:
                         assert answer.headers["x-request-id"].startswith(("chatcmpl-", "cmpl-"))
+            for body in ({"model": "vec", "input": "hi"}, {"model": "vec", "input": [[5, 6], [7]]},
+                         {"model": "vec", "input": ["a", "b"], "encoding_format": "base64"},
+                         {"model": "echo", "input": "hi"}, {"model": "vec", "input": ""}):
+                _validate(api_schema, "post", prefix + "/embeddings", admin.post(prefix + "/embeddings", json=body))
+            for body in ({"model": "ranker", "query": "q", "documents": ["a", {"text": "b"}], "top_n": 1},
+                         {"model": "vec", "query": "q", "documents": ["a"], "return_documents": False},
+                         {"model": "ranker", "query": "q", "documents": []}):
+                _validate(api_schema, "post", prefix + "/rerank", admin.post(prefix + "/rerank", json=body))
+        _validate(api_schema, "post", "/v2/rerank", admin.post("/v2/rerank", json={
+            "model": "ranker", "query": "q", "documents": ["a"]}))
         made = admin.post("/admin/keys", json={"name": f"doc-{time.time_ns()}", "rpm": 100, "models": ["echo"]})
         _validate(api_schema, "post", "/admin/keys", made)
         secret, ident = made.json()["secret"], made.json()["id"]

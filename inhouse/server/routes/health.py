@@ -7,10 +7,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from inhouse.engine.base import Capability
 from inhouse.server.context import context_of
 from inhouse.server.render import json_response
 
 __all__ = ["health", "ready"]
+
+ENCODING = frozenset({Capability.EMBEDDINGS, Capability.RERANK})
 
 
 async def health(request: Request) -> Response:
@@ -27,6 +30,9 @@ async def health(request: Request) -> Response:
                                      "kv_cache_usage": round(stats.kv_cache_usage, 4),
                                      "healthy": deployment.route.healthy, "circuit": deployment.route.circuit,
                                      "in_flight": deployment.route.outstanding}
+            if deployment.engine.info.capabilities & ENCODING:
+                entry |= {"batches": stats.batches, "batched_inputs": stats.batched_inputs,
+                          "max_batch": stats.max_batch}
             error = registry.load_error(deployment)
             if error:
                 entry["error"] = error

@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from inhouse.engine.base import EngineState
+from inhouse.engine.base import Capability, EngineState
 from inhouse.errors import ErrorCode, InhouseError
 from inhouse.gateway.registry import Deployment
 from inhouse.protocol.models import model_card, model_list
@@ -27,6 +27,12 @@ def _card(deployments: list[Deployment]) -> dict[str, Any]:
                              "capabilities": sorted(c.value for c in info.capabilities)}
     if info.context_length:
         extra["max_model_len"] = info.context_length
+    if info.embedding_dimensions:
+        extra["embedding_dimensions"] = info.embedding_dimensions
+    if info.matryoshka_dimensions is not None and Capability.EMBEDDINGS in info.capabilities:
+        extra["matryoshka_dimensions"] = list(info.matryoshka_dimensions)
+    if info.rerank_method is not None and Capability.RERANK in info.capabilities:
+        extra["rerank_method"] = info.rerank_method
     if first.spec.fallbacks:
         extra["fallbacks"] = list(first.spec.fallbacks)
     extra["deployments"] = [{"name": d.label, "engine": d.engine.info.kind, "status": d.engine.state.value,
