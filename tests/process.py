@@ -57,12 +57,25 @@ class ServerProcess:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
         if wait_ready:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:  # never leave a server (and its log file) behind a failed start
+                self.stop()
+                raise
         return self
 
     def wait_ready(self) -> None:
-        """Until ``/ready`` answers 200: every model loaded."""
-        self._wait_until(lambda: httpx.get(self.url + "/ready", timeout=2).status_code == 200, "not ready")
+        """Until ``/ready`` answers 200: every model loaded.  A model that failed to load fails this at once."""
+        def ready() -> bool:
+            if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                return True
+            failed = {name: m.get("error") for name, m in httpx.get(self.url + "/health", timeout=2).json()[
+                "models"].items() if m["state"] == "failed"}
+            if failed:
+                raise RuntimeError(f"models failed to load: {failed}; log: {self.log_path}\n{self.log()}")
+            return False
+
+        self._wait_until(ready, "not ready")
 
     def wait_settled(self) -> None:
         """Until no model is still loading (for servers where some models are expected to fail)."""

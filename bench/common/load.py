@@ -3,11 +3,11 @@
 Owns sending requests and timing them: latency for any request; for a streaming chat request also the time
 to the first content chunk (TTFT), the gaps between content chunks (ITL) and the output tokens, from
 ``usage`` when the server sends it, else counted as content chunks.  The loop is closed: ``concurrency``
-clients, each sending its next request when its previous one ended, until ``count`` requests were sent or
-the level's time ran out.  httpx by default; aiohttp (``run_aiohttp``) where the load generator's own CPU
-must stay small.  A failed request never raises: its ``Sample.error`` says why, and ``Run.check`` turns
-failures into one exception when a benchmark wants that.  It must not print, start servers or know a
-contender.
+clients, each sending its next request when its previous one ended, until ``count`` requests were sent, the
+level's ``duration_s`` passed (no request starts after it) or its time ran out.  httpx by default; aiohttp
+(``run_aiohttp``, ``run_posts``) where the load generator's own CPU must stay small.  A failed request never
+raises: its ``Sample.error`` says why, and ``Run.check`` turns failures into one exception when a benchmark
+wants that.  It must not print, start servers or know a contender.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ import aiohttp
 import httpx
 
 __all__ = ["CHAT", "Level", "LoadError", "Run", "Sample", "chat_stream", "closed_loop", "percentile", "request",
-           "run", "run_aiohttp", "summarize"]
+           "run", "run_aiohttp", "run_posts", "summarize"]
 
 CHAT = "/v1/chat/completions"
 NOT_RUN = "not run (level timed out)"
@@ -152,22 +152,27 @@ async def request(client: httpx.AsyncClient, body: dict[str, Any], *, stream: bo
 
 
 async def closed_loop(job: Callable[[int], Awaitable[Sample]], count: int, concurrency: int,
-                      timeout_s: float | None = None) -> Run:
+                      timeout_s: float | None = None, duration_s: float | None = None) -> Run:
     """``concurrency`` workers, each awaiting ``job(i)`` for the next unsent ``i`` until ``count`` are sent.
 
-    After ``timeout_s`` the loop is cut short; requests it did not finish say so in their ``error``.
+    After ``timeout_s`` the loop is cut short; requests it did not finish say so in their ``error``.  With
+    ``duration_s`` no request starts after that many seconds: the run holds only the requests that started,
+    and its wall time ends when the last of them did.
     """
-    samples = [Sample(error=NOT_RUN) for _ in range(count)]
+    done: dict[int, Sample] = {}
     order = itertools.count()
+    start = time.perf_counter()
+    stop = math.inf if duration_s is None else start + duration_s
 
     async def worker() -> None:
-        while (i := next(order)) < count:
-            samples[i] = await job(i)
+        while time.perf_counter() < stop and (i := next(order)) < count:
+            done[i] = await job(i)
 
-    start = time.perf_counter()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout_s)
-    return Run(samples, time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    sent = count if duration_s is None else min(next(order), count)
+    return Run([done.get(i) or Sample(error=NOT_RUN) for i in range(sent)], wall)
 
 
 def http_client(base_url: str, concurrency: int, headers: dict[str, str] | None = None,
@@ -203,6 +208,34 @@ async def run_aiohttp(url: str, body: dict[str, Any], count: int, concurrency: i
             return Sample(latency_s=latency, error=error)
 
         return await closed_loop(post, count, concurrency)
+
+
+async def run_posts(url: str, bodies: Sequence[bytes], concurrency: int, *, count: int,
+                    duration_s: float | None = None, timeout_s: float | None = None,
+                    headers: dict[str, str] | None = None, check: Callable[[bytes], str | None] | None = None) -> Run:
+    """A closed loop of JSON POSTs to ``url`` with aiohttp, request ``i`` sending ``bodies[i % len(bodies)]``.
+
+    Latency only, the whole answer read; up to ``count`` requests, or as many as start within ``duration_s``.
+    ``check(answer)`` returns what is wrong with a 200 answer (None: nothing), so a server that answers fast
+    and wrong fails instead of winning.
+    """
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=timeout_s or 300.0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                     headers={**(headers or {}), "Content-Type": "application/json"}) as session:
+        async def post(i: int) -> Sample:
+            started = time.perf_counter()
+            try:
+                async with session.post(url, data=bodies[i % len(bodies)]) as r:
+                    answer = await r.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                return Sample(error=f"{type(exc).__name__}: {exc}"[:300])
+            latency = time.perf_counter() - started
+            if r.status != 200:
+                return Sample(latency_s=latency, error=f"HTTP {r.status}: {answer[:300].decode(errors='replace')}")
+            return Sample(latency_s=latency, error=check(answer) if check is not None else None)
+
+        return await closed_loop(post, count, concurrency, timeout_s, duration_s)
 
 
 # ---------------------------------------------------------------------------------------------- summary
