@@ -19,7 +19,7 @@ import torch
 
 from inhouse.config import SentenceTransformersSpec
 from inhouse.engine.base import ModelLoadError
-from inhouse.engine.loading import WEIGHTS_LOCK
+from inhouse.engine.loading import WEIGHTS_LOCK, pick_device, pick_dtype
 
 __all__ = [
     "BUILTIN_ENCODERS", "CPU_CHUNK_TOKENS", "LoadedEncoder", "Task", "detect_task", "load_encoder", "resolve_path",
@@ -104,31 +104,13 @@ def resolve_path(spec: SentenceTransformersSpec) -> Path:
     return path
 
 
-def _pick_device(wanted: str) -> torch.device:
-    if wanted == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(wanted)
-
-
-def _pick_dtype(wanted: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 where it is fast.  On this CPU (AVX-512 bf16) all-MiniLM-L6-v2 ran ~3x faster in bf16 and its
-    vectors kept cosine > 0.9999 to fp32's, English and Chinese alike; without bf16 support, fp32."""
-    if wanted != "auto":
-        return getattr(torch, wanted)  # type: ignore[no-any-return]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 def load_encoder(spec: SentenceTransformersSpec, task: Task) -> LoadedEncoder:
     """Load the model (blocking: call it off the event loop), or raise ModelLoadError worded for the operator."""
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
     path = resolve_path(spec)
-    device = _pick_device(spec.device)
-    dtype = _pick_dtype(spec.dtype, device)
+    device = pick_device(spec.device)
+    dtype = pick_dtype(spec.dtype, device)
     log.info("loading %s (%s) from %s (%s, %s)", spec.name, "cross-encoder" if task == "rerank" else "embeddings",
              path, device, str(dtype).removeprefix("torch."))
     kind = CrossEncoder if task == "rerank" else SentenceTransformer

@@ -16,7 +16,7 @@ import torch
 from inhouse.config import LocalSpec
 from inhouse.engine.base import ModelLoadError
 from inhouse.engine.checkpoint import resolve_checkpoint
-from inhouse.engine.loading import WEIGHTS_LOCK
+from inhouse.engine.loading import WEIGHTS_LOCK, pick_device, pick_dtype
 
 __all__ = ["LoadedModel", "load_model"]
 
@@ -32,28 +32,12 @@ class LoadedModel:
     stop_ids: frozenset[int]
 
 
-def _pick_device(wanted: str) -> torch.device:
-    if wanted == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(wanted)
-
-
-def _pick_dtype(wanted: str, device: torch.device) -> torch.dtype:
-    if wanted != "auto":
-        return getattr(torch, wanted)  # type: ignore[no-any-return]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 def load_model(spec: LocalSpec, cache_dir: Path, attn_implementation: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint = resolve_checkpoint(spec, cache_dir)
-    device = _pick_device(spec.device)
-    dtype = _pick_dtype(spec.dtype, device)
+    device = pick_device(spec.device)
+    dtype = pick_dtype(spec.dtype, device)
     log.info("loading %s from %s (%s, %s)", spec.name, checkpoint, device, str(dtype).removeprefix("torch."))
     model: Any
     try:
