@@ -104,6 +104,10 @@ class _Weights(_ModelBase):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     chat_template: str | None = None
+    # how tool calls and thinking are read from the model's text: auto picks by the chat template (a template
+    # that renders <tool_call> → hermes, <think> → think); none turns it off
+    tool_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral"] = "auto"
+    reasoning_parser: Literal["auto", "none", "think"] = "auto"
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -173,6 +177,9 @@ class FakeSpec(_ModelBase):
     fake_reply: str = "This is a scripted reply from the fake engine."
     fake_token_delay: float = Field(default=0.0, ge=0.0)
     fake_fail_after: int | None = Field(default=None, ge=0, description="fail mid-stream after N tokens")
+    # the parsers the server reads the scripted reply with, as a local model's chat template would name them
+    tool_parser: Literal["none", "hermes", "llama3_json", "mistral"] = "none"
+    reasoning_parser: Literal["none", "think", "think_open"] = "none"
 
 
 class UpstreamSpec(_ModelBase):
@@ -186,7 +193,8 @@ class UpstreamSpec(_ModelBase):
     first_token_timeout: float = Field(default=120.0, gt=0)  # Dify waits up to 300 s between bytes
     total_timeout: float = Field(default=1800.0, gt=0)
     # what the upstream model serves (its card in /v1/models; other operations are refused with 400)
-    capabilities: tuple[Literal["chat", "completion", "embeddings", "rerank"], ...] = ("chat", "completion")
+    capabilities: tuple[Literal["chat", "completion", "embeddings", "rerank", "tools", "vision", "json_schema"], ...] \
+        = ("chat", "completion")
     # rerank request shape: jina (Jina/Cohere: query + documents → results[].relevance_score; vLLM, Xinference,
     # llama.cpp, another inhouse) or tei (Hugging Face text-embeddings-inference: query + texts → [{index, score}])
     rerank_api: Literal["jina", "tei"] = "jina"

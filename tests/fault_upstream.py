@@ -19,8 +19,19 @@ of steps, each used by one request then dropped (an empty list: behave normally)
     {"plain_json": true}       answer 200 ``application/json`` (a blocking completion), even when asked to stream
     {"empty_stream": true}     answer 200 ``text/event-stream`` with only a comment: no ``data:`` line at all
 
-``GET /_log`` returns what it saw: one entry per request (model, stream, and whether the client
-disconnected before the end), so tests can prove that a client's disconnect reached the upstream.
+Chat answers can also be tool calls and reasoning (streamed, or whole in a blocking answer):
+
+    {"tool_calls": "pieces"}   one call (get_weather, id call_1): id and name first, then argument fragments;
+                               ``finish_reason: tool_calls`` and no content
+    {"tool_calls": "parallel"} two calls (get_weather then get_time, indexes 0 and 1), each in pieces
+    {"tool_calls": "whole"}    the one call whole in a single chunk
+    {"tool_calls": "no_index"} the one call in pieces without ``index``, its id repeated on every piece
+    {"reasoning": "reasoning_content"} (or "reasoning")
+                               three words of thinking in that delta field before the answer
+
+``GET /_log`` returns what it saw: one entry per request (model, stream, the request ``body``, and whether
+the client disconnected before the end), so tests can prove that a client's disconnect reached the upstream
+and that what the client sent (tools, images, ...) was forwarded.
 
 It also answers ``/v1/embeddings`` and ``/v1/rerank`` (and ``/embeddings``, ``/rerank`` at the root, where TEI
 serves rerank).  Embeddings are 8 numbers (or ``dimensions`` of them) derived from a hash of each input;
@@ -74,6 +85,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 REPLY = "Hello from the upstream server"
+THOUGHT = ["Let ", "me ", "think"]
+CALLS = [("call_1", "get_weather", ['{"city": ', '"Paris"}']), ("call_2", "get_time", ['{"zone": ', '"CET"}'])]
 HTML = "<html><body><h1>502 Bad Gateway</h1><p>nginx</p></body></html>"
 
 
@@ -98,7 +111,8 @@ class Upstream:
         body = await request.json()
         step = self.script.pop(0) if self.script else {}
         entry: dict[str, Any] = {"model": body.get("model"), "stream": bool(body.get("stream")), "at": time.time(),
-                                 "disconnected": False, "finished": False, "served_by": self.name}
+                                 "disconnected": False, "finished": False, "served_by": self.name,
+                                 "path": request.url.path, "body": body}
         self.log.append(entry)
         if step.get("delay"):
             await asyncio.sleep(step["delay"])
@@ -255,21 +269,53 @@ class _Answer:
         self.header = {"id": f"up-{len(up.log)}", "created": int(time.time()), "model": body.get("model"),
                        "system_fingerprint": up.name}
 
+    @property
+    def calls(self) -> list[tuple[str, str, list[str]]]:
+        kind = self.step.get("tool_calls") if self.chat else None
+        return [] if not kind else CALLS if kind == "parallel" else CALLS[:1]
+
     def blocking(self) -> dict[str, Any]:
         text = "".join(self.words)
         choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": text},
                                    "finish_reason": "stop"} if self.chat else
                                   {"index": 0, "text": text, "finish_reason": "stop"})
+        if self.calls:
+            calls = [{"id": call_id, "type": "function", "function": {"name": name, "arguments": "".join(pieces)}}
+                     for call_id, name, pieces in self.calls]
+            choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+            choice["finish_reason"] = "tool_calls"
+        if self.chat and self.step.get("reasoning"):
+            choice["message"][self.step["reasoning"]] = "".join(THOUGHT)
         out = {**self.header, "object": "chat.completion" if self.chat else "text_completion", "choices": [choice]}
         if self.with_usage:
             out["usage"] = self.usage
         return out
 
-    def chunk(self, word: str | None, finish: str | None = None) -> str:
+    def deltas(self) -> list[dict[str, Any]]:
+        """The chat deltas of the answer, in order: thinking, then tool calls or the words."""
+        out: list[dict[str, Any]] = [{self.step["reasoning"]: word} for word in THOUGHT] if self.step.get(
+            "reasoning") else []
+        kind = self.step.get("tool_calls")
+        for index, (call_id, name, pieces) in enumerate(self.calls):
+            whole = kind == "whole"
+            head = {"index": index, "id": call_id, "type": "function",
+                    "function": {"name": name, "arguments": "".join(pieces) if whole else ""}}
+            out.append({"content": None, "tool_calls": [head]})
+            if whole:
+                continue
+            out += [{"tool_calls": [{"index": index, "function": {"arguments": piece}}]} for piece in pieces]
+        if kind == "no_index":
+            for delta in out:
+                for call in delta.get("tool_calls", []):
+                    del call["index"]
+                    call["id"] = CALLS[0][0]
+        return out + ([] if self.calls else [{"content": word} for word in self.words])
+
+    def chunk(self, delta: dict[str, Any] | None, finish: str | None = None) -> str:
         if self.chat:
-            choice = {"index": 0, "delta": {} if word is None else {"content": word}, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": word or "", "finish_reason": finish}
+            choice = {"index": 0, "text": (delta or {}).get("content") or "", "finish_reason": finish}
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         out: dict[str, Any] = {**self.header, "object": obj, "choices": [choice]}
         if finish is not None and self.with_usage and self.include_usage:
@@ -287,14 +333,14 @@ class _Answer:
                 await self._pace()
             yield "data: [DONE]\n\n"
             return
-        for i, word in enumerate(self.words):
+        for i, delta in enumerate(self.deltas() if self.chat else [{"content": word} for word in self.words]):
             if step.get("stall_after") == i:
                 await asyncio.sleep(step.get("stall", 60.0))
             if step.get("drop_after") is not None and i >= step["drop_after"]:
                 raise ConnectionResetError("scripted drop")
-            yield f"data: {self.chunk(word)}\n\n"
+            yield f"data: {self.chunk(delta)}\n\n"
             await self._pace()
-        yield f"data: {self.chunk(None, 'stop')}\n\n"
+        yield f"data: {self.chunk(None, 'tool_calls' if self.calls else 'stop')}\n\n"
         yield "data: [DONE]\n\n"
 
     async def _pace(self) -> None:

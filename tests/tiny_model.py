@@ -16,6 +16,29 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+HERMES = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "# Tools\n\nYou may call one or more functions. Function signatures within <tools></tools>:\n<tools>"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools>\n\n"
+    "For each call, return a JSON object within <tool_call></tool_call> tags:\n<tool_call>\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|im_start|>assistant\n{{ message['content'] or '' }}"
+    "{% for call in message.get('tool_calls') or [] %}{{ '\\n' }}<tool_call>\n"
+    "{\"name\": \"{{ call['function']['name'] }}\", "
+    "\"arguments\": {% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif message['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n"
+    "</tool_response><|im_end|>\n"
+    "{% elif message['role'] != 'system' %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello world, this is a test.",
     "What is the capital of France? Paris is the capital of France.",
@@ -27,7 +50,13 @@ _CORPUS = [
 ] * 20
 
 
-def build_tiny_llama(target: Path, seed: int = 0, vocab_size: int = 600, context: int = 512) -> Path:
+def build_tiny_hermes(target: Path) -> Path:
+    """The tiny Llama with the Hermes/Qwen-style tool template (``HERMES``), written to ``target``."""
+    return build_tiny_llama(target, context=2048, chat_template=HERMES)  # the tool prompt alone is ~500 tokens
+
+
+def build_tiny_llama(target: Path, seed: int = 0, vocab_size: int = 600, context: int = 512,
+                     chat_template: str = CHATML) -> Path:
     """Write a tiny Llama checkpoint to ``target`` (created) and return it."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,7 +83,7 @@ def build_tiny_llama(target: Path, seed: int = 0, vocab_size: int = 600, context
         unk_token="<|endoftext|>",
         pad_token="<|endoftext|>",
     )
-    tokenizer.chat_template = CHATML
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(target)
 
     torch.manual_seed(seed)

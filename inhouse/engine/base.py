@@ -42,6 +42,7 @@ __all__ = [
     "Reranker",
     "SamplingParams",
     "TokenLogprob",
+    "ToolCallDelta",
     "Usage",
 ]
 
@@ -82,7 +83,13 @@ DEFAULTABLE = ("temperature", "top_p", "top_k", "repetition_penalty")  # max_tok
 
 @dataclass(frozen=True, slots=True)
 class GenerateRequest:
-    """One sequence to generate.  Exactly one of ``messages`` and ``prompt`` is set."""
+    """One sequence to generate.  Exactly one of ``messages`` and ``prompt`` is set.
+
+    ``messages`` are OpenAI-shaped dicts; a message's ``content`` is a string, or a list of parts when it has
+    parts other than text (images), which only an engine that serves VISION may accept.  ``tools`` are
+    OpenAI tool definitions (legacy ``functions`` already turned into tools), ``tool_choice`` is ``"auto"``,
+    ``"none"``, ``"required"`` or ``{"type": "function", "function": {"name": ...}}``; ``response_format``
+    is OpenAI's object as sent.  An upstream engine forwards all of them."""
 
     request_id: str
     sampling: SamplingParams
@@ -90,6 +97,9 @@ class GenerateRequest:
     prompt: str | tuple[int, ...] | None = None
     tools: tuple[dict[str, Any], ...] | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,19 +117,39 @@ class Usage:
     completion_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of one tool call of a choice.  The first piece of call ``index`` (0, 1, ... in order; calls never
+    interleave) carries its ``id`` and ``name``; every piece may carry a fragment of its ``arguments`` (JSON
+    text: the fragments of a call, joined, are its arguments object)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 @dataclass(slots=True)
 class Delta:
-    """New output since the previous Delta.  ``finish_reason`` and ``usage`` are set on the last one only."""
+    """New output since the previous Delta.  ``finish_reason`` and ``usage`` are set on the last one only.
+
+    ``text`` is answer content, ``reasoning`` the model's thinking (split from ``<think>`` or relayed from an
+    upstream), ``tool_calls`` pieces of tool calls (``finish_reason`` is then ``"tool_calls"``)."""
 
     text: str = ""
     token_count: int = 0
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] | None = None
 
     def merge(self, later: Delta) -> None:
         self.text += later.text
+        self.reasoning += later.reasoning
         self.token_count += later.token_count
+        if later.tool_calls is not None:
+            self.tool_calls = (self.tool_calls or []) + later.tool_calls
         if later.logprobs is not None:
             self.logprobs = (self.logprobs or []) + later.logprobs
         if later.finish_reason is not None:
@@ -172,6 +202,10 @@ class EngineInfo:
     matryoshka_dimensions: tuple[int, ...] | None = None
     # rerankers: how the scores are made ("cross-encoder", "embedding-cosine", "upstream")
     rerank_method: str | None = None
+    # generators: how the server reads tool calls and thinking out of the model's text (None: it does not;
+    # an upstream sends them already split)
+    tool_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """FakeEngine: a deterministic scripted engine for gateway tests and benchmarks (``engine: fake``).
 
-It answers every request with the configured reply, one word per token, optionally with a delay
+It answers every request with the configured reply (markup included: the server reads tool calls and thinking out
+of it with the parsers the spec names, as from a local model), one word per token, optionally with a delay
 per token, and optionally fails mid-stream after N tokens (``fake_fail_after``) to exercise error
 paths.  Prompt tokens are counted as whitespace-separated words.  It honours max_tokens, stop
 strings and the same queue bounds as a real engine, so the server around it behaves as in production.
@@ -14,7 +15,17 @@ from collections.abc import Sequence as Seq
 
 from inhouse.config import FakeSpec
 from inhouse.engine.admission import AdmissionGate, completion_budget
-from inhouse.engine.base import Delta, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation, Usage
+from inhouse.engine.base import (
+    TEXT,
+    Capability,
+    Delta,
+    EngineInfo,
+    EngineState,
+    EngineStats,
+    GenerateRequest,
+    Generation,
+    Usage,
+)
 from inhouse.engine.collector import OutputCollector
 from inhouse.errors import ErrorCode, InhouseError
 
@@ -36,8 +47,11 @@ class FakeEngine:
 
     @property
     def info(self) -> EngineInfo:
+        tool_parser = None if self.spec.tool_parser == "none" else self.spec.tool_parser
         return EngineInfo(kind="fake", context_length=self.spec.context_length or 4096,
-                          max_num_seqs=self.spec.max_num_seqs)
+                          max_num_seqs=self.spec.max_num_seqs,
+                          capabilities=TEXT | {Capability.TOOLS} if tool_parser else TEXT, tool_parser=tool_parser,
+                          reasoning_parser=None if self.spec.reasoning_parser == "none" else self.spec.reasoning_parser)
 
     @property
     def state(self) -> EngineState:

@@ -10,6 +10,9 @@ the vocabulary: vLLM fails an out-of-vocabulary stop token id only once the requ
 Tokenizing goes straight to the tokenizer's Rust backend, which is safe to share between threads and
 releases the GIL while it works: long prompts are tokenized in worker threads side by side, without a
 lock that would queue every request behind the longest one.
+
+Also reads, from the chat template, how the model writes tool calls and thinking (``tool_parser`` and
+``reasoning_parser``, the names the server's parsers go by), unless the config named them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from inhouse.engine.admission import context_exceeded
 from inhouse.engine.base import TEXT, Capability, GenerateRequest
 from inhouse.errors import ErrorCode, InhouseError
 
-__all__ = ["RESERVED_TEMPLATE_ARGS", "PromptBuilder"]
+__all__ = ["RESERVED_TEMPLATE_ARGS", "PromptBuilder", "detect_reasoning_parser", "detect_tool_parser"]
 
 # Names a request's chat_template_kwargs may not set: apply_chat_template's and the renderer's own
 # arguments, and the template globals transformers provides.
@@ -42,8 +45,30 @@ INLINE_CHARS = 8192
 _NORMALIZE_MARGIN = 2
 
 
+def detect_tool_parser(template: str) -> str | None:
+    """How a model whose chat template is ``template`` writes tool calls, or None if the template shows no tools."""
+    if "<tool_call>" in template:
+        return "hermes"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "<|python_tag|>" in template or ('"parameters"' in template and "<|eot_id|>" in template):
+        return "llama3_json"
+    return None
+
+
+def detect_reasoning_parser(template: str, generation_prompt: str) -> str | None:
+    """``think`` for a template with ``<think>`` blocks, ``think_open`` when its generation prompt (of a one-message
+    conversation) already opens the block, so the answer starts inside it; else None."""
+    if "<think>" not in template:
+        return None
+    return "think_open" if generation_prompt.rstrip().endswith("<think>") else "think"
+
+
 class PromptBuilder:
-    def __init__(self, tokenizer: Any, vocab_size: int, window: int) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, window: int, tool_parser: str = "none",
+                 reasoning_parser: str = "none") -> None:
+        """``tool_parser``/``reasoning_parser`` as configured: a parser's name, ``auto`` (read from the chat
+        template) or ``none``."""
         self._tok = tokenizer
         self._vocab_size = vocab_size
         self._window = window
@@ -58,11 +83,36 @@ class PromptBuilder:
         self._in_bytes = self._backend is not None and type(self._backend.decoder).__name__ == "ByteLevel"
         if self._backend is None or self._backend.normalizer is not None:
             self._units_per_token *= _NORMALIZE_MARGIN
+        template = self._template_text()
+        self.tool_parser = detect_tool_parser(template) if tool_parser == "auto" else _named(tool_parser)
+        self.reasoning_parser = _named(reasoning_parser)
+        if reasoning_parser in ("auto", "think") and template:
+            found = detect_reasoning_parser(template if reasoning_parser == "auto" else "<think>",
+                                            self._generation_prompt())
+            self.reasoning_parser = found
+        if not template:
+            self.tool_parser = self.reasoning_parser = None
 
     @property
     def capabilities(self) -> frozenset[Capability]:
-        """Chat needs a chat template (the model's own or the configured override)."""
-        return TEXT if self._tok.chat_template else frozenset({Capability.COMPLETION})
+        """Chat needs a chat template (the model's own or the configured override); tools need a tool parser."""
+        if not self._tok.chat_template:
+            return frozenset({Capability.COMPLETION})
+        return TEXT | {Capability.TOOLS} if self.tool_parser else TEXT
+
+    def _template_text(self) -> str:
+        template = self._tok.chat_template
+        if isinstance(template, dict):  # named templates (default, tool_use, ...)
+            return "\n".join(str(t) for t in template.values())
+        return template or ""
+
+    def _generation_prompt(self) -> str:
+        try:
+            text: str = self._tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                                      tokenize=False)
+        except Exception:  # a template that needs more than one plain message: no prompt to read
+            return ""
+        return text
 
     async def token_ids_all(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
         """The prompt of every request; the choices of one call share one prompt, tokenized once."""
@@ -125,7 +175,7 @@ class PromptBuilder:
         try:
             text: str = self._tok.apply_chat_template(
                 list(request.messages or ()),
-                tools=list(request.tools) if request.tools else None,
+                tools=list(request.tools) if request.tools and request.tool_choice != "none" else None,
                 add_generation_prompt=True,
                 tokenize=False,
                 **request.chat_template_kwargs,
@@ -139,6 +189,10 @@ class PromptBuilder:
             raise InhouseError(ErrorCode.INVALID_REQUEST, "the model's chat template could not render these "
                                "messages, tools and chat_template_kwargs", param="messages") from None
         return text
+
+
+def _named(parser: str) -> str | None:
+    return None if parser in ("none", "auto") else parser
 
 
 def _utf8_bytes(text: str) -> int:

@@ -13,8 +13,9 @@ upstream's last chunk, a malformed chunk, a broken connection, a timeout, a bug,
 request's collector in the task's done callback, so a client is never left waiting.  ``total_timeout``
 is one deadline over both.  Aborting cancels the reading task, which closes the upstream connection.
 
-Chunks are parsed defensively into a ``_Chunk`` (text, finish, usage): a chunk of the wrong shape is the
-upstream's error, never an exception that escapes.
+Chunks are parsed defensively (``upstream_chunks.py``: text, reasoning, tool calls, finish, usage): a chunk of
+the wrong shape is the upstream's error, never an exception that escapes.  Tools, tool_choice,
+parallel_tool_calls, response_format and messages with image parts or tool calls are forwarded as given.
 
 ``embed`` and ``rerank`` (when ``capabilities`` lists them) are one blocking JSON exchange each, with the
 bodies and answers of ``upstream_encoders.py``.  Nothing reaches the client before the whole answer is read
@@ -31,7 +32,6 @@ import functools
 import logging
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -51,9 +51,9 @@ from inhouse.engine.base import (
     Generation,
     RerankRequest,
     RerankScores,
-    Usage,
 )
 from inhouse.engine.collector import OutputCollector
+from inhouse.engine.upstream_chunks import BadChunkError, Relay, parse_chunk
 from inhouse.engine.upstream_encoders import (
     MalformedAnswerError,
     embeddings_body,
@@ -70,7 +70,8 @@ log = logging.getLogger("inhouse.upstream")
 
 _INCOMPLETE = "; the answer is incomplete"
 _CAPABILITIES = {"chat": Capability.CHAT, "completion": Capability.COMPLETION, "embeddings": Capability.EMBEDDINGS,
-                 "rerank": Capability.RERANK}
+                 "rerank": Capability.RERANK, "tools": Capability.TOOLS, "vision": Capability.VISION,
+                 "json_schema": Capability.JSON_SCHEMA}
 
 
 class UpstreamUnavailableError(InhouseError):
@@ -220,13 +221,13 @@ class UpstreamEngine:
     async def _submit_one(self, session: aiohttp.ClientSession, request: GenerateRequest) -> Generation:
         """Returns once the first token arrived, with a task reading the rest."""
         deadline = asyncio.get_running_loop().time() + self.spec.total_timeout
-        usage = _Usage()
+        relay = Relay()
         whole = asyncio.timeout_at(deadline)
         try:
             async with whole:
                 response = await self._post(session, request)
                 try:
-                    lines, first = await self._first_token(response, usage)
+                    lines, first = await self._first_token(response, relay)
                 except BaseException:
                     response.close()
                     raise
@@ -237,9 +238,9 @@ class UpstreamEngine:
         generation = Generation(request.request_id, _estimate_prompt_tokens(request), collector, self._abort,
                                 request.sampling.max_tokens or 0)
         self._running += 1
-        task = asyncio.create_task(self._rest(request.request_id, lines, first, usage, collector, deadline))
+        task = asyncio.create_task(self._rest(request.request_id, lines, first, relay, collector, deadline))
         task.add_done_callback(functools.partial(self._settle, request.request_id, response, collector, generation,
-                                                 usage))
+                                                 relay))
         self._tasks[request.request_id] = task
         return generation
 
@@ -261,7 +262,7 @@ class UpstreamEngine:
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailableError(f"upstream {label} is unreachable ({type(exc).__name__})") from None
 
-    async def _first_token(self, response: aiohttp.ClientResponse, usage: _Usage) -> tuple[_Events, Delta]:
+    async def _first_token(self, response: aiohttp.ClientResponse, relay: Relay) -> tuple[_Events, Delta]:
         """Reads up to the first Delta: nothing has reached the client yet, so any failure is UpstreamUnavailable."""
         label = self.spec.deployment_label
         if response.status != 200:
@@ -273,10 +274,10 @@ class UpstreamEngine:
         try:
             async with asyncio.timeout(self.spec.first_token_timeout):
                 while (data := await lines.next()) is not None:
-                    delta = usage.add(_parse_chunk(data))
+                    delta = relay.add(parse_chunk(data))
                     if delta is not None:
                         return lines, delta
-        except _BadChunkError as exc:
+        except BadChunkError as exc:
             raise UpstreamUnavailableError(f"upstream {label} {exc.reason} before its first token") from None
         except TimeoutError:  # asyncio's or aiohttp's sock_read: both are first_token_timeout here
             raise UpstreamUnavailableError(f"upstream {label} sent no first token within "
@@ -288,7 +289,7 @@ class UpstreamEngine:
             raise UpstreamUnavailableError(f"upstream {label} sent an answer that could not be read") from None
         raise UpstreamUnavailableError(f"upstream {label} ended its answer before its first token")
 
-    async def _rest(self, request_id: str, lines: _Events, delta: Delta, usage: _Usage,
+    async def _rest(self, request_id: str, lines: _Events, delta: Delta, relay: Relay,
                     collector: OutputCollector[Delta], deadline: float) -> Delta | InhouseError:
         """Forwards the Deltas after the first; returns the finishing one (held: usage may follow it) or
         the error that ended the answer.  Anything raised instead is settled as an error by ``_settle``."""
@@ -299,15 +300,15 @@ class UpstreamEngine:
                 while True:
                     if delta.finish_reason is not None:
                         finishing = delta
-                    elif delta.text:
+                    elif delta.text or delta.reasoning or delta.tool_calls:
                         collector.put(delta)
                     data = await lines.next()
                     if data is None:
                         break
-                    delta = usage.add(_parse_chunk(data)) or Delta()
+                    delta = relay.add(parse_chunk(data)) or Delta()
         except TimeoutError:  # whole's deadline, or aiohttp's sock_read (an aiohttp.ServerTimeoutError)
             return self._timed_out(whole.expired())
-        except _BadChunkError as exc:
+        except BadChunkError as exc:
             log.warning("upstream %s %s mid-answer for %s", self.spec.deployment_label, exc.reason, request_id)
             return InhouseError(ErrorCode.UPSTREAM_ERROR, f"the upstream {exc.reason} mid-answer{_INCOMPLETE}")
         except (aiohttp.ClientError, ConnectionError):
@@ -319,7 +320,7 @@ class UpstreamEngine:
         return finishing
 
     def _settle(self, request_id: str, response: aiohttp.ClientResponse, collector: OutputCollector[Delta],
-                generation: Generation, usage: _Usage, task: asyncio.Task[Delta | InhouseError]) -> None:
+                generation: Generation, relay: Relay, task: asyncio.Task[Delta | InhouseError]) -> None:
         """The reader task ended, however it ended (even cancelled before it started): close the upstream
         response and resolve the collector, so no client waits on a task that is gone."""
         response.close()
@@ -339,7 +340,7 @@ class UpstreamEngine:
         if isinstance(outcome, InhouseError):
             collector.fail(outcome)
         else:
-            collector.put(usage.settle(outcome, generation))
+            collector.put(relay.settle(outcome, generation))
 
     def _abort(self, request_id: str) -> None:
         task = self._tasks.get(request_id)
@@ -359,113 +360,25 @@ class UpstreamEngine:
         return f"{self.spec.total_timeout:g} s in total (total_timeout)"
 
 
-class _BadChunkError(Exception):
-    """The upstream sent something that is not a chunk of an answer; ``reason`` is written for the client."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class _Chunk:
-    """What one upstream chunk says: new text, whether (and why) the choice finished, and any usage."""
-
-    text: str = ""
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
-def _parse_chunk(data: bytes) -> _Chunk:
-    """One ``data:`` payload of a chat or completions stream, checked field by field; raises _BadChunkError."""
-    try:
-        payload = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise _BadChunkError("sent a chunk that is not JSON") from None
-    if not isinstance(payload, dict):
-        raise _BadChunkError("sent a chunk that is not a JSON object")
-    if payload.get("error") is not None:
-        raise _BadChunkError("sent an error event")
-    prompt, completion = _parse_usage(payload.get("usage"))
-    choices = payload.get("choices")
-    if choices is None:
-        choices = []
-    if not isinstance(choices, list):
-        raise _BadChunkError("sent a chunk whose choices is not a list")
-    if not choices:
-        return _Chunk(prompt_tokens=prompt, completion_tokens=completion)
-    choice = choices[0]
-    if not isinstance(choice, dict):
-        raise _BadChunkError("sent a chunk whose choice is not an object")
-    if "delta" in choice:
-        delta = choice["delta"]
-        if delta is not None and not isinstance(delta, dict):
-            raise _BadChunkError("sent a chunk whose delta is not an object")
-        text = (delta or {}).get("content")
-    else:
-        text = choice.get("text")
-    finish = choice.get("finish_reason")
-    if not isinstance(text, str | None) or not isinstance(finish, str | None):
-        raise _BadChunkError("sent a chunk whose content or finish_reason is not a string")
-    return _Chunk(text or "", finish or None, prompt, completion)
-
-
-def _parse_usage(usage: object) -> tuple[int | None, int | None]:
-    if usage is None:
-        return None, None
-    if not isinstance(usage, dict):
-        raise _BadChunkError("sent a chunk whose usage is not an object")
-    counts = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    for count in counts:
-        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
-            raise _BadChunkError("sent a chunk whose token counts are not whole numbers")
-    return counts
-
-
-class _Usage:
-    """Turns chunks into Deltas and keeps the usage: the upstream's when sent, else counted.
-
-    Upstreams report usage with the finishing chunk or in a ``choices: []`` chunk after it, so the
-    finishing Delta is held until the stream ends; then it carries the choice's Usage: the upstream's
-    prompt tokens (else the admission estimate) and its completion tokens (else the chunks counted).
-    """
-
-    def __init__(self) -> None:
-        self.counted = 0
-        self.prompt: int | None = None
-        self.reported: int | None = None
-
-    def add(self, chunk: _Chunk) -> Delta | None:
-        if chunk.prompt_tokens is not None:
-            self.prompt = chunk.prompt_tokens
-        if chunk.completion_tokens is not None:
-            self.reported = chunk.completion_tokens
-        if not chunk.text and chunk.finish_reason is None:
-            return None
-        tokens = 1 if chunk.text else 0
-        self.counted += tokens
-        finish = chunk.finish_reason
-        reason = None if finish is None else (finish if finish in ("stop", "length") else "stop")
-        return Delta(text=chunk.text, token_count=tokens, finish_reason=reason)
-
-    def settle(self, finishing: Delta, generation: Generation) -> Delta:
-        if self.reported is not None:
-            finishing.token_count += self.reported - self.counted
-        prompt = self.prompt if self.prompt is not None else generation.prompt_tokens
-        finishing.usage = Usage(prompt, self.reported if self.reported is not None else self.counted)
-        return finishing
-
-
 def _estimate_prompt_tokens(request: GenerateRequest) -> int:
     """Used only when the upstream reports no usage: ``estimate_tokens`` of the text, 4 more per message."""
     if request.messages is not None:
-        text = " ".join(str(m.get("content") or "") for m in request.messages)
+        text = " ".join(_message_text(m) for m in request.messages)
     elif isinstance(request.prompt, tuple):
         return len(request.prompt)
     else:
         text = request.prompt or ""
     return estimate_tokens(text) + 4 * len(request.messages or ())
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    """A message's text parts and tool-call arguments (an image's data URL is not text)."""
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        content = " ".join(str(part.get("text") or "") for part in content if isinstance(part, dict))
+    calls = message.get("tool_calls") or []
+    return " ".join([str(content)] + [str((call.get("function") or {}).get("arguments") or "") for call in calls
+                                      if isinstance(call, dict)])
 
 
 def _body(request: GenerateRequest, spec: UpstreamSpec) -> dict[str, Any]:
@@ -476,8 +389,12 @@ def _body(request: GenerateRequest, spec: UpstreamSpec) -> dict[str, Any]:
     body.update({name: getattr(s, name) for name in ("temperature", "top_p") if name not in s.unset})
     if request.messages is not None:
         body["messages"] = list(request.messages)
-        if request.tools:
-            body["tools"] = list(request.tools)
+        if request.tools:  # a tool_choice without tools is refused by OpenAI and vLLM: it means nothing
+            tooling = {"tools": list(request.tools), "tool_choice": request.tool_choice,
+                       "parallel_tool_calls": request.parallel_tool_calls}
+            body.update({k: v for k, v in tooling.items() if v is not None})
+        if request.response_format is not None:
+            body["response_format"] = request.response_format
     else:
         body["prompt"] = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
     optional = {"max_tokens": s.max_tokens, "seed": s.seed, "stop": list(s.stop) or None,

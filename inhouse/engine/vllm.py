@@ -144,10 +144,12 @@ class VllmEngine:
         if self.spec.chat_template:
             tokenizer.chat_template = self.spec.chat_template
         window = int(self._llm.model_config.max_model_len)
-        self._prompts = PromptBuilder(tokenizer, int(self._llm.model_config.get_vocab_size()), window)
+        self._prompts = PromptBuilder(tokenizer, int(self._llm.model_config.get_vocab_size()), window,
+                                      self.spec.tool_parser, self.spec.reasoning_parser)
         self._info = EngineInfo(kind="vllm", context_length=window, max_num_seqs=self.spec.max_num_seqs,
                                 device=str(self._llm.vllm_config.device_config.device), dtype=str(args.dtype),
-                                capabilities=self._prompts.capabilities)
+                                capabilities=self._prompts.capabilities, tool_parser=self._prompts.tool_parser,
+                                reasoning_parser=self._prompts.reasoning_parser)
         self._state = EngineState.READY
         log.info("model %s ready on vLLM: context %d tokens", self.spec.name, window)
 

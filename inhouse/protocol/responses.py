@@ -78,16 +78,32 @@ class ChatLogprobs(_Body):
     content: list[TokenLogprob]
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str = Field(description="a JSON object's text (\"{}\" for no arguments)")
+
+
+class ToolCall(_Body):
+    id: str = Field(description="call_ and 24 letters or digits; the tool message answering it echoes it")
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(_Body):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null only when the answer is tool calls and nothing else")
+    tool_calls: list[ToolCall] | SkipJsonSchema[None] = Field(default=None, description="when the model called tools")
+    function_call: FunctionCall | SkipJsonSchema[None] = Field(
+        default=None, description="instead of tool_calls when the request sent legacy functions: the first call")
+    reasoning_content: str | SkipJsonSchema[None] = Field(default=None, description="the model's thinking, if any")
+    reasoning: str | SkipJsonSchema[None] = Field(default=None, description="the same thinking (vLLM's name)")
 
 
 class ChatChoice(_Body):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None
-    finish_reason: str | None = Field(description="stop or length")
+    finish_reason: str | None = Field(description="stop, length, tool_calls (function_call for legacy functions)")
 
 
 class ChatCompletion(_Body):
@@ -99,9 +115,27 @@ class ChatCompletion(_Body):
     usage: Usage
 
 
+class FunctionCallChunk(_Body):
+    name: str | SkipJsonSchema[None] = Field(default=None, description="in the call's first piece")
+    arguments: str = Field(description="a fragment: a call's fragments joined are its arguments' JSON object")
+
+
+class ToolCallChunk(_Body):
+    """A piece of one tool call; all pieces of call ``index`` come before any of the next call's."""
+
+    index: int
+    id: str | SkipJsonSchema[None] = Field(default=None, description="in the call's first piece")
+    type: Literal["function"] | SkipJsonSchema[None] = Field(default=None, description="in the call's first piece")
+    function: FunctionCallChunk
+
+
 class ChatDelta(_Body):
     role: Literal["assistant"] | SkipJsonSchema[None] = Field(default=None, description="first chunk only")
     content: str | SkipJsonSchema[None] = None
+    reasoning_content: str | SkipJsonSchema[None] = Field(default=None, description="a piece of the thinking")
+    reasoning: str | SkipJsonSchema[None] = Field(default=None, description="the same piece (vLLM's name)")
+    tool_calls: list[ToolCallChunk] | SkipJsonSchema[None] = None
+    function_call: FunctionCallChunk | SkipJsonSchema[None] = Field(default=None, description="legacy functions")
 
 
 class ChatChunkChoice(_Body):

@@ -15,7 +15,7 @@ from inhouse.protocol.chat import ChatCompletionRequest, ChatMessage
 from inhouse.protocol.common import SamplingFields
 from inhouse.protocol.completions import CompletionRequest
 
-__all__ = ["chat_requests", "check_choices", "completion_requests"]
+__all__ = ["chat_requests", "check_choices", "completion_requests", "images_in"]
 
 
 def check_choices(n: int, prompts: int, limit: int) -> None:
@@ -48,20 +48,31 @@ def _sampling(body: SamplingFields, logprobs: bool, top_logprobs: int, index: in
     )
 
 
+_TEXT_PARTS = ("text", "input_text")
+_IMAGE_PARTS = ("image_url", "input_image")
+
+
 def _message(message: ChatMessage, index: int) -> dict[str, Any]:
-    content = message.content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.type in ("text", "input_text"):
-                texts.append(part.text or "")
-            else:
-                raise InhouseError(
-                    ErrorCode.UNSUPPORTED,
-                    f"content parts of type '{part.type}' are not supported by this model; send text only",
-                    param=f"messages.{index}.content",
-                )
-        content = "".join(texts)
+    """Text parts are joined into one string; a message with an image keeps its parts (only an engine that
+    serves VISION takes them: ``images_in``)."""
+    content: str | list[dict[str, Any]] | None = None
+    if isinstance(message.content, list):
+        parts = message.content
+        for part in parts:
+            if part.type not in _TEXT_PARTS + _IMAGE_PARTS:
+                raise InhouseError(ErrorCode.UNSUPPORTED, f"content parts of type '{part.type}' are not supported; "
+                                   "send text or image_url parts", param=f"messages.{index}.content")
+            if part.type in _IMAGE_PARTS and not part.image_url:
+                raise InhouseError(ErrorCode.INVALID_REQUEST, "an image_url part needs its image_url",
+                                   param=f"messages.{index}.content")
+        if any(part.type in _IMAGE_PARTS for part in parts):
+            content = [{"type": "text", "text": part.text or ""} if part.type in _TEXT_PARTS else
+                       {"type": "image_url", "image_url": part.image_url if isinstance(part.image_url, dict)
+                        else {"url": part.image_url}} for part in parts]
+        else:
+            content = "".join(part.text or "" for part in parts)
+    else:
+        content = message.content
     out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role, "content": content or ""}
     if message.name is not None:
         out["name"] = message.name
@@ -72,8 +83,17 @@ def _message(message: ChatMessage, index: int) -> dict[str, Any]:
     return out
 
 
+def images_in(messages: tuple[dict[str, Any], ...]) -> int | None:
+    """The index of the first message with an image part, or None."""
+    return next((i for i, m in enumerate(messages) if isinstance(m.get("content"), list)), None)
+
+
 def chat_requests(body: ChatCompletionRequest, request_id: str) -> list[GenerateRequest]:
     messages = tuple(_message(m, i) for i, m in enumerate(body.messages))
+    tools = body.tool_list()
+    tool_choice = body.tool_choice_value()
+    response_format = body.response_format.model_dump(by_alias=True, exclude_none=True) if body.response_format \
+        else None
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise InhouseError(ErrorCode.INVALID_REQUEST, "top_logprobs requires logprobs to be true", param="top_logprobs")
@@ -82,8 +102,11 @@ def chat_requests(body: ChatCompletionRequest, request_id: str) -> list[Generate
             request_id=f"{request_id}-{i}",
             sampling=_sampling(body, body.logprobs, top, i),
             messages=messages,
-            tools=tuple(body.tools) if body.tools else None,
+            tools=tuple(tools) if tools else None,
             chat_template_kwargs=dict(body.chat_template_kwargs or {}),
+            tool_choice=tool_choice,
+            parallel_tool_calls=body.parallel_tool_calls,
+            response_format=response_format,
         )
         for i in range(body.n)
     ]

@@ -1,7 +1,9 @@
 """Runs the Generations behind one HTTP request: routes and admits them (noting the key's call), then merges
 or collects their output.
 
-Shared by the chat and completion routes, which differ only in how they render.
+Shared by the chat and completion routes, which differ only in how they render.  A chat choice's deltas may pass
+through a parser (``inhouse.server.parsers``) on their way out of ``merged``, which splits thinking and tool calls
+out of their text.
 """
 
 from __future__ import annotations
@@ -10,17 +12,23 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.requests import Request
 
-from inhouse.engine.base import Delta, GenerateRequest, Generation, TokenLogprob, Usage
+from inhouse.engine.base import Capability, Delta, GenerateRequest, Generation, TokenLogprob, ToolCallDelta, Usage
+from inhouse.errors import ErrorCode, InhouseError
 from inhouse.gateway.router import Routed
 from inhouse.server.call import Call, call_of
 from inhouse.server.context import context_of
+from inhouse.server.convert import images_in
 from inhouse.server.disconnect import or_disconnect
 from inhouse.server.operations import GENERATION, generator, require
 
-__all__ = ["ChoiceResult", "collect", "merged", "route", "total_usage"]
+__all__ = ["ChoiceResult", "Parsers", "collect", "merged", "route", "total_usage"]
+
+# per choice: a function a choice's deltas pass through (a parser), or None
+Parsers = Sequence[Callable[[Delta], Delta] | None]
 
 
 @dataclass
@@ -30,7 +38,33 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     usage: Usage | None = None  # from the finishing Delta
+    reasoning: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's {id, type, function: {name, arguments}}
     _parts: list[str] = field(default_factory=list)
+    _reasoning: list[str] = field(default_factory=list)
+
+    def add(self, delta: Delta) -> None:
+        self._parts.append(delta.text)
+        self._reasoning.append(delta.reasoning)
+        self.tokens += delta.token_count
+        for piece in delta.tool_calls or ():
+            self._add_call(piece)
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+            self.usage = delta.usage
+
+    def _add_call(self, piece: ToolCallDelta) -> None:
+        if piece.index >= len(self.tool_calls):
+            self.tool_calls.append({"id": piece.id or "", "type": "function",
+                                    "function": {"name": piece.name or "", "arguments": ""}})
+        call = self.tool_calls[min(piece.index, len(self.tool_calls) - 1)]
+        if piece.id:
+            call["id"] = piece.id
+        if piece.name:
+            call["function"]["name"] = piece.name
+        call["function"]["arguments"] += piece.arguments
 
 
 def total_usage(usages: Sequence[Usage], prompt_of: Callable[[Sequence[Usage]], int]) -> Usage:
@@ -46,6 +80,10 @@ async def route(request: Request, model: str, stream: bool, request_id: str,
     The deployment counts the call in flight until its last generation ends."""
     ctx = context_of(request)
     require(ctx.registry, model, GENERATION)  # an unknown model is 404 (and an embedder 400) before a 403
+    image = images_in(requests[0].messages or ()) if requests else None
+    if image is not None and Capability.VISION not in ctx.registry.get(model).engine.info.capabilities:
+        raise InhouseError(ErrorCode.UNSUPPORTED, f"the model '{model}' does not take images; send text only",
+                           param=f"messages.{image}.content")
     call = call_of(request)
     if call is not None:
         call.asked(request_id, model, stream)
@@ -73,12 +111,17 @@ async def route(request: Request, model: str, stream: bool, request_id: str,
     return routed, call
 
 
-async def merged(generations: list[Generation]) -> AsyncGenerator[tuple[int, Delta]]:
-    """(choice index, delta) from all generations, as they arrive.  Aborts all when closed early."""
+async def merged(generations: list[Generation], parsers: Parsers = ()) -> AsyncGenerator[tuple[int, Delta]]:
+    """(choice index, delta) from all generations, as they arrive, each through its choice's parser (if any).
+    Aborts all when closed early."""
+    def parsed(index: int, delta: Delta) -> Delta:
+        parser = parsers[index] if index < len(parsers) else None
+        return delta if parser is None else parser(delta)
+
     if len(generations) == 1:
         async with contextlib.aclosing(aiter(generations[0])) as deltas:  # closed early: aborted at once
             async for delta in deltas:
-                yield 0, delta
+                yield 0, parsed(0, delta)
         return
     queue: asyncio.Queue[tuple[int, Delta] | tuple[int, BaseException] | None] = asyncio.Queue()
 
@@ -102,7 +145,7 @@ async def merged(generations: list[Generation]) -> AsyncGenerator[tuple[int, Del
             index, payload = item
             if isinstance(payload, BaseException):
                 raise payload
-            yield index, payload
+            yield index, parsed(index, payload)
     finally:
         for task in tasks:
             task.cancel()
@@ -112,23 +155,17 @@ async def merged(generations: list[Generation]) -> AsyncGenerator[tuple[int, Del
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def collect(generations: list[Generation], request: Request) -> list[ChoiceResult]:
+async def collect(generations: list[Generation], request: Request, parsers: Parsers = ()) -> list[ChoiceResult]:
     """Wait for complete answers; if the client goes away first, abort the generations."""
     results = [ChoiceResult() for _ in generations]
 
     async def gather() -> None:
-        async for index, delta in merged(generations):
-            result = results[index]
-            result._parts.append(delta.text)
-            result.tokens += delta.token_count
-            if delta.logprobs is not None:
-                result.logprobs = (result.logprobs or []) + delta.logprobs
-            if delta.finish_reason is not None:
-                result.finish_reason = delta.finish_reason
-                result.usage = delta.usage
+        async for index, delta in merged(generations, parsers):
+            results[index].add(delta)
 
     await or_disconnect(request, gather())
     for result, generation in zip(results, generations, strict=True):
         result.text = "".join(result._parts)
+        result.reasoning = "".join(result._reasoning)
         result.usage = result.usage or Usage(generation.prompt_tokens, result.tokens)  # engines send it
     return results

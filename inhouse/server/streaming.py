@@ -4,12 +4,15 @@ Owns the order of events every client relies on: the opening chunk per choice, o
 delta, the finish chunk, usage (on the last finish chunk always, and as a separate ``choices: []``
 chunk when ``stream_options.include_usage`` asks), then the end of the call, then ``[DONE]``.  An error
 after the first byte becomes one ``data: {"error": ...}`` event followed by ``[DONE]``; so does a call
-its sinks could not keep (503 ``audit_unavailable``): the stream never ends cleanly unacknowledged.
+its sinks could not keep (503 ``audit_unavailable``): the stream never ends cleanly unacknowledged.  A delta with
+both thinking and other output is sent as two chunks, thinking first: a client that wraps thinking in
+``<think>…</think>`` (Dify) closes the block on the first chunk without it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
@@ -18,7 +21,7 @@ from inhouse.engine.base import Delta, Generation, Usage
 from inhouse.errors import ErrorCode, InhouseError
 from inhouse.protocol.common import usage
 from inhouse.server.call import Call
-from inhouse.server.generation import merged, total_usage
+from inhouse.server.generation import Parsers, merged, total_usage
 from inhouse.server.sinks import audit_unavailable
 from inhouse.server.sse import DONE, event
 
@@ -37,16 +40,17 @@ class ChunkRenderer(Protocol):
 
 
 def stream_events(generations: list[Generation], prompt_of: Callable[[Sequence[Usage]], int], include_usage: bool,
-                  render: ChunkRenderer, call: Call | None = None) -> AsyncIterator[bytes]:
+                  render: ChunkRenderer, call: Call | None = None, parsers: Parsers = ()) -> AsyncIterator[bytes]:
     """The events of the stream.  The call (if any) is a stream from now on: it is ended by the stream itself,
-    before ``[DONE]``.  ``prompt_of`` turns the choices' usages into the call's prompt tokens."""
+    before ``[DONE]``.  ``prompt_of`` turns the choices' usages into the call's prompt tokens; ``parsers`` (per
+    choice) split each choice's text (``merged``)."""
     if call is not None:
         call.streaming = True
-    return _events(generations, prompt_of, include_usage, render, call)
+    return _events(generations, prompt_of, include_usage, render, call, parsers)
 
 
 async def _events(generations: list[Generation], prompt_of: Callable[[Sequence[Usage]], int], include_usage: bool,
-                  render: ChunkRenderer, call: Call | None) -> AsyncIterator[bytes]:
+                  render: ChunkRenderer, call: Call | None, parsers: Parsers) -> AsyncIterator[bytes]:
     usages: list[Usage | None] = [None] * len(generations)
     counted = [0] * len(generations)
     finish_reason: str | None = None
@@ -56,13 +60,16 @@ async def _events(generations: list[Generation], prompt_of: Callable[[Sequence[U
         if opening is not None:
             yield event(render.chunk([opening], None))
     try:
-        async with contextlib.aclosing(merged(generations)) as deltas:  # closing the stream aborts at once
+        async with contextlib.aclosing(merged(generations, parsers)) as deltas:  # closing the stream aborts at once
             async for index, delta in deltas:
                 counted[index] += delta.token_count
                 if call is not None:
                     call.output(delta.text, delta.token_count)
+                if delta.reasoning and (delta.text or delta.tool_calls or delta.finish_reason is not None):
+                    yield event(render.chunk([render.choice(index, Delta(reasoning=delta.reasoning))], None))
+                    delta = dataclasses.replace(delta, reasoning="")
                 if delta.finish_reason is None:
-                    if delta.text or delta.logprobs:
+                    if delta.text or delta.reasoning or delta.tool_calls or delta.logprobs:
                         yield event(render.chunk([render.choice(index, delta)], None))
                     continue
                 # engines send usage with the finishing delta; counted here only if one did not

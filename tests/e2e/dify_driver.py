@@ -45,11 +45,16 @@ Usage::
 
     dify_driver.py SCENARIO --base-url URL --model NAME [--api-key KEY]
         LLM:        [--prompt TEXT] [--max-tokens N] [--stop WORD]... [--stream]
+        tools:      [--function-calling-type tool_call|function_call]
         embeddings: [--text TEXT]... [--input-type document|query] [--tiktoken]
         rerank:     [--query TEXT] [--doc TEXT]... [--score-threshold X] [--top-n N]
 
 SCENARIO is ``validate`` (the LLM "Save" ping), ``blocking`` (stream=False), ``stream`` (stream=True),
 ``multiturn`` (system prompt, then user/assistant/user), ``stop`` (stop words; blocking unless --stream),
+``tools`` (Dify's function-calling agent, first turn: the ``get_weather`` tool offered, blocking unless
+--stream) or ``tools-round-trip`` (that turn, then the agent's second: the assistant message with the parsed
+tool calls and one ``ToolPromptMessage`` result per call; both turns blocking unless --stream), both with the
+credentials of a model whose "Function calling" is set (``--function-calling-type``, default ``tool_call``),
 ``embed-validate`` / ``embed`` (the text-embedding class: Save, or one invoke with all --text) or
 ``rerank-validate`` / ``rerank`` (the rerank class: Save, or one invoke; no --top-n sends ``top_n: null``).
 The exit status is 0 when the SDK call succeeded, 1 when it raised (the JSON then says what it raised).
@@ -82,7 +87,9 @@ from dify_plugin.entities.model.llm import LLMResultChunk
 from dify_plugin.entities.model.message import (
     AssistantPromptMessage,
     PromptMessage,
+    PromptMessageTool,
     SystemPromptMessage,
+    ToolPromptMessage,
     UserPromptMessage,
 )
 from dify_plugin.interfaces.model.openai_compatible import rerank as sdk_rerank
@@ -90,7 +97,8 @@ from dify_plugin.interfaces.model.openai_compatible.llm import OAICompatLargeLan
 from dify_plugin.interfaces.model.openai_compatible.rerank import OAICompatRerankModel
 from dify_plugin.interfaces.model.openai_compatible.text_embedding import OAICompatEmbeddingModel
 
-LLM_SCENARIOS = ("validate", "blocking", "stream", "multiturn", "stop")
+TOOL_SCENARIOS = ("tools", "tools-round-trip")
+LLM_SCENARIOS = ("validate", "blocking", "stream", "multiturn", "stop", *TOOL_SCENARIOS)
 EMBEDDING_SCENARIOS = ("embed-validate", "embed")
 RERANK_SCENARIOS = ("rerank-validate", "rerank")
 SCENARIOS = LLM_SCENARIOS + EMBEDDING_SCENARIOS + RERANK_SCENARIOS
@@ -99,6 +107,14 @@ MULTITURN_SYSTEM = "You are a helpful geography assistant. Answer in one short s
 MULTITURN_FIRST_QUESTION = "What is the capital of France?"
 MULTITURN_FIRST_ANSWER = "The capital of France is Paris."
 MULTITURN_SECOND_QUESTION = "And what is the capital of Germany?"
+TOOLS_SYSTEM = "You are a helpful assistant. Use tools when they are relevant."
+WEATHER_TOOL = PromptMessageTool(  # what Dify builds from a tool's parameter form (agent node / agent app)
+    name="get_weather",
+    description="Get the current weather for a city.",
+    parameters={"type": "object", "properties": {"city": {"type": "string", "description": "City name, e.g. Paris"}},
+                "required": ["city"]},
+)
+WEATHER_RESULT = json.dumps({"city": "Paris", "temperature_c": 21, "condition": "sunny"})
 EMBEDDING_CONTEXT_SIZE = 4096  # the form default of "Model context size" for text-embedding models
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -142,6 +158,16 @@ def embedding_credentials(base_url: str) -> dict[str, str]:
 def rerank_credentials(base_url: str) -> dict[str, str]:
     """The same for a rerank model: context_size and vision_support (both unread by the SDK class)."""
     return {"endpoint_url": base_url, "context_size": "4096", "vision_support": "no_support"}
+
+
+def tool_credentials(base_url: str, function_calling_type: str, stream: bool) -> dict[str, str]:
+    """A model whose "Function calling" the user set; "Stream function calling" set too when streaming (§9).
+
+    The agent streams a tool turn only when the model has STREAM_TOOL_CALL (``stream_function_calling``
+    ``supported``, form default ``not_supported``): ``invoke_llm(stream=self.stream_tool_call)``.
+    """
+    return {**dify_credentials(base_url), "function_calling_type": function_calling_type,
+            "stream_function_calling": "supported" if stream else "not_supported"}
 
 
 def credentials_for(scenario: str, base_url: str) -> dict[str, str]:
@@ -253,19 +279,21 @@ def prompt_messages(args: argparse.Namespace) -> list[PromptMessage]:
     return [UserPromptMessage(content=args.prompt)]
 
 
-def daemon_request(args: argparse.Namespace, credentials: dict[str, str]) -> ModelInvokeLLMRequest:
+def daemon_request(args: argparse.Namespace, credentials: dict[str, str],
+                   messages: list[PromptMessage] | None = None,
+                   tools: list[PromptMessageTool] | None = None) -> ModelInvokeLLMRequest:
     """The request the plugin daemon decodes, built from its JSON form so the SDK's own parsing runs."""
-    stream = args.scenario == "stream" or (args.scenario == "stop" and args.stream)
+    stream = args.scenario == "stream" or (args.scenario in ("stop", *TOOL_SCENARIOS) and args.stream)
     payload = {
         "user_id": USER_ID,
         "provider": "openai_api_compatible",
         "model_type": ModelType.LLM.value,
         "model": args.model,
         "credentials": credentials,
-        "prompt_messages": [m.model_dump(mode="json") for m in prompt_messages(args)],
+        "prompt_messages": [m.model_dump(mode="json") for m in messages or prompt_messages(args)],
         "model_parameters": {"temperature": 0, "max_tokens": args.max_tokens},
         "stop": args.stop or None,
-        "tools": None,
+        "tools": [t.model_dump(mode="json") for t in tools] if tools else None,
         "stream": stream,
     }
     return ModelInvokeLLMRequest.model_validate(payload)
@@ -275,6 +303,8 @@ def chunk_record(chunk: LLMResultChunk) -> dict[str, Any]:
     usage = chunk.delta.usage
     return {
         "content": chunk.delta.message.content,
+        "tool_calls": [{"id": call.id, "type": call.type, "name": call.function.name,
+                        "arguments": call.function.arguments} for call in chunk.delta.message.tool_calls],
         "finish_reason": chunk.delta.finish_reason,
         "usage": None if usage is None else {
             "prompt_tokens": usage.prompt_tokens,
@@ -284,8 +314,8 @@ def chunk_record(chunk: LLMResultChunk) -> dict[str, Any]:
     }
 
 
-def run_invoke(args: argparse.Namespace, credentials: dict[str, str]) -> dict[str, Any]:
-    data = daemon_request(args, credentials)
+def invoke_llm(data: ModelInvokeLLMRequest) -> dict[str, Any]:
+    """``PluginExecutor.invoke_llm`` on a fresh instance; every chunk the host would receive, summed up."""
     model = OAICompatLargeLanguageModel([])  # ModelFactory.get_instance: a fresh instance, empty schemas
     result = model.invoke(data.model, data.credentials, data.prompt_messages, data.model_parameters,
                           data.tools, data.stop, data.stream, data.user_id)
@@ -299,7 +329,41 @@ def run_invoke(args: argparse.Namespace, credentials: dict[str, str]) -> dict[st
         "usage": chunks[with_usage[-1]]["usage"] if with_usage else None,
         "usage_chunk_indexes": with_usage,
         "finish_reason": chunks[-1]["finish_reason"] if chunks else None,
+        "tool_calls": [call for c in chunks for call in c["tool_calls"]],
+        "tool_call_chunk_indexes": [i for i, c in enumerate(chunks) if c["tool_calls"]],
     }
+
+
+def run_invoke(args: argparse.Namespace, credentials: dict[str, str]) -> dict[str, Any]:
+    return invoke_llm(daemon_request(args, credentials))
+
+
+def agent_history(first: dict[str, Any]) -> list[PromptMessage]:
+    """What ``FunctionCallAgentRunner`` appends after a turn with tool calls: the assistant message (its text, the
+    calls with arguments re-serialised by ``json.dumps(json.loads(...), ensure_ascii=False)``), then one
+    ``ToolPromptMessage`` per call (the tool's answer, the call's id, the tool's name)."""
+    calls = [(c["id"], c["name"], json.loads(c["arguments"]) if c["arguments"] != "" else {})
+             for c in first["tool_calls"]]
+    assistant = AssistantPromptMessage(content=first["text"], tool_calls=[
+        AssistantPromptMessage.ToolCall(id=call_id, type="function", function=AssistantPromptMessage.ToolCall.
+                                        ToolCallFunction(name=name, arguments=json.dumps(arguments,
+                                                                                         ensure_ascii=False)))
+        for call_id, name, arguments in calls])
+    results = [ToolPromptMessage(content=WEATHER_RESULT, tool_call_id=call_id, name=name) for call_id, name, _ in calls]
+    return [assistant, *results]
+
+
+def run_tools(args: argparse.Namespace, credentials: dict[str, str]) -> dict[str, Any]:
+    credentials = {**credentials, **tool_credentials(credentials["endpoint_url"], args.function_calling_type,
+                                                     args.stream)}
+    messages: list[PromptMessage] = [SystemPromptMessage(content=TOOLS_SYSTEM), UserPromptMessage(content=args.prompt)]
+    first = invoke_llm(daemon_request(args, credentials, messages, [WEATHER_TOOL]))
+    if args.scenario == "tools":
+        return first
+    if not first["tool_calls"]:
+        raise AssertionError(f"the first turn returned no tool calls to answer: {first}")
+    second = invoke_llm(daemon_request(args, credentials, [*messages, *agent_history(first)], [WEATHER_TOOL]))
+    return {"first": first, **second}
 
 
 def run_validate(args: argparse.Namespace, credentials: dict[str, str]) -> dict[str, Any]:
@@ -357,6 +421,7 @@ def run_rerank(args: argparse.Namespace, credentials: dict[str, str]) -> dict[st
 RUNNERS: dict[str, Callable[[argparse.Namespace, dict[str, str]], dict[str, Any]]] = {
     "validate": run_validate,
     **dict.fromkeys(("blocking", "stream", "multiturn", "stop"), run_invoke),
+    **dict.fromkeys(TOOL_SCENARIOS, run_tools),
     "embed-validate": run_embed_validate,
     "embed": run_embed,
     "rerank-validate": run_rerank_validate,
@@ -374,7 +439,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     llm.add_argument("--prompt", default="What is the capital of France?")
     llm.add_argument("--max-tokens", type=int, default=48)
     llm.add_argument("--stop", action="append", default=[], help="a stop word (repeatable)")
-    llm.add_argument("--stream", action="store_true", help="stream the `stop` scenario")
+    llm.add_argument("--stream", action="store_true", help="stream the `stop` and tools scenarios")
+    llm.add_argument("--function-calling-type", choices=("tool_call", "function_call"), default="tool_call",
+                     help="the tools scenarios' \"Function calling\" credential")
     embed = parser.add_argument_group("embedding scenarios")
     embed.add_argument("--text", action="append", default=[], help="a text to embed (repeatable, in order)")
     embed.add_argument("--input-type", choices=("document", "query"), default="document")

@@ -75,7 +75,7 @@ class LocalEngine:
             raise
         self._loaded = loaded
         self._prompts = PromptBuilder(loaded.tokenizer, loaded.model.get_input_embeddings().num_embeddings,
-                                      loaded.context_length)
+                                      loaded.context_length, self.spec.tool_parser, self.spec.reasoning_parser)
         self._info = EngineInfo(
             kind="transformers",
             context_length=loaded.context_length,
@@ -83,6 +83,8 @@ class LocalEngine:
             device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."),
             capabilities=self._prompts.capabilities,
+            tool_parser=self._prompts.tool_parser,
+            reasoning_parser=self._prompts.reasoning_parser,
         )
         self._thread = threading.Thread(target=self._run, args=(loaded,), name=f"engine-{self.spec.name}", daemon=True)
         self._thread.start()
