@@ -17,10 +17,11 @@ import torch
 
 from inhouse.config import LocalSpec
 from inhouse.engine.admission import AdmissionGate, check_ready, completion_budget
-from inhouse.engine.base import EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
+from inhouse.engine.base import Capability, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.attention import register
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
+from inhouse.engine.local.grammar import Constraint, Grammars, apply_constraints
 from inhouse.engine.local.kv_cache import SlotKVCache
 from inhouse.engine.local.loader import LoadedModel, load_model
 from inhouse.engine.local.runner import ModelRunner
@@ -56,6 +57,7 @@ class LocalEngine:
         self._closing = False
         self._loaded: LoadedModel | None = None
         self._prompts: PromptBuilder | None = None
+        self._grammars: Grammars | None = None
 
     # ---- Engine protocol -------------------------------------------------------------------
 
@@ -73,16 +75,21 @@ class LocalEngine:
         except BaseException:
             self._state = EngineState.FAILED
             raise
+        vocab_size = loaded.model.get_input_embeddings().num_embeddings
         self._loaded = loaded
-        self._prompts = PromptBuilder(loaded.tokenizer, loaded.model.get_input_embeddings().num_embeddings,
-                                      loaded.context_length, self.spec.tool_parser, self.spec.reasoning_parser)
+        self._prompts = PromptBuilder(loaded.tokenizer, vocab_size, loaded.context_length, self.spec.tool_parser,
+                                      self.spec.reasoning_parser)
+        self._grammars = await asyncio.to_thread(Grammars, loaded.tokenizer, vocab_size, loaded.stop_ids)
+        capabilities = self._prompts.capabilities
+        if Capability.CHAT in capabilities and self._grammars.available:
+            capabilities |= {Capability.JSON_SCHEMA}
         self._info = EngineInfo(
             kind="transformers",
             context_length=loaded.context_length,
             max_num_seqs=self.spec.max_num_seqs,
             device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."),
-            capabilities=self._prompts.capabilities,
+            capabilities=capabilities,
             tool_parser=self._prompts.tool_parser,
             reasoning_parser=self._prompts.reasoning_parser,
         )
@@ -97,9 +104,10 @@ class LocalEngine:
         assert self._loaded is not None and self._prompts is not None
         self._gate.check(len(requests))  # a full engine refuses before tokenizing anything
         prompts = await self._prompts.token_ids_all(requests)
+        constraints = await self._constraints(requests)
         loop = asyncio.get_running_loop()
         seqs = []
-        for request, prompt_ids in zip(requests, prompts, strict=True):
+        for request, prompt_ids, constraint in zip(requests, prompts, constraints, strict=True):
             sampling = request.sampling.with_defaults(self.spec.defaults)
             max_tokens = completion_budget(len(prompt_ids), sampling.max_tokens, self._info.context_length,
                                            self.spec.defaults.max_tokens, self.spec.clamp_max_tokens)
@@ -112,6 +120,7 @@ class LocalEngine:
                 detokenizer=IncrementalDetokenizer(self._loaded.tokenizer, prompt_ids),
                 stop_matcher=StopMatcher(sampling.stop),
                 generator=_seeded(sampling.seed),
+                constraint=constraint,
             ))
         self._gate.admit(len(seqs))
         with self._lock:
@@ -137,6 +146,13 @@ class LocalEngine:
         self._state = EngineState.CLOSED
 
     # ---- admission helpers ----------------------------------------------------------------
+
+    async def _constraints(self, requests: Seq[GenerateRequest]) -> list[Constraint | None]:
+        """Each request's response_format grammar (None: free text); compiled off the event loop, or a 400."""
+        grammars = self._grammars
+        if grammars is None or all(r.response_format is None for r in requests):
+            return [None] * len(requests)
+        return await asyncio.to_thread(lambda: [grammars.constraint(r.response_format) for r in requests])
 
     def _check_ready(self) -> None:
         check_ready(self.spec.name, EngineState.CLOSED if self._closing else self._state)
@@ -185,7 +201,7 @@ class LocalEngine:
               stop_ids: frozenset[int]) -> None:
         """Run, sample, hand out.  A row that fails on its own fails alone; the others go on."""
         seqs, logits = self._forward(step, runner, scheduler)
-        tokens, logprobs = sampler.sample(logits, seqs)
+        tokens, logprobs = sampler.sample(apply_constraints(logits, seqs), seqs)
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             if token is None:
                 self._fail(seq, scheduler, "the model produced no valid next token for this request")

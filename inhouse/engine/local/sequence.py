@@ -1,6 +1,6 @@
 """One request's generation state inside the local engine.
 
-Owns a sequence's token ids, its KV-cache slot, its detokenizer and stop matcher, and the collector
+Owns a sequence's token ids, its KV-cache slot, its detokenizer, stop matcher and grammar constraint, and the collector
 that hands its output to the waiting request.  Touched only by the engine thread after admission.
 """
 
@@ -14,6 +14,7 @@ import torch
 from inhouse.engine.base import Delta, SamplingParams, TokenLogprob, Usage
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
+from inhouse.engine.local.grammar import Constraint
 
 __all__ = ["Sequence", "SequenceStatus"]
 
@@ -34,6 +35,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopMatcher
     generator: torch.Generator | None = None
+    constraint: Constraint | None = None  # response_format's grammar
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int = -1
@@ -48,14 +50,16 @@ class Sequence:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     def append(self, token_id: int, stop_ids: frozenset[int], logprob: TokenLogprob | None) -> bool:
-        """Record a sampled token and send its text on.  Returns True when the sequence is finished."""
+        """Record a sampled token and send its text on.  Returns True when the sequence is finished (a stop, the
+        length, or a constrained answer that is complete)."""
+        complete = self.constraint is not None and self.constraint.advance(token_id)
         self.output_ids.append(token_id)
         finish: str | None = None
         is_stop_token = ((token_id in stop_ids and not self.sampling.ignore_eos)
                          or token_id in self.sampling.stop_token_ids)
         text = "" if is_stop_token else self.detokenizer.add(token_id)
         text, hit_stop = self.stop_matcher.feed(text)
-        if hit_stop or is_stop_token:
+        if hit_stop or is_stop_token or complete:
             finish = "stop"
         elif len(self.output_ids) >= self.max_tokens:
             finish = "length"
