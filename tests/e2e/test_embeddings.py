@@ -46,7 +46,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, tiny_embed
 audit: {{text: full}}
 models:
   - {{name: {CHAT}, engine: fake}}
-  - {{name: {MINILM}, engine: sentence-transformers, path: "builtin:all-minilm-l6-v2", batch_wait_ms: 20}}
+  - {{name: {MINILM}, engine: sentence-transformers, path: "builtin:all-minilm-l6-v2", batch_wait_ms: 50}}
   - {{name: {RERANKER}, engine: sentence-transformers, path: "{tiny_cross_encoder_dir}"}}
   - {{name: {STRICT}, engine: sentence-transformers, path: "{tiny_embedder_dir}", truncate: false,
      matryoshka_dimensions: [], max_inputs: 64}}
