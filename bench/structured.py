@@ -25,8 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import load, machine, report, servers  # noqa: E402
@@ -124,65 +122,6 @@ def answer_error(content: str, schema: dict[str, Any]) -> str | None:
     return "; ".join(errors) or None
 
 
-# ---------------------------------------------------------------------------------------------- one request
-
-
-@dataclass
-class Answer(load.Sample):
-    """A streamed chat answer: ``load.Sample``'s timings plus its text and finish reason."""
-
-    content: str = ""
-    finish_reason: str | None = None
-
-
-async def chat_answer(client: httpx.AsyncClient, body: dict[str, Any]) -> Answer:
-    """``load.chat_stream`` that also keeps the answer's text and finish reason (to validate it)."""
-    sample = Answer()
-    start = time.perf_counter()
-    last: float | None = None
-    parts: list[str] = []
-    try:
-        async with client.stream("POST", load.CHAT, json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                sample.error = f"HTTP {response.status_code}: {text[:300]}"
-                return sample
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    sample.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
-                    return sample
-                now = time.perf_counter()
-                for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") or ""
-                    if text:
-                        parts.append(text)
-                        if last is None:
-                            sample.ttft_s = now - start
-                        else:
-                            sample.gaps_s.append(now - last)
-                        last = now
-                    if choice.get("finish_reason"):
-                        sample.finish_reason = choice["finish_reason"]
-                usage = chunk.get("usage")
-                if usage and usage.get("completion_tokens") is not None:
-                    sample.output_tokens = int(usage["completion_tokens"])
-                    sample.tokens_from = "usage"
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
-        sample.error = f"{type(exc).__name__}: {exc}"[:300]
-        return sample
-    sample.latency_s = time.perf_counter() - start
-    sample.content = "".join(parts)
-    if sample.tokens_from != "usage":
-        sample.output_tokens = len(parts)
-    return sample
-
-
 # ---------------------------------------------------------------------------------------------- arms
 
 
@@ -238,7 +177,6 @@ class Arm:
             if s.error is not None:
                 self.errors.append(s.error)
                 continue
-            assert isinstance(s, Answer)
             self.output_tokens += s.output_tokens
             self.lengths.append(s.output_tokens)
             if s.ttft_s is not None:
@@ -376,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[inhouse] ready: {command}", flush=True)
         # warm-up: one of each (the constrained one also compiles and caches the schema's grammar)
         warm = [*bodies("free", 1, 16, 0, offset=3), *bodies("json_schema", 1, 0, args.json_max_tokens, offset=3)]
-        warmed = asyncio.run(load.run(server.url, warm, 1, send=chat_answer, timeout_s=args.level_timeout))
+        warmed = asyncio.run(load.run(server.url, warm, 1, send=load.chat_stream, timeout_s=args.level_timeout))
         if warmed.errors:
             raise SystemExit(f"warm-up failed: {warmed.errors[0]}\nlog tail:\n{server.log_tail()}")
 
@@ -384,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             free_tokens = matched[-1] if arm == "free_matched" else args.max_tokens
             sent = bodies(arm, requests, free_tokens, args.json_max_tokens, offset)
             before = machine.cpu_snapshot(server.pid)
-            run = asyncio.run(load.run(server.url, sent, args.concurrency, send=chat_answer,
+            run = asyncio.run(load.run(server.url, sent, args.concurrency, send=load.chat_stream,
                                        timeout_s=args.level_timeout))
             return Attempt(run, machine.others_cores(before, machine.cpu_snapshot(server.pid)))
 

@@ -38,7 +38,8 @@ class LoadError(RuntimeError):
 
 @dataclass
 class Sample:
-    """One request: how long it took and, for a chat stream, its first content, gaps and output tokens."""
+    """One request: how long it took and, for a chat stream, its first content, gaps, output tokens, the answer's
+    text and how it finished."""
 
     latency_s: float | None = None
     ttft_s: float | None = None
@@ -46,6 +47,8 @@ class Sample:
     output_tokens: int = 0
     tokens_from: str = "chunks"  # "usage" when the server reported completion_tokens, "exact" when known
     error: str | None = None
+    content: str = ""
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -89,6 +92,7 @@ async def chat_stream(client: httpx.AsyncClient, body: dict[str, Any], path: str
     start = time.perf_counter()
     last: float | None = None
     chunks = 0
+    parts: list[str] = []
     try:
         async with client.stream("POST", path, json=body) as response:
             if response.status_code != 200:
@@ -106,8 +110,12 @@ async def chat_stream(client: httpx.AsyncClient, body: dict[str, Any], path: str
                     sample.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
                     return sample
                 now = time.perf_counter()
-                content = "".join((c.get("delta") or {}).get("content") or "" for c in chunk.get("choices") or [])
+                choices = chunk.get("choices") or []
+                content = "".join((c.get("delta") or {}).get("content") or "" for c in choices)
+                sample.finish_reason = next((c["finish_reason"] for c in choices if c.get("finish_reason")),
+                                            sample.finish_reason)
                 if content:
+                    parts.append(content)
                     chunks += 1
                     if last is None:
                         sample.ttft_s = now - start
@@ -122,6 +130,7 @@ async def chat_stream(client: httpx.AsyncClient, body: dict[str, Any], path: str
         sample.error = f"{type(exc).__name__}: {exc}"[:300]
         return sample
     sample.latency_s = time.perf_counter() - start
+    sample.content = "".join(parts)
     if sample.tokens_from != "usage":
         sample.output_tokens = chunks
     return sample
