@@ -73,11 +73,6 @@ class SamplingDefaults(_Frozen):
     repetition_penalty: float | None = None
 
 
-def _dtype_alias(value: object) -> object:
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-    return aliases.get(str(value), value) if value is not None else value
-
-
 class _ModelBase(_Frozen):
     """What every served model has, whatever engine runs it."""
 
@@ -97,22 +92,28 @@ class _ModelBase(_Frozen):
         return self.deployment or self.name
 
 
-class _Weights(_ModelBase):
-    """A model whose weights this server loads: an HF checkpoint directory, a .gguf file, or builtin:NAME."""
+class _OnDevice(_ModelBase):
+    """A model this server runs itself: on which device, in which dtype (``auto``: engine/loading.py)."""
 
-    path: str = Field(min_length=1, description="HF checkpoint dir, a .gguf file, or builtin:NAME")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: object) -> object:
+        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+        return aliases.get(str(value), value) if value is not None else value
+
+
+class _Weights(_OnDevice):
+    """A generator whose weights this server loads: an HF checkpoint directory, a .gguf file, or builtin:NAME."""
+
+    path: str = Field(min_length=1, description="HF checkpoint dir, a .gguf file, or builtin:NAME")
     chat_template: str | None = None
     # how tool calls and thinking are read from the model's text: auto picks by the chat template (a template
     # that renders <tool_call> → hermes, <think> → think); none turns it off
     tool_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral"] = "auto"
     reasoning_parser: Literal["auto", "none", "think"] = "auto"
-
-    @field_validator("dtype", mode="before")
-    @classmethod
-    def _dtype_alias(cls, value: object) -> object:
-        return _dtype_alias(value)
 
 
 class TransformersSpec(_Weights):
@@ -140,14 +141,12 @@ class AutoSpec(VllmSpec):
     engine: Literal["auto"] = "auto"  # type: ignore[assignment]
 
 
-class SentenceTransformersSpec(_ModelBase):
+class SentenceTransformersSpec(_OnDevice):
     """``engine: sentence-transformers``: an embedding model or a cross-encoder reranker from a local path
     (its own sentence-transformers files say how it pools and normalises), batched across requests."""
 
     engine: Literal["sentence-transformers"] = "sentence-transformers"
     path: str = Field(min_length=1, description="a sentence-transformers model dir, or builtin:all-minilm-l6-v2")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
     # embed: vectors (and rerank by cosine similarity); rerank: a cross-encoder; auto: a checkpoint with a
     # sequence-classification head is a cross-encoder, anything else an embedding model
     task: Literal["auto", "embed", "rerank"] = "auto"
@@ -162,11 +161,6 @@ class SentenceTransformersSpec(_ModelBase):
     max_batch_tokens: int = Field(default=16384, ge=16)
     batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     max_waiting: int = Field(default=4096, ge=0, description="queued inputs beyond this: 429")
-
-    @field_validator("dtype", mode="before")
-    @classmethod
-    def _dtype_alias(cls, value: object) -> object:
-        return _dtype_alias(value)
 
 
 class FakeSpec(_ModelBase):
