@@ -7,6 +7,7 @@ operation elsewhere, and the deployment's in-flight count ends right here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -39,12 +40,13 @@ async def run_once(request: Request, model: str, request_id: str, capability: Ca
     return routed
 
 
-async def account(request: Request, text: str | None, prompt_tokens: int) -> None:
+async def account(request: Request, text: Callable[[], str], prompt_tokens: int) -> None:
     """What the call used, for the audit log and the key's limits (429 when its token budget cannot hold it:
-    the tokens are only known once the model has counted them)."""
+    the tokens are only known once the model has counted them).  ``text`` is rendered only when the audit log
+    keeps text."""
     call = call_of(request)
     if call is None:
         return
-    call.prompt(text if call.keep_text else None, prompt_tokens)
+    call.prompt(text() if call.keep_text else None, prompt_tokens)
     await call.reserve(prompt_tokens)
     call.used(Usage(prompt_tokens, 0), None)

@@ -25,7 +25,7 @@ async def embeddings(request: Request) -> Response:
     routed = await run_once(request, body.model, request_id, Capability.EMBEDDINGS,
                             lambda d: embedder(d.engine, d.name).embed(work))
     result = routed.result
-    await account(request, _texts(work), result.prompt_tokens)
+    await account(request, lambda: _texts(work), result.prompt_tokens)
     headers = {"x-request-id": request_id, "x-inhouse-deployment": routed.deployment.label}
     return json_response(embedding_list(result.vectors, routed.model, result.prompt_tokens, body.encoding_format),
                          headers=headers)

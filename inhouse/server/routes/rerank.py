@@ -26,7 +26,7 @@ async def rerank(request: Request) -> Response:
     routed = await run_once(request, body.model, request_id, Capability.RERANK,
                             lambda d: reranker(d.engine, d.name).rerank(work))
     result = routed.result
-    await account(request, orjson.dumps({"query": work.query, "documents": work.documents}).decode(),
+    await account(request, lambda: orjson.dumps({"query": work.query, "documents": work.documents}).decode(),
                   result.prompt_tokens)
     headers = {"x-request-id": request_id, "x-inhouse-deployment": routed.deployment.label}
     return json_response(rerank_result(request_id, routed.model, work.documents, result.scores, body.top_n,
