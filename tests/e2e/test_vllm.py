@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema_rs
 import pytest
 
 from tests.process import ServerProcess
@@ -21,6 +22,17 @@ from tests.process import ServerProcess
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "你好"}]
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["celsius", "fahrenheit"]},
+                   "temperature_c": {"type": "integer", "minimum": -50, "maximum": 60}},
+    "required": ["city", "unit", "temperature_c"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"]}}}
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +93,45 @@ def test_explicit_vllm_refusals_name_the_model_and_the_fix(server: ServerProcess
     r = httpx.post(server.url + "/v1/chat/completions", timeout=10,
                    json={"model": "vllm-refused", "messages": QUESTION})
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
+
+
+def test_a_json_schema_answer_validates_on_vllm(server: ServerProcess) -> None:
+    """The tiny random model answers valid JSON only because vLLM's structured outputs constrain it."""
+    card = httpx.get(server.url + "/v1/models/auto-ok", timeout=10).json()
+    assert card["engine"] == "vllm"
+    for seed in range(2):
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "model": "auto-ok", "messages": [{"role": "user", "content": "The weather in Paris?"}],
+            "max_tokens": 120, "seed": seed, "temperature": 0.8,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA}}})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema_rs.validate(SCHEMA, json.loads(choice["message"]["content"]))
+
+
+def test_a_schema_vllm_cannot_enforce_is_a_400_naming_it(server: ServerProcess) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "nonsense"}}}
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "auto-ok", "messages": QUESTION, "max_tokens": 5,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "response_format.json_schema.schema"
+    assert "nonsense" in error["message"]
+    after = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "auto-ok", "messages": QUESTION, "max_tokens": 2, "ignore_eos": True})
+    assert after.status_code == 200  # nothing was admitted and left behind
+
+
+def test_a_required_tool_call_on_a_template_without_tools(server: ServerProcess) -> None:
+    """The tiny model's template knows no tools: vLLM constrains its answer to the tools envelope."""
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+        "model": "auto-ok", "messages": [{"role": "user", "content": "The weather in Paris?"}],
+        "max_tokens": 100, "tools": [WEATHER], "tool_choice": "required"})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    call = choice["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "get_weather"
+    assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
