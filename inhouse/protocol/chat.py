@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from inhouse.errors import ErrorCode, InhouseError
 from inhouse.protocol.common import LogprobEntry, SamplingFields, WireModel
+from inhouse.protocol.response_format import StructuredFields
 
 __all__ = ["ChatCompletionRequest", "ChatMessage", "chat_chunk", "chat_completion", "chat_logprobs"]
 
@@ -37,19 +38,7 @@ class NamedToolChoice(WireModel):
     function: FunctionName
 
 
-class JsonSchemaFormat(WireModel):
-    name: str = "response"
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
-    description: str | None = None
-
-
-class ResponseFormat(WireModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, StructuredFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
@@ -59,7 +48,6 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None  # legacy: tools
     function_call: Literal["auto", "none"] | FunctionName | None = None  # legacy: tool_choice
-    response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("tools")

@@ -8,11 +8,12 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 
 from inhouse.protocol.common import LogprobEntry, SamplingFields, TokenId
+from inhouse.protocol.response_format import StructuredFields
 
 __all__ = ["CompletionRequest", "completion", "completion_chunk", "completion_logprobs"]
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, StructuredFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False

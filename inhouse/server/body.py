@@ -99,7 +99,7 @@ def _param(loc: tuple[int | str, ...], data: object) -> str | None:
 def _describe(exc: ValidationError, data: object) -> InhouseError:
     first = exc.errors()[0]
     param = _param(tuple(first["loc"]), data)
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix on a validator's own message
     if first["type"] == "missing":
         message = f"'{param}' is a required property"
     else:

@@ -92,8 +92,7 @@ def chat_requests(body: ChatCompletionRequest, request_id: str) -> list[Generate
     messages = tuple(_message(m, i) for i, m in enumerate(body.messages))
     tools = body.tool_list()
     tool_choice = body.tool_choice_value()
-    response_format = body.response_format.model_dump(by_alias=True, exclude_none=True) if body.response_format \
-        else None
+    response_format = body.answer_format()
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise InhouseError(ErrorCode.INVALID_REQUEST, "top_logprobs requires logprobs to be true", param="top_logprobs")
@@ -114,6 +113,7 @@ def chat_requests(body: ChatCompletionRequest, request_id: str) -> list[Generate
 
 def completion_requests(body: CompletionRequest, request_id: str) -> list[GenerateRequest]:
     wants = body.logprobs is not None
+    response_format = body.answer_format()
     out = []
     for p, prompt in enumerate(body.prompts()):
         for i in range(body.n):
@@ -123,6 +123,7 @@ def completion_requests(body: CompletionRequest, request_id: str) -> list[Genera
                     request_id=f"{request_id}-{index}",
                     sampling=_sampling(body, wants, body.logprobs or 0, index),
                     prompt=prompt,
+                    response_format=response_format,
                 )
             )
     return out
