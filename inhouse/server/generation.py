@@ -25,7 +25,7 @@ from inhouse.server.convert import images_in
 from inhouse.server.disconnect import or_disconnect
 from inhouse.server.operations import GENERATION, generator, require
 
-__all__ = ["ChoiceResult", "Parsers", "collect", "merged", "route", "total_usage"]
+__all__ = ["ChoiceResult", "Parsers", "audit_text", "collect", "merged", "route", "total_usage"]
 
 # per choice: a function a choice's deltas pass through (a parser), or None
 Parsers = Sequence[Callable[[Delta], Delta] | None]
@@ -55,6 +55,11 @@ class ChoiceResult:
             self.finish_reason = delta.finish_reason
             self.usage = delta.usage
 
+    def audit_text(self) -> str:
+        calls = [ToolCallDelta(i, name=c["function"]["name"] or "?", arguments=c["function"]["arguments"])
+                 for i, c in enumerate(self.tool_calls)]
+        return audit_text(self.text, calls)
+
     def _add_call(self, piece: ToolCallDelta) -> None:
         if piece.index >= len(self.tool_calls):
             self.tool_calls.append({"id": piece.id or "", "type": "function",
@@ -65,6 +70,12 @@ class ChoiceResult:
         if piece.name:
             call["function"]["name"] = piece.name
         call["function"]["arguments"] += piece.arguments
+
+
+def audit_text(text: str, calls: Sequence[ToolCallDelta] | None) -> str:
+    """An answer's text as the audit log keeps it: the content, then each tool call on its own line as
+    ``[call <name>] <arguments>``.  Pieces of a streamed call add up to the line of the whole call."""
+    return text + "".join((f"\n[call {c.name}] " if c.name else "") + c.arguments for c in calls or ())
 
 
 def total_usage(usages: Sequence[Usage], prompt_of: Callable[[Sequence[Usage]], int]) -> Usage:

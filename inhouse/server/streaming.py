@@ -21,7 +21,7 @@ from inhouse.engine.base import Delta, Generation, Usage
 from inhouse.errors import ErrorCode, InhouseError
 from inhouse.protocol.common import usage
 from inhouse.server.call import Call
-from inhouse.server.generation import Parsers, merged, total_usage
+from inhouse.server.generation import Parsers, audit_text, merged, total_usage
 from inhouse.server.sinks import audit_unavailable
 from inhouse.server.sse import DONE, event
 
@@ -64,7 +64,7 @@ async def _events(generations: list[Generation], prompt_of: Callable[[Sequence[U
             async for index, delta in deltas:
                 counted[index] += delta.token_count
                 if call is not None:
-                    call.output(delta.text, delta.token_count)
+                    call.output(audit_text(delta.text, delta.tool_calls), delta.token_count)
                 if delta.reasoning and (delta.text or delta.tool_calls or delta.finish_reason is not None):
                     yield event(render.chunk([render.choice(index, Delta(reasoning=delta.reasoning))], None))
                     delta = dataclasses.replace(delta, reasoning="")

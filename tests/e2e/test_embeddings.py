@@ -19,7 +19,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.e2e.helpers import admin_client, assert_error, keyed_server, new_key
+from tests.e2e.helpers import admin_client, assert_error, keyed_server, new_key, stream
 from tests.process import ADMIN_KEY, ServerProcess, free_port
 
 MINILM = "all-minilm-l6-v2"
@@ -36,6 +36,7 @@ SENTENCES = [
 QUERY = "How do I reset my password?"
 PARAPHRASE = "What are the steps to change a forgotten password?"
 UNRELATED = "The factory's conveyor belt needs new bearings every six months."
+CALL = 'Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, tiny_embed
 audit: {{text: full}}
 models:
   - {{name: {CHAT}, engine: fake}}
+  - {{name: caller, engine: fake, tool_parser: hermes, fake_reply: '{CALL}'}}
   - {{name: {MINILM}, engine: sentence-transformers, path: "builtin:all-minilm-l6-v2", batch_wait_ms: 50}}
   - {{name: {RERANKER}, engine: sentence-transformers, path: "{tiny_cross_encoder_dir}"}}
   - {{name: {STRICT}, engine: sentence-transformers, path: "{tiny_embedder_dir}", truncate: false,
@@ -277,6 +279,20 @@ def test_keys_scope_limits_and_audit_cover_embeddings(server: ServerProcess) -> 
         assert len(done) == 1 and done[0]["path"] == "/v1/embeddings" and done[0]["prompt_tokens"] == 62
         assert done[0]["model"] == MINILM and done[0]["request_id"] == first.headers["x-request-id"]
         assert done[0]["completion_tokens"] == 0 and "token token" in (done[0]["prompt_text"] or "")
+
+
+def test_the_audit_text_of_an_answer_has_its_tool_calls(server: ServerProcess, http: httpx.Client) -> None:
+    """A call's audit row keeps what the model decided: the content and each tool call with its arguments (they
+    were missing: only the content was kept), the same whether the answer was streamed or not."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    body = {"model": "caller", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [tool]}
+    blocking = http.post("/v1/chat/completions", json=body)
+    streamed = stream(http, "/v1/chat/completions", {**body, "stream": True})
+    assert blocking.status_code == 200 and streamed.done
+    with admin_client(server) as admin:
+        rows = {r["request_id"]: r for r in admin.get("/admin/audit", params={"limit": 20}).json()["data"]}
+    for request_id in (blocking.headers["x-request-id"], streamed.headers["x-request-id"]):
+        assert rows[request_id]["response_text"] == 'Checking.\n[call get_weather] {"city": "Paris"}'
 
 
 # ----------------------------------------------------------------------------------------------- gateway

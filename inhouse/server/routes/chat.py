@@ -114,7 +114,7 @@ async def chat_completions(request: Request) -> Response:
     results = await collect(generations, request, parsers)
     totals = total_usage([r.usage for r in results if r.usage is not None], _one_prompt)
     if call is not None:
-        call.output("".join(r.text for r in results), totals.completion_tokens)
+        call.output("".join(r.audit_text() for r in results), totals.completion_tokens)
         call.used(totals, results[0].finish_reason)
     choices = [
         {"index": i, "message": _message(r, legacy), "logprobs": chat_logprobs(r.logprobs),
