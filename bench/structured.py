@@ -213,6 +213,8 @@ def compile_times(model: Path, count: int) -> dict[str, Any]:
     """``Grammars.constraint()`` in this process on SmolLM2's tokenizer: fresh schemas, then the same again."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from inhouse.engine.answer_schema import answer_schema
+    from inhouse.engine.base import GenerateRequest, SamplingParams
     from inhouse.engine.local.grammar import Grammars
 
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -229,7 +231,9 @@ def compile_times(model: Path, count: int) -> dict[str, Any]:
         required = [f"title_{n}" if k == "title" else k for k in SCHEMA["required"]]
         return {**SCHEMA, "properties": props, "required": required}
 
-    formats = [response_format(variant(n), f"ticket_{n}") for n in range(count)]
+    formats = [answer_schema(GenerateRequest(f"c{n}", SamplingParams(), prompt="x",
+                                             response_format=response_format(variant(n), f"ticket_{n}")), None)
+               for n in range(count)]
     fresh, cached = [], []
     for rf in formats:
         t = time.perf_counter()

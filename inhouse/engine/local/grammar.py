@@ -1,26 +1,28 @@
-"""Constrained decoding for ``response_format``: a grammar per schema, a matcher per sequence, a mask per row.
+"""Constrained decoding: a grammar per answer schema, a matcher per sequence, a mask per row.
 
-Owns turning OpenAI's ``response_format`` into an llguidance grammar (compiled grammars cached by schema
-text; ``json_object`` is any JSON object), each constrained sequence's ``Constraint`` (its matcher), and
+Owns turning an answer's JSON schema (``inhouse.engine.answer_schema``: ``response_format``'s, or the tools
+envelope of a model whose template knows no tools) into an llguidance grammar (compiled grammars cached by
+schema text), each constrained sequence's ``Constraint`` (its matcher), and
 masking a batch's logits: a constrained row keeps only the tokens its grammar allows next (stop tokens only
 once the answer is complete); unconstrained rows are not touched, and a batch without constrained rows
 costs one scan of its rows.  A matcher in error masks its whole row to -inf, so the sampler fails that row
-alone.  Knows nothing about sampling, scheduling or requests beyond their ``response_format``.
+alone.  Knows nothing about sampling, scheduling or requests.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Sequence as Seq
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from inhouse.engine.answer_schema import AnswerSchema
 from inhouse.errors import ErrorCode, InhouseError
 
 if TYPE_CHECKING:
@@ -30,12 +32,9 @@ __all__ = ["ConstrainedSequence", "Constraint", "Grammars", "apply_constraints"]
 
 log = logging.getLogger("inhouse.engine")
 
-_SCHEMA_PARAM = "response_format.json_schema.schema"
-_ANY_OBJECT = '{"type": "object"}'
 # compact JSON: a model may not pad the answer with endless whitespace
 _JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
 _CACHED_GRAMMARS = 256
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class Constraint:
@@ -67,7 +66,7 @@ class ConstrainedSequence(Protocol):
 
 
 class Grammars:
-    """The model's grammar compiler: response_format → grammar text (cached) → a fresh Constraint."""
+    """The model's grammar compiler: an answer schema → grammar text (cached) → a fresh Constraint."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_ids: frozenset[int]) -> None:
         self._tokenizer: llguidance.LLTokenizer | None = None
@@ -81,40 +80,35 @@ class Grammars:
         """False when the tokenizer is not one llguidance reads (a slow tokenizer): response_format is a 400."""
         return self._tokenizer is not None
 
-    def constraint(self, response_format: dict[str, Any] | None) -> Constraint | None:
-        """The Constraint a request's ``response_format`` asks for (None: free text), or a 400.
+    def constraint(self, schema: AnswerSchema | None) -> Constraint | None:
+        """A fresh Constraint for an answer that must follow ``schema`` (None: free text), or a 400 naming the
+        request field the schema came from.
 
         Compiles on the caller's thread (a new schema takes milliseconds; call it off the event loop)."""
-        kind = (response_format or {}).get("type", "text")
-        if kind == "text":
+        if schema is None:
             return None
         if self._tokenizer is None:
             raise InhouseError(ErrorCode.INVALID_REQUEST, "this model's tokenizer cannot enforce response_format",
-                               param="response_format")
-        if kind == "json_object":
-            schema_text = _ANY_OBJECT
-        else:
-            schema = ((response_format or {}).get("json_schema") or {}).get("schema", {})
-            if not isinstance(schema, dict):
-                raise InhouseError(ErrorCode.INVALID_REQUEST, "the schema must be a JSON object", param=_SCHEMA_PARAM)
-            schema_text = json.dumps(schema, separators=(",", ":"))  # key order is the answer's order
-        matcher = llguidance.LLMatcher(self._tokenizer, self._compile(schema_text), log_level=0)
+                               param=schema.param.split(".")[0])
+        matcher = llguidance.LLMatcher(self._tokenizer, self._compile(schema.text, schema.param), log_level=0)
         if matcher.is_error():  # validated when compiled, so only a limit this matcher hit on its own
-            raise InhouseError(ErrorCode.INVALID_REQUEST,
-                               f"response_format's JSON schema cannot be enforced: {matcher.get_error()[:300]}",
-                               param=_SCHEMA_PARAM)
+            raise _refused(schema.param, matcher.get_error())
         return Constraint(matcher)
 
-    def _compile_schema(self, schema_text: str) -> str:
+    def _compile_schema(self, schema_text: str, param: str) -> str:
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_text, defaults=_JSON_OPTIONS)
             error = llguidance.LLMatcher.validate_grammar(grammar, self._tokenizer)
         except (ValueError, TypeError) as exc:
             error = str(exc)
         if error:
-            raise InhouseError(ErrorCode.INVALID_REQUEST,
-                               f"response_format's JSON schema cannot be enforced: {error[:300]}", param=_SCHEMA_PARAM)
+            raise _refused(param, error)
         return grammar
+
+
+def _refused(param: str, error: str) -> InhouseError:
+    what = "the tools' parameters" if param == "tools" else "response_format's JSON schema"
+    return InhouseError(ErrorCode.INVALID_REQUEST, f"{what} cannot be enforced: {error[:300]}", param=param)
 
 
 @torch.inference_mode()  # the runner's logits are inference tensors: masked in place, no copy
@@ -133,7 +127,10 @@ def apply_constraints(logits: torch.Tensor, seqs: Seq[ConstrainedSequence]) -> t
         except Exception:  # this row gets nothing allowed: the sampler fails it alone
             log.exception("the grammar mask of row %d failed", i)
             bitmask[k].zero_()
-    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(len(rows), -1)[:, :vocab].bool()
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+    # the bits as booleans (numpy unpacks ten times faster than shifts in torch), each row masked in place
+    allowed = torch.from_numpy(np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, count=vocab,
+                                             bitorder="little").view(np.bool_))
+    banned = ~allowed.to(logits.device)
+    for k, i in enumerate(rows):
+        logits[i].masked_fill_(banned[k], float("-inf"))
     return logits
