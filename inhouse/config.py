@@ -112,7 +112,7 @@ class _Weights(_OnDevice):
     chat_template: str | None = None
     # how tool calls and thinking are read from the model's text: auto picks by the chat template (a template
     # that renders <tool_call> → hermes, <think> → think); none turns it off
-    tool_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral"] = "auto"
+    tool_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral", "constrained_json"] = "auto"
     reasoning_parser: Literal["auto", "none", "think"] = "auto"
 
 

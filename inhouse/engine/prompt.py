@@ -12,7 +12,8 @@ releases the GIL while it works: long prompts are tokenized in worker threads si
 lock that would queue every request behind the longest one.
 
 Also reads, from the chat template, how the model writes tool calls and thinking (``tool_parser`` and
-``reasoning_parser``, the names the server's parsers go by), unless the config named them.
+``reasoning_parser``, the names the server's parsers go by), unless the config named them; a template that
+shows no tools gets ``constrained_json`` on an engine that can enforce it (``inhouse.engine.tool_prompt``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any
 from jinja2 import TemplateError
 
 from inhouse.engine.admission import context_exceeded
+from inhouse.engine.answer_schema import CONSTRAINED_JSON
 from inhouse.engine.base import TEXT, Capability, GenerateRequest
+from inhouse.engine.tool_prompt import tool_messages
 from inhouse.errors import ErrorCode, InhouseError
 
 __all__ = ["RESERVED_TEMPLATE_ARGS", "PromptBuilder", "detect_reasoning_parser", "detect_tool_parser"]
@@ -66,9 +69,11 @@ def detect_reasoning_parser(template: str, generation_prompt: str) -> str | None
 
 class PromptBuilder:
     def __init__(self, tokenizer: Any, vocab_size: int, window: int, tool_parser: str = "none",
-                 reasoning_parser: str = "none") -> None:
+                 reasoning_parser: str = "none", can_constrain: bool = False) -> None:
         """``tool_parser``/``reasoning_parser`` as configured: a parser's name, ``auto`` (read from the chat
-        template) or ``none``."""
+        template) or ``none``.  ``can_constrain``: the engine enforces an answer schema, so a chat template that
+        knows no tools still gets them (``constrained_json``: described in the system turn, the answer held to the
+        tools envelope)."""
         self._tok = tokenizer
         self._vocab_size = vocab_size
         self._window = window
@@ -85,6 +90,10 @@ class PromptBuilder:
             self._units_per_token *= _NORMALIZE_MARGIN
         template = self._template_text()
         self.tool_parser = detect_tool_parser(template) if tool_parser == "auto" else _named(tool_parser)
+        if tool_parser == "auto" and self.tool_parser is None:
+            self.tool_parser = CONSTRAINED_JSON
+        if self.tool_parser == CONSTRAINED_JSON and not can_constrain:
+            self.tool_parser = None
         self.reasoning_parser = _named(reasoning_parser)
         if reasoning_parser in ("auto", "think") and template:
             found = detect_reasoning_parser(template if reasoning_parser == "auto" else "<think>",
@@ -172,10 +181,13 @@ class PromptBuilder:
             raise InhouseError(ErrorCode.INVALID_REQUEST,
                                f"chat_template_kwargs may not set '{reserved[0]}': the server sets it",
                                param=f"chat_template_kwargs.{reserved[0]}")
+        messages, tools = list(request.messages or ()), request.tools if request.tool_choice != "none" else None
+        if tools and self.tool_parser == CONSTRAINED_JSON:  # a template without tools: the tools are in the turns
+            messages, tools = tool_messages(request), None
         try:
             text: str = self._tok.apply_chat_template(
-                list(request.messages or ()),
-                tools=list(request.tools) if request.tools and request.tool_choice != "none" else None,
+                messages,
+                tools=list(tools) if tools else None,
                 add_generation_prompt=True,
                 tokenize=False,
                 **request.chat_template_kwargs,

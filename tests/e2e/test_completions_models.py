@@ -60,9 +60,8 @@ def test_models_list_and_get(http: httpx.Client, prefix: str) -> None:
     card = next(m for m in listing["data"] if m["id"] == TINY)
     assert card["object"] == "model"
     assert card["max_model_len"] == 512
-    # the transformers engine enforces response_format (constrained decoding); the vLLM engine does not yet
-    enforced = ["json_schema"] if card["engine"] == "transformers" else []
-    assert card["capabilities"] == ["chat", "completion", *enforced]
+    # both engines enforce response_format, and so offer tools even though the tiny model's template has none
+    assert card["capabilities"] == ["chat", "completion", "json_schema", "tools"]
     one = http.get(f"{prefix}/models/{TINY}")
     assert one.status_code == 200 and one.json()["id"] == TINY
     assert_error(http.get(prefix + "/models/nope"), 404, "model_not_found", "model")

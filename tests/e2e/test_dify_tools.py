@@ -173,3 +173,16 @@ def test_legacy_function_call_mode_reads_the_call(dify: Dify, server: ServerProc
     only shape Dify's function_call mode reads.  They were answered with ``tool_calls``, and the call was lost."""
     result = legacy_run(dify, server, streamed)
     assert_one_weather_call(result, legacy=True)
+
+
+@MODES
+def test_the_default_model_runs_difys_agent_round_trip(dify: Dify, smol_server: ServerProcess, streamed: bool) -> None:
+    """The embedded SmolLM2, whose template knows no tools, through Dify's function-calling agent: the first turn is
+    a get_weather call for Paris, the second (the call and its result sent back) a plain answer, not the call again."""
+    result = dify.ok("tools-round-trip", smol_server.url + "/v1", "smollm2-135m-instruct", "--prompt", ASK,
+                     *(["--stream"] if streamed else []))
+    assert_one_weather_call(result["first"])
+    assert result["first"]["text"] == ""  # the envelope's JSON never reaches Dify as text
+    assert result["tool_calls"] == [] and result["text"].strip()
+    assert not result["text"].lstrip().startswith("{")
+    assert [w["status"] for w in result["wire"]] == [200, 200]

@@ -117,3 +117,69 @@ def test_eight_concurrent_streams_share_the_model(smol_server: ServerProcess, ht
     assert all(r["completion_tokens"] == 48 and r["finish"] == "length" for r in results), results
     assert all(r["content_events"] >= 1 for r in results), results
     assert peak >= 6, f"only {peak} sequences ran at once"
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_the_default_model_calls_a_tool_its_template_does_not_know(smol_server: ServerProcess) -> None:
+    """SmolLM2's template has no tools: they are described in the system turn and the answer is held to the tools
+    envelope by constrained decoding, so under ``tool_choice: auto`` the model calls get_weather for Paris."""
+    with openai.OpenAI(base_url=smol_server.url + "/v1", api_key="x", max_retries=0) as client:
+        r = client.chat.completions.create(model=SMOL, messages=PARIS, tools=[WEATHER_TOOL],  # type: ignore[list-item]
+                                           temperature=0, max_tokens=60)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 1 and calls[0].type == "function" and calls[0].id.startswith("call_")
+    assert calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+
+
+def test_the_default_models_tool_call_streams_in_openais_framing(http: httpx.Client) -> None:
+    body = {"model": SMOL, "messages": PARIS, "tools": [WEATHER_TOOL], "temperature": 0, "max_tokens": 60,
+            "stream": True}
+    result = stream(http, "/v1/chat/completions", body)
+    assert result.status == 200 and result.done
+    assert result.text == ""  # none of the envelope's JSON leaks into content
+    pieces = [p for e in result.events for c in e["choices"] for p in c["delta"].get("tool_calls", ())]
+    first, rest = pieces[0], pieces[1:]
+    assert first["index"] == 0 and first["id"].startswith("call_") and first["type"] == "function"
+    assert first["function"]["name"] == "get_weather"
+    assert rest and all(set(p) == {"index", "function"} and set(p["function"]) == {"arguments"} for p in rest)
+    arguments = first["function"].get("arguments", "") + "".join(p["function"]["arguments"] for p in rest)
+    assert json.loads(arguments) == {"city": "Paris"}
+    assert result.finish_reasons == ["tool_calls"]
+
+
+def test_after_the_tool_answers_the_default_model_answers_in_text(http: httpx.Client) -> None:
+    """The agent's second turn: the call and its result are rendered as turns the template knows, get_weather is not
+    offered again right after its result (a small model would repeat its call), and the answer is plain text."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [*PARIS, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature_c": 18, "sky": "sunny"}'}]
+    for streamed in (False, True):
+        body = {"model": SMOL, "messages": messages, "tools": [WEATHER_TOOL], "temperature": 0, "max_tokens": 60}
+        if streamed:
+            result = stream(http, "/v1/chat/completions", {**body, "stream": True})
+            text, finish = result.text, result.finish_reasons[-1]
+            assert not any(c["delta"].get("tool_calls") for e in result.events for c in e["choices"])
+        else:
+            message = http.post("/v1/chat/completions", json=body).json()["choices"][0]
+            text, finish = message["message"]["content"], message["finish_reason"]
+            assert "tool_calls" not in message["message"]
+        assert finish == "stop" and text.strip() and not text.lstrip().startswith("{")
+
+
+def test_a_required_call_names_the_tool_even_for_small_talk(http: httpx.Client) -> None:
+    body = {"model": SMOL, "messages": [{"role": "user", "content": "Hello!"}], "tools": [WEATHER_TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "temperature": 0,
+            "max_tokens": 60}
+    choice = http.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    arguments = json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"])
+    assert set(arguments) == {"city"} and isinstance(arguments["city"], str)

@@ -17,6 +17,7 @@ import torch
 
 from inhouse.config import LocalSpec
 from inhouse.engine.admission import AdmissionGate, check_ready, completion_budget
+from inhouse.engine.answer_schema import answer_schema
 from inhouse.engine.base import Capability, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.attention import register
@@ -77,9 +78,9 @@ class LocalEngine:
             raise
         vocab_size = loaded.model.get_input_embeddings().num_embeddings
         self._loaded = loaded
-        self._prompts = PromptBuilder(loaded.tokenizer, vocab_size, loaded.context_length, self.spec.tool_parser,
-                                      self.spec.reasoning_parser)
         self._grammars = await asyncio.to_thread(Grammars, loaded.tokenizer, vocab_size, loaded.stop_ids)
+        self._prompts = PromptBuilder(loaded.tokenizer, vocab_size, loaded.context_length, self.spec.tool_parser,
+                                      self.spec.reasoning_parser, can_constrain=self._grammars.available)
         capabilities = self._prompts.capabilities
         if Capability.CHAT in capabilities and self._grammars.available:
             capabilities |= {Capability.JSON_SCHEMA}
@@ -148,11 +149,12 @@ class LocalEngine:
     # ---- admission helpers ----------------------------------------------------------------
 
     async def _constraints(self, requests: Seq[GenerateRequest]) -> list[Constraint | None]:
-        """Each request's response_format grammar (None: free text); compiled off the event loop, or a 400."""
+        """Each request's answer grammar (None: free text); compiled off the event loop, or a 400."""
         grammars = self._grammars
-        if grammars is None or all(r.response_format is None for r in requests):
+        schemas = [answer_schema(r, self._info.tool_parser) for r in requests]
+        if grammars is None or all(s is None for s in schemas):
             return [None] * len(requests)
-        return await asyncio.to_thread(lambda: [grammars.constraint(r.response_format) for r in requests])
+        return await asyncio.to_thread(lambda: [grammars.constraint(s) for s in schemas])
 
     def _check_ready(self) -> None:
         check_ready(self.spec.name, EngineState.CLOSED if self._closing else self._state)

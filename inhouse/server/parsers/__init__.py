@@ -10,8 +10,10 @@ usage and finish reason (a choice that called a tool finishes with ``"tool_calls
 from __future__ import annotations
 
 from inhouse.server.parsers.choice import ChoiceParser, choice_parser
+from inhouse.server.parsers.envelope import EnvelopeParser
 from inhouse.server.parsers.hermes import HermesParser
 from inhouse.server.parsers.json_calls import Llama3JsonParser, MistralParser
 from inhouse.server.parsers.think import ThinkParser
 
-__all__ = ["ChoiceParser", "HermesParser", "Llama3JsonParser", "MistralParser", "ThinkParser", "choice_parser"]
+__all__ = ["ChoiceParser", "EnvelopeParser", "HermesParser", "Llama3JsonParser", "MistralParser", "ThinkParser",
+           "choice_parser"]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from inhouse.engine.answer_schema import CONSTRAINED_JSON
 from inhouse.engine.base import Delta, EngineInfo, GenerateRequest, ToolCallDelta
+from inhouse.server.parsers.envelope import EnvelopeParser
 from inhouse.server.parsers.hermes import HermesParser
 from inhouse.server.parsers.json_calls import Llama3JsonParser, MistralParser
 from inhouse.server.parsers.think import ThinkParser
@@ -33,8 +35,9 @@ class ToolParser(Protocol):
     def finish(self) -> tuple[str, list[ToolCallDelta]]: ...
 
 
-_TOOL_PARSERS: dict[str, type[HermesParser] | type[Llama3JsonParser] | type[MistralParser]] = {
+_TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser,
+    CONSTRAINED_JSON: EnvelopeParser,
 }
 
 

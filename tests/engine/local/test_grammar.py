@@ -16,6 +16,7 @@ import jsonschema_rs
 import pytest
 
 from inhouse.config import TransformersSpec
+from inhouse.engine.answer_schema import CONSTRAINED_JSON, answer_schema
 from inhouse.engine.base import Capability, GenerateRequest, Generation, SamplingParams
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -23,6 +24,7 @@ from inhouse.engine.local.engine import LocalEngine
 from inhouse.engine.local.grammar import Constraint
 from inhouse.engine.local.sequence import Sequence
 from inhouse.errors import ErrorCode, InhouseError
+from inhouse.server.parsers.envelope import EnvelopeParser
 
 HI = ({"role": "user", "content": "hello"},)
 TOKENS = 24
@@ -185,3 +187,115 @@ async def test_a_broken_constraint_fails_its_row_alone(engine: LocalEngine) -> N
         await answer(generations[3])
     assert failed.value.code is ErrorCode.ENGINE_ERROR
     assert await idle(engine)
+
+
+# ---- the tools envelope of a template that knows no tools (the tiny ChatML template) ------------------------
+
+LOOKUP: dict[str, Any] = {"type": "function", "function": {"name": "lookup", "parameters": {
+    "type": "object", "properties": {"key": {"enum": ["a", "b"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["key", "n"]}}}
+PING: dict[str, Any] = {"type": "function", "function": {"name": "ping"}}
+
+
+def tools_request(name: str, seed: int, tools: tuple[dict[str, Any], ...] = (LOOKUP, PING),
+                  tool_choice: str | None = None, parallel: bool | None = None, max_tokens: int = 60,
+                  response_format: dict[str, Any] | None = None) -> GenerateRequest:
+    return GenerateRequest(name, SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=seed), messages=HI,
+                           tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel,
+                           response_format=response_format)
+
+
+def read_envelope(text: str) -> tuple[str, list[tuple[str, str]], int]:
+    """(content, [(name, arguments)], closed calls) as the constrained_json parser reads the answer."""
+    parser = EnvelopeParser()
+    content, pieces = parser.feed(text)
+    more, more_pieces = parser.finish()
+    calls: dict[int, tuple[str, str]] = {}
+    for piece in pieces + more_pieces:
+        name, arguments = calls.get(piece.index, (piece.name or "", ""))
+        calls[piece.index] = (name, arguments + piece.arguments)
+    return content + more, [calls[i] for i in sorted(calls)], parser.calls
+
+
+async def test_the_tiny_template_gets_the_tools_envelope(engine: LocalEngine) -> None:
+    assert engine.info.tool_parser == CONSTRAINED_JSON
+    assert Capability.TOOLS in engine.info.capabilities
+
+
+@pytest.mark.parametrize("tool_choice", [None, "required"])
+@pytest.mark.parametrize("parallel", [None, True])
+async def test_the_tools_envelope_compiles(engine: LocalEngine, tool_choice: str | None,
+                                          parallel: bool | None) -> None:
+    assert engine._grammars is not None
+    schema = answer_schema(tools_request("s", 0, tool_choice=tool_choice, parallel=parallel), CONSTRAINED_JSON)
+    assert schema is not None and schema.param == "tools"
+    assert isinstance(engine._grammars.constraint(schema), Constraint)
+
+
+async def test_a_constrained_call_reads_back_as_a_call(engine: LocalEngine) -> None:
+    requests = [tools_request(f"call-{seed}", seed, tools=(LOOKUP,), tool_choice="required") for seed in range(3)]
+    for text, finish, _ in await submit_together(engine, requests):
+        assert finish == "stop", text
+        assert list(json.loads(text)) == ["lookup"]
+        content, calls, closed = read_envelope(text)
+        assert (content, closed, [name for name, _ in calls]) == ("", 1, ["lookup"]), text
+        arguments = json.loads(calls[0][1])
+        assert arguments["key"] in ("a", "b") and 0 <= arguments["n"] <= 9 and set(arguments) == {"key", "n"}
+
+
+async def test_constrained_answers_under_auto_are_whole_envelopes(engine: LocalEngine) -> None:
+    """With a bounded content (a response_format) and bounded calls, every answer completes within its tokens."""
+    requests = [tools_request(f"auto-{seed}", seed, tools=(LOOKUP,), response_format=schema_format(FLAGS))
+                for seed in range(6)]
+    schema = answer_schema(requests[0], CONSTRAINED_JSON)
+    assert schema is not None
+    envelope = json.loads(schema.text)
+    for text, finish, _ in await submit_together(engine, requests):
+        assert finish == "stop", text
+        answer = json.loads(text)
+        jsonschema_rs.validate(envelope, answer)
+        content, calls, closed = read_envelope(text)
+        if "content" in answer:
+            assert (json.loads(content), calls, closed) == (answer["content"], [], 0), text
+        else:
+            [(name, arguments)] = answer.items()
+            assert (content, calls, closed) == ("", [(name, json.dumps(arguments, separators=(",", ":")))], 1)
+
+
+async def test_cut_answers_read_back_as_far_as_they_got(engine: LocalEngine) -> None:
+    """A free content string or a parallel list of calls runs out of tokens: what was read so far is kept."""
+    requests = [tools_request(f"cut-{seed}", seed, parallel=seed % 2 == 0 or None, max_tokens=16) for seed in range(4)]
+    for text, finish, _ in await submit_together(engine, requests):
+        content, calls, closed = read_envelope(text)
+        assert finish in ("stop", "length"), text
+        if text.startswith('{"content":"'):
+            assert calls == [] and content and text.startswith('{"content":"' + content[:1]), text
+        else:
+            assert text.startswith(("[{", '{"lookup":', '{"ping":')) and calls, text
+            assert {name for name, _ in calls} <= {"lookup", "ping"}, text
+            assert closed in (len(calls), len(calls) - 1), text  # only the last call may be cut
+            for _, arguments in calls[:closed]:
+                assert isinstance(json.loads(arguments), dict), text
+
+
+async def test_a_tool_llguidance_cannot_enforce_is_a_400_on_tools(engine: LocalEngine) -> None:
+    assert await idle(engine)
+    bad = {"type": "function", "function": {"name": "odd", "parameters": {
+        "type": "object", "properties": {"a": {"type": "nonsense"}}}}}
+    with pytest.raises(InhouseError) as refused:
+        await engine.submit([free(0), tools_request("bad", 0, tools=(LOOKUP, bad))])
+    assert refused.value.code is ErrorCode.INVALID_REQUEST and refused.value.status == 400
+    assert refused.value.param == "tools"
+    assert engine._gate.in_progress == 0
+    assert engine._grammars is not None
+    with pytest.raises(InhouseError) as direct:
+        engine._grammars.constraint(answer_schema(tools_request("bad", 0, tools=(bad,)), CONSTRAINED_JSON))
+    assert direct.value.param == "tools"
+
+
+async def test_a_tool_named_content_is_a_400_at_submit(engine: LocalEngine) -> None:
+    assert await idle(engine)
+    content = {"type": "function", "function": {"name": "content"}}
+    with pytest.raises(InhouseError) as refused:
+        await engine.submit([tools_request("content", 0, tools=(content,))])
+    assert refused.value.param == "tools" and engine._gate.in_progress == 0
