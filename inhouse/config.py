@@ -35,6 +35,7 @@ __all__ = [
     "ExtraModels",
     "FakeSpec",
     "LocalSpec",
+    "MetricsSettings",
     "ModelSpec",
     "RoutingSettings",
     "SamplingDefaults",
@@ -261,6 +262,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "inhouse"
 
 
+class MetricsSettings(_Frozen):
+    """What ``/metrics`` labels calls with, beyond model and deployment."""
+
+    key_names: bool = False  # true: the API key's name as a label (one series per key: mind the cardinality)
+
+
 class RoutingSettings(_Frozen):
     """How requests find a working deployment: retries, circuit breaker, health checks."""
 
@@ -297,6 +304,7 @@ class Settings(_Frozen):
     key_cache_seconds: float = Field(default=2.0, ge=0)
     metrics_public: bool = True
     audit: AuditSettings = AuditSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @property
     def database(self) -> str:

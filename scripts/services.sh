@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Makes sure PostgreSQL and Redis server binaries are installed (Debian packages), for the test suite,
-# which starts its own throwaway servers on loopback. Idempotent: installs nothing when both are there.
+# which starts its own throwaway servers on loopback, and promtool (Debian's prometheus package), which
+# checks deploy/prometheus. Idempotent: installs nothing when all are there.
 set -euo pipefail
 
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
 have_redis() { command -v redis-server >/dev/null 2>&1; }
+have_promtool() { command -v promtool >/dev/null 2>&1; }
 
 missing=()
 have_pg || missing+=(postgresql)
 have_redis || missing+=(redis-server)
+have_promtool || missing+=(prometheus)
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
@@ -23,4 +26,5 @@ apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
 # the packages start system-wide services; the tests run their own servers, so stop these
 (service redis-server stop || true) >/dev/null 2>&1
 (service postgresql stop || true) >/dev/null 2>&1
-have_pg && have_redis
+(service prometheus stop || true) >/dev/null 2>&1
+have_pg && have_redis && have_promtool

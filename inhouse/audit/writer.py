@@ -82,6 +82,10 @@ class AuditWriter:
         self._queue.put(pending)
         await pending.future  # if the caller is cancelled the row is still written; nobody waits for it
 
+    def queued(self) -> int:
+        """Rows handed to the writer and not taken into a transaction yet (the audit backlog)."""
+        return self._queue.qsize()
+
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
         if self._started:

@@ -177,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     from inhouse.gateway.health import HealthMonitor
     from inhouse.gateway.registry import ModelRegistry
     from inhouse.gateway.router import Router
+    from inhouse.metrics import Metrics
     from inhouse.server import create_app
 
     try:
@@ -185,8 +186,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"inhouse: {exc}", file=sys.stderr)
         return 2
     registry = ModelRegistry.of((spec, build_engine(spec, settings.cache_dir)) for spec in settings.models)
-    router = Router(registry, settings.routing)
-    app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access)
+    metrics = Metrics(settings.metrics)
+    router = Router(registry, settings.routing, metrics)
+    app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access, metrics)
     for spec in settings.models:
         logging.getLogger("inhouse").info("serving %s from %s (engine %s)", spec.name, _source(spec), spec.engine)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,

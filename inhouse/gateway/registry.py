@@ -108,6 +108,7 @@ class ModelRegistry:
         self._drain_seconds = drain_seconds
         self._engines: dict[int, _Held] = {}  # id(engine) → the engine and its start; until it is closed
         self._load_errors: dict[int, str] = {}  # id(engine) → why it failed to start
+        self._load_seconds: dict[int, float] = {}  # id(engine) → how long its start took (loaded ones)
 
     @classmethod
     def of(cls, pairs: Iterable[tuple[ModelSpec, Engine]], drain_seconds: float = 30.0) -> ModelRegistry:
@@ -201,6 +202,7 @@ class ModelRegistry:
             log.exception("model %s failed to load", deployment.name)
             self._load_errors[id(deployment.engine)] = "the model failed to load; the reason is in the server log"
             return
+        self._load_seconds[id(deployment.engine)] = time.monotonic() - started
         log.info("model %s (%s) loaded in %.1f s", deployment.name, deployment.label, time.monotonic() - started)
 
     async def _retire(self, old: list[Deployment], drain_seconds: float) -> None:
@@ -224,6 +226,7 @@ class ModelRegistry:
         if held is None:
             return
         self._load_errors.pop(id(engine), None)
+        self._load_seconds.pop(id(engine), None)
         held.start.cancel()
         try:
             await engine.close()
@@ -233,6 +236,10 @@ class ModelRegistry:
     def load_error(self, deployment: Deployment) -> str | None:
         """Why a deployment failed to load, in words meant for the operator, or None."""
         return self._load_errors.get(id(deployment.engine))
+
+    def load_seconds(self, deployment: Deployment) -> float | None:
+        """How long the deployment's engine took to load, once it has."""
+        return self._load_seconds.get(id(deployment.engine))
 
     async def wait_loaded(self) -> None:
         await asyncio.gather(*(held.start for held in list(self._engines.values())), return_exceptions=True)

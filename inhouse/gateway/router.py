@@ -20,15 +20,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from inhouse.config import RoutingSettings
 from inhouse.errors import ErrorCode, InhouseError
 from inhouse.gateway.registry import Deployment, ModelRegistry, RouteState
 
-__all__ = ["Attempt", "Routed", "Router"]
+__all__ = ["Attempt", "Routed", "Router", "RouterEvents"]
 
 T = TypeVar("T")
 
@@ -41,6 +42,35 @@ log = logging.getLogger("inhouse.router")
 _DEPLOYMENT_FAULTS = {ErrorCode.UPSTREAM_UNAVAILABLE}
 _TRY_ELSEWHERE = {ErrorCode.UPSTREAM_UNAVAILABLE, ErrorCode.QUEUE_FULL, ErrorCode.MODEL_LOADING,
                   ErrorCode.MODEL_UNAVAILABLE}
+
+
+class RouterEvents(Protocol):
+    """What the router tells whoever counts (the metrics): each a cheap, synchronous call."""
+
+    def retried(self, model: str, deployment: str, code: ErrorCode) -> None:
+        """A try of ``deployment`` failed with ``code`` and the router looks elsewhere."""
+
+    def fell_back(self, model: str, fallback: str) -> None:
+        """Every deployment of ``model`` failed; ``fallback`` answered."""
+
+    def circuit_opened(self, model: str, deployment: str) -> None: ...
+
+    def admitted(self, model: str, waited_seconds: float) -> None:
+        """A deployment admitted the call ``waited_seconds`` after the router took it."""
+
+
+class _NoEvents:
+    def retried(self, model: str, deployment: str, code: ErrorCode) -> None:
+        pass
+
+    def fell_back(self, model: str, fallback: str) -> None:
+        pass
+
+    def circuit_opened(self, model: str, deployment: str) -> None:
+        pass
+
+    def admitted(self, model: str, waited_seconds: float) -> None:
+        pass
 
 
 class _InFlight:
@@ -75,24 +105,28 @@ class Routed(Generic[T]):
 
 
 class Router:
-    def __init__(self, registry: ModelRegistry, routing: RoutingSettings) -> None:
+    def __init__(self, registry: ModelRegistry, routing: RoutingSettings, events: RouterEvents | None = None) -> None:
         self._registry = registry
         self._routing = routing
+        self._events: RouterEvents = events or _NoEvents()
 
     async def call(self, model: str, attempt: Attempt[T]) -> Routed[T]:
         """Run ``attempt`` on a deployment of ``model`` (or of its fallbacks), retrying before the first byte.
         The caller must ``release()`` the answer once the operation's work is over."""
         first = self._registry.deployments(model)  # 404 for an unknown model, before anything else
         errors: list[InhouseError] = []
+        started = time.monotonic()
         for name in (model, *first[0].spec.fallbacks):
-            routed = await self._try_model(name, attempt, errors)
+            routed = await self._try_model(name, attempt, errors, started)
             if routed is not None:
                 if name != model:
                     log.warning("model %s: every deployment failed; answered by fallback %s", model, name)
+                    self._events.fell_back(model, name)
                 return routed
         raise _exhausted(model, errors)
 
-    async def _try_model(self, name: str, attempt: Attempt[T], errors: list[InhouseError]) -> Routed[T] | None:
+    async def _try_model(self, name: str, attempt: Attempt[T], errors: list[InhouseError],
+                         started: float) -> Routed[T] | None:
         tried: set[str] = set()
         for retry in range(1 + self._routing.retries):
             deployments = self._registry.find(name)  # the current set: a replace may have swapped it (or emptied it)
@@ -101,14 +135,16 @@ class Router:
                 return None
             tried.add(deployment.label)
             try:
-                return await self._attempt(deployment, attempt)
+                return await self._attempt(deployment, attempt, started)
             except InhouseError as exc:
                 if exc.code not in _TRY_ELSEWHERE:
                     raise
                 errors.append(exc)
+                self._events.retried(name, deployment.label, exc.code)
                 if exc.code in _DEPLOYMENT_FAULTS:
                     r = self._routing
                     if deployment.route.failed(r.circuit_failures, r.circuit_window_seconds, r.cooldown_seconds):
+                        self._events.circuit_opened(name, deployment.label)
                         log.warning("deployment %s of %s: circuit open for %.0f s after repeated failures",
                                     deployment.label, name, r.cooldown_seconds)
                 elif all(d.label in tried for d in deployments):
@@ -130,9 +166,10 @@ class Router:
                 return chosen
         return None
 
-    async def _attempt(self, deployment: Deployment, attempt: Attempt[T]) -> Routed[T]:
+    async def _attempt(self, deployment: Deployment, attempt: Attempt[T], started: float) -> Routed[T]:
         """Counted in flight from here; a failed attempt ends its count, a successful one hands it to the caller."""
         in_flight = _InFlight(deployment.route)
+        waited = time.monotonic() - started
         try:
             result = await attempt(deployment)
         except BaseException as exc:
@@ -143,6 +180,7 @@ class Router:
                 deployment.route.probing = False
             raise
         deployment.route.succeeded()
+        self._events.admitted(deployment.name, waited)
         return Routed(deployment, result, in_flight)
 
 

@@ -13,6 +13,7 @@ from inhouse.config import Settings
 from inhouse.gateway.health import HealthMonitor
 from inhouse.gateway.registry import ModelRegistry
 from inhouse.gateway.router import Router
+from inhouse.metrics import GpuCollector, LiveCollector, Metrics
 from inhouse.server.access import AccessMiddleware, AccessParts
 from inhouse.server.context import ServerContext
 from inhouse.server.errors import EXCEPTION_HANDLERS
@@ -22,9 +23,10 @@ from inhouse.server.routes.chat import chat_completions
 from inhouse.server.routes.completions import completions
 from inhouse.server.routes.embeddings import embeddings
 from inhouse.server.routes.health import health, ready
+from inhouse.server.routes.metrics import metrics_route
 from inhouse.server.routes.models import get_model, list_models
 from inhouse.server.routes.rerank import rerank
-from inhouse.server.sinks import sinks_for
+from inhouse.server.sinks import MetricsSink, RouteTemplates, sinks_for
 
 __all__ = ["create_app"]
 
@@ -57,10 +59,12 @@ def _routes() -> list[Route]:
 
 
 def create_app(settings: Settings, registry: ModelRegistry, router: Router, health: HealthMonitor,
-               access: AccessParts | None = None) -> Starlette:
+               access: AccessParts | None = None, metrics: Metrics | None = None) -> Starlette:
     """The app over already-built parts; its lifespan starts them (loading, health checks, audit) and closes
-    them.  Without ``access`` (or with its parts None): no keys, an in-memory limiter, no audit log."""
+    them.  Without ``access`` (or with its parts None): no keys, an in-memory limiter, no audit log.  Without
+    ``metrics``, a fresh set (the router then reports no retries or fallbacks: pass the one it was built with)."""
     access = access or AccessParts()
+    metrics = metrics or Metrics(settings.metrics)
     keys, limiter, audit = access.keys, access.limiter, access.audit
 
     @contextlib.asynccontextmanager
@@ -79,9 +83,16 @@ def create_app(settings: Settings, registry: ModelRegistry, router: Router, heal
                 audit.close()
 
     public = {"/health", "/ready", OPENAPI_PATH} | ({"/metrics"} if settings.metrics_public else set())
-    middleware = Middleware(AccessMiddleware, keys=keys, limiter=limiter, sinks=sinks_for(audit),
+    routes = [*_routes(), openapi_route(build_openapi(settings.models[0].name if settings.models else None)),
+              metrics_route(metrics)]
+    metrics.register(LiveCollector(registry, audit))
+    gpus = GpuCollector()
+    if gpus.present:
+        metrics.register(gpus)
+    metrics.expect(registry.all())
+    counting = MetricsSink(metrics, RouteTemplates(r.path for r in routes), lambda name: bool(registry.find(name)))
+    middleware = Middleware(AccessMiddleware, keys=keys, limiter=limiter, sinks=sinks_for(audit, counting, metrics),
                             public_paths=frozenset(public), keep_text=settings.audit.text != "off")
-    routes = [*_routes(), openapi_route(build_openapi(settings.models[0].name if settings.models else None))]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
                     middleware=[middleware])
     app.state.inhouse = ServerContext(settings=settings, registry=registry, router=router,
