@@ -83,7 +83,8 @@ def create_app(settings: Settings, registry: ModelRegistry, router: Router, heal
                 audit.close()
 
     public = {"/health", "/ready", OPENAPI_PATH} | ({"/metrics"} if settings.metrics_public else set())
-    routes = [*_routes(), openapi_route(build_openapi(settings.models[0].name if settings.models else None)),
+    routes = [*_routes(), openapi_route(build_openapi(settings.models[0].name if settings.models else None,
+                                                      settings.metrics_public)),
               metrics_route(metrics)]
     metrics.register(LiveCollector(registry, audit))
     gpus = GpuCollector()

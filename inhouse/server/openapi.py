@@ -221,12 +221,25 @@ def _components(ops: list[_Op]) -> dict[str, Any]:
     }
 
 
-def build_openapi(example_model: str | None = None) -> dict[str, Any]:
+def _metrics_operation(public: bool) -> dict[str, Any]:
+    """``GET /metrics``: Prometheus text; a key's errors only when it needs one (``metrics_public: false``)."""
+    op = _Op("get", "/metrics", "metrics", "Prometheus metrics (text format 0.0.4)", "health", {}, () if public
+             else (E.INVALID_API_KEY, E.RATE_LIMITED, E.QUOTA_EXCEEDED, E.AUDIT_UNAVAILABLE, E.INTERNAL),
+             public=public)
+    doc = _operation(op, None)
+    doc["responses"]["200"] = {"description": "every inhouse_* metric (docs/metrics.md)",
+                               "headers": _headers("x-request-id", *(() if public else _RATE_HEADERS)),
+                               "content": {"text/plain": {"schema": {"type": "string"}}}}
+    return doc
+
+
+def build_openapi(example_model: str | None = None, metrics_public: bool = True) -> dict[str, Any]:
     """The whole document; ``example_model`` (a served model's name) fills the request examples."""
     ops = _operations()
     paths: dict[str, dict[str, Any]] = defaultdict(dict)
     for op in ops:
         paths[op.path][op.method] = _operation(op, example_model)
+    paths["/metrics"]["get"] = _metrics_operation(metrics_public)
     paths[OPENAPI_PATH]["get"] = {
         "operationId": "openapi", "summary": "This document", "tags": ["health"], "security": [],
         "responses": {"200": {"description": "OpenAPI 3.1", "headers": _headers("x-request-id"),
@@ -235,9 +248,10 @@ def build_openapi(example_model: str | None = None) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "inhouse", "version": __version__,
-                 "description": "OpenAI-compatible API for your own models. Every route except /health, /ready "
-                                "and /openapi.json needs an API key (Authorization: Bearer ih-...), unless the "
-                                "server runs with auth: none. Every path under /v1 is also served without /v1."},
+                 "description": "OpenAI-compatible API for your own models. Every route except /health, /ready, "
+                                "/openapi.json and (unless metrics_public: false) /metrics needs an API key "
+                                "(Authorization: Bearer ih-...), unless the server runs with auth: none. Every path "
+                                "under /v1 is also served without /v1."},
         "paths": dict(paths),
         "components": _components(ops),
     }

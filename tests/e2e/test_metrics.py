@@ -103,6 +103,9 @@ def get(samples: Samples, name: str, **labels: str) -> float:
 
 def test_scraping_needs_a_key_when_metrics_are_not_public(server: ServerProcess) -> None:
     assert_error(httpx.get(server.url + "/metrics", timeout=30), 401, "invalid_api_key")
+    document = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    operation = document["paths"]["/metrics"]["get"]
+    assert {"bearer": []} in operation["security"] and "401" in operation["responses"]
 
 
 def test_counters_match_the_calls_sent(samples: Samples, traffic: dict[str, Any]) -> None:
