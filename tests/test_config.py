@@ -106,7 +106,7 @@ def test_bad_config_is_explained(tmp_path: Path, text: str, fragment: str) -> No
 def test_metrics_key_names_is_off_unless_set(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path, "port: 9001\n")).metrics.key_names is False
     assert load_settings(write(tmp_path, "metrics: {key_names: true}\n")).metrics.key_names is True
-    with pytest.raises(ConfigError, match="metrics.key_name"):
+    with pytest.raises(ConfigError, match=r"metrics\.key_name"):
         load_settings(write(tmp_path, "metrics: {key_name: true}\n"))
 
 

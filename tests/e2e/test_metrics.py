@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ models:
   - {{name: echo, path: unused, engine: fake, fake_reply: "one two three four five", fake_token_delay: 0.005,
      fallbacks: [backup]}}
   - {{name: backup, path: unused, engine: fake}}
+  - {{name: slow, path: unused, engine: fake, fake_token_delay: 0.05,
+     fake_reply: "{' '.join(['word'] * 200)}"}}
   - {{name: emb, path: "{tiny_embedder_dir}", engine: sentence-transformers}}
 """
     with keyed_server(tmp_path_factory.mktemp("metrics"), config, cache_dir, logs_dir / "metrics.log") as s:
@@ -161,6 +164,27 @@ def test_labels_are_bounded_and_no_secret_appears(scrape: str, samples: Samples,
     for name, labels in samples:
         assert name.startswith("inhouse_"), name
         assert {k for k, _ in labels} <= LABELS, (name, labels)
+
+
+def test_a_client_that_leaves_mid_stream_is_a_cancellation(server: ServerProcess, traffic: dict[str, Any]) -> None:
+    headers = {"Authorization": f"Bearer {traffic['key']}"}
+    body = {"model": "slow", "messages": HI, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers, timeout=30) as answer:
+        assert answer.status_code == 200
+        next(answer.iter_lines())  # the first event, then the client hangs up
+    slow = (("deployment", "slow"), ("model", "slow"))
+    deadline, seen = time.monotonic() + 60, None
+    while time.monotonic() < deadline:
+        text = httpx.get(server.url + "/metrics", headers=headers, timeout=30).text
+        found = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                 for family in text_string_to_metric_families(text) for s in family.samples}
+        seen = found.get(("inhouse_cancellations_total", slow))
+        if seen == 1:
+            break
+        time.sleep(0.2)
+    assert seen == 1
+    assert get(found, "inhouse_requests_total", route="/v1/chat/completions", status="499",
+               code="client_disconnected", model="slow", deployment="slow") == 1
 
 
 def test_promtool_accepts_the_scrape_config_and_the_alert_rules() -> None:
