@@ -48,7 +48,7 @@ class RouterEvents(Protocol):
     """What the router tells whoever counts (the metrics): each a cheap, synchronous call."""
 
     def retried(self, model: str, deployment: str, code: ErrorCode) -> None:
-        """A try of ``deployment`` failed with ``code`` and the router looks elsewhere."""
+        """A try of ``deployment`` failed with ``code`` and the router is trying again (there or elsewhere)."""
 
     def fell_back(self, model: str, fallback: str) -> None:
         """Every deployment of ``model`` failed; ``fallback`` answered."""
@@ -128,11 +128,14 @@ class Router:
     async def _try_model(self, name: str, attempt: Attempt[T], errors: list[InhouseError],
                          started: float) -> Routed[T] | None:
         tried: set[str] = set()
+        failed: tuple[str, ErrorCode] | None = None  # the try before this one, which failed
         for retry in range(1 + self._routing.retries):
             deployments = self._registry.find(name)  # the current set: a replace may have swapped it (or emptied it)
             deployment = self._pick(deployments, tried)
             if deployment is None:
                 return None
+            if failed is not None:
+                self._events.retried(name, *failed)
             tried.add(deployment.label)
             try:
                 return await self._attempt(deployment, attempt, started)
@@ -140,7 +143,7 @@ class Router:
                 if exc.code not in _TRY_ELSEWHERE:
                     raise
                 errors.append(exc)
-                self._events.retried(name, deployment.label, exc.code)
+                failed = (deployment.label, exc.code)
                 if exc.code in _DEPLOYMENT_FAULTS:
                     r = self._routing
                     if deployment.route.failed(r.circuit_failures, r.circuit_window_seconds, r.cooldown_seconds):

@@ -74,8 +74,8 @@ class Metrics:
         self.rejections = Counter("inhouse_rejections", "429s by reason: rate_limit_exceeded (rpm, tpm, "
                                   "concurrency), insufficient_quota (token budget), queue_full (the engine)",
                                   ("reason", "model"), registry=r)
-        self.retries = Counter("inhouse_retries", "tries of a deployment that failed and were tried again "
-                               "elsewhere, by the error", ("model", "deployment", "code"), registry=r)
+        self.retries = Counter("inhouse_retries", "retries before the first byte: the deployment and error of "
+                               "the try that failed", ("model", "deployment", "code"), registry=r)
         self.fallbacks = Counter("inhouse_fallbacks", "calls answered by a fallback model after every "
                                  "deployment of the asked one failed", ("model", "fallback"), registry=r)
         self.circuit_opens = Counter("inhouse_circuit_opens", "times a deployment's circuit breaker opened",

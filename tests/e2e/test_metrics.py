@@ -27,8 +27,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.e2e.helpers import admin_client, assert_error, keyed_server, new_key
 from tests.process import ADMIN_KEY, REPO, ServerProcess
 
-pytestmark = pytest.mark.slow
-
 HI = [{"role": "user", "content": "hi"}]
 DEPLOY = REPO / "deploy"
 LABELS = {"model", "deployment", "route", "status", "code", "reason", "fallback", "state", "le"}

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inhouse.audit.record import AuditRecord
 from inhouse.config import MetricsSettings, RoutingSettings
-from inhouse.errors import ErrorCode
+from inhouse.errors import ErrorCode, InhouseError
 from inhouse.gateway.router import Router
 from inhouse.metrics import Metrics
-from tests.gateway.test_router import admit, always_down, gateway, spec, text_of
+from tests.gateway.test_router import _Scripted, admit, always_down, gateway, scripted, spec, text_of
 
 
 def record(**fields: object) -> AuditRecord:
@@ -101,8 +102,34 @@ async def test_the_router_reports_retries_circuits_fallbacks_and_queue_time(tmp_
     assert routed.model == "backup"
     assert await text_of(routed.result[0])
     routed.release()
-    assert value(metrics, "inhouse_retries_total", model="main", deployment="a", code="upstream_unavailable") == 2
+    # a fails twice: the second try is the one retry (after it the circuit opens and the fallback answers)
+    assert value(metrics, "inhouse_retries_total", model="main", deployment="a", code="upstream_unavailable") == 1
     assert value(metrics, "inhouse_circuit_opens_total", model="main", deployment="a") == 1
     assert value(metrics, "inhouse_fallbacks_total", model="main", fallback="backup") == 1
     assert value(metrics, "inhouse_queue_seconds_count", model="backup") == 1
+    await registry.close()
+
+
+async def test_a_retry_on_another_deployment_is_counted_once_and_a_lone_full_engine_is_no_retry(
+        tmp_path: Path) -> None:
+    full = InhouseError(ErrorCode.QUEUE_FULL, "full")
+    specs = [spec("main", "a"), spec("main", "b"), spec("alone")]
+    _, registry = await gateway(tmp_path, specs, {"a": always_down(),
+                                                  "alone": lambda s: _Scripted(s, [full], forever=True)})
+    metrics = Metrics(process=False)
+    metrics.expect(registry.all())
+    router = Router(registry, RoutingSettings(retries=2, backoff_seconds=0, circuit_failures=100), metrics)
+    for _ in range(100):  # the pick is random among idle deployments: call until a was tried first
+        (await admit(router, "main")).release()
+        if scripted(registry, "a").submits >= 2:
+            break
+    assert scripted(registry, "a").submits >= 2
+    # every try of a failed and was retried on b
+    assert value(metrics, "inhouse_retries_total", model="main", deployment="a",
+                 code="upstream_unavailable") == scripted(registry, "a").submits
+    with pytest.raises(InhouseError):
+        await admit(router, "alone")
+    assert value(metrics, "inhouse_retries_total", model="alone", deployment="alone", code="queue_full") is None
+    assert value(metrics, "inhouse_retries_total", model="alone", deployment="alone",
+                 code="upstream_unavailable") == 0
     await registry.close()
