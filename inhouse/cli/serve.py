@@ -203,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access)
     for spec in settings.models:
         logging.getLogger("inhouse").info("serving %s from %s (engine %s)", spec.name, _source(spec), spec.engine)
+    if settings.tls_client_ca is not None:
+        logging.getLogger("inhouse").info("mTLS: clients need a certificate signed by %s", settings.tls_client_ca)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=5, **tls)
     return 0
