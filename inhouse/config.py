@@ -21,7 +21,9 @@ from pydantic import (
     Tag,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -193,10 +195,24 @@ class UpstreamSpec(_ModelBase):
     # rerank request shape: jina (Jina/Cohere: query + documents → results[].relevance_score; vLLM, Xinference,
     # llama.cpp, another inhouse) or tei (Hugging Face text-embeddings-inference: query + texts → [{index, score}])
     rerank_api: Literal["jina", "tei"] = "jina"
+    # TLS to an https:// upstream: the CA bundle that signed its certificate (default: the system's), and this
+    # server's client certificate and key for an upstream that requires one (mTLS); PEM files
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None  # default: the key is in the client_cert file
 
     @property
     def deployment_label(self) -> str:
         return self.deployment or self.base_url
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> UpstreamSpec:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("client_key needs client_cert (the certificate it belongs to)")
+        tls = [k for k in ("ca_file", "client_cert", "client_key") if getattr(self, k) is not None]
+        if tls and not self.base_url.lower().startswith("https://"):
+            raise ValueError(f"{', '.join(tls)}: only for an https:// base_url, not {self.base_url}")
+        return self
 
 
 def _engine_of(value: object) -> str:
@@ -305,6 +321,11 @@ class Settings(_Frozen):
     metrics_public: bool = True
     audit: AuditSettings = AuditSettings()
     metrics: MetricsSettings = MetricsSettings()
+    # HTTPS (PEM files): the server's certificate (chain) and key; with tls_client_ca, every client must present
+    # a certificate that CA signed (mTLS), and its subject goes into the audit row
+    tls_cert: Path | None = None
+    tls_key: Path | None = None  # default: the key is in the tls_cert file
+    tls_client_ca: Path | None = None
 
     @property
     def database(self) -> str:
@@ -327,6 +348,13 @@ class Settings(_Frozen):
             if unknown:
                 raise ValueError(f"model {m.name!r}: fallbacks {unknown} are not other configured models")
         return models
+
+    @field_validator("tls_key", "tls_client_ca")
+    @classmethod
+    def _tls_needs_a_certificate(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("tls_cert") is None:
+            raise ValueError("needs tls_cert (--tls-cert): the server's certificate")
+        return value
 
 
 def _read_yaml(path: Path) -> dict[str, object]:
@@ -397,6 +425,9 @@ def load_settings(
     models = data["models"]
     if isinstance(models, list):
         data["models"] = [_resolve_paths(m, base_dir) for m in models]
+    for key in _TLS_FILES:  # relative to the config file (the CLI passes absolute paths)
+        if isinstance(data.get(key), str):
+            data[key] = str((base_dir / Path(str(data[key])).expanduser()).resolve())
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
@@ -432,6 +463,10 @@ def _with_extra(models: list[object], extra: ExtraModels) -> list[object]:
     return models
 
 
+_TLS_FILES = ("tls_cert", "tls_key", "tls_client_ca")
+_UPSTREAM_TLS_FILES = ("ca_file", "client_cert", "client_key")
+
+
 def _resolve_paths(model: object, base_dir: Path) -> object:
     """Relative model and template paths in a config file are relative to that file."""
     if not isinstance(model, dict):
@@ -440,6 +475,9 @@ def _resolve_paths(model: object, base_dir: Path) -> object:
     path = out.get("path")
     if isinstance(path, str) and path and not path.startswith("builtin:"):
         out["path"] = str((base_dir / Path(path).expanduser()).resolve())
+    for key in _UPSTREAM_TLS_FILES:
+        if isinstance(out.get(key), str) and out[key]:
+            out[key] = str((base_dir / Path(str(out[key])).expanduser()).resolve())
     template = out.get("chat_template")
     if isinstance(template, str) and "{" not in template:
         candidate = (base_dir / Path(template).expanduser()).resolve()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,11 +29,12 @@ class ServerProcess:
 
     def __init__(self, args: list[str], cache_dir: Path, log_path: Path, ready_timeout: float = 180.0,
                  env: dict[str, str] | None = None, python: str = sys.executable, auth: bool = False,
-                 state_dir: Path | None = None, cwd: Path = REPO) -> None:
+                 state_dir: Path | None = None, cwd: Path = REPO, tls: ssl.SSLContext | None = None) -> None:
         """``auth`` False runs the server with ``--auth none`` (tests of other features); True needs keys,
         with ``ADMIN_KEY`` as the bootstrap admin.  State (SQLite, audit log) goes to ``state_dir``, by default
         a fresh directory beside the log.  ``cwd`` is the checkout whose ``inhouse`` runs (benchmarks compare
-        another revision)."""
+        another revision).  ``tls``: the server serves HTTPS (its args say how) and this context (trusting its
+        CA, with a client certificate when it asks for one) checks it is ready."""
         self.python = python
         self.auth = auth
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="state-", dir=log_path.parent))
@@ -43,11 +45,12 @@ class ServerProcess:
         self.ready_timeout = ready_timeout
         self.env = env or {}
         self.cwd = cwd
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, wait_ready: bool = True) -> ServerProcess:
         env = {**os.environ, "INHOUSE_CACHE_DIR": str(self.cache_dir), "INHOUSE_STATE_DIR": str(self.state_dir),
@@ -67,9 +70,9 @@ class ServerProcess:
     def wait_ready(self) -> None:
         """Until ``/ready`` answers 200: every model loaded.  A model that failed to load fails this at once."""
         def ready() -> bool:
-            if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+            if self._get("/ready").status_code == 200:
                 return True
-            failed = {name: m.get("error") for name, m in httpx.get(self.url + "/health", timeout=2).json()[
+            failed = {name: m.get("error") for name, m in self._get("/health").json()[
                 "models"].items() if m["state"] == "failed"}
             if failed:
                 raise RuntimeError(f"models failed to load: {failed}; log: {self.log_path}\n{self.log()}")
@@ -80,10 +83,13 @@ class ServerProcess:
     def wait_settled(self) -> None:
         """Until no model is still loading (for servers where some models are expected to fail)."""
         def settled() -> bool:
-            models = httpx.get(self.url + "/health", timeout=2).json()["models"]
+            models = self._get("/health").json()["models"]
             return all(m["state"] != "loading" for m in models.values())
 
         self._wait_until(settled, "models still loading")
+
+    def _get(self, path: str) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=2, verify=self.tls or True)
 
     def _wait_until(self, condition: Callable[[], bool], failure: str) -> None:
         deadline = time.monotonic() + self.ready_timeout

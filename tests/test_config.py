@@ -129,3 +129,30 @@ def test_an_option_of_another_engine_is_refused_by_name() -> None:
     spec = model_spec(name="e", engine="upstream", base_url="http://x/v1")
     assert isinstance(spec, UpstreamSpec) and spec.deployment_label == "http://x/v1"
     assert model_spec(name="f", path="/m").engine == "auto"  # the default kind
+
+
+def test_tls_files_are_relative_to_the_config_file_and_checked_together(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, """
+tls_cert: certs/server.pem
+tls_key: certs/server.key
+tls_client_ca: /etc/ca.pem
+models:
+  - {name: up, engine: upstream, base_url: "https://fleet:8443/v1", ca_file: ca.pem, client_cert: gw.pem,
+     client_key: gw.key}
+"""))
+    assert settings.tls_cert == tmp_path / "certs" / "server.pem" and settings.tls_key == tmp_path / "certs/server.key"
+    assert settings.tls_client_ca == Path("/etc/ca.pem")
+    up = settings.models[0]
+    assert isinstance(up, UpstreamSpec)
+    assert (up.ca_file, up.client_cert, up.client_key) == (str(tmp_path / "ca.pem"), str(tmp_path / "gw.pem"),
+                                                           str(tmp_path / "gw.key"))
+    with pytest.raises(ConfigError, match="tls_client_ca: Value error, needs tls_cert"):
+        load_settings(overrides={"tls_client_ca": "/etc/ca.pem"})
+    with pytest.raises(ConfigError, match="tls_key: Value error, needs tls_cert"):
+        load_settings(overrides={"tls_key": "/etc/k.pem"})
+    with pytest.raises(ConfigError, match=r"models\.0: .*ca_file, client_cert: only for an https:// base_url"):
+        load_settings(overrides={"models": [{"name": "u", "engine": "upstream", "base_url": "http://fleet/v1",
+                                             "ca_file": "/ca.pem", "client_cert": "/c.pem"}]})
+    with pytest.raises(ConfigError, match="client_key needs client_cert"):
+        load_settings(overrides={"models": [{"name": "u", "engine": "upstream", "base_url": "https://fleet/v1",
+                                             "client_key": "/k.pem"}]})

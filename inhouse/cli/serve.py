@@ -61,6 +61,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="the API key for NAME's upstream")
     p.add_argument("--fallback", action="append", default=[], metavar="NAME=OTHER",
                    help="when every deployment of NAME fails, answer with OTHER (repeatable, in order)")
+    p.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve HTTPS with this certificate (PEM, chain "
+                   "included)")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="the private key of --tls-cert (PEM; default: in the "
+                   "--tls-cert file)")
+    p.add_argument("--tls-client-ca", type=Path, metavar="FILE", help="require client certificates signed by this CA "
+                   "(mTLS); the audit log records each one's subject")
     p.set_defaults(run=run)
 
 
@@ -79,6 +85,8 @@ def build_settings(args: argparse.Namespace) -> Settings:
         "redis_url": args.redis_url,
         "database_url": args.database_url,
         "state_dir": args.state_dir,
+        **{key: getattr(args, key).expanduser().resolve() for key in ("tls_cert", "tls_key", "tls_client_ca")
+           if getattr(args, key) is not None},
     }
     model_flags = {key: getattr(args, key) for key in _MODEL_FLAGS if getattr(args, key) is not None}
     if args.config is not None:
@@ -179,20 +187,28 @@ def run(args: argparse.Namespace) -> int:
     from inhouse.gateway.router import Router
     from inhouse.metrics import Metrics
     from inhouse.server import create_app
+    from inhouse.server.tls import server_tls
 
     try:
+        tls = server_tls(settings)  # unreadable certificate files are refused before anything opens
         access = open_access(settings)
-    except StateError as exc:
+    except (ConfigError, StateError) as exc:
         print(f"inhouse: {exc}", file=sys.stderr)
         return 2
-    registry = ModelRegistry.of((spec, build_engine(spec, settings.cache_dir)) for spec in settings.models)
+    try:
+        registry = ModelRegistry.of((spec, build_engine(spec, settings.cache_dir)) for spec in settings.models)
+    except ConfigError as exc:
+        print(f"inhouse: {exc}", file=sys.stderr)
+        return 2
     metrics = Metrics(settings.metrics)
     router = Router(registry, settings.routing, metrics)
     app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access, metrics)
     for spec in settings.models:
         logging.getLogger("inhouse").info("serving %s from %s (engine %s)", spec.name, _source(spec), spec.engine)
+    if settings.tls_client_ca is not None:
+        logging.getLogger("inhouse").info("mTLS: clients need a certificate signed by %s", settings.tls_client_ca)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, **tls)
     return 0
 
 

@@ -62,6 +62,7 @@ from inhouse.engine.upstream_encoders import (
     read_rerank,
     rerank_body,
 )
+from inhouse.engine.upstream_tls import tls_hint, upstream_ssl_context
 from inhouse.errors import ErrorCode, InhouseError
 
 __all__ = ["UpstreamEngine", "UpstreamUnavailableError"]
@@ -90,6 +91,7 @@ class UpstreamEngine:
         self._running = 0
         self._tasks: dict[str, asyncio.Task[Delta | InhouseError]] = {}
         self._capabilities = frozenset(_CAPABILITIES[name] for name in spec.capabilities)
+        self._ssl = upstream_ssl_context(spec)  # once: every connection and health check of this upstream shares it
 
     @property
     def info(self) -> EngineInfo:
@@ -102,7 +104,8 @@ class UpstreamEngine:
         return self._state
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.spec.max_num_seqs + self.spec.max_waiting, keepalive_timeout=60)
+        connector = aiohttp.TCPConnector(limit=self.spec.max_num_seqs + self.spec.max_waiting, keepalive_timeout=60,
+                                         ssl=self._ssl if self._ssl is not None else True)
         headers = {"Authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
         self._session = aiohttp.ClientSession(connector=connector, headers=headers, auto_decompress=True)
         self._state = EngineState.READY
@@ -139,7 +142,7 @@ class UpstreamEngine:
         except TimeoutError:
             return f"no answer within {timeout:g} s (health_timeout_seconds)"
         except (aiohttp.ClientError, OSError) as exc:
-            return f"the upstream is unreachable ({type(exc).__name__})"
+            return f"the upstream is unreachable ({type(exc).__name__}){tls_hint(self.spec, exc)}"
 
     async def submit(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
         """Each choice is its own upstream request, sent in turn; all are admitted or none (the admitted ones
@@ -211,7 +214,7 @@ class UpstreamEngine:
             raise UpstreamUnavailableError(f"upstream {label} {what}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailableError(f"upstream {label} is unreachable or broke off "
-                                           f"({type(exc).__name__})") from None
+                                           f"({type(exc).__name__}){tls_hint(spec, exc)}") from None
         except Exception as exc:  # anything else the upstream made us trip on: still only this attempt failed
             log.error("upstream %s: POST %s failed: %s: %.200s", label, path, type(exc).__name__, exc)
             raise UpstreamUnavailableError(f"upstream {label} sent an answer that could not be read") from None
@@ -260,7 +263,8 @@ class UpstreamEngine:
             raise UpstreamUnavailableError(f"upstream {label} did not answer within "
                                            f"{self._first_token_text()}") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnavailableError(f"upstream {label} is unreachable ({type(exc).__name__})") from None
+            raise UpstreamUnavailableError(f"upstream {label} is unreachable ({type(exc).__name__})"
+                                           f"{tls_hint(spec, exc)}") from None
 
     async def _first_token(self, response: aiohttp.ClientResponse, relay: Relay) -> tuple[_Events, Delta]:
         """Reads up to the first Delta: nothing has reached the client yet, so any failure is UpstreamUnavailable."""

@@ -363,6 +363,7 @@ class AuditRow(_Body):
     response_text: str | None
     prev_hash: str
     row_hash: str
+    client_subject: str | None = Field(default=None, description="the client certificate's subject (mTLS), RFC 4514")
 
 
 class AuditList(_Body):

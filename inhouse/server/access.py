@@ -31,6 +31,7 @@ from inhouse.keys.store import ApiKey, KeyStore
 from inhouse.server.call import Call, CallSink
 from inhouse.server.render import error_response
 from inhouse.server.sinks import audit_unavailable
+from inhouse.server.tls import client_subject
 from inhouse.storage.database import Database
 
 __all__ = ["AccessMiddleware", "AccessParts"]
@@ -73,7 +74,8 @@ class AccessMiddleware:
             return
         client = scope.get("client")
         record = AuditRecord(at=time.time(), request_id=request_id,
-                             method=scope["method"], path=scope["path"], client_ip=client[0] if client else None)
+                             method=scope["method"], path=scope["path"], client_ip=client[0] if client else None,
+                             client_subject=client_subject(scope))
         call = Call(record, self._sinks, keep_text=self._keep_text)
         scope.setdefault("state", {})["call"] = call
         admission: Admission | None = None

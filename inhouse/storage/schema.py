@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    inspect,
     text,
 )
 
@@ -75,6 +76,7 @@ audit_log = Table(
     Column("response_text", Text),
     Column("prev_hash", String(64), nullable=False),
     Column("row_hash", String(64), nullable=False),
+    Column("client_subject", String(500)),  # the client certificate's subject (mTLS); schema v3
 )
 
 # One row (id 1): the chain's last seq and hash.  Writers lock it, so replicas sharing one database
@@ -101,4 +103,10 @@ def _v2(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_inhouse_audit_key ON inhouse_audit_log (key_id, at)"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+def _v3(conn: Connection) -> None:
+    # _v1 creates the table from the Table above, so a database made by this version has the column already
+    if "client_subject" not in {c["name"] for c in inspect(conn).get_columns("inhouse_audit_log")}:
+        conn.execute(text("ALTER TABLE inhouse_audit_log ADD COLUMN client_subject VARCHAR(500)"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]

@@ -89,3 +89,62 @@ async def test_text_is_off_by_default_and_export_formats(db: Database) -> None:
     assert '"request_id": "req-1"' in jsonl
     csv_text = "".join(export(rows, "csv"))
     assert csv_text.splitlines()[0].startswith("seq,at,request_id") and "req-1" in csv_text
+
+
+def _hash_before_client_subject(prev: str, row: dict[str, object]) -> str:
+    """row_hash as it was before ``client_subject`` existed (schema 2), written out here on purpose."""
+    import hashlib
+    import json
+
+    fields = ("seq", "at", "request_id", "method", "path", "status", "latency_ms", "key_id", "key_name", "client_ip",
+              "model", "served_model", "deployment", "error_code", "prompt_tokens", "completion_tokens", "ttft_ms",
+              "stream", "finish_reason", "prompt_text", "response_text")
+    canonical = json.dumps({k: row.get(k) for k in fields}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256((prev + "\n" + canonical).encode("utf-8")).hexdigest()
+
+
+def test_a_row_without_a_client_subject_hashes_as_before_and_one_with_it_covers_it() -> None:
+    from inhouse.audit.record import row_hash
+
+    row = {**record(1).fields(), "seq": 7}
+    assert row["client_subject"] is None
+    assert row_hash("ab" * 32, row) == _hash_before_client_subject("ab" * 32, row)
+    signed = {**row, "client_subject": "CN=dify-prod,O=Bank"}
+    assert row_hash("ab" * 32, signed) != row_hash("ab" * 32, row)
+    assert row_hash("ab" * 32, signed) != row_hash("ab" * 32, {**signed, "client_subject": "CN=other,O=Bank"})
+
+
+async def test_a_log_written_before_client_subject_still_verifies_after_the_migration(database_url: str) -> None:
+    """A schema-2 database (no client_subject column) with rows chained the old way: migrated, it verifies, and
+    rows written after the migration (with a subject or without) extend the same chain."""
+    db = Database(database_url)
+    db.migrate()
+    writer = AuditWriter(db)
+    writer.start()
+    try:
+        await write_all(writer, [record(i) for i in range(3)])
+    finally:
+        writer.close()
+    with db.begin() as conn:
+        conn.execute(text("ALTER TABLE inhouse_audit_log DROP COLUMN client_subject"))
+        conn.execute(text("UPDATE inhouse_schema_version SET version = 2"))
+    db.close()
+    old = Database(database_url)
+    try:
+        assert old.migrate() == 3
+        assert verify(old).ok and verify(old).rows == 3
+        writer = AuditWriter(old)
+        writer.start()
+        try:
+            await writer.write(record(3, client_subject="CN=dify-prod,O=Bank"))
+            await writer.write(record(4))
+        finally:
+            writer.close()
+        assert verify(old).ok and verify(old).rows == 5
+        rows = search(old, limit=10, newest_first=False)
+        assert [r["client_subject"] for r in rows] == [None, None, None, "CN=dify-prod,O=Bank", None]
+        with old.begin() as conn:
+            conn.execute(text("UPDATE inhouse_audit_log SET client_subject = 'CN=mallory' WHERE seq = 4"))
+        assert not verify(old).ok and "row 4 was modified" in (verify(old).problem or "")
+    finally:
+        old.close()
