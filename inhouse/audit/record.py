@@ -36,6 +36,7 @@ class AuditRecord:
     finish_reason: str | None = None
     prompt_text: str | None = None
     response_text: str | None = None
+    model_version: str | None = None  # the version of the deployment that answered
 
     def fields(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _FIELDS}  # flat values: no deep copy like asdict()
@@ -43,9 +44,12 @@ class AuditRecord:
 
 _FIELDS = tuple(AuditRecord.__dataclass_fields__)
 HASHED_FIELDS = ("seq", *_FIELDS)
+# Fields added after rows were written: hashed only when set, so rows written before them still verify.
+_ADDED_FIELDS = frozenset({"model_version"})
 
 
 def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
-    canonical = json.dumps({k: row.get(k) for k in HASHED_FIELDS}, sort_keys=True, ensure_ascii=False,
-                           separators=(",", ":"))
+    canonical = json.dumps({k: row.get(k) for k in HASHED_FIELDS
+                            if k not in _ADDED_FIELDS or row.get(k) is not None},
+                           sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256((prev_hash + "\n" + canonical).encode("utf-8")).hexdigest()

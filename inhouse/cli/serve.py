@@ -177,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     from inhouse.gateway.health import HealthMonitor
     from inhouse.gateway.registry import ModelRegistry
     from inhouse.gateway.router import Router
+    from inhouse.gateway.swap import Swapper
     from inhouse.server import create_app
 
     try:
@@ -186,7 +187,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     registry = ModelRegistry.of((spec, build_engine(spec, settings.cache_dir)) for spec in settings.models)
     router = Router(registry, settings.routing)
-    app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access)
+    swapper = Swapper(registry, settings.swap, lambda spec: build_engine(spec, settings.cache_dir))
+    app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access,
+                     swapper=swapper, reload=(lambda: build_settings(args)) if args.config is not None else None)
     for spec in settings.models:
         logging.getLogger("inhouse").info("serving %s from %s (engine %s)", spec.name, _source(spec), spec.engine)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -95,7 +95,7 @@ class Router:
     async def _try_model(self, name: str, attempt: Attempt[T], errors: list[InhouseError]) -> Routed[T] | None:
         tried: set[str] = set()
         for retry in range(1 + self._routing.retries):
-            deployments = self._registry.find(name)  # the current set: a replace may have swapped it (or emptied it)
+            deployments = self._registry.serving(name)  # now: a replace may have swapped it, a canary share it
             deployment = self._pick(deployments, tried)
             if deployment is None:
                 return None

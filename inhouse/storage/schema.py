@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    inspect,
     text,
 )
 
@@ -75,6 +76,7 @@ audit_log = Table(
     Column("response_text", Text),
     Column("prev_hash", String(64), nullable=False),
     Column("row_hash", String(64), nullable=False),
+    Column("model_version", String(200)),  # the version that answered (migration _v3)
 )
 
 # One row (id 1): the chain's last seq and hash.  Writers lock it, so replicas sharing one database
@@ -101,4 +103,14 @@ def _v2(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_inhouse_audit_key ON inhouse_audit_log (key_id, at)"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+def _add_column(conn: Connection, table: str, column: str, sql_type: str) -> None:
+    """ALTER TABLE ... ADD COLUMN, unless _v1 already created the table with it (a new database)."""
+    if column not in {c["name"] for c in inspect(conn).get_columns(table)}:
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+
+
+def _v3(conn: Connection) -> None:
+    _add_column(conn, "inhouse_audit_log", "model_version", "VARCHAR(200)")
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
