@@ -243,7 +243,7 @@ def test_reload_and_sighup_apply_the_config_file_and_an_invalid_file_is_refused_
         load.wait(10)
         assert reloaded.returncode == 0, reloaded.stderr
         report = json.loads(reloaded.stdout)
-        assert (report["swapped"], report["added"]) == (["chat"], ["extra"])
+        assert "chat" in report["swapped"] and report["added"] == ["extra"], report
         assert version(server, "chat") == "v3"
         bad = yaml.safe_load(original)
         bad["models"][0]["fake_token_delay"] = "slow"
