@@ -263,3 +263,24 @@ def test_reload_and_sighup_apply_the_config_file_and_an_invalid_file_is_refused_
 
 def _names(server: ServerProcess) -> list[str]:
     return [m["id"] for m in httpx.get(f"{server.url}/v1/models", headers=ADMIN, timeout=10).json()["data"]]
+
+
+def test_the_swap_api_needs_an_admin_key_and_refuses_bad_bodies_in_openai_shape(server: ServerProcess) -> None:
+    url = f"{server.url}/admin/models/chat/swap"
+    assert httpx.post(url, json={"path": "/x"}, timeout=10).status_code == 401
+    made = httpx.post(f"{server.url}/admin/keys", json={"name": "app"}, headers=ADMIN, timeout=10).json()
+    user = {"Authorization": f"Bearer {made['secret']}"}
+    refused = httpx.post(url, json={"path": "/x"}, headers=user, timeout=10)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_required"
+    for body, param in (({"name": "other"}, "name"), ({"canary": 0.1}, None), ({"fake_token_delay": "x"}, None),
+                        ({"path": "/x", "canary": 2.0}, "canary")):
+        bad = httpx.post(url, json=body, headers=ADMIN, timeout=10)
+        assert bad.status_code == 400, bad.text
+        error = bad.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    missing = httpx.post(f"{server.url}/admin/models/nope/swap", json={"path": "/x"}, headers=ADMIN, timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    rollback = httpx.post(f"{server.url}/admin/models/extra-none/rollback", headers=ADMIN, timeout=10)
+    assert rollback.status_code == 404
+    bad_cli = cli(server, "models", "swap", "chat", "--canary", "150%")
+    assert bad_cli.returncode == 2 and "between 0% and 100%" in bad_cli.stderr
