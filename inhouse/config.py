@@ -43,6 +43,8 @@ __all__ = [
     "SamplingDefaults",
     "SentenceTransformersSpec",
     "Settings",
+    "SmokeCheck",
+    "SwapSettings",
     "TransformersSpec",
     "UpstreamSpec",
     "VllmSpec",
@@ -76,6 +78,15 @@ class SamplingDefaults(_Frozen):
     repetition_penalty: float | None = None
 
 
+class SmokeCheck(_Frozen):
+    """What a new version must answer before a swap sends it traffic (docs/swaps.md)."""
+
+    prompts: tuple[str, ...] = ("Say hello.",)
+    max_tokens: int = Field(default=8, ge=1)
+    max_latency_s: float = Field(default=60.0, gt=0)  # per prompt, from submit to the last token
+    expect: tuple[str, ...] = ()  # substrings every answer must contain
+
+
 class _ModelBase(_Frozen):
     """What every served model has, whatever engine runs it."""
 
@@ -89,6 +100,8 @@ class _ModelBase(_Frozen):
     deployment: str | None = None  # label in /v1/models, x-inhouse-deployment and the audit log
     weight: float = Field(default=1.0, gt=0)
     fallbacks: tuple[str, ...] = ()  # other model names to try, in order, when every deployment failed
+    version: str | None = None  # label of this version (model card, audit rows); default: a checkpoint hash
+    smoke: SmokeCheck = SmokeCheck()  # the check a swapped-in version must pass (docs/swaps.md)
 
     @property
     def deployment_label(self) -> str:
@@ -298,6 +311,18 @@ class RoutingSettings(_Frozen):
     health_timeout_seconds: float = Field(default=5.0, gt=0)
 
 
+class SwapSettings(_Frozen):
+    """Health-gated swaps and canaries (docs/swaps.md)."""
+
+    timeout_s: float = Field(default=900.0, gt=0)  # load + smoke check of a new version, at most
+    drain_s: float = Field(default=300.0, gt=0)  # in-flight requests of the old version may finish within this
+    canary_window_s: float = Field(default=60.0, gt=0)
+    canary_min_requests: int = Field(default=5, ge=1)  # fewer canary requests in the window: roll back
+    canary_max_error_rate_delta: float = Field(default=0.05, ge=0, le=1)  # canary error rate − old's, at most
+    canary_max_ttft_ratio: float = Field(default=2.0, gt=0)  # canary p99 TTFT / old's, at most
+    canary_ttft_slack_ms: float = Field(default=50.0, ge=0)  # a p99 under old's + this always passes
+
+
 class Settings(_Frozen):
     """Everything the server needs, decided before it starts."""
 
@@ -332,6 +357,7 @@ class Settings(_Frozen):
         return self.database_url or f"sqlite:///{self.state_dir / 'inhouse.db'}"
 
     routing: RoutingSettings = RoutingSettings()
+    swap: SwapSettings = SwapSettings()
 
     @field_validator("models")
     @classmethod

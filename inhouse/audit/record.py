@@ -38,6 +38,7 @@ class AuditRecord:
     prompt_text: str | None = None
     response_text: str | None = None
     client_subject: str | None = None  # the client certificate's subject (mTLS), RFC 4514: CN=dify-prod,O=Bank
+    model_version: str | None = None  # the version of the deployment that answered
 
     def fields(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _FIELDS}  # flat values: no deep copy like asdict()
@@ -47,7 +48,7 @@ _FIELDS = tuple(AuditRecord.__dataclass_fields__)
 HASHED_FIELDS = ("seq", *_FIELDS)
 # Fields added after rows were first written are in the canonical form only when set: a row written before
 # a field existed (NULL there) keeps the hash it was written with, so old chains still verify.
-_ADDED_FIELDS = ("client_subject",)
+_ADDED_FIELDS = ("client_subject", "model_version")
 _FIRST_FIELDS = tuple(k for k in HASHED_FIELDS if k not in _ADDED_FIELDS)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from inhouse.cli import audit, keys, serve
+from inhouse.cli import audit, keys, models, serve
 
 __all__ = ["main"]
 
@@ -15,5 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_parser(commands)
     keys.add_parser(commands)
     audit.add_parser(commands)
+    models.add_parser(commands)
+    models.add_reload_parser(commands)
     args = parser.parse_args(argv)
     return int(args.run(args))

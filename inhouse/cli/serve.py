@@ -185,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     from inhouse.gateway.health import HealthMonitor
     from inhouse.gateway.registry import ModelRegistry
     from inhouse.gateway.router import Router
+    from inhouse.gateway.swap import Swapper
     from inhouse.metrics import Metrics
     from inhouse.server import create_app
     from inhouse.server.tls import server_tls
@@ -202,7 +203,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     metrics = Metrics(settings.metrics)
     router = Router(registry, settings.routing, metrics)
-    app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access, metrics)
+    swapper = Swapper(registry, settings.swap, lambda spec: build_engine(spec, settings.cache_dir))
+    app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access, metrics,
+                     swapper=swapper, reload=(lambda: build_settings(args)) if args.config is not None else None)
     for spec in settings.models:
         logging.getLogger("inhouse").info("serving %s from %s (engine %s)", spec.name, _source(spec), spec.engine)
     if settings.tls_client_ca is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from inhouse.config import ModelSpec
 from inhouse.engine.base import Engine, EngineState, ModelLoadError
 from inhouse.errors import ErrorCode, InhouseError
+from inhouse.gateway.version import version_of
 
 __all__ = ["Deployment", "ModelRegistry", "RouteState"]
 
@@ -86,6 +88,11 @@ class Deployment:
     engine: Engine
     created: int
     route: RouteState = field(default_factory=RouteState)
+    version: str = ""  # the version label (model card, audit rows); ``of`` and swaps fill it from the spec
+
+    @classmethod
+    def new(cls, spec: ModelSpec, engine: Engine) -> Deployment:
+        return cls(spec, engine, int(time.time()), version=version_of(spec))
 
     @property
     def name(self) -> str:
@@ -109,11 +116,43 @@ class ModelRegistry:
         self._engines: dict[int, _Held] = {}  # id(engine) → the engine and its start; until it is closed
         self._load_errors: dict[int, str] = {}  # id(engine) → why it failed to start
         self._load_seconds: dict[int, float] = {}  # id(engine) → how long its start took (loaded ones)
+        self._canaries: dict[str, tuple[list[Deployment], float]] = {}  # name → (canary set, share of requests)
 
     @classmethod
     def of(cls, pairs: Iterable[tuple[ModelSpec, Engine]], drain_seconds: float = 30.0) -> ModelRegistry:
-        now = int(time.time())
-        return cls((Deployment(spec, engine, now) for spec, engine in pairs), drain_seconds)
+        return cls((Deployment.new(spec, engine) for spec, engine in pairs), drain_seconds)
+
+    def serving(self, name: str) -> list[Deployment]:
+        """The set a new request of ``name`` goes to: the canary set for its share of requests, else the live set."""
+        canary = self._canaries.get(name)
+        if canary is not None and random.random() < canary[1]:
+            return canary[0]
+        return self.find(name)
+
+    def canary(self, name: str) -> list[Deployment]:
+        """The model's canary set (empty: no canary running)."""
+        return self._canaries.get(name, ([], 0.0))[0]
+
+    async def prepare(self, deployments: list[Deployment]) -> str | None:
+        """Start the engines of deployments not serving yet; None when all loaded, else why one did not."""
+        await self._started(deployments)
+        return next((e for e in (self.load_error(d) for d in deployments) if e is not None), None)
+
+    def start_canary(self, name: str, deployments: list[Deployment], share: float) -> None:
+        """Send ``share`` of new requests of ``name`` to ``deployments`` (prepared) until ``end_canary``."""
+        self._canaries[name] = (list(deployments), share)
+
+    async def end_canary(self, name: str, promote: bool, drain_seconds: float | None = None) -> None:
+        """Promote the canary (it becomes the live set, the old one drains) or drop it (it drains and closes)."""
+        deployments, _ = self._canaries.pop(name, ([], 0.0))
+        if promote:
+            await self.replace(name, deployments, drain_seconds)
+        else:
+            await self.discard(deployments, drain_seconds)
+
+    async def discard(self, deployments: list[Deployment], drain_seconds: float | None = None) -> None:
+        """Close prepared (or canary) deployments that are not serving, after their in-flight requests."""
+        await self._retire(deployments, self._drain_seconds if drain_seconds is None else drain_seconds)
 
     def find(self, name: str) -> list[Deployment]:
         """The model's deployments now; empty when there is no such model (any more)."""
@@ -208,7 +247,7 @@ class ModelRegistry:
     async def _retire(self, old: list[Deployment], drain_seconds: float) -> None:
         """Wait until the old deployments have nothing in flight (or the deadline), then close every engine of
         theirs that no live deployment uses."""
-        live = {id(d.engine) for d in self.all()}
+        live = self._live_engines()
         leaving = [d for d in old if id(d.engine) not in live]
         deadline = time.monotonic() + drain_seconds
         while any(d.route.outstanding for d in leaving) and time.monotonic() < deadline:
@@ -217,8 +256,12 @@ class ModelRegistry:
             if deployment.route.outstanding:
                 log.warning("deployment %s of %s: closing with %d requests still in flight after %.0f s",
                             deployment.label, deployment.name, deployment.route.outstanding, drain_seconds)
-        live = {id(d.engine) for d in self.all()}  # a replace meanwhile may have taken an engine back
+        live = self._live_engines()  # a replace meanwhile may have taken an engine back
         await asyncio.gather(*(self._close(d.engine) for d in leaving if id(d.engine) not in live))
+
+    def _live_engines(self) -> set[int]:
+        canaries = [d for group, _ in self._canaries.values() for d in group]
+        return {id(d.engine) for d in [*self.all(), *canaries]}
 
     async def _close(self, engine: Engine) -> None:
         """Close an engine once: a second call (another deployment that shared it) finds it gone."""

@@ -130,7 +130,7 @@ class Router:
         tried: set[str] = set()
         failed: tuple[str, ErrorCode] | None = None  # the try before this one, which failed
         for retry in range(1 + self._routing.retries):
-            deployments = self._registry.find(name)  # the current set: a replace may have swapped it (or emptied it)
+            deployments = self._registry.serving(name)  # now: a replace may have swapped it, a canary share it
             deployment = self._pick(deployments, tried)
             if deployment is None:
                 return None

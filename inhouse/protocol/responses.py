@@ -245,6 +245,7 @@ class DeploymentCard(_Body):
     circuit: Circuit
     in_flight: int
     weight: float
+    version: str = Field(description="the version this deployment serves (a label, or v- and a checkpoint hash)")
 
 
 class ModelCard(_Body):
@@ -265,6 +266,7 @@ class ModelCard(_Body):
         "embeddings (clamped to [0, 1]; a weaker ranking than a cross-encoder's), or the upstream's")
     fallbacks: list[str] | SkipJsonSchema[None] = None
     deployments: list[DeploymentCard]
+    version: str = Field(description="the versions serving, comma-separated (one, except during a change)")
 
 
 class ModelList(_Body):
@@ -364,6 +366,7 @@ class AuditRow(_Body):
     prev_hash: str
     row_hash: str
     client_subject: str | None = Field(default=None, description="the client certificate's subject (mTLS), RFC 4514")
+    model_version: str | None = Field(default=None, description="the version of the deployment that answered")
 
 
 class AuditList(_Body):

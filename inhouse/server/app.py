@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -13,12 +13,14 @@ from inhouse.config import Settings
 from inhouse.gateway.health import HealthMonitor
 from inhouse.gateway.registry import ModelRegistry
 from inhouse.gateway.router import Router
+from inhouse.gateway.swap import Swapper
 from inhouse.metrics import GpuCollector, LiveCollector, Metrics
 from inhouse.server.access import AccessMiddleware, AccessParts
 from inhouse.server.context import ServerContext
 from inhouse.server.errors import EXCEPTION_HANDLERS
+from inhouse.server.hangup import reload_on_sighup
 from inhouse.server.openapi import OPENAPI_PATH, build_openapi, openapi_route
-from inhouse.server.routes import admin
+from inhouse.server.routes import admin, swaps
 from inhouse.server.routes.chat import chat_completions
 from inhouse.server.routes.completions import completions
 from inhouse.server.routes.embeddings import embeddings
@@ -54,12 +56,17 @@ def _routes() -> list[Route]:
         Route("/admin/keys/{key}/rotate", admin.rotate_key, methods=["POST"]),
         Route("/admin/audit", admin.audit_search, methods=["GET"]),
         Route("/admin/audit/verify", admin.audit_verify, methods=["GET"]),
+        Route("/admin/models/{name:path}/swap", swaps.swap_model, methods=["POST"]),
+        Route("/admin/models/{name:path}/rollback", swaps.rollback_model, methods=["POST"]),
+        Route("/admin/models/{name:path}", swaps.model_status, methods=["GET"]),
+        Route("/admin/reload", swaps.reload_config, methods=["POST"]),
     ]
     return routes
 
 
 def create_app(settings: Settings, registry: ModelRegistry, router: Router, health: HealthMonitor,
-               access: AccessParts | None = None, metrics: Metrics | None = None) -> Starlette:
+               access: AccessParts | None = None, metrics: Metrics | None = None, swapper: Swapper | None = None,
+               reload: Callable[[], Settings] | None = None) -> Starlette:
     """The app over already-built parts; its lifespan starts them (loading, health checks, audit) and closes
     them.  Without ``access`` (or with its parts None): no keys, an in-memory limiter, no audit log.  Without
     ``metrics``, a fresh set (the router then reports no retries or fallbacks: pass the one it was built with)."""
@@ -73,9 +80,12 @@ def create_app(settings: Settings, registry: ModelRegistry, router: Router, heal
             audit.start()
         registry.start_loading()
         health.start()
+        unhook = reload_on_sighup(swapper, reload) if swapper is not None and reload is not None else None
         try:
             yield
         finally:
+            if unhook is not None:
+                unhook()
             await health.stop()
             await registry.close()
             await limiter.close()
@@ -92,10 +102,11 @@ def create_app(settings: Settings, registry: ModelRegistry, router: Router, heal
         metrics.register(gpus)
     metrics.expect(registry.all())
     counting = MetricsSink(metrics, RouteTemplates(r.path for r in routes), lambda name: bool(registry.find(name)))
-    middleware = Middleware(AccessMiddleware, keys=keys, limiter=limiter, sinks=sinks_for(audit, counting, metrics),
+    sinks = sinks_for(audit, counting, metrics) + ((swapper.observe,) if swapper is not None else ())
+    middleware = Middleware(AccessMiddleware, keys=keys, limiter=limiter, sinks=sinks,
                             public_paths=frozenset(public), keep_text=settings.audit.text != "off")
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
                     middleware=[middleware])
     app.state.inhouse = ServerContext(settings=settings, registry=registry, router=router,
-                                      keys=keys, db=access.db)
+                                      keys=keys, db=access.db, swapper=swapper, reload=reload)
     return app

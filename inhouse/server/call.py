@@ -57,9 +57,10 @@ class Call:
         if self.budget is not None:
             await self.budget(tokens)
 
-    def served(self, model: str, deployment: str) -> None:
-        """What answered: the asked model or a fallback, and which deployment of it."""
+    def served(self, model: str, deployment: str, version: str | None = None) -> None:
+        """What answered: the asked model or a fallback, which deployment of it, and its version."""
         self.record.served_model, self.record.deployment = model, deployment
+        self.record.model_version = version
 
     def prompt(self, text: str | None, tokens: int) -> None:
         """The prompt as admitted (its text kept when the audit log keeps text); ``used`` has the final count."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -11,6 +12,7 @@ from starlette.requests import Request
 from inhouse.config import Settings
 from inhouse.gateway.registry import ModelRegistry
 from inhouse.gateway.router import Router
+from inhouse.gateway.swap import Swapper
 from inhouse.keys.store import KeyStore
 from inhouse.storage.database import Database
 
@@ -24,6 +26,8 @@ class ServerContext:
     router: Router
     keys: KeyStore | None = None  # None: auth is off
     db: Database | None = None
+    swapper: Swapper | None = None  # model swaps, canaries, rollback and reload (admin API)
+    reload: Callable[[], Settings] | None = None  # re-reads the config file (None: nothing to re-read)
     _counter: itertools.count[int] = field(default_factory=itertools.count)
     _prefix: str = field(default_factory=lambda: os.urandom(6).hex())
 

@@ -112,7 +112,7 @@ async def route(request: Request, model: str, stream: bool, request_id: str,
     if not routed.result:
         routed.release()
     if call is not None:
-        call.served(routed.model, routed.deployment.label)
+        call.served(routed.model, routed.deployment.label, routed.deployment.version)
         try:  # the key's token budget holds what this call may use, before it uses any
             await call.reserve(sum(g.prompt_tokens + g.max_tokens for g in routed.result))
         except BaseException:

@@ -36,7 +36,7 @@ async def run_once(request: Request, model: str, request_id: str, capability: Ca
     routed = await or_disconnect(request, ctx.router.call(model, attempt))
     routed.release()
     if call is not None:
-        call.served(routed.model, routed.deployment.label)
+        call.served(routed.model, routed.deployment.label, routed.deployment.version)
     return routed
 
 

@@ -77,6 +77,7 @@ audit_log = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("row_hash", String(64), nullable=False),
     Column("client_subject", String(500)),  # the client certificate's subject (mTLS); schema v3
+    Column("model_version", String(200)),  # the version that answered; schema v4
 )
 
 # One row (id 1): the chain's last seq and hash.  Writers lock it, so replicas sharing one database
@@ -103,10 +104,18 @@ def _v2(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_inhouse_audit_key ON inhouse_audit_log (key_id, at)"))
 
 
+def _add_column(conn: Connection, table: str, column: str, sql_type: str) -> None:
+    """ALTER TABLE ... ADD COLUMN, unless _v1 already created the table with it (a new database)."""
+    if column not in {c["name"] for c in inspect(conn).get_columns(table)}:
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+
+
 def _v3(conn: Connection) -> None:
-    # _v1 creates the table from the Table above, so a database made by this version has the column already
-    if "client_subject" not in {c["name"] for c in inspect(conn).get_columns("inhouse_audit_log")}:
-        conn.execute(text("ALTER TABLE inhouse_audit_log ADD COLUMN client_subject VARCHAR(500)"))
+    _add_column(conn, "inhouse_audit_log", "client_subject", "VARCHAR(500)")
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
+def _v4(conn: Connection) -> None:
+    _add_column(conn, "inhouse_audit_log", "model_version", "VARCHAR(200)")
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]

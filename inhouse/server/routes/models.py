@@ -37,7 +37,9 @@ def _card(deployments: list[Deployment]) -> dict[str, Any]:
         extra["fallbacks"] = list(first.spec.fallbacks)
     extra["deployments"] = [{"name": d.label, "engine": d.engine.info.kind, "status": d.engine.state.value,
                              "healthy": d.route.healthy, "circuit": d.route.circuit,
-                             "in_flight": d.route.outstanding, "weight": d.spec.weight} for d in deployments]
+                             "in_flight": d.route.outstanding, "weight": d.spec.weight, "version": d.version}
+                            for d in deployments]
+    extra["version"] = ",".join(sorted({d.version for d in deployments}))
     return model_card(first.name, first.created, extra)
 
 

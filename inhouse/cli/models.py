@@ -1,0 +1,138 @@
+"""``inhouse models swap|rollback|show`` and ``inhouse reload``: a running server's admin API, from the shell.
+
+Each command is one admin request; the answer is printed (JSON with ``--json``) and a refusal is printed
+to stderr with exit code 1 (2 when the server cannot be reached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import httpx
+
+__all__ = ["add_parser", "add_reload_parser"]
+
+
+def _percent(text: str) -> float:
+    """``10%``, ``10`` or ``0.1`` → 0.1."""
+    raw = text.strip().rstrip("%")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share (10%, or 0.1)") from None
+    share = value / 100 if text.strip().endswith("%") or value >= 1 else value
+    if not 0 < share < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a canary share is between 0% and 100%, exclusive")
+    return share
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("INHOUSE_URL", "http://127.0.0.1:8000"),
+                   help="the server (default $INHOUSE_URL or http://127.0.0.1:8000)")
+    p.add_argument("--key", default=os.environ.get("INHOUSE_ADMIN_KEY"),
+                   help="an admin API key (default $INHOUSE_ADMIN_KEY)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the answer (default 1800)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("models", help="swap, roll back and inspect the models of a running server")
+    sub = p.add_subparsers(dest="models_command", required=True)
+    swap = sub.add_parser("swap", help="load a new version beside the old, check it, then switch to it")
+    swap.add_argument("name", help="the public model name")
+    swap.add_argument("--path", help="the new version's checkpoint (a directory or .gguf file on the server)")
+    swap.add_argument("--version", dest="version_label", help="a version label (default: a checkpoint hash)")
+    swap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                      help="another model field to change, its value as JSON (repeatable)")
+    swap.add_argument("--canary", type=_percent, help="send this share of requests (10%%) to the new version "
+                      "for the window, then promote or roll back")
+    swap.add_argument("--window", type=float, help="canary window in seconds (default: the server's)")
+    rollback = sub.add_parser("rollback", help="bring the previous version back (health-gated)")
+    rollback.add_argument("name")
+    show = sub.add_parser("show", help="versions, deployments and the last swap of a model")
+    show.add_argument("name")
+    for action in (swap, rollback, show):
+        _server_flags(action)
+    p.set_defaults(run=run)
+
+
+def add_reload_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("reload", help="make a running server re-read its config file (like SIGHUP)")
+    _server_flags(p)
+    p.set_defaults(run=run, models_command="reload")
+
+
+def _swap_body(args: argparse.Namespace) -> dict[str, Any] | str:
+    body: dict[str, Any] = {}
+    if args.path:
+        body["path"] = args.path
+    if args.version_label:
+        body["version"] = args.version_label
+    for item in args.set:
+        field, sep, raw = item.partition("=")
+        if not sep:
+            return f"--set wants FIELD=JSON, got {item!r}"
+        try:
+            body[field] = json.loads(raw)
+        except ValueError:
+            body[field] = raw  # a bare string
+    if not body:
+        return "say what to change: --path NEW (or --set FIELD=VALUE)"
+    if args.canary is not None:
+        body["canary"] = args.canary
+        if args.window is not None:
+            body["canary_window_s"] = args.window
+    return body
+
+
+def run(args: argparse.Namespace) -> int:
+    command = args.models_command
+    if command == "swap":
+        body = _swap_body(args)
+        if isinstance(body, str):
+            print(f"inhouse: {body}", file=sys.stderr)
+            return 2
+        method, path, payload = "POST", f"/admin/models/{args.name}/swap", body
+    elif command == "rollback":
+        method, path, payload = "POST", f"/admin/models/{args.name}/rollback", None
+    elif command == "show":
+        method, path, payload = "GET", f"/admin/models/{args.name}", None
+    else:
+        method, path, payload = "POST", "/admin/reload", None
+    headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
+    try:
+        response = httpx.request(method, args.url.rstrip("/") + path, json=payload, headers=headers,
+                                 timeout=httpx.Timeout(args.timeout, connect=10.0))
+    except httpx.HTTPError as exc:
+        print(f"inhouse: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        data = response.json()
+    except ValueError:
+        data = {"error": {"message": response.text[:500] or f"HTTP {response.status_code}"}}
+    if response.status_code >= 400:
+        error = data.get("error") if isinstance(data, dict) else None
+        message = error.get("message") if isinstance(error, dict) else str(data)
+        print(f"inhouse: {message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False))
+    else:
+        _print(data)
+    if data.get("outcome") == "rolled_back":
+        print(f"inhouse: the canary was rolled back: {data.get('reason')}", file=sys.stderr)
+        return 1
+    if data.get("failed"):
+        print(f"inhouse: some models were not swapped: {data['failed']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print(data: dict[str, Any]) -> None:
+    for k, v in data.items():
+        if k != "object" and v not in (None, [], {}):
+            print(f"{k:>18}: {json.dumps(v, ensure_ascii=False) if isinstance(v, dict | list) else v}")
