@@ -23,7 +23,7 @@ def _record(i: int, version: str | None) -> AuditRecord:
 
 def test_a_row_without_a_version_hashes_as_before_the_field_existed() -> None:
     row = {**_record(1, None).fields(), "seq": 1}
-    old_fields = [f for f in HASHED_FIELDS if f != "model_version"]
+    old_fields = [f for f in HASHED_FIELDS if f not in ("client_subject", "model_version")]  # both added later
     before = json.dumps({k: row.get(k) for k in old_fields}, sort_keys=True, ensure_ascii=False,
                         separators=(",", ":"))
     expected = hashlib.sha256(("0" * 64 + "\n" + before).encode()).hexdigest()
@@ -65,6 +65,6 @@ def _old_hash() -> str:
     """The hash the release before wrote for the row inserted above (every field it knew, in its canonical form)."""
     row = {"seq": 1, "at": 1.0, "request_id": "old", "method": "POST", "path": "/x", "status": 200,
            "latency_ms": 0.0, "stream": False}
-    fields = [f for f in HASHED_FIELDS if f != "model_version"]
+    fields = [f for f in HASHED_FIELDS if f not in ("client_subject", "model_version")]  # both added later
     canonical = json.dumps({k: row.get(k) for k in fields}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(("0" * 64 + "\n" + canonical).encode()).hexdigest()
