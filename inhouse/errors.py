@@ -36,6 +36,7 @@ class ErrorCode(enum.Enum):
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_ERROR = "upstream_error"
     CLIENT_DISCONNECTED = "client_disconnected"
+    SERVER_DRAINING = "server_draining"  # shutting down (SIGTERM): retry on another replica
 
 
 STATUS: dict[ErrorCode, int] = {
@@ -62,6 +63,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.UPSTREAM_UNAVAILABLE: 503,
     ErrorCode.UPSTREAM_ERROR: 502,
     ErrorCode.CLIENT_DISCONNECTED: 499,  # nginx's "client closed request": only ever seen in the audit log
+    ErrorCode.SERVER_DRAINING: 503,
 }
 
 # OpenAI's `error.type` vocabulary, by code.
@@ -89,6 +91,7 @@ ERROR_TYPE: dict[ErrorCode, str] = {
     ErrorCode.UPSTREAM_UNAVAILABLE: "service_unavailable_error",
     ErrorCode.UPSTREAM_ERROR: "server_error",
     ErrorCode.CLIENT_DISCONNECTED: "invalid_request_error",
+    ErrorCode.SERVER_DRAINING: "service_unavailable_error",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -48,6 +49,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--cache-dir", type=Path, help="where converted GGUF models are cached")
     p.add_argument("--keepalive", type=float, dest="keepalive_seconds", help="SSE keep-alive interval, seconds")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["auto", "json", "text"],
+                   help="JSON lines, readable text, or auto (default): JSON unless stderr is a terminal")
+    p.add_argument("--drain-seconds", type=float,
+                   help="on SIGTERM, how long requests in flight may take to finish (default 30)")
     add_state_flags(p)
     p.add_argument("--auth", choices=["keys", "none"], help="keys (default): every API route needs a key; "
                    "none: no authentication, for a lab only")
@@ -79,6 +84,8 @@ def build_settings(args: argparse.Namespace) -> Settings:
         "redis_url": args.redis_url,
         "database_url": args.database_url,
         "state_dir": args.state_dir,
+        "log_format": args.log_format,
+        "drain_seconds": args.drain_seconds,
     }
     model_flags = {key: getattr(args, key) for key in _MODEL_FLAGS if getattr(args, key) is not None}
     if args.config is not None:
@@ -170,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"inhouse: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from inhouse.cli.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
     import uvicorn
 
     from inhouse.engine.factory import build_engine
@@ -178,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
     from inhouse.gateway.registry import ModelRegistry
     from inhouse.gateway.router import Router
     from inhouse.server import create_app
+    from inhouse.server.drain import Drain, DrainingServer
 
     try:
         access = open_access(settings)
@@ -186,12 +196,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     registry = ModelRegistry.of((spec, build_engine(spec, settings.cache_dir)) for spec in settings.models)
     router = Router(registry, settings.routing)
-    app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access)
+    drain = Drain(settings.drain_seconds)
+    app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access, drain=drain)
     for spec in settings.models:
         logging.getLogger("inhouse").info("serving %s from %s (engine %s)", spec.name, _source(spec), spec.engine)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5)
-    return 0
+    # SIGTERM drains first (inhouse/server/drain.py); uvicorn's own logging is off: its lines reach ours, and the
+    # access sink logs each call, so uvicorn's access log would say it twice
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=5, log_config=None, access_log=False)
+    server = DrainingServer(config, drain)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn re-raises the SIGINT it handled, at the end
+        server.run()
+    return 0 if server.started else 3  # 3: it never started (the port is taken, ...), as uvicorn.run exits
 
 
 def _source(spec: ModelSpec) -> str:

@@ -15,6 +15,7 @@ from inhouse.gateway.registry import ModelRegistry
 from inhouse.gateway.router import Router
 from inhouse.server.access import AccessMiddleware, AccessParts
 from inhouse.server.context import ServerContext
+from inhouse.server.drain import Drain
 from inhouse.server.errors import EXCEPTION_HANDLERS
 from inhouse.server.openapi import OPENAPI_PATH, build_openapi, openapi_route
 from inhouse.server.routes import admin
@@ -52,15 +53,17 @@ def _routes() -> list[Route]:
         Route("/admin/keys/{key}/rotate", admin.rotate_key, methods=["POST"]),
         Route("/admin/audit", admin.audit_search, methods=["GET"]),
         Route("/admin/audit/verify", admin.audit_verify, methods=["GET"]),
+        Route("/admin/models", admin.list_models, methods=["GET"]),
     ]
     return routes
 
 
 def create_app(settings: Settings, registry: ModelRegistry, router: Router, health: HealthMonitor,
-               access: AccessParts | None = None) -> Starlette:
+               access: AccessParts | None = None, drain: Drain | None = None) -> Starlette:
     """The app over already-built parts; its lifespan starts them (loading, health checks, audit) and closes
     them.  Without ``access`` (or with its parts None): no keys, an in-memory limiter, no audit log."""
     access = access or AccessParts()
+    drain = drain or Drain(settings.drain_seconds)
     keys, limiter, audit = access.keys, access.limiter, access.audit
 
     @contextlib.asynccontextmanager
@@ -80,10 +83,10 @@ def create_app(settings: Settings, registry: ModelRegistry, router: Router, heal
 
     public = {"/health", "/ready", OPENAPI_PATH} | ({"/metrics"} if settings.metrics_public else set())
     middleware = Middleware(AccessMiddleware, keys=keys, limiter=limiter, sinks=sinks_for(audit),
-                            public_paths=frozenset(public), keep_text=settings.audit.text != "off")
+                            public_paths=frozenset(public), keep_text=settings.audit.text != "off", drain=drain)
     routes = [*_routes(), openapi_route(build_openapi(settings.models[0].name if settings.models else None))]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
                     middleware=[middleware])
     app.state.inhouse = ServerContext(settings=settings, registry=registry, router=router,
-                                      keys=keys, db=access.db)
+                                      keys=keys, db=access.db, drain=drain, audit=audit)
     return app

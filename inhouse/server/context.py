@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
+from inhouse.audit.writer import AuditWriter
 from inhouse.config import Settings
 from inhouse.gateway.registry import ModelRegistry
 from inhouse.gateway.router import Router
 from inhouse.keys.store import KeyStore
+from inhouse.server.drain import Drain
 from inhouse.storage.database import Database
 
 __all__ = ["ServerContext", "context_of"]
@@ -24,6 +26,8 @@ class ServerContext:
     router: Router
     keys: KeyStore | None = None  # None: auth is off
     db: Database | None = None
+    drain: Drain = field(default_factory=Drain)  # SIGTERM: draining, and the calls in flight
+    audit: AuditWriter | None = None  # for liveness: a stuck writer fails /health
     _counter: itertools.count[int] = field(default_factory=itertools.count)
     _prefix: str = field(default_factory=lambda: os.urandom(6).hex())
 

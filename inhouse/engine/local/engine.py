@@ -68,7 +68,13 @@ class LocalEngine:
 
     @property
     def state(self) -> EngineState:
+        if self._state is EngineState.READY and not self._loop_alive():
+            return EngineState.FAILED
         return self._state
+
+    def _loop_alive(self) -> bool:
+        """The engine thread runs (or has not started, or was asked to stop)."""
+        return self._thread is None or self._closing or self._thread.is_alive()
 
     async def start(self) -> None:
         try:
@@ -131,7 +137,8 @@ class LocalEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            state=self._state,
+            state=self.state,
+            alive=self._loop_alive(),
             running=self._running_count,
             waiting=self._waiting_count,
             kv_cache_tokens=self._kv_tokens,
@@ -157,7 +164,7 @@ class LocalEngine:
         return await asyncio.to_thread(lambda: [grammars.constraint(s) for s in schemas])
 
     def _check_ready(self) -> None:
-        check_ready(self.spec.name, EngineState.CLOSED if self._closing else self._state)
+        check_ready(self.spec.name, EngineState.CLOSED if self._closing else self.state)
 
     def _abort(self, request_id: str) -> None:
         with self._lock:
@@ -167,6 +174,15 @@ class LocalEngine:
     # ---- the engine thread ----------------------------------------------------------------
 
     def _run(self, loaded: LoadedModel) -> None:
+        """The engine loop; if it ever dies, its requests fail at once (and ``state`` turns FAILED)."""
+        try:
+            self._loop(loaded)
+        except BaseException:
+            log.critical("the engine loop of model %s died; the model cannot answer until the server restarts",
+                         self.spec.name, exc_info=True)
+            raise
+
+    def _loop(self, loaded: LoadedModel) -> None:
         config = loaded.model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         cache = SlotKVCache(
@@ -182,22 +198,22 @@ class LocalEngine:
         tokenizer = loaded.tokenizer
         sampler = Sampler(lambda t: tokenizer.decode([t]), loaded.stop_ids)
         scheduler = Scheduler(cache, self.spec.max_num_seqs, _MAX_PREFILL_TOKENS)
-        while True:
-            if not self._take_inbox(scheduler):
-                break
-            step = scheduler.schedule()
-            if step is None:
-                cache.shrink()
-                continue
-            try:
-                self._step(step, runner, sampler, scheduler, loaded.stop_ids)
-            except Exception:  # not one request's fault (each row's own failures are isolated in _step)
-                log.exception("engine step failed for model %s; failing the %d requests in it",
-                              self.spec.name, len(step.seqs))
-                for seq in step.seqs:
-                    self._fail(seq, scheduler, "the model failed while generating")
-            self._publish(scheduler)
-        self._fail_all(scheduler)
+        try:
+            while self._take_inbox(scheduler):
+                step = scheduler.schedule()
+                if step is None:
+                    cache.shrink()
+                    continue
+                try:
+                    self._step(step, runner, sampler, scheduler, loaded.stop_ids)
+                except Exception:  # not one request's fault (each row's own failures are isolated in _step)
+                    log.exception("engine step failed for model %s; failing the %d requests in it",
+                                  self.spec.name, len(step.seqs))
+                    for seq in step.seqs:
+                        self._fail(seq, scheduler, "the model failed while generating")
+                self._publish(scheduler)
+        finally:  # closing, or the loop died: nobody will answer what is left
+            self._fail_all(scheduler)
 
     def _step(self, step: Step, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler,
               stop_ids: frozenset[int]) -> None:
