@@ -50,6 +50,7 @@ class LocalEngine:
         self._wakeup = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []
         self._aborted: set[str] = set()
+        self._admitted: dict[int, Sequence] = {}  # id → every sequence admitted and not finished, wherever it is
         self._gate = AdmissionGate(spec.name, spec.max_num_seqs + spec.max_waiting)
         self._running_count = 0
         self._waiting_count = 0
@@ -132,6 +133,7 @@ class LocalEngine:
         self._gate.admit(len(seqs))
         with self._lock:
             self._inbox.extend(seqs)
+            self._admitted.update((id(seq), seq) for seq in seqs)
             self._wakeup.notify()
         return [Generation(s.request_id, len(s.prompt_ids), s.collector, self._abort, s.max_tokens) for s in seqs]
 
@@ -180,7 +182,6 @@ class LocalEngine:
         except BaseException:
             log.critical("the engine loop of model %s died; the model cannot answer until the server restarts",
                          self.spec.name, exc_info=True)
-            raise
 
     def _loop(self, loaded: LoadedModel) -> None:
         config = loaded.model.config
@@ -213,7 +214,7 @@ class LocalEngine:
                         self._fail(seq, scheduler, "the model failed while generating")
                 self._publish(scheduler)
         finally:  # closing, or the loop died: nobody will answer what is left
-            self._fail_all(scheduler)
+            self._fail_all()
 
     def _step(self, step: Step, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler,
               stop_ids: frozenset[int]) -> None:
@@ -281,6 +282,7 @@ class LocalEngine:
         self._kv_tokens = sum(seq.length for seq in scheduler.running)
 
     def _finish(self, seq: Sequence, scheduler: Scheduler) -> None:
+        self._admitted.pop(id(seq), None)
         scheduler.finish(seq)
         self._gate.release()
 
@@ -291,10 +293,10 @@ class LocalEngine:
         seq.collector.fail(InhouseError(ErrorCode.ENGINE_ERROR, message))
         self._finish(seq, scheduler)
 
-    def _fail_all(self, scheduler: Scheduler) -> None:
+    def _fail_all(self) -> None:
+        """Fail every admitted sequence not finished: waiting, running, or lost by a loop that died mid-step."""
         with self._lock:
-            leftovers = list(scheduler.running) + list(scheduler.waiting) + self._inbox
-            self._inbox = []
+            leftovers, self._admitted, self._inbox = list(self._admitted.values()), {}, []
         for seq in leftovers:
             seq.collector.fail(InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is shutting down"))
 
