@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ models:
 """
 HI = [{"role": "user", "content": "hi"}]
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+VECTOR = REPO / "deploy" / "vector" / "vector.toml"
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +128,19 @@ def test_admin_models_shows_each_models_state(server: ServerProcess) -> None:
             assert_error(anonymous.get("/admin/models"), 401, "invalid_api_key")
 
 
+def vector_command(state_dir: Path) -> list[str]:
+    """The command deploy/vector/vector.toml runs for the audit feed, on this server's state directory."""
+    command = list(tomllib.loads(VECTOR.read_text(encoding="utf-8"))["sources"]["inhouse_audit"]["command"])
+    assert command[:4] == ["inhouse", "audit", "export", "--follow"]
+    command[command.index("--state-dir") + 1] = str(state_dir)
+    return [sys.executable, "-m", "inhouse", *command[1:]]
+
+
 def test_audit_export_follow_prints_rows_committed_after_it_started(server: ServerProcess) -> None:
+    """The feed of deploy/vector/vector.toml: the rows there, then a row committed after it started."""
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
         assert client.post("/v1/chat/completions", json={"model": "echo", "messages": HI}).status_code == 200
-        with subprocess.Popen([sys.executable, "-m", "inhouse", "audit", "export", "--follow", "--interval", "0.2",
-                               "--state-dir", str(server.state_dir)], cwd=REPO, stdout=subprocess.PIPE,
+        with subprocess.Popen(vector_command(server.state_dir), cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) as follower:
             assert follower.stdout is not None and follower.stderr is not None
             out = follower.stdout
