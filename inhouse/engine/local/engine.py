@@ -18,7 +18,16 @@ import torch
 from inhouse.config import LocalSpec
 from inhouse.engine.admission import AdmissionGate, check_ready, completion_budget
 from inhouse.engine.answer_schema import answer_schema
-from inhouse.engine.base import Capability, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
+from inhouse.engine.base import (
+    Capability,
+    EngineInfo,
+    EngineState,
+    EngineStats,
+    GenerateRequest,
+    Generation,
+    ModelLoadError,
+    SamplingParams,
+)
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.attention import register
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -103,12 +112,32 @@ class LocalEngine:
         )
         self._thread = threading.Thread(target=self._run, args=(loaded,), name=f"engine-{self.spec.name}", daemon=True)
         self._thread.start()
+        await self._warm_up()
         self._state = EngineState.READY
         log.info("model %s ready: context %d tokens, up to %d sequences at once",
                  self.spec.name, loaded.context_length, self.spec.max_num_seqs)
 
+    async def _warm_up(self) -> None:
+        """One token through the whole path (tokenize, prefill, sample, detokenize) before the engine says it is
+        ready, so ``/ready`` waits for it and the first client does not pay for lazy initialisation."""
+        request = GenerateRequest("warm-up", SamplingParams(max_tokens=1, temperature=0.0), prompt="Hello")
+        try:
+            for generation in await self._admit([request]):
+                async for _ in generation:
+                    pass
+        except Exception as exc:
+            log.exception("model %s failed its warm-up generation", self.spec.name)
+            self._state = EngineState.FAILED
+            await self.close()
+            self._state = EngineState.FAILED
+            raise ModelLoadError(f"model {self.spec.name!r} loaded but failed its first generation (warm-up); "
+                                 "the reason is in the server log") from exc
+
     async def submit(self, requests: Seq[GenerateRequest]) -> list[Generation]:
         self._check_ready()
+        return await self._admit(requests)
+
+    async def _admit(self, requests: Seq[GenerateRequest]) -> list[Generation]:
         assert self._loaded is not None and self._prompts is not None
         self._gate.check(len(requests))  # a full engine refuses before tokenizing anything
         prompts = await self._prompts.token_ids_all(requests)
