@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from types import FrameType
 
@@ -72,16 +73,16 @@ class DrainingServer(uvicorn.Server):
         self.drain = drain
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def startup(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)  # type: ignore[arg-type]
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig != signal.SIGTERM or self._loop is None or self.drain.draining or self.should_exit:
-            if sig == signal.SIGTERM:  # not started yet, or a second SIGTERM: stop now, like SIGINT
-                self.should_exit = True
-                return
-            super().handle_exit(sig, frame)
+        if sig != signal.SIGTERM:
+            super().handle_exit(sig, frame)  # SIGINT: uvicorn's own (stop now; a second one forces it)
+            return
+        if self._loop is None or self.drain.draining or self.should_exit:
+            self.should_exit = True  # not started yet, or a second SIGTERM: stop now
             return
         # a signal handler runs between two bytecodes of the loop's thread: schedule, do not await here
         self._loop.call_soon_threadsafe(self._drain_then_exit)
