@@ -89,3 +89,20 @@ async def test_text_is_off_by_default_and_export_formats(db: Database) -> None:
     assert '"request_id": "req-1"' in jsonl
     csv_text = "".join(export(rows, "csv"))
     assert csv_text.splitlines()[0].startswith("seq,at,request_id") and "req-1" in csv_text
+
+
+async def test_search_after_a_seq_returns_only_later_rows_oldest_first(db: Database) -> None:
+    """What ``audit export --follow`` polls with: rows appended after the last one it printed."""
+    writer = AuditWriter(db)
+    writer.start()
+    try:
+        await write_all(writer, [record(i) for i in range(3)])
+        first = search(db, newest_first=False, limit=1000, after_seq=None)
+        assert [r["seq"] for r in first] == [1, 2, 3]
+        assert search(db, newest_first=False, limit=1000, after_seq=3) == []
+        await writer.write(record(3))
+        later = search(db, newest_first=False, limit=1000, after_seq=3)
+        assert [(r["seq"], r["request_id"]) for r in later] == [(4, "req-3")]
+        assert [r["seq"] for r in search(db, newest_first=False, limit=1, after_seq=1)] == [2]
+    finally:
+        writer.close()
