@@ -187,6 +187,8 @@ class FakeSpec(_ModelBase):
     fake_reply: str = "This is a scripted reply from the fake engine."
     fake_token_delay: float = Field(default=0.0, ge=0.0)
     fake_fail_after: int | None = Field(default=None, ge=0, description="fail mid-stream after N tokens")
+    fake_die_after: int | None = Field(default=None, ge=0, description="the engine dies (as if its loop thread "
+                                       "had) once N requests finished: FAILED, and liveness fails")
     # the parsers the server reads the scripted reply with, as a local model's chat template would name them
     tool_parser: Literal["none", "hermes", "llama3_json", "mistral"] = "none"
     reasoning_parser: Literal["none", "think", "think_open"] = "none"
@@ -351,6 +353,10 @@ class Settings(_Frozen):
     tls_cert: Path | None = None
     tls_key: Path | None = None  # default: the key is in the tls_cert file
     tls_client_ca: Path | None = None
+    # operations: SIGTERM drain, liveness, logs
+    drain_seconds: float = Field(default=30.0, ge=0)  # SIGTERM: in-flight requests may finish for this long
+    audit_stall_seconds: float = Field(default=60.0, gt=0)  # a batch in the audit writer longer: /health 503
+    log_format: Literal["auto", "json", "text"] = "auto"  # auto: JSON lines unless stderr is a terminal
 
     @property
     def database(self) -> str:

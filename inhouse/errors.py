@@ -37,6 +37,7 @@ class ErrorCode(enum.Enum):
     UPSTREAM_ERROR = "upstream_error"
     CLIENT_DISCONNECTED = "client_disconnected"
     SWAP_FAILED = "swap_failed"  # a model swap, rollback or reload was refused; the old version keeps serving
+    SERVER_DRAINING = "server_draining"  # shutting down (SIGTERM): retry on another replica
 
 
 STATUS: dict[ErrorCode, int] = {
@@ -64,6 +65,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.UPSTREAM_ERROR: 502,
     ErrorCode.CLIENT_DISCONNECTED: 499,  # nginx's "client closed request": only ever seen in the audit log
     ErrorCode.SWAP_FAILED: 409,
+    ErrorCode.SERVER_DRAINING: 503,
 }
 
 # OpenAI's `error.type` vocabulary, by code.
@@ -92,6 +94,7 @@ ERROR_TYPE: dict[ErrorCode, str] = {
     ErrorCode.UPSTREAM_ERROR: "server_error",
     ErrorCode.CLIENT_DISCONNECTED: "invalid_request_error",
     ErrorCode.SWAP_FAILED: "invalid_request_error",
+    ErrorCode.SERVER_DRAINING: "service_unavailable_error",
 }
 
 

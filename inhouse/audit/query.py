@@ -24,8 +24,12 @@ COLUMNS = [*HASHED_FIELDS, "prev_hash", "row_hash"]
 
 
 def search(db: Database, *, since: float | None = None, until: float | None = None, key: str | None = None,
-           model: str | None = None, limit: int = 100, newest_first: bool = True) -> list[dict[str, Any]]:
+           model: str | None = None, limit: int = 100, newest_first: bool = True,
+           after_seq: int | None = None) -> list[dict[str, Any]]:
+    """Rows matching the filters; ``after_seq``: only rows appended after that one (``export --follow``)."""
     query = select(audit_log)
+    if after_seq is not None:
+        query = query.where(audit_log.c.seq > after_seq)
     if since is not None:
         query = query.where(audit_log.c.at >= since)
     if until is not None:

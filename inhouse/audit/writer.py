@@ -16,6 +16,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,7 @@ class AuditWriter:
         self._sqlite: Any = None  # the writer thread's own driver connection, for SQLite
         self.rows_written = 0
         self.batches = 0
+        self._oldest = 0.0  # monotonic time the oldest row not yet committed was queued (0.0: none)
 
     def start(self) -> None:
         if not self._started:
@@ -79,12 +81,25 @@ class AuditWriter:
         """Returns when the row is committed; raises AuditUnavailableError if it could not be."""
         loop = asyncio.get_running_loop()
         pending = _Pending(record, loop.create_future(), loop)
+        if not self._oldest:
+            self._oldest = time.monotonic()
         self._queue.put(pending)
         await pending.future  # if the caller is cancelled the row is still written; nobody waits for it
 
     def queued(self) -> int:
         """Rows handed to the writer and not taken into a transaction yet (the audit backlog)."""
         return self._queue.qsize()
+
+    def stalled_for(self) -> float:
+        """Seconds the oldest row not yet committed has waited (0 when every row is committed).  A healthy
+        writer commits within milliseconds; a large number means the database or the thread is stuck."""
+        oldest = self._oldest
+        return time.monotonic() - oldest if oldest else 0.0
+
+    @property
+    def alive(self) -> bool:
+        """The writer thread runs (or was never started: nothing to write yet)."""
+        return not self._started or self._thread.is_alive()
 
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
@@ -118,6 +133,8 @@ class AuditWriter:
                 log.exception("audit write of %d rows failed", len(batch))
                 error = AuditUnavailableError("the audit log could not be written")
                 del exc
+            # rows queued while this batch committed are the oldest now: their age is at most this commit's
+            self._oldest = time.monotonic() if not self._queue.empty() else 0.0
             for pending in batch:
                 pending.loop.call_soon_threadsafe(_settle, pending.future, error)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -48,6 +49,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--cache-dir", type=Path, help="where converted GGUF models are cached")
     p.add_argument("--keepalive", type=float, dest="keepalive_seconds", help="SSE keep-alive interval, seconds")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["auto", "json", "text"],
+                   help="JSON lines, readable text, or auto (default): JSON unless stderr is a terminal")
+    p.add_argument("--drain-seconds", type=float,
+                   help="on SIGTERM, how long requests in flight may take to finish (default 30)")
     add_state_flags(p)
     p.add_argument("--auth", choices=["keys", "none"], help="keys (default): every API route needs a key; "
                    "none: no authentication, for a lab only")
@@ -87,6 +92,8 @@ def build_settings(args: argparse.Namespace) -> Settings:
         "state_dir": args.state_dir,
         **{key: getattr(args, key).expanduser().resolve() for key in ("tls_cert", "tls_key", "tls_client_ca")
            if getattr(args, key) is not None},
+        "log_format": args.log_format,
+        "drain_seconds": args.drain_seconds,
     }
     model_flags = {key: getattr(args, key) for key in _MODEL_FLAGS if getattr(args, key) is not None}
     if args.config is not None:
@@ -178,7 +185,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"inhouse: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from inhouse.cli.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
     import uvicorn
 
     from inhouse.engine.factory import build_engine
@@ -188,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     from inhouse.gateway.swap import Swapper
     from inhouse.metrics import Metrics
     from inhouse.server import create_app
+    from inhouse.server.drain import Drain, DrainingServer
     from inhouse.server.tls import server_tls
 
     try:
@@ -204,15 +214,22 @@ def run(args: argparse.Namespace) -> int:
     metrics = Metrics(settings.metrics)
     router = Router(registry, settings.routing, metrics)
     swapper = Swapper(registry, settings.swap, lambda spec: build_engine(spec, settings.cache_dir))
+    drain = Drain(settings.drain_seconds)
     app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access, metrics,
-                     swapper=swapper, reload=(lambda: build_settings(args)) if args.config is not None else None)
+                     swapper=swapper, reload=(lambda: build_settings(args)) if args.config is not None else None,
+                     drain=drain)
     for spec in settings.models:
         logging.getLogger("inhouse").info("serving %s from %s (engine %s)", spec.name, _source(spec), spec.engine)
     if settings.tls_client_ca is not None:
         logging.getLogger("inhouse").info("mTLS: clients need a certificate signed by %s", settings.tls_client_ca)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5, **tls)
-    return 0
+    # SIGTERM drains first (inhouse/server/drain.py); uvicorn's own logging is off: its lines reach ours, and the
+    # access sink logs each call, so uvicorn's access log would say it twice
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=5, log_config=None, access_log=False, **tls)
+    server = DrainingServer(config, drain)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn re-raises the SIGINT it handled, at the end
+        server.run()
+    return 0 if server.started else 3  # 3: it never started (the port is taken, ...), as uvicorn.run exits
 
 
 def _source(spec: ModelSpec) -> str:

@@ -219,6 +219,9 @@ class EngineStats:
     batches: int = 0
     batched_inputs: int = 0
     max_batch: int = 0  # the most inputs one forward pass carried
+    # False: the engine's worker (its loop thread) died; it will never answer again and the process should be
+    # restarted (the server's liveness probe fails).  The state is then FAILED.
+    alive: bool = True
 
 
 class Generation:

@@ -1,10 +1,12 @@
 """FakeEngine: a deterministic scripted engine for gateway tests and benchmarks (``engine: fake``).
 
-It answers every request with the configured reply (markup included: the server reads tool calls and thinking out
-of it with the parsers the spec names, as from a local model), one word per token, optionally with a delay
-per token, and optionally fails mid-stream after N tokens (``fake_fail_after``) to exercise error
-paths.  Prompt tokens are counted as whitespace-separated words.  It honours max_tokens, stop
-strings and the same queue bounds as a real engine, so the server around it behaves as in production.
+It answers every request with the configured reply (markup included: the server reads tool calls and thinking
+out of it with the parsers the spec names, as from a local model), one word per token, optionally with a delay
+per token, and optionally fails mid-stream after N tokens (``fake_fail_after``) to exercise error paths, or
+dies altogether after N requests (``fake_die_after``: state FAILED and ``stats().alive`` False, as a local
+engine whose loop thread died) to exercise the liveness probe.  Prompt tokens are counted as
+whitespace-separated words.  It honours max_tokens, stop strings and the same queue bounds as a real engine,
+so the server around it behaves as in production.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class FakeEngine:
         self._slots = asyncio.Semaphore(spec.max_num_seqs)
         self._gate = AdmissionGate(spec.name, spec.max_num_seqs + spec.max_waiting)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._finished = 0
 
     @property
     def info(self) -> EngineInfo:
@@ -55,13 +58,16 @@ class FakeEngine:
 
     @property
     def state(self) -> EngineState:
-        return self._state
+        return EngineState.FAILED if self._state is EngineState.READY and not self._alive() else self._state
+
+    def _alive(self) -> bool:
+        return self.spec.fake_die_after is None or self._finished < self.spec.fake_die_after
 
     async def start(self) -> None:
         self._state = EngineState.READY
 
     def stats(self) -> EngineStats:
-        return EngineStats(state=self._state, running=self._running, waiting=self._waiting)
+        return EngineStats(state=self.state, running=self._running, waiting=self._waiting, alive=self._alive())
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -69,7 +75,7 @@ class FakeEngine:
         self._state = EngineState.CLOSED
 
     async def submit(self, requests: Seq[GenerateRequest]) -> list[Generation]:
-        if self._state is not EngineState.READY:
+        if self.state is not EngineState.READY:
             raise InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is not available")
         self._gate.check(len(requests))
         prompts = [_count_prompt(r) for r in requests]
@@ -101,6 +107,7 @@ class FakeEngine:
         except asyncio.CancelledError:
             collector.fail(InhouseError(ErrorCode.MODEL_UNAVAILABLE, "the engine shut down"))
         finally:
+            self._finished += 1
             self._gate.release()
 
     async def _emit(self, request: GenerateRequest, prompt_tokens: int, max_tokens: int,

@@ -179,9 +179,15 @@ class VllmEngine:
             _preflight(self.spec.name, checkpoint, on_cpu, self.spec.kv_cache_gib)
             return async_llm.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._scheduler)])
 
+    def _alive(self) -> bool:
+        """vLLM's engine core and its output loop run (``AsyncLLM.errored`` is False), or it is not started yet."""
+        return self._llm is None or self._state is not EngineState.READY or not bool(self._llm.errored)
+
     def stats(self) -> EngineStats:
+        alive = self._alive()
         return EngineStats(
-            state=self._state,
+            state=self._state if alive else EngineState.FAILED,
+            alive=alive,
             running=self._scheduler.running,
             waiting=self._scheduler.waiting,
             kv_cache_tokens=round(self._scheduler.kv_cache_usage * self._kv_capacity),

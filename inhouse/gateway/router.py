@@ -182,6 +182,9 @@ class Router:
                 # after a cooldown, let the next request probe instead
                 deployment.route.probing = False
             raise
+        if deployment.route.open_until != 0.0:
+            log.warning("deployment %s of %s: circuit closed (the probe request succeeded)",
+                        deployment.label, deployment.name)
         deployment.route.succeeded()
         self._events.admitted(deployment.name, waited)
         return Routed(deployment, result, in_flight)

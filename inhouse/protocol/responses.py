@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
 __all__ = [
+    "AdminModelList",
     "ApiKey",
     "ApiKeyList",
     "AuditList",
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 EngineStateName = Literal["loading", "ready", "failed", "closed"]
+ModelStateName = Literal["loading", "ready", "draining", "failed"]
 Circuit = Literal["closed", "open", "half_open"]
 
 
@@ -255,6 +257,8 @@ class ModelCard(_Body):
     owned_by: Literal["inhouse"]
     engine: str
     status: EngineStateName = Field(description="the first ready deployment's state, else the first's")
+    state: ModelStateName = Field(description="the model's: ready when a deployment answers, draining while the "
+                                  "server shuts down, loading while one may still load, else failed")
     capabilities: list[Literal["chat", "completion", "embeddings", "rerank", "tools", "vision", "json_schema"]] = \
         Field(description="what the model can be asked for")
     max_model_len: int | SkipJsonSchema[None] = None
@@ -287,6 +291,7 @@ class DeploymentHealth(_Body):
     healthy: bool
     circuit: Circuit
     in_flight: int
+    alive: bool = Field(description="false: the engine's loop died (liveness fails; restart the process)")
     error: str | SkipJsonSchema[None] = Field(default=None, description="why the deployment failed to load")
     health_error: str | SkipJsonSchema[None] = Field(default=None, description="why its last health check failed")
     batches: int | SkipJsonSchema[None] = Field(default=None, description="encoders: forward passes run")
@@ -301,16 +306,48 @@ class ModelHealth(DeploymentHealth):
 
 
 class Health(_Body):
-    status: Literal["ok"]
+    status: Literal["ok", "unhealthy"] = Field(description="unhealthy (503): restart the process")
+    problems: list[str] | SkipJsonSchema[None] = Field(
+        default=None, description="unhealthy: why (an engine loop died, the audit writer is stuck)")
     models: dict[str, ModelHealth]
 
 
 class Ready(_Body):
-    status: Literal["ready", "loading"]
+    status: Literal["ready", "loading", "draining"]
     models: dict[str, EngineStateName] = Field(description="by deployment label")
 
 
 # ----------------------------------------------------------------------------------------------- admin
+
+
+class AdminDeployment(_Body):
+    name: str
+    engine: str
+    state: Literal["loading", "ready", "draining", "failed", "closed"]
+    alive: bool
+    healthy: bool
+    circuit: Circuit
+    in_flight: int
+    running: int
+    waiting: int
+    weight: float
+    error: str | SkipJsonSchema[None] = Field(default=None, description="why it failed to load or is down")
+
+
+class AdminModel(_Body):
+    id: str
+    object: Literal["model"]
+    state: ModelStateName
+    deployments: list[AdminDeployment]
+
+
+class AdminModelList(_Body):
+    """Every served model's state, whatever the admin key's model list."""
+
+    object: Literal["list"]
+    draining: bool = Field(description="the server is shutting down (SIGTERM)")
+    in_flight: int = Field(description="API calls being answered")
+    data: list[AdminModel]
 
 
 class ApiKey(_Body):

@@ -10,7 +10,11 @@ ended without a response (499 ``client_disconnected``, or 500 when the app faile
 cannot keep a call, a blocking answer is replaced by 503 ``audit_unavailable`` (a stream sends that error
 instead of a clean end).
 
-Every response, public routes and errors included, carries ``x-request-id`` (the audit row's id).
+Every response, public routes and errors included, carries ``x-request-id`` (the audit row's id): the
+client's own ``X-Request-ID`` when it sent a usable one (``request_id.py`` says how ids relate), and every
+log line emitted while the call runs carries it too.  While the server drains (SIGTERM, ``drain.py``), API
+calls are refused with 503 ``server_draining`` and ``Retry-After``; the calls admitted before are counted
+until they end, so the drain knows when nothing is in flight.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from inhouse.errors import ErrorCode, InhouseError
 from inhouse.keys.limiter import Admission, Limiter, MemoryLimiter
 from inhouse.keys.store import ApiKey, KeyStore
 from inhouse.server.call import Call, CallSink
+from inhouse.server.drain import Drain
 from inhouse.server.render import error_response
+from inhouse.server.request_id import bind, client_request_id, unbind
 from inhouse.server.sinks import audit_unavailable
 from inhouse.server.tls import client_subject
 from inhouse.storage.database import Database
@@ -54,13 +60,14 @@ class AccessParts:
 
 class AccessMiddleware:
     def __init__(self, app: Any, *, keys: KeyStore | None, limiter: Limiter, sinks: tuple[CallSink, ...],
-                 public_paths: frozenset[str], keep_text: bool) -> None:
+                 public_paths: frozenset[str], keep_text: bool, drain: Drain | None = None) -> None:
         self.app = app
         self._keys = keys
         self._limiter = limiter
         self._sinks = sinks
         self._public = public_paths
         self._keep_text = keep_text
+        self._drain = drain or Drain()
         self._ids = 0
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -68,16 +75,40 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         self._ids += 1
-        request_id = f"req-{id(self) & 0xffff:04x}{self._ids:08x}"
+        given = client_request_id(scope.get("headers", []))
+        request_id = given or f"req-{id(self) & 0xffff:04x}{self._ids:08x}"
         if scope["path"] in self._public:
-            await self.app(scope, receive, _with_request_id(send, lambda: request_id))
+            token = bind(_Named(request_id))
+            try:
+                await self.app(scope, receive, _with_request_id(send, lambda: request_id))
+            finally:
+                unbind(token)
             return
         client = scope.get("client")
         record = AuditRecord(at=time.time(), request_id=request_id,
                              method=scope["method"], path=scope["path"], client_ip=client[0] if client else None,
                              client_subject=client_subject(scope))
-        call = Call(record, self._sinks, keep_text=self._keep_text)
+        call = Call(record, self._sinks, keep_text=self._keep_text, named=given is not None)
         scope.setdefault("state", {})["call"] = call
+        token = bind(record)  # the record, not its id: a route may still settle the id (a completion's)
+        try:
+            if self._drain.draining:
+                call.failed(ErrorCode.SERVER_DRAINING)
+                error = InhouseError(ErrorCode.SERVER_DRAINING, "the server is shutting down; retry the request "
+                                     "(another replica will answer it)", retry_after=_DRAIN_RETRY_AFTER)
+                await error_response(error)(scope, receive, _Exchange(call, None, scope, send).send)
+                return
+            self._drain.enter()
+            try:
+                await self._admitted(scope, receive, send, call)
+            finally:
+                self._drain.leave()
+        finally:
+            unbind(token)
+
+    async def _admitted(self, scope: Scope, receive: Any, send: Any, call: Call) -> None:
+        """Authenticate, admit under the key's limits, run the route, end the call, release the limits."""
+        record = call.record
         admission: Admission | None = None
         try:
             call.key = await self._authenticate(scope)
@@ -129,6 +160,16 @@ class AccessMiddleware:
         return key
 
 
+_DRAIN_RETRY_AFTER = 5  # seconds; a load balancer has moved on to another replica by then
+
+
+@dataclass(frozen=True)
+class _Named:
+    """The id of a call on a public route (which has no record), for its log lines."""
+
+    request_id: str
+
+
 class _Exchange:
     """The ``send`` of one call: adds ``x-request-id`` and rate-limit headers, and ends a call that is not a
     stream when its response starts (replacing it with 503 ``audit_unavailable`` if the call was not kept)."""
@@ -168,9 +209,10 @@ async def _no_receive() -> Message:
 
 
 def _add_request_id(headers: list[tuple[bytes, bytes]], request_id: str) -> list[tuple[bytes, bytes]]:
-    if not any(k.lower() == b"x-request-id" for k, _ in headers):
-        headers.append((b"x-request-id", request_id.encode("latin-1")))
-    return headers
+    """The headers with exactly one ``x-request-id``: the call's (a route's own is replaced by it)."""
+    kept = [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
+    kept.append((b"x-request-id", request_id.encode("latin-1")))
+    return kept
 
 
 def _with_request_id(send: Any, request_id: Callable[[], str]) -> Any:

@@ -17,6 +17,7 @@ from inhouse.gateway.swap import Swapper
 from inhouse.metrics import GpuCollector, LiveCollector, Metrics
 from inhouse.server.access import AccessMiddleware, AccessParts
 from inhouse.server.context import ServerContext
+from inhouse.server.drain import Drain
 from inhouse.server.errors import EXCEPTION_HANDLERS
 from inhouse.server.hangup import reload_on_sighup
 from inhouse.server.openapi import OPENAPI_PATH, build_openapi, openapi_route
@@ -60,18 +61,20 @@ def _routes() -> list[Route]:
         Route("/admin/models/{name:path}/rollback", swaps.rollback_model, methods=["POST"]),
         Route("/admin/models/{name:path}", swaps.model_status, methods=["GET"]),
         Route("/admin/reload", swaps.reload_config, methods=["POST"]),
+        Route("/admin/models", admin.list_models, methods=["GET"]),
     ]
     return routes
 
 
 def create_app(settings: Settings, registry: ModelRegistry, router: Router, health: HealthMonitor,
                access: AccessParts | None = None, metrics: Metrics | None = None, swapper: Swapper | None = None,
-               reload: Callable[[], Settings] | None = None) -> Starlette:
+               reload: Callable[[], Settings] | None = None, drain: Drain | None = None) -> Starlette:
     """The app over already-built parts; its lifespan starts them (loading, health checks, audit) and closes
     them.  Without ``access`` (or with its parts None): no keys, an in-memory limiter, no audit log.  Without
     ``metrics``, a fresh set (the router then reports no retries or fallbacks: pass the one it was built with)."""
     access = access or AccessParts()
     metrics = metrics or Metrics(settings.metrics)
+    drain = drain or Drain(settings.drain_seconds)
     keys, limiter, audit = access.keys, access.limiter, access.audit
 
     @contextlib.asynccontextmanager
@@ -104,9 +107,10 @@ def create_app(settings: Settings, registry: ModelRegistry, router: Router, heal
     counting = MetricsSink(metrics, RouteTemplates(r.path for r in routes), lambda name: bool(registry.find(name)))
     sinks = sinks_for(audit, counting, metrics) + ((swapper.observe,) if swapper is not None else ())
     middleware = Middleware(AccessMiddleware, keys=keys, limiter=limiter, sinks=sinks,
-                            public_paths=frozenset(public), keep_text=settings.audit.text != "off")
+                            public_paths=frozenset(public), keep_text=settings.audit.text != "off", drain=drain)
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
                     middleware=[middleware])
     app.state.inhouse = ServerContext(settings=settings, registry=registry, router=router,
-                                      keys=keys, db=access.db, swapper=swapper, reload=reload)
+                                      keys=keys, db=access.db, swapper=swapper, reload=reload, drain=drain,
+                                      audit=audit)
     return app

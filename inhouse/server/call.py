@@ -42,12 +42,15 @@ class Call:
     # access middleware for keys with a token budget
     budget: Callable[[int], Awaitable[None]] | None = None
     streaming: bool = False  # the answer is a stream, which ends the call itself before its [DONE]
+    named: bool = False  # the client named the call (X-Request-ID): that stays its id, whatever the route says
     ended: bool = False
     _text: list[str] = field(default_factory=list)
 
     def asked(self, request_id: str, model: str, stream: bool) -> None:
         """The route parsed the request: refuse the model if the key may not use it, else note it."""
-        self.record.request_id, self.record.model, self.record.stream = request_id, model, stream
+        if not self.named:
+            self.record.request_id = request_id
+        self.record.model, self.record.stream = model, stream
         if self.key is not None and not self.key.allows(model):
             raise InhouseError(ErrorCode.MODEL_NOT_ALLOWED,
                                f"this API key may not use the model '{model}'", param="model")

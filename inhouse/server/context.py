@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
+from inhouse.audit.writer import AuditWriter
 from inhouse.config import Settings
 from inhouse.gateway.registry import ModelRegistry
 from inhouse.gateway.router import Router
 from inhouse.gateway.swap import Swapper
 from inhouse.keys.store import KeyStore
+from inhouse.server.drain import Drain
 from inhouse.storage.database import Database
 
 __all__ = ["ServerContext", "context_of"]
@@ -28,6 +30,8 @@ class ServerContext:
     db: Database | None = None
     swapper: Swapper | None = None  # model swaps, canaries, rollback and reload (admin API)
     reload: Callable[[], Settings] | None = None  # re-reads the config file (None: nothing to re-read)
+    drain: Drain = field(default_factory=Drain)  # SIGTERM: draining, and the calls in flight
+    audit: AuditWriter | None = None  # for liveness: a stuck writer fails /health
     _counter: itertools.count[int] = field(default_factory=itertools.count)
     _prefix: str = field(default_factory=lambda: os.urandom(6).hex())
 

@@ -34,7 +34,7 @@ OPENAPI_PATH = "/openapi.json"
 _REF = "#/components/schemas/{model}"
 _SCHEMES = ("bearer", "apiKeyHeader")  # either one: Authorization: Bearer, or x-api-key
 # every keyed route: the access middleware's answers, and any unexpected failure
-_KEYED = (E.INVALID_API_KEY, E.RATE_LIMITED, E.QUOTA_EXCEEDED, E.AUDIT_UNAVAILABLE, E.INTERNAL)
+_KEYED = (E.INVALID_API_KEY, E.RATE_LIMITED, E.QUOTA_EXCEEDED, E.AUDIT_UNAVAILABLE, E.INTERNAL, E.SERVER_DRAINING)
 _ADMIN = (*_KEYED, E.ADMIN_REQUIRED, E.UNSUPPORTED)  # unsupported: the server runs with auth: none
 _GENERATE = (*_KEYED, E.INVALID_REQUEST, E.INVALID_JSON, E.UNSUPPORTED, E.CONTEXT_LENGTH_EXCEEDED,
              E.MODEL_NOT_FOUND, E.WRONG_MODEL_KIND, E.MODEL_NOT_ALLOWED, E.BODY_TOO_LARGE, E.QUEUE_FULL,
@@ -103,9 +103,10 @@ def _operations() -> list[_Op]:
         *_api(""),
         _Op("post", "/v2/rerank", "rerankV2", "Rerank, at Cohere v2's path (same body and answer)", "embeddings",
             {200: r.RerankResult}, _ENCODE, body=RerankRequest),
-        _Op("get", "/health", "health", "Liveness and each model's engine state", "health", {200: r.Health},
-            (E.INTERNAL,), public=True),
-        _Op("get", "/ready", "ready", "200 when every model is loaded, else 503", "health",
+        _Op("get", "/health", "health", "Liveness and each model's engine state", "health",
+            {200: r.Health, 503: r.Health}, (E.INTERNAL,), public=True),
+        _Op("get", "/ready", "ready", "200 when every model is loaded and the server is not draining, else 503",
+            "health",
             {200: r.Ready, 503: r.Ready}, (E.INTERNAL,), public=True),
         _Op("get", "/admin/keys", "listKeys", "Every key, revoked ones too", "admin", {200: r.ApiKeyList}, _ADMIN),
         _Op("post", "/admin/keys", "createKey", "A new key; its secret is shown once", "admin",
@@ -120,6 +121,8 @@ def _operations() -> list[_Op]:
             (*_ADMIN, E.INVALID_REQUEST), params=audit_query),
         _Op("get", "/admin/audit/verify", "verifyAudit", "Check the audit log's hash chain", "admin",
             {200: r.AuditVerification}, _ADMIN),
+        _Op("get", "/admin/models", "listModelStates", "Every model's state and its deployments'", "admin",
+            {200: r.AdminModelList}, _ADMIN),
     ]
 
 

@@ -1,9 +1,9 @@
 """The sinks on the call-end event (``Call.end``): what happens to a call's record once it is over.
 
 Owns the audit sink (the one that must keep the call: the answer is not acknowledged when the row cannot
-be committed; it also times the write, the audit lag), the access-log sink (one short line for the calls
-worth a line: a client that left) and the metrics sink (counts and latencies, labelled by the route
-template, never the raw path).  A structured access log plugs in here as one more sink.
+be committed; it also times the write, the audit lag), the access-log sink (one structured line per call:
+request id, key name, model, deployment, status, error code, latency, time to first token, tokens) and the
+metrics sink (counts and latencies, labelled by the route template, never the raw path).
 """
 
 from __future__ import annotations
@@ -45,12 +45,24 @@ class AuditSink:
 
 
 class AccessLogSink:
-    """One line for a client that went away before its answer was complete; nothing for the rest (yet)."""
+    """One structured line per call on logger ``inhouse.access``: its fields are keys of the JSON line (or
+    ``key=value`` pairs on a terminal).  Errors at ``warning`` from 500 up, the rest at ``info``; a client that
+    left says so in words."""
 
     async def __call__(self, record: AuditRecord) -> bool:
+        fields = {name: getattr(record, name) for name in _ACCESS_FIELDS}
+        fields["request_id"] = record.request_id
         if record.error_code == ErrorCode.CLIENT_DISCONNECTED.value:
-            log.info("client disconnected: %s %s (%s)", record.method, record.path, record.request_id)
+            message = f"client disconnected: {record.method} {record.path} ({record.request_id})"
+        else:
+            message = f"{record.method} {record.path} {record.status}"
+        log.log(logging.WARNING if record.status >= 500 else logging.INFO, message, extra={"fields": fields})
         return True
+
+
+_ACCESS_FIELDS = ("method", "path", "status", "error_code", "key_name", "model", "served_model", "deployment",
+                  "stream", "latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "finish_reason",
+                  "client_ip")
 
 
 class RouteTemplates:

@@ -149,3 +149,20 @@ async def test_a_log_written_before_client_subject_still_verifies_after_the_migr
         assert not verify(old).ok and "row 4 was modified" in (verify(old).problem or "")
     finally:
         old.close()
+
+
+async def test_search_after_a_seq_returns_only_later_rows_oldest_first(db: Database) -> None:
+    """What ``audit export --follow`` polls with: rows appended after the last one it printed."""
+    writer = AuditWriter(db)
+    writer.start()
+    try:
+        await write_all(writer, [record(i) for i in range(3)])
+        first = search(db, newest_first=False, limit=1000, after_seq=None)
+        assert [r["seq"] for r in first] == [1, 2, 3]
+        assert search(db, newest_first=False, limit=1000, after_seq=3) == []
+        await writer.write(record(3))
+        later = search(db, newest_first=False, limit=1000, after_seq=3)
+        assert [(r["seq"], r["request_id"]) for r in later] == [(4, "req-3")]
+        assert [r["seq"] for r in search(db, newest_first=False, limit=1, after_seq=1)] == [2]
+    finally:
+        writer.close()

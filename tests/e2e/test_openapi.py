@@ -45,7 +45,7 @@ ROUTES = {
     ("get", "/health"), ("get", "/ready"), ("get", "/openapi.json"), ("get", "/metrics"),
     ("get", "/admin/keys"), ("post", "/admin/keys"), ("get", "/admin/keys/{key}"),
     ("post", "/admin/keys/{key}/revoke"), ("post", "/admin/keys/{key}/rotate"),
-    ("get", "/admin/audit"), ("get", "/admin/audit/verify"),
+    ("get", "/admin/audit"), ("get", "/admin/audit/verify"), ("get", "/admin/models"),
 }
 PUBLIC = {"/health", "/ready", "/openapi.json", "/metrics"}
 MODELS = ("echo", "org/small", "vec", "ranker")
@@ -143,7 +143,8 @@ def test_real_answers_of_every_route_match_the_document(server: ServerProcess, a
             _validate(api_schema, "get", "/v1/models", limited)
             assert [m["id"] for m in limited.json()["data"]] == ["echo"]
             _validate(api_schema, "get", "/admin/keys", user.get("/admin/keys"))  # 403
-        for request in (("get", "/admin/keys"), ("get", "/admin/audit"), ("get", "/admin/audit/verify")):
+        for request in (("get", "/admin/keys"), ("get", "/admin/audit"), ("get", "/admin/audit/verify"),
+                        ("get", "/admin/models")):
             _validate(api_schema, *request, admin.request(request[0].upper(), request[1]))
         _validate(api_schema, "get", "/admin/audit", admin.get("/admin/audit", params={"limit": 3, "key": ident}))
         _validate(api_schema, "get", "/admin/audit", admin.get("/admin/audit", params={"since": "yesterday"}))

@@ -67,11 +67,18 @@ async def test_tokens_counted_as_they_come_survive_an_early_end() -> None:
     assert sink.seen[0].error_code == "client_disconnected"
 
 
-async def test_the_access_log_sink_writes_one_line_for_a_client_that_left(caplog: pytest.LogCaptureFixture) -> None:
+async def test_the_access_log_sink_writes_one_structured_line_per_call(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="inhouse.access")
     left, answered = call(AccessLogSink()), call(AccessLogSink())
     left.failed(ErrorCode.CLIENT_DISCONNECTED)
     await left.end(499)
+    answered.served("m", "local")
+    answered.output("hi", 1)
     await answered.end(200)
-    lines = [r.getMessage() for r in caplog.records if r.name == "inhouse.access"]
-    assert lines == ["client disconnected: POST /v1/chat/completions (req-1)"]
+    records = [r for r in caplog.records if r.name == "inhouse.access"]
+    assert [r.getMessage() for r in records] == ["client disconnected: POST /v1/chat/completions (req-1)",
+                                                 "POST /v1/chat/completions 200"]
+    fields = records[1].fields  # type: ignore[attr-defined]
+    assert (fields["status"], fields["deployment"], fields["completion_tokens"]) == (200, "local", 1)
+    assert fields["ttft_ms"] is not None and fields["latency_ms"] >= fields["ttft_ms"]
+    assert records[0].fields["error_code"] == "client_disconnected"  # type: ignore[attr-defined]

@@ -18,7 +18,16 @@ import torch
 from inhouse.config import LocalSpec
 from inhouse.engine.admission import AdmissionGate, check_ready, completion_budget
 from inhouse.engine.answer_schema import answer_schema
-from inhouse.engine.base import Capability, EngineInfo, EngineState, EngineStats, GenerateRequest, Generation
+from inhouse.engine.base import (
+    Capability,
+    EngineInfo,
+    EngineState,
+    EngineStats,
+    GenerateRequest,
+    Generation,
+    ModelLoadError,
+    SamplingParams,
+)
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.attention import register
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -50,6 +59,7 @@ class LocalEngine:
         self._wakeup = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []
         self._aborted: set[str] = set()
+        self._admitted: dict[int, Sequence] = {}  # id → every sequence admitted and not finished, wherever it is
         self._gate = AdmissionGate(spec.name, spec.max_num_seqs + spec.max_waiting)
         self._running_count = 0
         self._waiting_count = 0
@@ -68,7 +78,13 @@ class LocalEngine:
 
     @property
     def state(self) -> EngineState:
+        if self._state is EngineState.READY and not self._loop_alive():
+            return EngineState.FAILED
         return self._state
+
+    def _loop_alive(self) -> bool:
+        """The engine thread runs (or has not started, or was asked to stop)."""
+        return self._thread is None or self._closing or self._thread.is_alive()
 
     async def start(self) -> None:
         try:
@@ -96,12 +112,32 @@ class LocalEngine:
         )
         self._thread = threading.Thread(target=self._run, args=(loaded,), name=f"engine-{self.spec.name}", daemon=True)
         self._thread.start()
+        await self._warm_up()
         self._state = EngineState.READY
         log.info("model %s ready: context %d tokens, up to %d sequences at once",
                  self.spec.name, loaded.context_length, self.spec.max_num_seqs)
 
+    async def _warm_up(self) -> None:
+        """One token through the whole path (tokenize, prefill, sample, detokenize) before the engine says it is
+        ready, so ``/ready`` waits for it and the first client does not pay for lazy initialisation."""
+        request = GenerateRequest("warm-up", SamplingParams(max_tokens=1, temperature=0.0), prompt="Hello")
+        try:
+            for generation in await self._admit([request]):
+                async for _ in generation:
+                    pass
+        except Exception as exc:
+            log.exception("model %s failed its warm-up generation", self.spec.name)
+            self._state = EngineState.FAILED
+            await self.close()
+            self._state = EngineState.FAILED
+            raise ModelLoadError(f"model {self.spec.name!r} loaded but failed its first generation (warm-up); "
+                                 "the reason is in the server log") from exc
+
     async def submit(self, requests: Seq[GenerateRequest]) -> list[Generation]:
         self._check_ready()
+        return await self._admit(requests)
+
+    async def _admit(self, requests: Seq[GenerateRequest]) -> list[Generation]:
         assert self._loaded is not None and self._prompts is not None
         self._gate.check(len(requests))  # a full engine refuses before tokenizing anything
         prompts = await self._prompts.token_ids_all(requests)
@@ -126,12 +162,14 @@ class LocalEngine:
         self._gate.admit(len(seqs))
         with self._lock:
             self._inbox.extend(seqs)
+            self._admitted.update((id(seq), seq) for seq in seqs)
             self._wakeup.notify()
         return [Generation(s.request_id, len(s.prompt_ids), s.collector, self._abort, s.max_tokens) for s in seqs]
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            state=self._state,
+            state=self.state,
+            alive=self._loop_alive(),
             running=self._running_count,
             waiting=self._waiting_count,
             kv_cache_tokens=self._kv_tokens,
@@ -157,7 +195,7 @@ class LocalEngine:
         return await asyncio.to_thread(lambda: [grammars.constraint(s) for s in schemas])
 
     def _check_ready(self) -> None:
-        check_ready(self.spec.name, EngineState.CLOSED if self._closing else self._state)
+        check_ready(self.spec.name, EngineState.CLOSED if self._closing else self.state)
 
     def _abort(self, request_id: str) -> None:
         with self._lock:
@@ -167,6 +205,14 @@ class LocalEngine:
     # ---- the engine thread ----------------------------------------------------------------
 
     def _run(self, loaded: LoadedModel) -> None:
+        """The engine loop; if it ever dies, its requests fail at once (and ``state`` turns FAILED)."""
+        try:
+            self._loop(loaded)
+        except BaseException:
+            log.critical("the engine loop of model %s died; the model cannot answer until the server restarts",
+                         self.spec.name, exc_info=True)
+
+    def _loop(self, loaded: LoadedModel) -> None:
         config = loaded.model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         cache = SlotKVCache(
@@ -182,22 +228,22 @@ class LocalEngine:
         tokenizer = loaded.tokenizer
         sampler = Sampler(lambda t: tokenizer.decode([t]), loaded.stop_ids)
         scheduler = Scheduler(cache, self.spec.max_num_seqs, _MAX_PREFILL_TOKENS)
-        while True:
-            if not self._take_inbox(scheduler):
-                break
-            step = scheduler.schedule()
-            if step is None:
-                cache.shrink()
-                continue
-            try:
-                self._step(step, runner, sampler, scheduler, loaded.stop_ids)
-            except Exception:  # not one request's fault (each row's own failures are isolated in _step)
-                log.exception("engine step failed for model %s; failing the %d requests in it",
-                              self.spec.name, len(step.seqs))
-                for seq in step.seqs:
-                    self._fail(seq, scheduler, "the model failed while generating")
-            self._publish(scheduler)
-        self._fail_all(scheduler)
+        try:
+            while self._take_inbox(scheduler):
+                step = scheduler.schedule()
+                if step is None:
+                    cache.shrink()
+                    continue
+                try:
+                    self._step(step, runner, sampler, scheduler, loaded.stop_ids)
+                except Exception:  # not one request's fault (each row's own failures are isolated in _step)
+                    log.exception("engine step failed for model %s; failing the %d requests in it",
+                                  self.spec.name, len(step.seqs))
+                    for seq in step.seqs:
+                        self._fail(seq, scheduler, "the model failed while generating")
+                self._publish(scheduler)
+        finally:  # closing, or the loop died: nobody will answer what is left
+            self._fail_all()
 
     def _step(self, step: Step, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler,
               stop_ids: frozenset[int]) -> None:
@@ -265,6 +311,7 @@ class LocalEngine:
         self._kv_tokens = sum(seq.length for seq in scheduler.running)
 
     def _finish(self, seq: Sequence, scheduler: Scheduler) -> None:
+        self._admitted.pop(id(seq), None)
         scheduler.finish(seq)
         self._gate.release()
 
@@ -275,10 +322,10 @@ class LocalEngine:
         seq.collector.fail(InhouseError(ErrorCode.ENGINE_ERROR, message))
         self._finish(seq, scheduler)
 
-    def _fail_all(self, scheduler: Scheduler) -> None:
+    def _fail_all(self) -> None:
+        """Fail every admitted sequence not finished: waiting, running, or lost by a loop that died mid-step."""
         with self._lock:
-            leftovers = list(scheduler.running) + list(scheduler.waiting) + self._inbox
-            self._inbox = []
+            leftovers, self._admitted, self._inbox = list(self._admitted.values()), {}, []
         for seq in leftovers:
             seq.collector.fail(InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is shutting down"))
 

@@ -1,4 +1,5 @@
-"""``/admin/keys…`` and ``/admin/audit…``: key management and the read-only audit log, for admin keys only.
+"""``/admin/keys…``, ``/admin/audit…`` and ``/admin/models``: key management, the read-only audit log and the
+served models' state (loading / ready / draining / failed, per deployment), for admin keys only.
 
 Bodies are strict (no coercion: ``"yes"`` is not a bool, ``"5"`` not an int) and query parameters are
 checked; every refusal is a 400 ``invalid_request`` naming the parameter.  Unknown query parameters are
@@ -23,10 +24,12 @@ from inhouse.keys.store import KeyLimits, KeyNameTakenError, KeyStore
 from inhouse.server.body import read_model
 from inhouse.server.call import call_of
 from inhouse.server.context import context_of
+from inhouse.server.probes import DRAINING, model_state
 from inhouse.server.render import json_response
 from inhouse.storage.database import Database
 
-__all__ = ["audit_search", "audit_verify", "create_key", "list_keys", "revoke_key", "rotate_key", "show_key"]
+__all__ = ["audit_search", "audit_verify", "create_key", "list_keys", "list_models", "revoke_key", "rotate_key",
+           "show_key"]
 
 
 _INT32 = 2**31 - 1  # the rpm, tpm and max_concurrency columns are 32-bit
@@ -148,3 +151,29 @@ async def audit_verify(request: Request) -> Response:
     _, db = _admin(request)
     result = await asyncio.to_thread(verify, db)
     return json_response({"ok": result.ok, "rows": result.rows, "problem": result.problem})
+
+
+async def list_models(request: Request) -> Response:
+    """Every served model's state and its deployments', whatever the admin key's model list (auth off: open)."""
+    ctx = context_of(request)
+    if ctx.keys is not None:
+        _admin(request)
+    registry, draining = ctx.registry, ctx.drain.draining
+    data = []
+    for name in registry.names():
+        deployments = registry.find(name)
+        entries = []
+        for d in deployments:
+            stats = d.engine.stats()
+            entry: dict[str, Any] = {"name": d.label, "engine": d.engine.info.kind,
+                                     "state": DRAINING if draining and stats.state.value == "ready"
+                                     else stats.state.value,
+                                     "alive": stats.alive, "healthy": d.route.healthy, "circuit": d.route.circuit,
+                                     "in_flight": d.route.outstanding, "running": stats.running,
+                                     "waiting": stats.waiting, "weight": d.spec.weight}
+            if error := registry.load_error(d) or d.route.health_error:
+                entry["error"] = error
+            entries.append(entry)
+        data.append({"id": name, "object": "model", "state": model_state(deployments, draining),
+                     "deployments": entries})
+    return json_response({"object": "list", "draining": draining, "in_flight": ctx.drain.in_flight, "data": data})

@@ -1,4 +1,6 @@
-"""``GET /health`` (liveness, with engine state) and ``GET /ready`` (503 until every model is loaded)."""
+"""``GET /health`` (liveness, with engine state) and ``GET /ready`` (503 until every model is loaded, and while
+the server drains).  The rules are in ``probes.py``: ``/health`` is 503 with ``status: "unhealthy"`` and the
+``problems`` when an engine loop or the audit writer died or is stuck."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from starlette.responses import Response
 
 from inhouse.engine.base import Capability
 from inhouse.server.context import context_of
+from inhouse.server.probes import liveness_problems
 from inhouse.server.render import json_response
 
 __all__ = ["health", "ready"]
@@ -17,7 +20,8 @@ ENCODING = frozenset({Capability.EMBEDDINGS, Capability.RERANK})
 
 
 async def health(request: Request) -> Response:
-    registry = context_of(request).registry
+    ctx = context_of(request)
+    registry = ctx.registry
     models = {}
     for name in registry.names():
         deployments = registry.deployments(name)
@@ -29,7 +33,7 @@ async def health(request: Request) -> Response:
                                      "kv_cache_tokens": stats.kv_cache_tokens,
                                      "kv_cache_usage": round(stats.kv_cache_usage, 4),
                                      "healthy": deployment.route.healthy, "circuit": deployment.route.circuit,
-                                     "in_flight": deployment.route.outstanding}
+                                     "in_flight": deployment.route.outstanding, "alive": stats.alive}
             if deployment.engine.info.capabilities & ENCODING:
                 entry |= {"batches": stats.batches, "batched_inputs": stats.batched_inputs,
                           "max_batch": stats.max_batch}
@@ -41,12 +45,17 @@ async def health(request: Request) -> Response:
             entries.append(entry)
         # the model's own line is its first deployment's (one deployment: exactly that), plus the list
         models[name] = {**entries[0], "deployments": entries}
+    problems = liveness_problems(registry, ctx.audit, ctx.settings.audit_stall_seconds)
+    if problems:
+        return json_response({"status": "unhealthy", "problems": problems, "models": models}, status=503)
     return json_response({"status": "ok", "models": models})
 
 
 async def ready(request: Request) -> Response:
-    registry = context_of(request).registry
-    is_ready = registry.ready()
-    body = {"status": "ready" if is_ready else "loading",
+    ctx = context_of(request)
+    registry = ctx.registry
+    is_ready = registry.ready() and not ctx.drain.draining
+    status = "draining" if ctx.drain.draining else "ready" if is_ready else "loading"
+    body = {"status": status,
             "models": {d.label: d.engine.state.value for d in registry.all()}}
     return json_response(body, status=200 if is_ready else 503)

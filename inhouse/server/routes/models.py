@@ -13,17 +13,20 @@ from inhouse.gateway.registry import Deployment
 from inhouse.protocol.models import model_card, model_list
 from inhouse.server.call import call_of
 from inhouse.server.context import context_of
+from inhouse.server.probes import model_state
 from inhouse.server.render import json_response
 
 __all__ = ["get_model", "list_models"]
 
 
-def _card(deployments: list[Deployment]) -> dict[str, Any]:
-    """One card per model name; its deployments (several for a balanced or upstream model) inside."""
+def _card(deployments: list[Deployment], draining: bool = False) -> dict[str, Any]:
+    """One card per model name; its deployments (several for a balanced or upstream model) inside.  ``state``
+    is the model's: loading, ready, draining (the server stops) or failed."""
     first = deployments[0]
     info = first.engine.info
     ready = [d for d in deployments if d.engine.state is EngineState.READY]
     extra: dict[str, Any] = {"engine": info.kind, "status": (ready[0] if ready else first).engine.state.value,
+                             "state": model_state(deployments, draining),
                              "capabilities": sorted(c.value for c in info.capabilities)}
     if info.context_length:
         extra["max_model_len"] = info.context_length
@@ -45,17 +48,19 @@ def _card(deployments: list[Deployment]) -> dict[str, Any]:
 
 async def list_models(request: Request) -> Response:
     """The models this caller's key may use."""
-    registry = context_of(request).registry
+    ctx = context_of(request)
+    registry = ctx.registry
     call = call_of(request)
     key = call.key if call is not None else None
-    return json_response(model_list([_card(registry.deployments(name)) for name in registry.names()
+    return json_response(model_list([_card(registry.deployments(name), ctx.drain.draining) for name in registry.names()
                                      if key is None or key.allows(name)]))
 
 
 async def get_model(request: Request) -> Response:
     name = request.path_params["model_id"]
-    deployments = context_of(request).registry.deployments(name)
+    ctx = context_of(request)
+    deployments = ctx.registry.deployments(name)
     call = call_of(request)
     if call is not None and call.key is not None and not call.key.allows(name):
         raise InhouseError(ErrorCode.MODEL_NOT_FOUND, f"The model '{name}' does not exist", param="model")
-    return json_response(_card(deployments))
+    return json_response(_card(deployments, ctx.drain.draining))
