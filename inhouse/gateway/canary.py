@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from inhouse.config import SwapSettings
 
-__all__ = ["SERVER_ERRORS", "Tally", "Verdict", "judge"]
+__all__ = ["SERVER_ERRORS", "Tally", "Verdict", "failing", "judge"]
 
 SERVER_ERRORS = frozenset({"engine_error", "internal_error", "upstream_error", "upstream_unavailable",
                            "model_unavailable", "model_loading"})
@@ -53,6 +53,13 @@ class Tally:
 class Verdict:
     promote: bool
     reason: str
+
+
+def failing(canary: Tally, baseline: Tally, rules: SwapSettings) -> bool:
+    """The canary already fails its error-rate test on enough requests: the window need not run to its end (each
+    further request it takes is one more a client sees fail)."""
+    return canary.requests >= rules.canary_min_requests and \
+        canary.error_rate > baseline.error_rate + rules.canary_max_error_rate_delta
 
 
 def judge(canary: Tally, baseline: Tally, rules: SwapSettings) -> Verdict:

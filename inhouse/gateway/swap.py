@@ -3,7 +3,8 @@
 Owns the per-model swap lock, the previous versions (for rollback), the last swap's outcome per model,
 and the canary windows' tallies.  A swap builds the new version's engines beside the old ones, refuses it
 when its weights would not fit in memory, waits until it loaded, runs the smoke check, and only then
-switches new requests (all at once, or a share of them for a canary window); the old engines close once
+switches new requests (all at once, or a share of them for a canary window, which ends early, rolled back,
+as soon as the canary fails its error-rate test on enough requests); the old engines close once
 their in-flight requests are done.  Any refusal is an InhouseError ``swap_failed`` and the old version
 keeps serving.  Knows nothing about HTTP.
 """
@@ -11,6 +12,7 @@ keeps serving.  Knows nothing about HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from inhouse.audit.record import AuditRecord
 from inhouse.config import ModelSpec, Settings, SwapSettings, UpstreamSpec, model_spec
 from inhouse.engine.base import Engine
 from inhouse.errors import ErrorCode, InhouseError
-from inhouse.gateway.canary import Tally, Verdict, judge
+from inhouse.gateway.canary import Tally, Verdict, failing, judge
 from inhouse.gateway.memory import memory_refusal
 from inhouse.gateway.registry import Deployment, ModelRegistry
 from inhouse.gateway.smoke import smoke_check
@@ -39,6 +41,7 @@ class _Window:
     def __init__(self, new_versions: set[str]) -> None:
         self.new_versions = new_versions
         self.canary, self.baseline = Tally(), Tally()
+        self.failed = asyncio.Event()  # set once the canary is failing: it is rolled back without waiting
 
 
 class Swapper:
@@ -73,6 +76,8 @@ class Swapper:
         if window is not None and record.model_version is not None:
             side = window.canary if record.model_version in window.new_versions else window.baseline
             side.add(record.status, record.error_code, record.ttft_ms)
+            if failing(window.canary, window.baseline, self._rules):
+                window.failed.set()
         return True
 
     # -- operations --------------------------------------------------------------------------------------
@@ -178,14 +183,18 @@ class Swapper:
         window = self._windows[name] = _Window({d.version for d in new})
         self._registry.start_canary(name, new, share)
         verdict = Verdict(False, "the canary window was interrupted")
+        started = time.monotonic()
         try:
-            await asyncio.sleep(window_s)
+            with contextlib.suppress(TimeoutError):  # the window's end, or earlier once the canary is failing
+                await asyncio.wait_for(window.failed.wait(), window_s)
             verdict = judge(window.canary, window.baseline, self._rules)
         finally:
             del self._windows[name]
             await self._registry.end_canary(name, verdict.promote, self._rules.drain_s)
         return {"outcome": "promoted" if verdict.promote else "rolled_back", "reason": verdict.reason, "share": share,
-                "window_s": window_s, "canary": window.canary.public(), "baseline": window.baseline.public()}
+                "window_s": window_s, "ended_after_s": round(time.monotonic() - started, 3),
+                "ended_early": window.failed.is_set(), "canary": window.canary.public(),
+                "baseline": window.baseline.public()}
 
     def _failed(self, name: str, kind: str, old: str, new: str | None, reason: str) -> InhouseError:
         self._last[name] = {"object": "model.swap", "model": name, "kind": kind, "from": old, "to": new,

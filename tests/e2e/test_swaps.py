@@ -215,13 +215,15 @@ def test_a_canary_that_errors_is_rolled_back(server: ServerProcess) -> None:
         load.wait(10)
         # fails after 8 tokens: the smoke check (8 tokens) passes, the clients' 16-token answers do not
         canary = cli(server, "models", "swap", "chat", "--version", "bad", "--set", "fake_fail_after=8",
-                     "--set", f"fake_reply={json.dumps(REPLY)}", "--canary", "40%", "--window", "4", "--json")
+                     "--set", f"fake_reply={json.dumps(REPLY)}", "--canary", "40%", "--window", "30", "--json")
         rolled_back_at = time.time()
         load.wait(20)
     assert canary.returncode == 1
     result = json.loads(canary.stdout)
     assert result["outcome"] == "rolled_back" and "error rate" in result["reason"], result
     assert result["canary"]["errors"] > 0 and result["baseline"]["errors"] == 0
+    # rolled back as soon as it failed on canary_min_requests (3) requests, not after the 30 s window
+    assert result["ended_early"] is True and result["ended_after_s"] < 25, result
     assert version(server, "chat") == old
     rows = [r for r in audit(server, "chat") if r["path"] == "/v1/chat/completions"]
     failed = [r for r in rows if r["error_code"]]

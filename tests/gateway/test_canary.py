@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from inhouse.config import SwapSettings
-from inhouse.gateway.canary import Tally, judge
+from inhouse.gateway.canary import Tally, failing, judge
 
 RULES = SwapSettings(canary_min_requests=5, canary_max_error_rate_delta=0.05, canary_max_ttft_ratio=2.0,
                      canary_ttft_slack_ms=50)
@@ -46,3 +46,10 @@ def test_stream_errors_count_and_client_errors_do_not() -> None:
     t.add(200, None, 30)
     assert (t.requests, t.errors) == (4, 1)
     assert t.p99_ttft == 30
+
+
+def test_a_canary_is_failing_early_only_on_enough_requests_and_only_by_its_error_rate() -> None:
+    assert not failing(tally(4, errors=4), tally(10), RULES)  # too few to say
+    assert failing(tally(5, errors=5), tally(10), RULES)
+    assert not failing(tally(20, errors=2), tally(100, errors=8), RULES)  # within 5 points of the old rate
+    assert not failing(tally(20, ttft=10_000), tally(100), RULES)  # a slow canary waits for the window's verdict
