@@ -36,6 +36,7 @@ __all__ = [
     "ConfigError",
     "ExtraModels",
     "FakeSpec",
+    "ImageSettings",
     "LocalSpec",
     "MetricsSettings",
     "ModelSpec",
@@ -325,6 +326,16 @@ class SwapSettings(_Frozen):
     canary_ttft_slack_ms: float = Field(default=50.0, ge=0)  # a p99 under old's + this always passes
 
 
+class ImageSettings(_Frozen):
+    """Images in chat messages (``image_url`` parts), checked by the server before any engine sees them."""
+
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)  # one image, encoded (base64 decoded / as fetched)
+    max_images: int = Field(default=8, ge=1)  # image parts in one request
+    max_pixels: int = Field(default=4096 * 4096, ge=1)  # width × height of one image
+    allowed_hosts: tuple[str, ...] = ()  # http(s) image URLs only from these hosts (default: none, data: URLs only)
+    fetch_timeout_s: float = Field(default=10.0, gt=0)
+
+
 class Settings(_Frozen):
     """Everything the server needs, decided before it starts."""
 
@@ -364,6 +375,7 @@ class Settings(_Frozen):
 
     routing: RoutingSettings = RoutingSettings()
     swap: SwapSettings = SwapSettings()
+    images: ImageSettings = ImageSettings()
 
     @field_validator("models")
     @classmethod

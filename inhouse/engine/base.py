@@ -100,6 +100,9 @@ class GenerateRequest:
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    # the decoded images of the messages' image parts, in order of appearance (PIL.Image.Image, RGB), filled
+    # by the server (``inhouse.server.images``) for an engine that serves VISION; the parts keep their URLs
+    images: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """Builds the engine a ModelSpec asks for.  The one place that maps ``engine:`` names to classes.
 
 ``auto`` is the AutoEngine (vLLM, falling back to transformers) when vLLM is installed, else the
-transformers engine; the choice is logged.
+transformers engine; the choice is logged.  A vision-language checkpoint (``inhouse.engine.vision.detect``) under
+``auto`` or ``transformers`` gets the vision engine; ``engine: vllm`` stays vLLM (text only).
 """
 
 from __future__ import annotations
@@ -9,7 +10,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from inhouse.config import AutoSpec, FakeSpec, ModelSpec, SentenceTransformersSpec, UpstreamSpec, VllmSpec
+from inhouse.config import (
+    AutoSpec,
+    FakeSpec,
+    ModelSpec,
+    SentenceTransformersSpec,
+    TransformersSpec,
+    UpstreamSpec,
+    VllmSpec,
+)
 from inhouse.engine.base import Engine
 
 __all__ = ["build_engine"]
@@ -18,6 +27,14 @@ log = logging.getLogger("inhouse.engine")
 
 
 def build_engine(spec: ModelSpec, cache_dir: Path) -> Engine:
+    if isinstance(spec, AutoSpec | TransformersSpec):
+        from inhouse.engine.vision.detect import is_vision_checkpoint
+
+        if is_vision_checkpoint(spec):
+            from inhouse.engine.vision.engine import VisionEngine
+
+            log.info("model %s: a vision-language checkpoint → the transformers vision engine", spec.name)
+            return VisionEngine(spec, cache_dir)
     if isinstance(spec, AutoSpec):
         from inhouse.engine.vllm import vllm_available
 

@@ -23,6 +23,7 @@ from inhouse.server.call import Call, call_of
 from inhouse.server.context import context_of
 from inhouse.server.convert import images_in
 from inhouse.server.disconnect import or_disconnect
+from inhouse.server.images import with_images
 from inhouse.server.operations import GENERATION, generator, require
 
 __all__ = ["ChoiceResult", "Parsers", "audit_text", "collect", "merged", "route", "total_usage"]
@@ -95,6 +96,8 @@ async def route(request: Request, model: str, stream: bool, request_id: str,
     if image is not None and Capability.VISION not in ctx.registry.get(model).engine.info.capabilities:
         raise InhouseError(ErrorCode.UNSUPPORTED, f"the model '{model}' does not take images; send text only",
                            param=f"messages.{image}.content")
+    if image is not None:  # decoded and checked against images.* here, whichever engine serves
+        requests = await with_images(requests, ctx.settings.images)
     call = call_of(request)
     if call is not None:
         call.asked(request_id, model, stream)
