@@ -37,9 +37,9 @@ def requests(*urls: str, choices: int = 1) -> list[GenerateRequest]:
     return [GenerateRequest(f"r-{i}", SamplingParams(), messages=messages) for i in range(choices)]
 
 
-async def refused(reqs: list[GenerateRequest], settings: ImageSettings = ImageSettings()) -> InhouseError:
+async def refused(reqs: list[GenerateRequest], settings: ImageSettings | None = None) -> InhouseError:
     with pytest.raises(InhouseError) as caught:
-        await with_images(reqs, settings)
+        await with_images(reqs, settings or ImageSettings())
     return caught.value
 
 
@@ -106,7 +106,7 @@ def image_host() -> Iterator[str]:
     body = picture("green")
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             payload = {"/cat.png": body, "/big.png": bytes(100_000)}.get(self.path)
             self.send_response(200 if payload is not None else 404)
             self.send_header("Content-Length", str(len(payload or b"")))

@@ -162,9 +162,9 @@ class VisionEngine:
         return await self._admit(requests)
 
     async def _admit(self, requests: Seq[GenerateRequest]) -> list[Generation]:
-        self._gate.check(len(requests))
         for request in requests:
             _refuse_unsupported(request)
+        self._gate.check(len(requests))
         loop = asyncio.get_running_loop()
         jobs = []
         for request in requests:
@@ -219,21 +219,27 @@ class VisionEngine:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
+            stream: _TextStream | None = None
+            failed = False
             try:
                 if not job.aborted.is_set():
-                    self._generate(job)
+                    stream = self._generate(job)
             except Exception:
                 log.exception("request %s failed in generate", job.request_id)
-                job.collector.fail(InhouseError(ErrorCode.ENGINE_ERROR, "the model failed while generating"))
-            finally:
+                failed = True
+            finally:  # the slot is free before the caller hears the end, so it may ask again at once
                 with self._lock:
                     self._running.pop(job.request_id, None)
                 self._gate.release()
+            if failed:
+                job.collector.fail(InhouseError(ErrorCode.ENGINE_ERROR, "the model failed while generating"))
+            elif stream is not None and not job.aborted.is_set():
+                stream.finish()
         for job in list(self._running.values()):
             job.collector.fail(InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is shutting down"))
 
-    def _generate(self, job: _Job) -> None:
-        """One request through ``generate``, its tokens handed out as they come."""
+    def _generate(self, job: _Job) -> _TextStream:
+        """One request through ``generate``, its tokens handed out as they come (the end is the caller's)."""
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         stream = _TextStream(self._processor, job, self._stop_ids)
@@ -258,8 +264,7 @@ class VisionEngine:
         with torch.inference_mode():
             self._model.generate(**inputs, streamer=stream, stopping_criteria=StoppingCriteriaList([_Stop()]),
                                  pad_token_id=self._stop_ids[0] if self._stop_ids else None, **options)
-        if not job.aborted.is_set():
-            stream.finish()
+        return stream
 
 
 class _TextStream:

@@ -1,0 +1,103 @@
+"""VisionEngine in process on the tiny LLaVA: chosen for VLM checkpoints, card, messages for the template,
+streamed answers with image tokens counted, aborts ending ``generate``, and 429 when its queue is full."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from inhouse.config import model_spec
+from inhouse.engine.base import Capability, GenerateRequest, SamplingParams
+from inhouse.engine.factory import build_engine
+from inhouse.engine.local.engine import LocalEngine
+from inhouse.engine.vision.detect import is_vision_checkpoint
+from inhouse.engine.vision.engine import VisionEngine, chat_messages
+from inhouse.errors import ErrorCode, InhouseError
+from tests.tiny_vlm import build_tiny_llava
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(cache_dir: Path) -> Path:
+    return build_tiny_llava(cache_dir / "tiny-llava-c28")
+
+
+@pytest.fixture(scope="module")
+async def engine(vlm_dir: Path, cache_dir: Path) -> AsyncIterator[VisionEngine]:
+    spec = model_spec(name="vlm", path=str(vlm_dir), engine="transformers", dtype="float32", max_waiting=0)
+    built = build_engine(spec, cache_dir)
+    assert isinstance(built, VisionEngine)
+    await built.start()
+    yield built
+    await built.close()
+
+
+def image_request(request_id: str, max_tokens: int, color: str = "red") -> GenerateRequest:
+    messages = ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:..."}},
+                                             {"type": "text", "text": "What is it?"}]},)
+    return GenerateRequest(request_id, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                           messages=messages, images=(Image.new("RGB", (30, 30), color),))
+
+
+def test_vision_checkpoints_are_detected(vlm_dir: Path, tiny_model_dir: Path, cache_dir: Path) -> None:
+    assert is_vision_checkpoint(model_spec(name="v", path=str(vlm_dir)))
+    assert not is_vision_checkpoint(model_spec(name="t", path=str(tiny_model_dir)))
+    assert not is_vision_checkpoint(model_spec(name="b", path="builtin:smollm2-135m-instruct"))
+    text = build_engine(model_spec(name="t", path=str(tiny_model_dir), engine="transformers"), cache_dir)
+    assert isinstance(text, LocalEngine)
+    auto = build_engine(model_spec(name="v", path=str(vlm_dir), engine="auto"), cache_dir)
+    assert isinstance(auto, VisionEngine)
+    assert Capability.VISION in auto.info.capabilities  # known before it loads
+
+
+def test_chat_messages_turn_every_content_into_parts() -> None:
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "see"},
+                                             {"type": "image_url", "image_url": {"url": "data:x"}}]}]
+    assert chat_messages(messages) == [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "see"}, {"type": "image"}]}]
+
+
+async def test_an_image_request_streams_and_counts_image_tokens(engine: VisionEngine) -> None:
+    [generation] = await engine.submit([image_request("a", 6)])
+    deltas = [d async for d in generation]
+    assert deltas[-1].finish_reason == "length"
+    assert deltas[-1].usage is not None
+    assert deltas[-1].usage.completion_tokens == 6 == sum(d.token_count for d in deltas)
+    assert deltas[-1].usage.prompt_tokens == generation.prompt_tokens
+    text_only = GenerateRequest("b", SamplingParams(max_tokens=1), messages=(
+        {"role": "user", "content": "What is it?"},))
+    [plain] = await engine.submit([text_only])
+    async for _ in plain:
+        pass
+    assert generation.prompt_tokens == plain.prompt_tokens + 4 + 1  # 4 image tokens and the "\n" after them
+
+
+async def test_a_full_engine_refuses_with_429_and_an_abort_frees_it(engine: VisionEngine) -> None:
+    [long] = await engine.submit([image_request("long", 400)])
+    with pytest.raises(InhouseError) as caught:
+        await engine.submit([image_request("more", 2)])
+    assert caught.value.code is ErrorCode.QUEUE_FULL
+    long.abort()
+    deadline = time.monotonic() + 60
+    while engine.stats().running and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert engine.stats().running == 0
+    [after] = await engine.submit([image_request("after", 2)])
+    assert [d async for d in after][-1].finish_reason == "length"
+
+
+async def test_tools_and_logprobs_are_refused(engine: VisionEngine) -> None:
+    tool = {"type": "function", "function": {"name": "f"}}
+    asks = [GenerateRequest("t", SamplingParams(), messages=({"role": "user", "content": "x"},), tools=(tool,)),
+            GenerateRequest("l", SamplingParams(logprobs=True), messages=({"role": "user", "content": "x"},)),
+            GenerateRequest("p", SamplingParams(), prompt="x")]
+    for request, param in zip(asks, ("tools", "logprobs", "prompt"), strict=True):
+        with pytest.raises(InhouseError) as caught:
+            await engine.submit([request])
+        assert (caught.value.code, caught.value.param) == (ErrorCode.UNSUPPORTED, param)
