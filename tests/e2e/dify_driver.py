@@ -56,13 +56,16 @@ SCENARIO is ``validate`` (the LLM "Save" ping), ``blocking`` (stream=False), ``s
 tool calls and one ``ToolPromptMessage`` result per call; both turns blocking unless --stream), both with the
 credentials of a model whose "Function calling" is set (``--function-calling-type``, default ``tool_call``),
 ``embed-validate`` / ``embed`` (the text-embedding class: Save, or one invoke with all --text) or
-``rerank-validate`` / ``rerank`` (the rerank class: Save, or one invoke; no --top-n sends ``top_n: null``).
+``rerank-validate`` / ``rerank`` (the rerank class: Save, or one invoke; no --top-n sends ``top_n: null``)
+or ``vision`` (a chat model whose "Vision Support" is on; the user message carries --image-file as Dify's
+``ImagePromptMessageContent``, base64, then the --prompt text; blocking unless --stream).
 The exit status is 0 when the SDK call succeeded, 1 when it raised (the JSON then says what it raised).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import json
 import os
@@ -86,9 +89,11 @@ from dify_plugin.entities.model import ModelType
 from dify_plugin.entities.model.llm import LLMResultChunk
 from dify_plugin.entities.model.message import (
     AssistantPromptMessage,
+    ImagePromptMessageContent,
     PromptMessage,
     PromptMessageTool,
     SystemPromptMessage,
+    TextPromptMessageContent,
     ToolPromptMessage,
     UserPromptMessage,
 )
@@ -98,7 +103,7 @@ from dify_plugin.interfaces.model.openai_compatible.rerank import OAICompatReran
 from dify_plugin.interfaces.model.openai_compatible.text_embedding import OAICompatEmbeddingModel
 
 TOOL_SCENARIOS = ("tools", "tools-round-trip")
-LLM_SCENARIOS = ("validate", "blocking", "stream", "multiturn", "stop", *TOOL_SCENARIOS)
+LLM_SCENARIOS = ("validate", "blocking", "stream", "multiturn", "stop", *TOOL_SCENARIOS, "vision")
 EMBEDDING_SCENARIOS = ("embed-validate", "embed")
 RERANK_SCENARIOS = ("rerank-validate", "rerank")
 SCENARIOS = LLM_SCENARIOS + EMBEDDING_SCENARIOS + RERANK_SCENARIOS
@@ -175,6 +180,8 @@ def credentials_for(scenario: str, base_url: str) -> dict[str, str]:
         return embedding_credentials(base_url)
     if scenario in RERANK_SCENARIOS:
         return rerank_credentials(base_url)
+    if scenario == "vision":  # the model form's "Vision Support" set to Support
+        return {**dify_credentials(base_url), "vision_support": "support"}
     return dify_credentials(base_url)
 
 
@@ -276,6 +283,12 @@ def prompt_messages(args: argparse.Namespace) -> list[PromptMessage]:
             AssistantPromptMessage(content=MULTITURN_FIRST_ANSWER),
             UserPromptMessage(content=MULTITURN_SECOND_QUESTION),
         ]
+    if args.scenario == "vision":  # a chat app with vision on: the uploaded file, then the user's question
+        with open(args.image_file, "rb") as image:
+            picture = ImagePromptMessageContent(format=args.image_file.rsplit(".", 1)[-1], mime_type=args.image_mime,
+                                                base64_data=base64.b64encode(image.read()).decode(),
+                                                detail=ImagePromptMessageContent.DETAIL(args.image_detail))
+        return [UserPromptMessage(content=[picture, TextPromptMessageContent(data=args.prompt)])]
     return [UserPromptMessage(content=args.prompt)]
 
 
@@ -283,7 +296,7 @@ def daemon_request(args: argparse.Namespace, credentials: dict[str, str],
                    messages: list[PromptMessage] | None = None,
                    tools: list[PromptMessageTool] | None = None) -> ModelInvokeLLMRequest:
     """The request the plugin daemon decodes, built from its JSON form so the SDK's own parsing runs."""
-    stream = args.scenario == "stream" or (args.scenario in ("stop", *TOOL_SCENARIOS) and args.stream)
+    stream = args.scenario == "stream" or (args.scenario in ("stop", "vision", *TOOL_SCENARIOS) and args.stream)
     payload = {
         "user_id": USER_ID,
         "provider": "openai_api_compatible",
@@ -420,7 +433,7 @@ def run_rerank(args: argparse.Namespace, credentials: dict[str, str]) -> dict[st
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, dict[str, str]], dict[str, Any]]] = {
     "validate": run_validate,
-    **dict.fromkeys(("blocking", "stream", "multiturn", "stop"), run_invoke),
+    **dict.fromkeys(("blocking", "stream", "multiturn", "stop", "vision"), run_invoke),
     **dict.fromkeys(TOOL_SCENARIOS, run_tools),
     "embed-validate": run_embed_validate,
     "embed": run_embed,
@@ -442,6 +455,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     llm.add_argument("--stream", action="store_true", help="stream the `stop` and tools scenarios")
     llm.add_argument("--function-calling-type", choices=("tool_call", "function_call"), default="tool_call",
                      help="the tools scenarios' \"Function calling\" credential")
+    vision = parser.add_argument_group("vision scenario (the model's \"Vision Support\" credential is on)")
+    vision.add_argument("--image-file", help="the image a user uploaded (sent as base64 in the user message)")
+    vision.add_argument("--image-mime", default="image/png")
+    vision.add_argument("--image-detail", choices=("low", "high"), default="low")
     embed = parser.add_argument_group("embedding scenarios")
     embed.add_argument("--text", action="append", default=[], help="a text to embed (repeatable, in order)")
     embed.add_argument("--input-type", choices=("document", "query"), default="document")
@@ -453,6 +470,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     rerank.add_argument("--score-threshold", type=float, help="Dify's score threshold (default: none)")
     rerank.add_argument("--top-n", type=int, help="Dify's top K (default: none, sent as top_n: null)")
     args = parser.parse_args(argv)
+    if args.scenario == "vision" and not args.image_file:
+        parser.error("the vision scenario needs --image-file")
     if args.scenario == "stop" and not args.stop:
         parser.error("the stop scenario needs at least one --stop")
     return args

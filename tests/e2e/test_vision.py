@@ -1,6 +1,7 @@
 """Vision through the real CLI: a tiny random LLaVA (built offline) answers image prompts exactly as transformers'
 own ``generate`` does; bad images get clean 400/413 errors naming the part; a text model still refuses images;
-a gateway forwards images to an upstream that declares ``vision``."""
+a gateway forwards images to an upstream that declares ``vision``; Dify's own client classes send an uploaded
+image to both."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import openai
 import pytest
 
 from tests.conftest import TINY
+from tests.e2e.dify import Dify
 from tests.process import ServerProcess
 from tests.tiny_vlm import build_tiny_llava
 
@@ -210,3 +212,27 @@ def test_the_gateway_forwards_images_to_an_upstream_vlm(gateway: ServerProcess, 
     assert relayed.choices[0].message.content == direct.choices[0].message.content
     assert relayed.usage is not None and direct.usage is not None
     assert relayed.usage.prompt_tokens == direct.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("mode", ["blocking", "stream"])
+def test_dify_vision_against_the_local_vlm_and_through_the_gateway(
+        dify: Dify, server: ServerProcess, gateway: ServerProcess, client: openai.OpenAI, tmp_path: Path,
+        mode: str) -> None:
+    """Dify's own client classes (``OAICompatLargeLanguageModel``, "Vision Support" on) with an uploaded image in
+    the user message: the answer and usage are the server's own for the same message, with no GPT-2 estimate."""
+    picture = tmp_path / "upload.png"
+    picture.write_bytes(png("navy"))
+    message = image_message(data_url(png("navy")), detail="low")
+    direct = client.chat.completions.create(model=VLM, messages=[message], max_tokens=8,  # type: ignore[list-item]
+                                            temperature=0)
+    assert direct.choices[0].message.content  # a non-empty answer to compare
+    stream = ("--stream",) if mode == "stream" else ()
+    for url, model in ((server.url + "/v1", VLM), (gateway.url + "/v1", "remote-vlm")):
+        result = dify.ok("vision", url, model, "--image-file", str(picture), "--prompt", QUESTION,
+                         "--max-tokens", "8", *stream)
+        sent = result["wire"][0]
+        assert sent["status"] == 200
+        assert sent["body"]["messages"] == [message]  # Dify sent the image inline, as a data: URL
+        assert result["text"] == direct.choices[0].message.content
+        assert direct.usage is not None and result["usage"]["prompt_tokens"] == direct.usage.prompt_tokens
+        assert result["estimations"] == 0
