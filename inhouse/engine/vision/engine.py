@@ -149,6 +149,8 @@ class VisionEngine:
         text = model.config.get_text_config()
         limit = getattr(text, "max_position_embeddings", None) or 2048
         eos = model.generation_config.eos_token_id
+        if eos is None:  # no end in the generation config: the tokenizer's
+            eos = getattr(getattr(processor, "tokenizer", None), "eos_token_id", None)
         self._stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
         self._model, self._processor = model, processor
         self._info = EngineInfo(kind="transformers-vision", max_num_seqs=1, device=str(device),
@@ -251,6 +253,7 @@ class VisionEngine:
 
         sampling = job.sampling
         options: dict[str, Any] = {"max_new_tokens": job.max_tokens, "do_sample": not sampling.greedy,
+                                   "eos_token_id": self._stop_ids or None,
                                    "repetition_penalty": sampling.repetition_penalty}
         if not sampling.greedy:
             options |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or None}

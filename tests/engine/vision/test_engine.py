@@ -101,3 +101,19 @@ async def test_tools_and_logprobs_are_refused(engine: VisionEngine) -> None:
         with pytest.raises(InhouseError) as caught:
             await engine.submit([request])
         assert (caught.value.code, caught.value.param) == (ErrorCode.UNSUPPORTED, param)
+
+
+async def answer(engine: VisionEngine, request: GenerateRequest) -> tuple[str, str | None]:
+    [generation] = await engine.submit([request])
+    deltas = [d async for d in generation]
+    return "".join(d.text for d in deltas), deltas[-1].finish_reason
+
+
+async def test_a_stop_string_cuts_the_answer_where_it_starts(engine: VisionEngine) -> None:
+    full, _ = await answer(engine, image_request("full", 16, "navy"))
+    stop = full[4:6]
+    assert len(stop) == 2 and full.find(stop) >= 1
+    cut = image_request("cut", 16, "navy")
+    cut = GenerateRequest(cut.request_id, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
+                                                         stop=(stop,)), messages=cut.messages, images=cut.images)
+    assert await answer(engine, cut) == (full[:full.find(stop)], "stop")
