@@ -1,5 +1,6 @@
 """VisionEngine in process on the tiny LLaVA: chosen for VLM checkpoints, card, messages for the template,
-streamed answers with image tokens counted, aborts ending ``generate``, and 429 when its queue is full."""
+streamed answers with image tokens counted, aborts ending ``generate``, 429 when its queue is full, stop strings,
+and a tiny Idefics3 (the SmolVLM family) answering exactly as transformers' own ``generate``."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from inhouse.engine.local.engine import LocalEngine
 from inhouse.engine.vision.detect import is_vision_checkpoint
 from inhouse.engine.vision.engine import VisionEngine, chat_messages
 from inhouse.errors import ErrorCode, InhouseError
-from tests.tiny_vlm import build_tiny_llava
+from tests.tiny_vlm import build_tiny_idefics3, build_tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +118,33 @@ async def test_a_stop_string_cuts_the_answer_where_it_starts(engine: VisionEngin
     cut = GenerateRequest(cut.request_id, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
                                                          stop=(stop,)), messages=cut.messages, images=cut.images)
     assert await answer(engine, cut) == (full[:full.find(stop)], "stop")
+
+
+async def test_an_idefics3_model_answers_as_transformers_generate(cache_dir: Path) -> None:
+    """The SmolVLM family (Idefics3: image splitting into tiles, pixel shuffle) through the same engine."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = build_tiny_idefics3(cache_dir / "tiny-idefics3-t32")
+    engine = build_engine(model_spec(name="idefics3", path=str(path), dtype="float32"), cache_dir)
+    assert isinstance(engine, VisionEngine)
+    await engine.start()
+    try:
+        request = image_request("i", 8, "teal")
+        request = GenerateRequest("i", request.sampling, messages=request.messages,
+                                  images=(Image.new("RGB", (50, 40), "teal"),))
+        [generation] = await engine.submit([request])
+        deltas = [d async for d in generation]
+    finally:
+        await engine.close()
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+    text = processor.apply_chat_template(chat_messages(request.messages or ()), add_generation_prompt=True,
+                                         tokenize=False)
+    inputs = processor(text=[text], images=[list(request.images)], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    prompt = int(inputs["input_ids"].shape[1])
+    assert "".join(d.text for d in deltas) == processor.decode(out[0, prompt:], skip_special_tokens=True)
+    assert deltas[-1].usage is not None and deltas[-1].usage.prompt_tokens == prompt == generation.prompt_tokens
+    assert prompt > 40  # the tiles' image tokens are counted
