@@ -25,7 +25,7 @@ from inhouse.config import ImageSettings
 from inhouse.engine.base import GenerateRequest
 from inhouse.errors import ErrorCode, InhouseError
 
-__all__ = ["FORMATS", "decode_image", "image_parts", "with_images"]
+__all__ = ["FORMATS", "decode_image", "image_parts", "with_images", "without_image_data"]
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 _DETAILS = ("auto", "low", "high")
@@ -40,6 +40,24 @@ def image_parts(messages: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str,
             out.extend((f"messages.{n}.content.{m}", part["image_url"]) for m, part in enumerate(content)
                        if part.get("type") == "image_url")
     return out
+
+
+def without_image_data(message: dict[str, Any]) -> dict[str, Any]:
+    """A wire message (as dumped) with each ``data:`` image URL shortened to its header and size, for the audit
+    log's kept text: the prompt's words are kept, megabytes of base64 are not."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    parts = []
+    for part in content:
+        image = part.get("image_url") if isinstance(part, dict) else None
+        url = image.get("url") if isinstance(image, dict) else image
+        if isinstance(url, str) and url[:5].lower() == "data:":
+            header, _, payload = url.partition(",")
+            short = f"{header},[{len(payload)} characters]"
+            part = {**part, "image_url": {**image, "url": short} if isinstance(image, dict) else short}
+        parts.append(part)
+    return {**message, "content": parts}
 
 
 async def with_images(requests: list[GenerateRequest], settings: ImageSettings) -> list[GenerateRequest]:

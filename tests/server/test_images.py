@@ -15,7 +15,7 @@ import pytest
 from inhouse.config import ImageSettings
 from inhouse.engine.base import GenerateRequest, SamplingParams
 from inhouse.errors import ErrorCode, InhouseError
-from inhouse.server.images import image_parts, with_images
+from inhouse.server.images import image_parts, with_images, without_image_data
 
 
 def picture(color: str = "red", size: tuple[int, int] = (20, 10), kind: str = "PNG") -> bytes:
@@ -132,3 +132,16 @@ async def test_allowed_hosts_are_fetched_within_limits(image_host: str) -> None:
     assert (await refused(requests(image_host + "/big.png"), allowed)).code is ErrorCode.BODY_TOO_LARGE
     assert "404" in (await refused(requests(image_host + "/nothing.png"), allowed)).message
     assert "127.0.0.1" in (await refused(requests(image_host + "/cat.png"))).message  # not allowed by default
+
+
+def test_the_audit_text_keeps_words_and_drops_image_data() -> None:
+    url = url_of(picture())
+    message = {"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                           {"type": "image_url", "image_url": {"url": url, "detail": "low"}},
+                                           {"type": "image_url", "image_url": "https://intranet/cat.png"}]}
+    kept = without_image_data(message)
+    assert kept["content"][0] == message["content"][0]
+    assert kept["content"][1]["image_url"] == {"url": f"data:image/png;base64,[{len(url) - 22} characters]",
+                                               "detail": "low"}
+    assert kept["content"][2] == message["content"][2]
+    assert without_image_data({"role": "user", "content": "hi"}) == {"role": "user", "content": "hi"}

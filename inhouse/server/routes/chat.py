@@ -21,6 +21,7 @@ from inhouse.server.body import read_model
 from inhouse.server.context import context_of
 from inhouse.server.convert import chat_requests, check_choices
 from inhouse.server.generation import ChoiceResult, collect, route, total_usage
+from inhouse.server.images import without_image_data
 from inhouse.server.parsers import ChoiceParser, choice_parser
 from inhouse.server.render import json_response
 from inhouse.server.sse import sse_response
@@ -90,7 +91,7 @@ def _message(result: ChoiceResult, legacy: bool) -> dict[str, Any]:
 
 
 def _messages_text(messages: Any) -> str:
-    return orjson.dumps([m.model_dump(exclude_none=True) for m in messages]).decode()
+    return orjson.dumps([without_image_data(m.model_dump(exclude_none=True)) for m in messages]).decode()
 
 
 async def chat_completions(request: Request) -> Response:
