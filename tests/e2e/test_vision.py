@@ -136,6 +136,21 @@ def test_streaming_gives_the_same_text_and_usage(client: openai.OpenAI, vlm_dir:
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # streamed, not one block
 
 
+def test_concurrent_image_requests_wait_their_turn_and_keep_their_answers(client: openai.OpenAI) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(color: str) -> str | None:
+        return client.chat.completions.create(
+            model=VLM, messages=[image_message(data_url(png(color)))], max_tokens=10, temperature=0,  # type: ignore[list-item]
+            extra_body={"ignore_eos": True}).choices[0].message.content
+
+    colors = ["red", "navy", "white", "olive"]
+    alone = [ask(c) for c in colors]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(ask, colors))
+    assert together == alone
+
+
 def test_jpeg_and_webp_are_taken(client: openai.OpenAI) -> None:
     for kind, mime in (("JPEG", "image/jpeg"), ("WEBP", "image/webp")):
         result = client.chat.completions.create(model=VLM, messages=[image_message(  # type: ignore[list-item]
