@@ -104,6 +104,7 @@ def assert_error(response: httpx.Response, status: int, param: str, *words: str)
 def test_the_card_says_vision(http: httpx.Client) -> None:
     cards = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
     assert "vision" in cards[VLM]["capabilities"], cards[VLM]
+    assert cards[VLM]["engine"] == "transformers-vision"
     assert "vision" not in cards[TINY]["capabilities"]
 
 
