@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format)
     import uvicorn
 
-    from inhouse.engine.factory import build_engine
+    from inhouse.engine.factory import build_engine, build_engines
     from inhouse.gateway.health import HealthMonitor
     from inhouse.gateway.registry import ModelRegistry
     from inhouse.gateway.router import Router
@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"inhouse: {exc}", file=sys.stderr)
         return 2
     try:
-        registry = ModelRegistry.of((spec, build_engine(spec, settings.cache_dir)) for spec in settings.models)
+        registry = ModelRegistry.of(build_engines(settings.models, settings.cache_dir))
     except ConfigError as exc:
         print(f"inhouse: {exc}", file=sys.stderr)
         return 2

@@ -100,6 +100,7 @@ class GenerateRequest:
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    adapter: str | None = None  # a LoRA adapter of the engine's base model (set by AdapterEngine); None: the base
 
 
 @dataclass(frozen=True, slots=True)

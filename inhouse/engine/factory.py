@@ -7,17 +7,53 @@ transformers engine; the choice is logged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
-from inhouse.config import AutoSpec, FakeSpec, ModelSpec, SentenceTransformersSpec, UpstreamSpec, VllmSpec
+from inhouse.config import (
+    AdapterSpec,
+    AutoSpec,
+    ConfigError,
+    FakeSpec,
+    ModelSpec,
+    SentenceTransformersSpec,
+    UpstreamSpec,
+    VllmSpec,
+)
 from inhouse.engine.base import Engine
 
-__all__ = ["build_engine"]
+__all__ = ["build_engine", "build_engines"]
 
 log = logging.getLogger("inhouse.engine")
 
 
+def build_engines(specs: Iterable[ModelSpec], cache_dir: Path) -> list[tuple[ModelSpec, Engine]]:
+    """Every model's engine; an adapter model's serves through its base's engine (one engine per base)."""
+    specs = list(specs)
+    built: dict[int, Engine] = {}
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, AdapterSpec):
+            built[i] = build_engine(spec, cache_dir)
+    for i, spec in enumerate(specs):
+        if isinstance(spec, AdapterSpec):
+            built[i] = adapter_engine(spec, [(s, built[j]) for j, s in enumerate(specs) if j in built])
+    return [(spec, built[i]) for i, spec in enumerate(specs)]
+
+
+def adapter_engine(spec: AdapterSpec, engines: Iterable[tuple[ModelSpec, Engine]]) -> Engine:
+    """The engine serving adapter ``spec`` over its base's (transformers) engine among ``engines``."""
+    from inhouse.engine.adapter import AdapterEngine
+    from inhouse.engine.local.engine import LocalEngine
+
+    base = next((e for s, e in engines if s.name == spec.base and isinstance(e, LocalEngine)), None)
+    if base is None:
+        raise ConfigError(f"adapter {spec.name!r}: base {spec.base!r} is not a transformers model served here")
+    return AdapterEngine(spec, base)
+
+
 def build_engine(spec: ModelSpec, cache_dir: Path) -> Engine:
+    if isinstance(spec, AdapterSpec):
+        raise ConfigError(f"adapter {spec.name!r}: its engine is its base's (build_engines)")
     if isinstance(spec, AutoSpec):
         from inhouse.engine.vllm import vllm_available
 
