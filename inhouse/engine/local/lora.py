@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from inhouse.config import ADAPTER_FILES
 
@@ -36,7 +37,8 @@ class AdapterError(ValueError):
 
 @dataclass(frozen=True)
 class AdapterWeights:
-    """One adapter in memory: module path in the base → (A ``[r, in]``, B ``[out, r]``, scale)."""
+    """One adapter in memory: module path in the base → (A ``[r, in]``, B ``[out, r]``, scale).  A and B are
+    float32 over a bf16/fp16 base: the update is computed and added in float32, then rounded once (as PEFT)."""
 
     name: str
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
@@ -69,9 +71,18 @@ class LoraLinear(torch.nn.Module):
             if found is None:
                 continue
             a, b, scale = found
-            rows = flat_x.index_select(0, index).to(a.dtype)
-            delta = (rows @ a.t()) @ b.t() * scale
-            flat_out[index] = flat_out[index] + delta.to(out.dtype)
+            whole = index.shape[0] == flat_x.shape[0]  # every token of the pass: no gather, no scatter
+            rows = (flat_x if whole else flat_x.index_select(0, index)).to(a.dtype)
+            delta = F.linear(F.linear(rows, a), b) * scale
+            if out.dtype == a.dtype:
+                if whole:
+                    flat_out.add_(delta)
+                else:
+                    flat_out.index_add_(0, index, delta)
+            elif whole:  # as PEFT: the sum in float32, rounded once to the model's dtype
+                flat_out.copy_(flat_out.to(a.dtype) + delta)
+            else:
+                flat_out[index] = (flat_out.index_select(0, index).to(a.dtype) + delta).to(out.dtype)
         return out
 
 
@@ -138,7 +149,9 @@ def read_adapter(name: str, directory: Path, model: torch.nn.Module, dtype: torc
                 f"the base's {shape[0]} → {shape[1]} linear (expected lora_A (r, {shape[0]}), lora_B ({shape[1]}, r))")
         module_alpha = _pattern_value(alpha_pattern, path, alpha)
         scale = module_alpha / (rank ** 0.5 if rslora else rank)
-        out[path] = (a.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous(),
+        # float32 for a half-precision base, as PEFT's autocast_adapter_dtype does (and faster on CPU)
+        keep = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        out[path] = (a.to(device=device, dtype=keep).contiguous(), b.to(device=device, dtype=keep).contiguous(),
                      scale)
     return AdapterWeights(name, out)
 
