@@ -213,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     metrics = Metrics(settings.metrics)
     router = Router(registry, settings.routing, metrics)
-    swapper = Swapper(registry, settings.swap, lambda spec: build_engine(spec, settings.cache_dir))
+    swapper = Swapper(registry, settings.swap,
+                      lambda spec: build_engine(spec, settings.cache_dir, [(d.spec, d.engine) for d in registry.all()]))
     drain = Drain(settings.drain_seconds)
     app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access, metrics,
                      swapper=swapper, reload=(lambda: build_settings(args)) if args.config is not None else None,

@@ -30,6 +30,8 @@ class AdapterEngine:
     def __init__(self, spec: AdapterSpec, base: LocalEngine) -> None:
         self.spec = spec
         self.base = base
+        # its name on the base engine: its own, so a swapped-in version of the model never shares the old one's
+        self.key = f"{spec.name}@{id(self):x}"
         self._state = EngineState.LOADING
 
     @property
@@ -49,7 +51,7 @@ class AdapterEngine:
             self._state = EngineState.FAILED
             raise ModelLoadError(f"adapter {self.spec.name!r}: its base {self.spec.base!r} did not load")
         try:
-            await self.base.load_adapter(self.spec.name, Path(self.spec.adapter))
+            await self.base.load_adapter(self.key, Path(self.spec.adapter))
         except AdapterError as exc:
             self._state = EngineState.FAILED
             raise ModelLoadError(str(exc)) from exc
@@ -57,11 +59,11 @@ class AdapterEngine:
         log.info("adapter %s ready over %s (%s)", self.spec.name, self.spec.base, self.spec.adapter)
 
     async def submit(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
-        return await self.base.submit([replace(r, adapter=self.spec.name) for r in requests])
+        return await self.base.submit([replace(r, adapter=self.key) for r in requests])
 
     def stats(self) -> EngineStats:
         return self.base.stats()
 
     async def close(self) -> None:
-        self.base.unload_adapter(self.spec.name)
+        self.base.unload_adapter(self.key)
         self._state = EngineState.CLOSED

@@ -51,9 +51,10 @@ def adapter_engine(spec: AdapterSpec, engines: Iterable[tuple[ModelSpec, Engine]
     return AdapterEngine(spec, base)
 
 
-def build_engine(spec: ModelSpec, cache_dir: Path) -> Engine:
+def build_engine(spec: ModelSpec, cache_dir: Path, served: Iterable[tuple[ModelSpec, Engine]] = ()) -> Engine:
+    """``spec``'s engine; an adapter's is over its base's engine among ``served`` (the models being served)."""
     if isinstance(spec, AdapterSpec):
-        raise ConfigError(f"adapter {spec.name!r}: its engine is its base's (build_engines)")
+        return adapter_engine(spec, served)
     if isinstance(spec, AutoSpec):
         from inhouse.engine.vllm import vllm_available
 

@@ -33,7 +33,7 @@ class Adapters:
                 lora = engine.base.lora
                 out.append({"object": "adapter", "name": engine.spec.name, "base": engine.spec.base,
                             "path": engine.spec.adapter, "state": engine.state.value,
-                            "resident": lora is not None and engine.spec.name in lora.resident()})
+                            "resident": lora is not None and engine.key in lora.resident()})
         return out
 
     async def load(self, name: str, base: str, path: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ async def engine(tiny_model_dir: Path, cache_dir: Path, adapters: dict[str, Path
     engine = LocalEngine(spec, cache_dir)
     await engine.start()
     for name, path in adapters.items():
-        await AdapterEngine(AdapterSpec(name=name, base="tiny", adapter=str(path)), engine).start()
+        await engine.load_adapter(name, path)
     yield engine
     await engine.close()
 
@@ -87,7 +87,7 @@ async def test_lru_keeps_max_loras_resident_and_reloads(tiny_model_dir: Path, ca
     await engine.start()
     try:
         for name, path in adapters.items():
-            await AdapterEngine(AdapterSpec(name=name, base="tiny", adapter=str(path)), engine).start()
+            await engine.load_adapter(name, path)
         lora = engine.lora
         assert lora is not None
         assert len(lora.resident()) == 2
@@ -127,7 +127,21 @@ async def test_a_wrong_shape_adapter_names_the_module(engine: LocalEngine, adapt
     bad = AdapterEngine(AdapterSpec(name="bad", base="tiny", adapter=str(tmp_path)), engine)
     with pytest.raises(ModelLoadError, match="v_proj"):
         await bad.start()
-    assert "bad" not in engine.lora.names()  # type: ignore[union-attr]
+    assert not any(n.startswith("bad") for n in engine.lora.names())  # type: ignore[union-attr]
+
+
+async def test_an_adapter_engine_serves_its_requests_with_its_adapter(
+        engine: LocalEngine, tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
+    served = AdapterEngine(AdapterSpec(name="qv-again", base="tiny", adapter=str(adapters["lora-qv"])), engine)
+    await served.start()
+    assert served.key in engine.lora.names()  # type: ignore[union-attr]
+    [generation] = await served.submit([request(0, PROMPTS[2], None)])
+    want = peft_greedy(tiny_model_dir, adapters["lora-qv"], PROMPTS[2], TOKENS)
+    assert await tokens_of(generation) == texts(engine, want)
+    await served.close()
+    assert served.key not in engine.lora.names()  # type: ignore[union-attr]
+    with pytest.raises(InhouseError):
+        await served.submit([request(1, PROMPTS[2], None)])
 
 
 async def test_a_missing_adapter_dir_says_the_path(engine: LocalEngine, tmp_path: Path) -> None:
