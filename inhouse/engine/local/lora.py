@@ -170,6 +170,8 @@ class LoraSet:
         self._dtype, self._device = dtype, device
         self._lock = threading.Lock()
         self._paths: dict[str, Path] = {}
+        # unregistered: refused to new requests, but a request still running past the drain can read it back
+        self._retired: dict[str, Path] = {}
         self._resident: OrderedDict[str, AdapterWeights] = OrderedDict()  # least recently used first
         self.loads = 0  # reads from disk, first ones included
         self.most_mixed = 0  # the most kinds of rows (adapters, and the bare base) one forward pass has run
@@ -180,13 +182,16 @@ class LoraSet:
         with self._lock:
             self._wrap(weights)
             self._paths[name] = directory
+            self._retired.pop(name, None)
             self._keep(weights, frozenset())
             self.loads += 1
         return weights
 
     def unregister(self, name: str) -> None:
         with self._lock:
-            self._paths.pop(name, None)
+            directory = self._paths.pop(name, None)
+            if directory is not None:
+                self._retired[name] = directory
             self._resident.pop(name, None)
 
     def names(self) -> list[str]:
@@ -204,7 +209,7 @@ class LoraSet:
             if found is not None:
                 self._resident.move_to_end(name)
                 return found
-            directory = self._paths.get(name)
+            directory = self._paths.get(name) or self._retired.get(name)
         if directory is None:
             raise KeyError(f"adapter {name!r} is not registered")
         weights = read_adapter(name, directory, self.model, self._dtype, self._device)

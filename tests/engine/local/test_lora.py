@@ -148,3 +148,14 @@ async def test_a_missing_adapter_dir_says_the_path(engine: LocalEngine, tmp_path
     bad = AdapterEngine(AdapterSpec(name="gone", base="tiny", adapter=str(tmp_path / "gone")), engine)
     with pytest.raises(ModelLoadError, match=str(tmp_path / "gone")):
         await bad.start()
+
+
+async def test_a_request_running_when_its_adapter_is_unloaded_still_finishes_with_it(
+        engine: LocalEngine, tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
+    await engine.load_adapter("leaving", adapters["lora-mlp"])
+    [generation] = await engine.submit([request(0, PROMPTS[3], "leaving")])
+    engine.unload_adapter("leaving")
+    with pytest.raises(InhouseError):  # new requests: refused
+        await engine.submit([request(1, PROMPTS[3], "leaving")])
+    want = peft_greedy(tiny_model_dir, adapters["lora-mlp"], PROMPTS[3], TOKENS)
+    assert await tokens_of(generation) == texts(engine, want)
