@@ -29,6 +29,7 @@ from inhouse.config import ADAPTER_FILES
 __all__ = ["AdapterError", "AdapterWeights", "LoraContext", "LoraLinear", "LoraSet", "read_adapter"]
 
 _PREFIX = "base_model.model."
+_MASKED_TOKENS = 256  # passes with at most this many tokens compute every adapter on every token, masked
 
 
 class AdapterError(ValueError):
@@ -46,9 +47,10 @@ class AdapterWeights:
 
 @dataclass
 class LoraContext:
-    """The current forward pass's adapters: (flat token indices, weights) per adapter in the step."""
+    """The current forward pass's adapters: (flat token indices, a ``[tokens, 1]`` float32 mask that is 1 on
+    them, weights) per adapter in the step."""
 
-    groups: list[tuple[torch.Tensor, AdapterWeights]] = field(default_factory=list)
+    groups: list[tuple[torch.Tensor, torch.Tensor, AdapterWeights]] = field(default_factory=list)
 
 
 class LoraLinear(torch.nn.Module):
@@ -62,27 +64,31 @@ class LoraLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.base(x)
-        if not self.context.groups:
+        groups = [(index, mask, found) for index, mask, weights in self.context.groups
+                  if (found := weights.modules.get(self.path)) is not None]
+        if not groups:
             return out
         flat_x = x.reshape(-1, x.shape[-1])
         flat_out = out.view(-1, out.shape[-1])
-        for index, weights in self.context.groups:
-            found = weights.modules.get(self.path)
-            if found is None:
-                continue
-            a, b, scale = found
-            whole = index.shape[0] == flat_x.shape[0]  # every token of the pass: no gather, no scatter
-            rows = (flat_x if whole else flat_x.index_select(0, index)).to(a.dtype)
-            delta = F.linear(F.linear(rows, a), b) * scale
-            if out.dtype == a.dtype:
-                if whole:
-                    flat_out.add_(delta)
-                else:
-                    flat_out.index_add_(0, index, delta)
-            elif whole:  # as PEFT: the sum in float32, rounded once to the model's dtype
-                flat_out.copy_(flat_out.to(a.dtype) + delta)
-            else:
+        dtype = groups[0][2][0].dtype
+        if flat_x.shape[0] > _MASKED_TOKENS:  # a big prefill: each adapter's own tokens only
+            for index, _, (a, b, scale) in groups:
+                rows = flat_x.index_select(0, index).to(a.dtype)
+                delta = F.linear(F.linear(rows, a), b) * scale
                 flat_out[index] = (flat_out.index_select(0, index).to(a.dtype) + delta).to(out.dtype)
+            return out
+        # few tokens (decode): every adapter over every token, masked to its own rows (no gather or scatter);
+        # a row gets exactly its adapter's update, plus zeros
+        rows = flat_x.to(dtype)
+        total: torch.Tensor | None = None
+        for _, mask, (a, b, scale) in groups:
+            delta = F.linear(F.linear(rows, a), b) * scale * mask
+            total = delta if total is None else total + delta
+        assert total is not None
+        if out.dtype == dtype:
+            flat_out.add_(total)
+        else:  # as PEFT: the sum in float32, rounded once to the model's dtype
+            flat_out.copy_(flat_out.to(dtype) + total)
         return out
 
 

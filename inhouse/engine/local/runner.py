@@ -102,10 +102,11 @@ class ModelRunner:
             if seq.adapter:
                 tokens.setdefault(seq.adapter, []).extend(range(start, start + count))
             start += count
-        groups: list[tuple[torch.Tensor, AdapterWeights]] = [
-            (torch.tensor(index, dtype=torch.long, device=self.device), self.lora.weights(name, step))
-            for name, index in tokens.items()
-        ]
+        groups: list[tuple[torch.Tensor, torch.Tensor, AdapterWeights]] = []
+        for name, index in tokens.items():
+            at = torch.tensor(index, dtype=torch.long)
+            mask = torch.zeros(start, 1, dtype=torch.float32).index_fill_(0, at, 1.0)
+            groups.append((at.to(self.device), mask.to(self.device), self.lora.weights(name, step)))
         kinds = len(groups) + (1 if any(not s.adapter for s in seqs) else 0)
         self.lora.most_mixed = max(self.lora.most_mixed, kinds)
         self.lora.context.groups = groups
