@@ -8,6 +8,7 @@ module reads files or the environment for configuration.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -137,6 +138,7 @@ class TransformersSpec(_Weights):
     """``engine: transformers``: inhouse's own continuous-batching engine."""
 
     engine: Literal["transformers"] = "transformers"
+    max_loras: int = Field(default=8, ge=1, description="LoRA adapters (models with base: this) resident at once")
 
 
 class VllmSpec(_Weights):
@@ -231,7 +233,23 @@ class UpstreamSpec(_ModelBase):
         return self
 
 
+class AdapterSpec(_ModelBase):
+    """A LoRA adapter (PEFT's adapter_config.json + adapter_model.safetensors) served under its own name by the
+    engine of ``base``, another configured transformers model (docs/lora.md)."""
+
+    engine: Literal["adapter"] = "adapter"
+    base: str = Field(min_length=1, description="the name of the model this adapter was trained on")
+    adapter: str = Field(min_length=1, description="a PEFT adapter directory")
+
+    @property
+    def path(self) -> str:
+        """Where its weights are (what version labels and the start-up line read)."""
+        return self.adapter
+
+
 def _engine_of(value: object) -> str:
+    if isinstance(value, dict) and "engine" not in value and "base" in value:
+        return "adapter"
     engine = value.get("engine", "auto") if isinstance(value, dict) else getattr(value, "engine", "auto")
     return str(engine)
 
@@ -241,7 +259,7 @@ def _engine_of(value: object) -> str:
 ModelSpec = Annotated[
     Annotated[TransformersSpec, Tag("transformers")] | Annotated[VllmSpec, Tag("vllm")]
     | Annotated[AutoSpec, Tag("auto")] | Annotated[FakeSpec, Tag("fake")] | Annotated[UpstreamSpec, Tag("upstream")]
-    | Annotated[SentenceTransformersSpec, Tag("sentence-transformers")],
+    | Annotated[SentenceTransformersSpec, Tag("sentence-transformers")] | Annotated[AdapterSpec, Tag("adapter")],
     Discriminator(_engine_of),
 ]
 LocalSpec = TransformersSpec | VllmSpec | AutoSpec  # generators whose weights this server loads
@@ -393,12 +411,42 @@ class Settings(_Frozen):
                 raise ValueError(f"model {m.name!r}: fallbacks {unknown} are not other configured models")
         return models
 
+    @field_validator("models")
+    @classmethod
+    def _adapters(cls, models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
+        """An adapter's base is a configured transformers model, and its PEFT files exist."""
+        for i, m in enumerate(models):
+            if isinstance(m, AdapterSpec):
+                check_adapter(m, models, f"models.{i}")
+        return models
+
     @field_validator("tls_key", "tls_client_ca")
     @classmethod
     def _tls_needs_a_certificate(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is not None and info.data.get("tls_cert") is None:
             raise ValueError("needs tls_cert (--tls-cert): the server's certificate")
         return value
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def check_adapter(spec: AdapterSpec, models: Iterable[ModelSpec], where: str) -> None:
+    """ValueError naming the key when ``spec``'s base is not a transformers model of ``models`` or a file is missing."""
+    bases = [m for m in models if m.name == spec.base]
+    if not bases:
+        raise ValueError(f"{where}.base: adapter {spec.name!r} names base {spec.base!r}, not a configured model")
+    engines = sorted({m.engine for m in bases} - {"transformers"})
+    if engines:
+        raise ValueError(f"{where}.base: the base {spec.base!r} of adapter {spec.name!r} must be "
+                         f"'engine: transformers', not {engines[0]!r} (adapters over vLLM, upstream or auto "
+                         "bases are not supported; docs/lora.md)")
+    if len(bases) > 1:
+        raise ValueError(f"{where}.base: the base {spec.base!r} of adapter {spec.name!r} has several deployments")
+    for file in ADAPTER_FILES:
+        if not (Path(spec.adapter) / file).is_file():
+            raise ValueError(f"{where}.adapter: {Path(spec.adapter) / file} does not exist (a PEFT adapter dir has "
+                             f"{' and '.join(ADAPTER_FILES)})")
 
 
 def _read_yaml(path: Path) -> dict[str, object]:
@@ -519,7 +567,7 @@ def _resolve_paths(model: object, base_dir: Path) -> object:
     path = out.get("path")
     if isinstance(path, str) and path and not path.startswith("builtin:"):
         out["path"] = str((base_dir / Path(path).expanduser()).resolve())
-    for key in _UPSTREAM_TLS_FILES:
+    for key in (*_UPSTREAM_TLS_FILES, "adapter"):
         if isinstance(out.get(key), str) and out[key]:
             out[key] = str((base_dir / Path(str(out[key])).expanduser()).resolve())
     template = out.get("chat_template")

@@ -9,6 +9,7 @@ import pytest
 from inhouse.config import (
     BUILTIN_CHAT_MODEL,
     BUILTIN_EMBEDDING_MODEL,
+    AdapterSpec,
     ConfigError,
     SentenceTransformersSpec,
     UpstreamSpec,
@@ -156,3 +157,45 @@ models:
     with pytest.raises(ConfigError, match="client_key needs client_cert"):
         load_settings(overrides={"models": [{"name": "u", "engine": "upstream", "base_url": "https://fleet/v1",
                                              "client_key": "/k.pem"}]})
+
+
+def _adapter_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "support-v3"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_an_adapter_model_is_served_over_its_base(tmp_path: Path) -> None:
+    _adapter_dir(tmp_path)
+    settings = load_settings(write(tmp_path, "models:\n"
+                                   "  - {name: base, engine: transformers, path: x, max_loras: 3}\n"
+                                   "  - {name: support-bot, base: base, adapter: support-v3}\n"))
+    base, adapter = settings.models
+    assert isinstance(adapter, AdapterSpec) and adapter.base == "base"
+    assert adapter.adapter == str(tmp_path / "support-v3") and adapter.path == adapter.adapter  # relative to the file
+    assert getattr(base, "max_loras", None) == 3
+
+
+@pytest.mark.parametrize(
+    ("models", "fragment"),
+    [
+        ("[{name: b, engine: transformers, path: x}, {name: s, base: nope, adapter: support-v3}]",
+         "models.1.base: adapter 's' names base 'nope'"),
+        ("[{name: b, engine: vllm, path: x}, {name: s, base: b, adapter: support-v3}]",
+         "models.1.base: the base 'b' of adapter 's' must be 'engine: transformers', not 'vllm'"),
+        ("[{name: b, path: x}, {name: s, base: b, adapter: support-v3}]", "not 'auto'"),
+        ("[{name: b, engine: upstream, base_url: 'http://u/v1'}, {name: s, base: b, adapter: support-v3}]",
+         "not 'upstream'"),
+        ("[{name: b, engine: transformers, path: x}, {name: s, base: b, adapter: elsewhere}]",
+         "models.1.adapter: "),
+    ],
+)
+def test_a_bad_adapter_model_is_refused_naming_the_key(tmp_path: Path, models: str, fragment: str) -> None:
+    _adapter_dir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, f"models: {models}\n"))
+    assert fragment in str(info.value)
+    if "elsewhere" in models:
+        assert f"{tmp_path / 'elsewhere' / 'adapter_config.json'} does not exist" in str(info.value)

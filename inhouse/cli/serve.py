@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format)
     import uvicorn
 
-    from inhouse.engine.factory import build_engine
+    from inhouse.engine.factory import build_engine, build_engines
     from inhouse.gateway.health import HealthMonitor
     from inhouse.gateway.registry import ModelRegistry
     from inhouse.gateway.router import Router
@@ -207,13 +207,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"inhouse: {exc}", file=sys.stderr)
         return 2
     try:
-        registry = ModelRegistry.of((spec, build_engine(spec, settings.cache_dir)) for spec in settings.models)
+        registry = ModelRegistry.of(build_engines(settings.models, settings.cache_dir))
     except ConfigError as exc:
         print(f"inhouse: {exc}", file=sys.stderr)
         return 2
     metrics = Metrics(settings.metrics)
     router = Router(registry, settings.routing, metrics)
-    swapper = Swapper(registry, settings.swap, lambda spec: build_engine(spec, settings.cache_dir))
+    swapper = Swapper(registry, settings.swap,
+                      lambda spec: build_engine(spec, settings.cache_dir, [(d.spec, d.engine) for d in registry.all()]))
     drain = Drain(settings.drain_seconds)
     app = create_app(settings, registry, router, HealthMonitor(registry, settings.routing), access, metrics,
                      swapper=swapper, reload=(lambda: build_settings(args)) if args.config is not None else None,

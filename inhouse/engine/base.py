@@ -103,6 +103,7 @@ class GenerateRequest:
     # the decoded images of the messages' image parts, in order of appearance (PIL.Image.Image, RGB), filled
     # by the server (``inhouse.server.images``) for an engine that serves VISION; the parts keep their URLs
     images: tuple[Any, ...] = ()
+    adapter: str | None = None  # a LoRA adapter of the engine's base model (set by AdapterEngine); None: the base
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,10 +8,13 @@ transformers engine; the choice is logged.  A vision-language checkpoint (``inho
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from inhouse.config import (
+    AdapterSpec,
     AutoSpec,
+    ConfigError,
     FakeSpec,
     ModelSpec,
     SentenceTransformersSpec,
@@ -21,12 +24,39 @@ from inhouse.config import (
 )
 from inhouse.engine.base import Engine
 
-__all__ = ["build_engine"]
+__all__ = ["build_engine", "build_engines"]
 
 log = logging.getLogger("inhouse.engine")
 
 
-def build_engine(spec: ModelSpec, cache_dir: Path) -> Engine:
+def build_engines(specs: Iterable[ModelSpec], cache_dir: Path) -> list[tuple[ModelSpec, Engine]]:
+    """Every model's engine; an adapter model's serves through its base's engine (one engine per base)."""
+    specs = list(specs)
+    built: dict[int, Engine] = {}
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, AdapterSpec):
+            built[i] = build_engine(spec, cache_dir)
+    for i, spec in enumerate(specs):
+        if isinstance(spec, AdapterSpec):
+            built[i] = adapter_engine(spec, [(s, built[j]) for j, s in enumerate(specs) if j in built])
+    return [(spec, built[i]) for i, spec in enumerate(specs)]
+
+
+def adapter_engine(spec: AdapterSpec, engines: Iterable[tuple[ModelSpec, Engine]]) -> Engine:
+    """The engine serving adapter ``spec`` over its base's (transformers) engine among ``engines``."""
+    from inhouse.engine.adapter import AdapterEngine
+    from inhouse.engine.local.engine import LocalEngine
+
+    base = next((e for s, e in engines if s.name == spec.base and isinstance(e, LocalEngine)), None)
+    if base is None:
+        raise ConfigError(f"adapter {spec.name!r}: base {spec.base!r} is not a transformers model served here")
+    return AdapterEngine(spec, base)
+
+
+def build_engine(spec: ModelSpec, cache_dir: Path, served: Iterable[tuple[ModelSpec, Engine]] = ()) -> Engine:
+    """``spec``'s engine; an adapter's is over its base's engine among ``served`` (the models being served)."""
+    if isinstance(spec, AdapterSpec):
+        return adapter_engine(spec, served)
     if isinstance(spec, AutoSpec | TransformersSpec):
         from inhouse.engine.vision.detect import is_vision_checkpoint
 

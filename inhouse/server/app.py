@@ -21,7 +21,7 @@ from inhouse.server.drain import Drain
 from inhouse.server.errors import EXCEPTION_HANDLERS
 from inhouse.server.hangup import reload_on_sighup
 from inhouse.server.openapi import OPENAPI_PATH, build_openapi, openapi_route
-from inhouse.server.routes import admin, swaps
+from inhouse.server.routes import adapters, admin, swaps
 from inhouse.server.routes.chat import chat_completions
 from inhouse.server.routes.completions import completions
 from inhouse.server.routes.embeddings import embeddings
@@ -62,6 +62,9 @@ def _routes() -> list[Route]:
         Route("/admin/models/{name:path}", swaps.model_status, methods=["GET"]),
         Route("/admin/reload", swaps.reload_config, methods=["POST"]),
         Route("/admin/models", admin.list_models, methods=["GET"]),
+        Route("/admin/adapters", adapters.list_adapters, methods=["GET"]),
+        Route("/admin/adapters", adapters.load_adapter, methods=["POST"]),
+        Route("/admin/adapters/{name:path}", adapters.unload_adapter, methods=["DELETE"]),
     ]
     return routes
 

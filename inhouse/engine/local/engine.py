@@ -34,6 +34,7 @@ from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
 from inhouse.engine.local.grammar import Constraint, Grammars, apply_constraints
 from inhouse.engine.local.kv_cache import SlotKVCache
 from inhouse.engine.local.loader import LoadedModel, load_model
+from inhouse.engine.local.lora import LoraSet
 from inhouse.engine.local.runner import ModelRunner
 from inhouse.engine.local.sampler import Sampler
 from inhouse.engine.local.scheduler import Scheduler, Step
@@ -69,6 +70,7 @@ class LocalEngine:
         self._loaded: LoadedModel | None = None
         self._prompts: PromptBuilder | None = None
         self._grammars: Grammars | None = None
+        self.lora: LoraSet | None = None  # the LoRA adapters served over this model (docs/lora.md), once loaded
 
     # ---- Engine protocol -------------------------------------------------------------------
 
@@ -94,6 +96,7 @@ class LocalEngine:
             raise
         vocab_size = loaded.model.get_input_embeddings().num_embeddings
         self._loaded = loaded
+        self.lora = LoraSet(loaded.model, getattr(self.spec, "max_loras", 8), loaded.dtype, loaded.device)
         self._grammars = await asyncio.to_thread(Grammars, loaded.tokenizer, vocab_size, loaded.stop_ids)
         self._prompts = PromptBuilder(loaded.tokenizer, vocab_size, loaded.context_length, self.spec.tool_parser,
                                       self.spec.reasoning_parser, can_constrain=self._grammars.available)
@@ -140,6 +143,7 @@ class LocalEngine:
     async def _admit(self, requests: Seq[GenerateRequest]) -> list[Generation]:
         assert self._loaded is not None and self._prompts is not None
         self._gate.check(len(requests))  # a full engine refuses before tokenizing anything
+        self._check_adapters(requests)
         prompts = await self._prompts.token_ids_all(requests)
         constraints = await self._constraints(requests)
         loop = asyncio.get_running_loop()
@@ -158,6 +162,7 @@ class LocalEngine:
                 stop_matcher=StopMatcher(sampling.stop),
                 generator=_seeded(sampling.seed),
                 constraint=constraint,
+                adapter=request.adapter,
             ))
         self._gate.admit(len(seqs))
         with self._lock:
@@ -194,6 +199,25 @@ class LocalEngine:
             return [None] * len(requests)
         return await asyncio.to_thread(lambda: [grammars.constraint(s) for s in schemas])
 
+    def _check_adapters(self, requests: Seq[GenerateRequest]) -> None:
+        names = set(self.lora.names()) if self.lora is not None else set()
+        for request in requests:
+            if request.adapter is not None and request.adapter not in names:
+                raise InhouseError(ErrorCode.MODEL_NOT_FOUND,
+                                   f"The adapter '{request.adapter}' is not loaded on model '{self.spec.name}'",
+                                   param="model")
+
+    async def load_adapter(self, name: str, directory: Path) -> None:
+        """Read, check and register a LoRA adapter off the event loop; AdapterError says what does not fit."""
+        self._check_ready()
+        assert self.lora is not None
+        await asyncio.to_thread(self.lora.register, name, directory)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter (its requests in flight should have finished: the registry drains them first)."""
+        if self.lora is not None:
+            self.lora.unregister(name)
+
     def _check_ready(self) -> None:
         check_ready(self.spec.name, EngineState.CLOSED if self._closing else self.state)
 
@@ -224,7 +248,7 @@ class LocalEngine:
             dtype=loaded.dtype,
             device=loaded.device,
         )
-        runner = ModelRunner(loaded.model, cache, loaded.device)
+        runner = ModelRunner(loaded.model, cache, loaded.device, self.lora)
         tokenizer = loaded.tokenizer
         sampler = Sampler(lambda t: tokenizer.decode([t]), loaded.stop_ids)
         scheduler = Scheduler(cache, self.spec.max_num_seqs, _MAX_PREFILL_TOKENS)

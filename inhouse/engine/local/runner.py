@@ -9,6 +9,8 @@ Knows nothing about sampling, stopping or requests.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from typing import Protocol
 
@@ -16,6 +18,7 @@ import torch
 
 from inhouse.engine.local.attention import BatchLayout
 from inhouse.engine.local.kv_cache import SlotKVCache
+from inhouse.engine.local.lora import AdapterWeights, LoraSet
 
 __all__ = ["ModelRunner", "RunnableSequence"]
 
@@ -32,12 +35,17 @@ class RunnableSequence(Protocol):
     @property
     def last_token(self) -> int: ...
 
+    @property
+    def adapter(self) -> str | None: ...
+
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: SlotKVCache, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, cache: SlotKVCache, device: torch.device,
+                 lora: LoraSet | None = None) -> None:
         self.model = model
         self.cache = cache
         self.device = device
+        self.lora = lora
         if device.type == "cpu" and cache.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             _prepack_linears(model)
 
@@ -60,7 +68,8 @@ class ModelRunner:
             lengths=tuple(lengths),
         )
         last = (counts.cumsum(0) - 1).to(self.device)
-        return self._forward(ids.view(1, -1), positions.view(1, -1), layout, last)[0]
+        with self._adapters(seqs, lengths):
+            return self._forward(ids.view(1, -1), positions.view(1, -1), layout, last)[0]
 
     @torch.inference_mode()
     def decode(self, seqs: Seq[RunnableSequence]) -> torch.Tensor:
@@ -77,7 +86,34 @@ class ModelRunner:
             mask=_decode_mask(positions, self.cache.capacity).to(self.device),
             kv_length=kv_length,
         )
-        return self._forward(ids, positions.view(-1, 1), layout, 1)[:, -1]
+        with self._adapters(seqs, [1] * len(seqs)):
+            return self._forward(ids, positions.view(-1, 1), layout, 1)[:, -1]
+
+    @contextlib.contextmanager
+    def _adapters(self, seqs: Seq[RunnableSequence], counts: Seq[int]) -> Iterator[None]:
+        """During the pass, each adapter's tokens (sequence i has ``counts[i]`` consecutive flat tokens)."""
+        if self.lora is None or not any(s.adapter for s in seqs):
+            yield
+            return
+        step = frozenset(s.adapter for s in seqs if s.adapter)
+        tokens: dict[str, list[int]] = {}
+        start = 0
+        for seq, count in zip(seqs, counts, strict=True):
+            if seq.adapter:
+                tokens.setdefault(seq.adapter, []).extend(range(start, start + count))
+            start += count
+        groups: list[tuple[torch.Tensor, torch.Tensor, AdapterWeights]] = []
+        for name, index in tokens.items():
+            at = torch.tensor(index, dtype=torch.long)
+            mask = torch.zeros(start, 1, dtype=torch.float32).index_fill_(0, at, 1.0)
+            groups.append((at.to(self.device), mask.to(self.device), self.lora.weights(name, step)))
+        kinds = len(groups) + (1 if any(not s.adapter for s in seqs) else 0)
+        self.lora.most_mixed = max(self.lora.most_mixed, kinds)
+        self.lora.context.groups = groups
+        try:
+            yield
+        finally:
+            self.lora.context.groups = []
 
     def _forward(
         self, ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout, keep: int | torch.Tensor

@@ -36,6 +36,7 @@ class Sequence:
     stop_matcher: StopMatcher
     generator: torch.Generator | None = None
     constraint: Constraint | None = None  # response_format's grammar
+    adapter: str | None = None  # the LoRA adapter its rows run with (None: the bare base)
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int = -1

@@ -1,0 +1,72 @@
+"""``inhouse adapters load|unload|list``: a running server's LoRA adapters (``/admin/adapters``), from the shell.
+
+Each command is one admin request; the answer is printed (JSON with ``--json``) and a refusal is printed to
+stderr with exit code 1 (2 when the server cannot be reached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import httpx
+
+__all__ = ["add_parser"]
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("adapters", help="load, unload and list the LoRA adapters of a running server")
+    sub = p.add_subparsers(dest="adapters_command", required=True)
+    load = sub.add_parser("load", help="serve a PEFT LoRA adapter under its own model name, over a base model")
+    load.add_argument("name", help="the adapter's public model name")
+    load.add_argument("--base", required=True, help="the served transformers model it was trained on")
+    load.add_argument("--path", required=True, help="the PEFT adapter directory (on the server)")
+    unload = sub.add_parser("unload", help="stop serving an adapter (its requests in flight finish first)")
+    unload.add_argument("name")
+    listing = sub.add_parser("list", help="the served adapters")
+    for action in (load, unload, listing):
+        action.add_argument("--url", default=os.environ.get("INHOUSE_URL", "http://127.0.0.1:8000"),
+                            help="the server (default $INHOUSE_URL or http://127.0.0.1:8000)")
+        action.add_argument("--key", default=os.environ.get("INHOUSE_ADMIN_KEY"),
+                            help="an admin API key (default $INHOUSE_ADMIN_KEY)")
+        action.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+        action.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    command = args.adapters_command
+    payload: dict[str, Any] | None = None
+    if command == "load":
+        method, path, payload = "POST", "/admin/adapters", {"name": args.name, "base": args.base, "path": args.path}
+    elif command == "unload":
+        method, path = "DELETE", f"/admin/adapters/{args.name}"
+    else:
+        method, path = "GET", "/admin/adapters"
+    headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
+    try:
+        response = httpx.request(method, args.url.rstrip("/") + path, json=payload, headers=headers,
+                                 timeout=httpx.Timeout(args.timeout, connect=10.0))
+    except httpx.HTTPError as exc:
+        print(f"inhouse: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        data = response.json()
+    except ValueError:
+        data = {"error": {"message": response.text[:500] or f"HTTP {response.status_code}"}}
+    if response.status_code >= 400:
+        error = data.get("error") if isinstance(data, dict) else None
+        print(f"inhouse: {error.get('message') if isinstance(error, dict) else data}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False))
+    elif command == "list":
+        for a in data.get("data", []):
+            print(f"{a['name']}\tbase={a['base']}\t{a['state']}\t{'resident' if a['resident'] else 'on disk'}"
+                  f"\t{a['path']}")
+    else:
+        print(" ".join(f"{k}={v}" for k, v in data.items() if k != "object"))
+    return 0
