@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from typing import Any
 
-import httpx
+from inhouse.cli.admin_client import add_server_flags, call
 
 __all__ = ["add_parser"]
 
@@ -28,12 +26,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     unload.add_argument("name")
     listing = sub.add_parser("list", help="the served adapters")
     for action in (load, unload, listing):
-        action.add_argument("--url", default=os.environ.get("INHOUSE_URL", "http://127.0.0.1:8000"),
-                            help="the server (default $INHOUSE_URL or http://127.0.0.1:8000)")
-        action.add_argument("--key", default=os.environ.get("INHOUSE_ADMIN_KEY"),
-                            help="an admin API key (default $INHOUSE_ADMIN_KEY)")
-        action.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
-        action.add_argument("--json", action="store_true", help="print JSON")
+        add_server_flags(action, timeout=600.0)
     p.set_defaults(run=run)
 
 
@@ -46,21 +39,9 @@ def run(args: argparse.Namespace) -> int:
         method, path = "DELETE", f"/admin/adapters/{args.name}"
     else:
         method, path = "GET", "/admin/adapters"
-    headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
-    try:
-        response = httpx.request(method, args.url.rstrip("/") + path, json=payload, headers=headers,
-                                 timeout=httpx.Timeout(args.timeout, connect=10.0))
-    except httpx.HTTPError as exc:
-        print(f"inhouse: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        data = response.json()
-    except ValueError:
-        data = {"error": {"message": response.text[:500] or f"HTTP {response.status_code}"}}
-    if response.status_code >= 400:
-        error = data.get("error") if isinstance(data, dict) else None
-        print(f"inhouse: {error.get('message') if isinstance(error, dict) else data}", file=sys.stderr)
-        return 1
+    data = call(args, method, path, payload)
+    if isinstance(data, int):
+        return data
     if args.json:
         print(json.dumps(data, ensure_ascii=False))
     elif command == "list":

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
-import httpx
+from inhouse.cli.admin_client import add_server_flags, call
 
 __all__ = ["add_parser", "add_reload_parser"]
 
@@ -31,12 +30,7 @@ def _percent(text: str) -> float:
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("INHOUSE_URL", "http://127.0.0.1:8000"),
-                   help="the server (default $INHOUSE_URL or http://127.0.0.1:8000)")
-    p.add_argument("--key", default=os.environ.get("INHOUSE_ADMIN_KEY"),
-                   help="an admin API key (default $INHOUSE_ADMIN_KEY)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the answer (default 1800)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_server_flags(p, timeout=1800.0)
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -103,22 +97,9 @@ def run(args: argparse.Namespace) -> int:
         method, path, payload = "GET", f"/admin/models/{args.name}", None
     else:
         method, path, payload = "POST", "/admin/reload", None
-    headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
-    try:
-        response = httpx.request(method, args.url.rstrip("/") + path, json=payload, headers=headers,
-                                 timeout=httpx.Timeout(args.timeout, connect=10.0))
-    except httpx.HTTPError as exc:
-        print(f"inhouse: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        data = response.json()
-    except ValueError:
-        data = {"error": {"message": response.text[:500] or f"HTTP {response.status_code}"}}
-    if response.status_code >= 400:
-        error = data.get("error") if isinstance(data, dict) else None
-        message = error.get("message") if isinstance(error, dict) else str(data)
-        print(f"inhouse: {message}", file=sys.stderr)
-        return 1
+    data = call(args, method, path, payload)
+    if isinstance(data, int):
+        return data
     if args.json:
         print(json.dumps(data, ensure_ascii=False))
     else:
