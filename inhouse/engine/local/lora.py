@@ -5,10 +5,12 @@ the base model's modules, the set of registered adapters with its least-recently
 in memory (an evicted adapter is read from disk again when a request needs it), and ``LoraLinear``, the
 wrapper that a targeted module of the base becomes.
 
-In a forward pass, ``LoraContext.groups`` lists, per adapter in the step, the flat token indices of its rows
-(set by the runner before the pass, cleared after).  ``LoraLinear`` computes the base output for every token,
-then for each group adds ``scale * (x @ A^T) @ B^T`` to that group's tokens only, the way S-LoRA and vLLM's
-multi-LoRA kernels group tokens by adapter; rows of the bare base get nothing added.
+In a forward pass, ``LoraContext`` says which adapter each flat token row is on (set by the runner before the
+pass, cleared after).  ``LoraLinear`` computes the base output for every token, then adds each row's own
+adapter's ``scale * (x @ A^T) @ B^T``: in decode as one stacked low-rank product over all the pass's adapters
+with a row mask (a handful of tensor operations per module, whatever the number of adapters, in the spirit
+of S-LoRA's and vLLM's multi-LoRA kernels), in a big prefill per adapter over its own gathered tokens.  Rows
+of the bare base get nothing added.
 """
 
 from __future__ import annotations
@@ -47,49 +49,126 @@ class AdapterWeights:
 
 @dataclass
 class LoraContext:
-    """The current forward pass's adapters: (flat token indices, a ``[tokens, 1]`` float32 mask that is 1 on
-    them, weights) per adapter in the step."""
+    """The current forward pass's adapters, set by the runner before the pass and cleared after.
 
-    groups: list[tuple[torch.Tensor, torch.Tensor, AdapterWeights]] = field(default_factory=list)
+    ``groups``: (flat token indices, weights) per adapter in the pass, ordered by name; ``slots``: each flat
+    token's position in ``groups`` (-1 on the bare base's rows); ``memo``: what the modules of one pass share
+    (the row masks, the per-row scales, the float32 copy of an input that several modules read).
+    """
+
+    groups: list[tuple[torch.Tensor, AdapterWeights]] = field(default_factory=list)
+    slots: torch.Tensor | None = None
+    memo: dict[Any, Any] = field(default_factory=dict)
+
+    def set(self, groups: list[tuple[torch.Tensor, AdapterWeights]], slots: torch.Tensor | None) -> None:
+        self.groups, self.slots, self.memo = groups, slots, {}
+
+    def clear(self) -> None:
+        self.set([], None)
+
+    def mask(self, positions: tuple[int, ...], ranks: tuple[int, ...], columns: torch.Tensor) -> torch.Tensor | None:
+        """``[tokens, sum(ranks)]``: 1 where a column belongs to the token's own adapter; None when every token
+        is on the one adapter present (nothing to mask)."""
+        key = ("mask", positions, ranks)
+        if key not in self.memo:
+            assert self.slots is not None
+            only = len(positions) == 1 and bool((self.slots == positions[0]).all())
+            self.memo[key] = None if only else (columns.unsqueeze(0) == self.slots.unsqueeze(1)).to(torch.float32)
+        found: torch.Tensor | None = self.memo[key]
+        return found
+
+    def scale(self, positions: tuple[int, ...], scales: tuple[float, ...]) -> torch.Tensor | float:
+        """Each token's own adapter scale, ``[tokens, 1]`` (0 on base rows), or one float when all share one."""
+        if len(set(scales)) == 1 and (len(positions) == len(self.groups)):
+            return scales[0]
+        key = ("scale", positions, scales)
+        if key not in self.memo:
+            assert self.slots is not None
+            table = torch.zeros(len(self.groups) + 1, dtype=torch.float32, device=self.slots.device)
+            for position, value in zip(positions, scales, strict=True):
+                table[position + 1] = value
+            self.memo[key] = table[self.slots + 1].unsqueeze(1)
+        found: torch.Tensor = self.memo[key]
+        return found
+
+    def as_float(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x`` in the adapters' dtype, converted once for the modules that read the same input (q, k, v)."""
+        last = self.memo.get("x")
+        if last is not None and last[0] is x:  # the same tensor object (held here, so its id is not reused)
+            converted: torch.Tensor = last[1]
+            return converted
+        converted = x.to(dtype)
+        self.memo["x"] = (x, converted)
+        return converted
 
 
 class LoraLinear(torch.nn.Module):
-    """A targeted module of the base: its own output, plus each adapter's update on that adapter's tokens."""
+    """A targeted module of the base: its own output, plus each adapter's update on that adapter's tokens.
+
+    With few tokens (decode) the adapters of the pass run as one low-rank product: their A matrices stacked
+    ``[sum r, in]``, their B matrices side by side ``[out, sum r]`` (kept from the last pass while the same
+    adapters run), and a mask that keeps each token's own adapter's columns of ``x @ A^T``; the sum over the
+    other adapters' columns adds exact zeros, so a row gets exactly its adapter's ``(x @ A^T) @ B^T * scale``,
+    as PEFT computes it.  A big prefill instead gathers each adapter's own tokens.
+    """
 
     def __init__(self, base: torch.nn.Module, path: str, context: LoraContext) -> None:
         super().__init__()
         self.base = base
         self.path = path
         self.context = context
+        # the last pass's stacked weights: (the (A, B, scale) of each adapter, stacked A, stacked B, column owner)
+        self._stacked: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.base(x)
-        groups = [(index, mask, found) for index, mask, weights in self.context.groups
-                  if (found := weights.modules.get(self.path)) is not None]
-        if not groups:
+        present = [(i, found) for i, (_, weights) in enumerate(self.context.groups)
+                   if (found := weights.modules.get(self.path)) is not None]
+        if not present:
             return out
         flat_x = x.reshape(-1, x.shape[-1])
         flat_out = out.view(-1, out.shape[-1])
-        dtype = groups[0][2][0].dtype
+        dtype = present[0][1][0].dtype
         if flat_x.shape[0] > _MASKED_TOKENS:  # a big prefill: each adapter's own tokens only
-            for index, _, (a, b, scale) in groups:
+            for i, (a, b, scale) in present:
+                index = self.context.groups[i][0]
                 rows = flat_x.index_select(0, index).to(a.dtype)
                 delta = F.linear(F.linear(rows, a), b) * scale
                 flat_out[index] = (flat_out.index_select(0, index).to(a.dtype) + delta).to(out.dtype)
             return out
-        # few tokens (decode): every adapter over every token, masked to its own rows (no gather or scatter);
-        # a row gets exactly its adapter's update, plus zeros
-        rows = flat_x.to(dtype)
-        total: torch.Tensor | None = None
-        for _, mask, (a, b, scale) in groups:
-            delta = F.linear(F.linear(rows, a), b) * scale * mask
-            total = delta if total is None else total + delta
-        assert total is not None
+        positions = tuple(i for i, _ in present)
+        a, b, columns = self._stack(present)
+        hidden = F.linear(self.context.as_float(flat_x, dtype), a)
+        mask = self.context.mask(positions, tuple(found[0].shape[0] for _, found in present), columns)
+        if mask is not None:
+            hidden.mul_(mask)
+        delta = F.linear(hidden, b)
+        delta.mul_(self.context.scale(positions, tuple(found[2] for _, found in present)))
         if out.dtype == dtype:
-            flat_out.add_(total)
+            flat_out.add_(delta)
         else:  # as PEFT: the sum in float32, rounded once to the model's dtype
-            flat_out.copy_(flat_out.to(dtype) + total)
+            flat_out.copy_(delta.add_(flat_out))
         return out
+
+    def forget(self) -> None:
+        self._stacked = None
+
+    def _stack(self, present: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stacked A and B of these adapters, and which group owns each of the ``sum r`` columns."""
+        held = self._stacked
+        if held is not None and len(held[0]) == len(present) and all(
+                kept is found and kept_at == i for (kept_at, kept), (i, found) in zip(held[0], present, strict=True)):
+            return held[1], held[2], held[3]
+        if len(present) == 1:
+            a, b = present[0][1][0], present[0][1][1]
+        else:
+            a = torch.cat([found[0] for _, found in present])
+            b = torch.cat([found[1] for _, found in present], dim=1).contiguous()
+        columns = torch.repeat_interleave(torch.tensor([i for i, _ in present], device=a.device),
+                                          torch.tensor([found[0].shape[0] for _, found in present], device=a.device))
+        self._stacked = (tuple(present), a, b, columns)
+        return a, b, columns
 
 
 def _linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
@@ -198,7 +277,8 @@ class LoraSet:
             directory = self._paths.pop(name, None)
             if directory is not None:
                 self._retired[name] = directory
-            self._resident.pop(name, None)
+            if self._resident.pop(name, None) is not None:
+                self._forget_stacks()
 
     def names(self) -> list[str]:
         with self._lock:
@@ -232,6 +312,13 @@ class LoraSet:
                 break
             if name not in spare and name != weights.name:
                 del self._resident[name]
+                self._forget_stacks()
+
+    def _forget_stacks(self) -> None:
+        """Let go of the stacked weights the modules keep, so an adapter dropped from memory is freed."""
+        for module in self.model.modules():
+            if isinstance(module, LoraLinear):
+                module.forget()
 
     def _wrap(self, weights: AdapterWeights) -> None:
         """Make each module the adapter targets a LoraLinear (once; the wrapper adds nothing to base rows)."""

@@ -96,24 +96,21 @@ class ModelRunner:
             yield
             return
         step = frozenset(s.adapter for s in seqs if s.adapter)
-        tokens: dict[str, list[int]] = {}
-        start = 0
-        for seq, count in zip(seqs, counts, strict=True):
-            if seq.adapter:
-                tokens.setdefault(seq.adapter, []).extend(range(start, start + count))
-            start += count
-        groups: list[tuple[torch.Tensor, torch.Tensor, AdapterWeights]] = []
-        for name, index in tokens.items():
-            at = torch.tensor(index, dtype=torch.long)
-            mask = torch.zeros(start, 1, dtype=torch.float32).index_fill_(0, at, 1.0)
-            groups.append((at.to(self.device), mask.to(self.device), self.lora.weights(name, step)))
+        order = sorted(step)  # the same adapters in the same order from pass to pass: stacked weights are kept
+        position = {name: i for i, name in enumerate(order)}
+        slots = torch.tensor([position[s.adapter] if s.adapter else -1 for s in seqs], dtype=torch.long)
+        slots = slots.repeat_interleave(torch.tensor(counts))
+        groups: list[tuple[torch.Tensor, AdapterWeights]] = []
+        for i, name in enumerate(order):
+            at = (slots == i).nonzero().view(-1)
+            groups.append((at.to(self.device), self.lora.weights(name, step)))
         kinds = len(groups) + (1 if any(not s.adapter for s in seqs) else 0)
         self.lora.most_mixed = max(self.lora.most_mixed, kinds)
-        self.lora.context.groups = groups
+        self.lora.context.set(groups, slots.to(self.device))
         try:
             yield
         finally:
-            self.lora.context.groups = []
+            self.lora.context.clear()
 
     def _forward(
         self, ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout, keep: int | torch.Tensor
