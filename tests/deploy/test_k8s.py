@@ -207,3 +207,11 @@ def test_the_pod_scrape_config_labels_series_with_namespace_and_pod() -> None:
     assert pod["prometheus.io/port"] == "8000" and pod["prometheus.io/path"] == "/metrics"
     for rule in relabel:
         re.compile(rule.get("regex", ".*"))
+
+
+def test_every_yaml_file_under_deploy_parses_to_mappings() -> None:
+    paths = sorted((REPO / "deploy").rglob("*.y*ml"))
+    assert len(paths) >= 15
+    for path in paths:
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            assert isinstance(doc, dict), path

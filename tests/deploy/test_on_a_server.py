@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.test_k8s import OVERLAYS, adapter_rules, container, kustomize, one
@@ -108,8 +107,3 @@ def test_sigterm_drains_and_exits_0_inside_the_grace_period(server: ServerProces
     assert "draining" in server.log()
     assert time.monotonic() - started < pod["terminationGracePeriodSeconds"] - sleep
 
-
-def test_config_files_are_yaml_mappings() -> None:
-    for path in (REPO / "deploy").rglob("*.y*ml"):
-        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
-            assert isinstance(doc, dict), path
