@@ -179,7 +179,8 @@ def _default(info: FieldInfo) -> tuple[str, object]:
 
 def _rows(model: type[BaseModel], prefix: str, comments: dict[tuple[str, str], str],
           only: set[str] | None = None, engine: str = "") -> tuple[list[Row], dict[str, object]]:
-    rows, example = [], {}
+    rows: list[Row] = []
+    example: dict[str, object] = {}
     for name, info in model.model_fields.items():
         if only is not None and name not in only:
             continue
@@ -200,7 +201,7 @@ def _rows(model: type[BaseModel], prefix: str, comments: dict[tuple[str, str], s
 
 
 def _yaml(data: object) -> str:
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100).strip()
+    return str(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)).strip()
 
 
 def sections() -> list[Section]:
@@ -240,7 +241,7 @@ def sections() -> list[Section]:
 
 # --- pages ---------------------------------------------------------------------------------------------------
 
-_TEXT = {
+_TEXT: dict[str, dict[str, Any]] = {
     "en": {
         "title": "Configuration reference",
         "intro": (
