@@ -90,4 +90,4 @@ def test_blocks_are_read_with_their_expectations(tmp_path: Path) -> None:
                     "```python runnable\nprint(1)\n```\n", encoding="utf-8")
     blocks = runnable_blocks(page)
     assert [(b.line, b.language, b.code, b.expect) for b in blocks] == [
-        (3, "bash", "curl x\n", ("Paris", "200")), (9, "python", "print(1)\n", ())]
+        (3, "bash", "curl x\n", ("Paris", "200")), (10, "python", "print(1)\n", ())]
