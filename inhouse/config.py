@@ -73,18 +73,18 @@ class _Frozen(BaseModel):
 class SamplingDefaults(_Frozen):
     """Per-model sampling defaults, used when a request leaves a field out."""
 
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    max_tokens: int | None = None
-    repetition_penalty: float | None = None
+    temperature: float | None = None  # used when a request has no temperature
+    top_p: float | None = None  # used when a request has no top_p
+    top_k: int | None = None  # used when a request has no top_k
+    max_tokens: int | None = None  # used when a request has no max_tokens
+    repetition_penalty: float | None = None  # used when a request has none
 
 
 class SmokeCheck(_Frozen):
     """What a new version must answer before a swap sends it traffic (docs/swaps.md)."""
 
-    prompts: tuple[str, ...] = ("Say hello.",)
-    max_tokens: int = Field(default=8, ge=1)
+    prompts: tuple[str, ...] = ("Say hello.",)  # sent greedily to the new version
+    max_tokens: int = Field(default=8, ge=1)  # tokens per smoke prompt
     max_latency_s: float = Field(default=60.0, gt=0)  # per prompt, from submit to the last token
     expect: tuple[str, ...] = ()  # substrings every answer must contain
 
@@ -92,15 +92,15 @@ class SmokeCheck(_Frozen):
 class _ModelBase(_Frozen):
     """What every served model has, whatever engine runs it."""
 
-    name: str = Field(min_length=1)
-    context_length: int | None = Field(default=None, ge=16)
-    max_num_seqs: int = Field(default=32, ge=1)
-    max_waiting: int = Field(default=256, ge=0)
-    clamp_max_tokens: bool = False
+    name: str = Field(min_length=1)  # the public name clients send as model
+    context_length: int | None = Field(default=None, ge=16)  # cap the window (default: the model's own)
+    max_num_seqs: int = Field(default=32, ge=1)  # sequences decoded together
+    max_waiting: int = Field(default=256, ge=0)  # admitted but waiting; beyond max_num_seqs + max_waiting: 429
+    clamp_max_tokens: bool = False  # true: shrink max_tokens to fit the window instead of a 400
     defaults: SamplingDefaults = SamplingDefaults()
     # routing, any engine: several entries with one name are deployments of one model
     deployment: str | None = None  # label in /v1/models, x-inhouse-deployment and the audit log
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0)  # share of traffic among deployments of one name
     fallbacks: tuple[str, ...] = ()  # other model names to try, in order, when every deployment failed
     version: str | None = None  # label of this version (model card, audit rows); default: a checkpoint hash
     smoke: SmokeCheck = SmokeCheck()  # the check a swapped-in version must pass (docs/swaps.md)
@@ -113,8 +113,9 @@ class _ModelBase(_Frozen):
 class _OnDevice(_ModelBase):
     """A model this server runs itself: on which device, in which dtype (``auto``: engine/loading.py)."""
 
+    # auto: bf16 where the hardware runs it, else float32
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -127,11 +128,11 @@ class _Weights(_OnDevice):
     """A generator whose weights this server loads: an HF checkpoint directory, a .gguf file, or builtin:NAME."""
 
     path: str = Field(min_length=1, description="HF checkpoint dir, a .gguf file, or builtin:NAME")
-    chat_template: str | None = None
+    chat_template: str | None = None  # a Jinja file, or the template text (default: the tokenizer's)
     # how tool calls and thinking are read from the model's text: auto picks by the chat template (a template
     # that renders <tool_call> → hermes, <think> → think); none turns it off
     tool_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral", "constrained_json"] = "auto"
-    reasoning_parser: Literal["auto", "none", "think"] = "auto"
+    reasoning_parser: Literal["auto", "none", "think"] = "auto"  # think: <think>...</think> goes to reasoning_content
 
 
 class TransformersSpec(_Weights):
@@ -146,8 +147,8 @@ class VllmSpec(_Weights):
 
     engine: Literal["vllm"] = "vllm"
     kv_cache_gib: int = Field(default=1, ge=1, description="vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)  # vLLM on CUDA: share of GPU memory
+    tensor_parallel_size: int = Field(default=1, ge=1)  # vLLM: GPUs one model is split over
     # None: eager on CPU (vLLM 0.32's compiled CPU path changed SmolLM2's greedy answers here), vLLM's
     # default (compiled / CUDA graphs) on GPU
     enforce_eager: bool | None = None
@@ -177,8 +178,8 @@ class SentenceTransformersSpec(_OnDevice):
     # dynamic batching: one forward pass takes queued inputs up to max_num_seqs of them and max_batch_tokens
     # padded tokens; an idle engine waits batch_wait_ms for company before it runs a lone input
     max_num_seqs: int = Field(default=64, ge=1)
-    max_batch_tokens: int = Field(default=16384, ge=16)
-    batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    max_batch_tokens: int = Field(default=16384, ge=16)  # padded tokens per forward pass, at most
+    batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)  # an idle engine waits this long for company
     max_waiting: int = Field(default=4096, ge=0, description="queued inputs beyond this: 429")
 
 
@@ -187,14 +188,14 @@ class FakeSpec(_ModelBase):
 
     engine: Literal["fake"] = "fake"
     path: str = Field(default="", description="ignored")
-    fake_reply: str = "This is a scripted reply from the fake engine."
-    fake_token_delay: float = Field(default=0.0, ge=0.0)
+    fake_reply: str = "This is a scripted reply from the fake engine."  # the answer, one word per token
+    fake_token_delay: float = Field(default=0.0, ge=0.0)  # seconds per token
     fake_fail_after: int | None = Field(default=None, ge=0, description="fail mid-stream after N tokens")
     fake_die_after: int | None = Field(default=None, ge=0, description="the engine dies (as if its loop thread "
                                        "had) once N requests finished: FAILED, and liveness fails")
     # the parsers the server reads the scripted reply with, as a local model's chat template would name them
     tool_parser: Literal["none", "hermes", "llama3_json", "mistral"] = "none"
-    reasoning_parser: Literal["none", "think", "think_open"] = "none"
+    reasoning_parser: Literal["none", "think", "think_open"] = "none"  # as a local model's chat template would name it
 
 
 class UpstreamSpec(_ModelBase):
@@ -202,11 +203,11 @@ class UpstreamSpec(_ModelBase):
 
     engine: Literal["upstream"] = "upstream"
     base_url: str = Field(min_length=1)  # e.g. http://vllm-1:8000/v1
-    api_key: str | None = Field(default=None, repr=False)
+    api_key: str | None = Field(default=None, repr=False)  # sent as Authorization: Bearer to the upstream
     upstream_model: str | None = None  # the name the upstream knows the model by (default: name)
-    connect_timeout: float = Field(default=5.0, gt=0)
+    connect_timeout: float = Field(default=5.0, gt=0)  # seconds for the TCP (and TLS) connect
     first_token_timeout: float = Field(default=120.0, gt=0)  # Dify waits up to 300 s between bytes
-    total_timeout: float = Field(default=1800.0, gt=0)
+    total_timeout: float = Field(default=1800.0, gt=0)  # one deadline on a whole attempt, seconds
     # what the upstream model serves (its card in /v1/models; other operations are refused with 400)
     capabilities: tuple[Literal["chat", "completion", "embeddings", "rerank", "tools", "vision", "json_schema"], ...] \
         = ("chat", "completion")
@@ -216,7 +217,7 @@ class UpstreamSpec(_ModelBase):
     # TLS to an https:// upstream: the CA bundle that signed its certificate (default: the system's), and this
     # server's client certificate and key for an upstream that requires one (mTLS); PEM files
     ca_file: str | None = None
-    client_cert: str | None = None
+    client_cert: str | None = None  # this server's client certificate (mTLS)
     client_key: str | None = None  # default: the key is in the client_cert file
 
     @property
@@ -273,6 +274,7 @@ def model_spec(**fields: object) -> ModelSpec:
 
 
 def default_state_dir() -> Path:
+    """`$INHOUSE_STATE_DIR`, else `$XDG_DATA_HOME/inhouse` or `~/.local/share/inhouse`."""
     env = os.environ.get("INHOUSE_STATE_DIR")
     if env:
         return Path(env).expanduser()
@@ -287,8 +289,9 @@ class AuditSettings(_Frozen):
     # SQLite only. normal: a committed row survives a crash or SIGKILL of the server; full: also a power
     # cut or OS crash, at an fsync per batch.  PostgreSQL follows its own synchronous_commit.
     sqlite_sync: Literal["normal", "full"] = "normal"
+    # keep prompt and response text: off, the first text_chars, or all of it
     text: Literal["off", "truncate", "full"] = "off"
-    text_chars: int = Field(default=2000, ge=1)
+    text_chars: int = Field(default=2000, ge=1)  # characters kept with text: truncate
     redact: tuple[str, ...] = ()  # regular expressions replaced by [REDACTED] in kept text
 
     @field_validator("redact")
@@ -305,6 +308,7 @@ class AuditSettings(_Frozen):
 
 
 def default_cache_dir() -> Path:
+    """`$INHOUSE_CACHE_DIR`, else `$XDG_CACHE_HOME/inhouse` or `~/.cache/inhouse`."""
     env = os.environ.get("INHOUSE_CACHE_DIR")
     if env:
         return Path(env).expanduser()
@@ -324,12 +328,12 @@ class RoutingSettings(_Frozen):
     retries: int = Field(default=2, ge=0)  # more tries per model, before the first byte only
     backoff_seconds: float = Field(default=0.2, ge=0)  # jittered, doubling per retry
     circuit_failures: int = Field(default=3, ge=1)  # failures within circuit_window open the circuit
-    circuit_window_seconds: float = Field(default=30.0, gt=0)
+    circuit_window_seconds: float = Field(default=30.0, gt=0)  # the window circuit_failures are counted in
     cooldown_seconds: float = Field(default=30.0, gt=0)  # out of rotation, then one probe request
-    health_interval_seconds: float = Field(default=10.0, gt=0)
+    health_interval_seconds: float = Field(default=10.0, gt=0)  # how often each upstream is checked
     # models: GET {base_url}/models (cheap); completion: a 1-token chat completion (proves the model answers)
     health_check: Literal["models", "completion"] = "models"
-    health_timeout_seconds: float = Field(default=5.0, gt=0)
+    health_timeout_seconds: float = Field(default=5.0, gt=0)  # a health check slower than this fails
 
 
 class SwapSettings(_Frozen):
@@ -337,6 +341,7 @@ class SwapSettings(_Frozen):
 
     timeout_s: float = Field(default=900.0, gt=0)  # load + smoke check of a new version, at most
     drain_s: float = Field(default=300.0, gt=0)  # in-flight requests of the old version may finish within this
+    # how long a canary takes its share of traffic before it is judged
     canary_window_s: float = Field(default=60.0, gt=0)
     canary_min_requests: int = Field(default=5, ge=1)  # fewer canary requests in the window: roll back
     canary_max_error_rate_delta: float = Field(default=0.05, ge=0, le=1)  # canary error rate − old's, at most
@@ -351,37 +356,38 @@ class ImageSettings(_Frozen):
     max_images: int = Field(default=8, ge=1)  # image parts in one request
     max_pixels: int = Field(default=4096 * 4096, ge=1)  # width × height of one image
     allowed_hosts: tuple[str, ...] = ()  # http(s) image URLs only from these hosts (default: none, data: URLs only)
-    fetch_timeout_s: float = Field(default=10.0, gt=0)
+    fetch_timeout_s: float = Field(default=10.0, gt=0)  # fetching one http(s) image, at most
 
 
 class Settings(_Frozen):
     """Everything the server needs, decided before it starts."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0: every interface)
+    port: int = Field(default=8000, ge=0, le=65535)  # port to listen on
     models: tuple[ModelSpec, ...] = ()
-    cache_dir: Path = Field(default_factory=default_cache_dir)
-    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    cache_dir: Path = Field(default_factory=default_cache_dir)  # converted GGUF checkpoints are kept here
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)  # larger request bodies get 413
     max_choices: int = Field(default=64, ge=1)  # choices one call may ask for: n × prompts (completions)
-    keepalive_seconds: float = Field(default=10.0, gt=0)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    keepalive_seconds: float = Field(default=10.0, gt=0)  # SSE ': keep-alive' comment interval while a request waits
+    log_level: Literal["debug", "info", "warning", "error"] = "info"  # the server log's level
     # security and accounting
-    auth: Literal["keys", "none"] = "keys"
-    state_dir: Path = Field(default_factory=default_state_dir)
+    auth: Literal["keys", "none"] = "keys"  # keys: every API route needs a key; none: no authentication (labs only)
+    state_dir: Path = Field(default_factory=default_state_dir)  # holds the default SQLite database
     database_url: str | None = None  # default: sqlite:///<state_dir>/inhouse.db
     redis_url: str | None = None  # set: rate limits are shared by every replica using this Redis
     admin_key: str | None = Field(default=None, repr=False)  # filled from admin_key_env / admin_key_file
-    admin_key_env: str = "INHOUSE_ADMIN_KEY"
-    admin_key_file: Path | None = None
+    admin_key_env: str = "INHOUSE_ADMIN_KEY"  # the first admin key is read from this variable
+    admin_key_file: Path | None = None  # ...or from this file; else one is created and printed at first start
+    # key checks are cached this long: a revoke reaches every replica within it
     key_cache_seconds: float = Field(default=2.0, ge=0)
-    metrics_public: bool = True
+    metrics_public: bool = True  # /metrics without a key (false: any valid key)
     audit: AuditSettings = AuditSettings()
     metrics: MetricsSettings = MetricsSettings()
     # HTTPS (PEM files): the server's certificate (chain) and key; with tls_client_ca, every client must present
     # a certificate that CA signed (mTLS), and its subject goes into the audit row
     tls_cert: Path | None = None
     tls_key: Path | None = None  # default: the key is in the tls_cert file
-    tls_client_ca: Path | None = None
+    tls_client_ca: Path | None = None  # require client certificates this CA signed (mTLS)
     # operations: SIGTERM drain, liveness, logs
     drain_seconds: float = Field(default=30.0, ge=0)  # SIGTERM: in-flight requests may finish for this long
     audit_stall_seconds: float = Field(default=60.0, gt=0)  # a batch in the audit writer longer: /health 503
