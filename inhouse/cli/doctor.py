@@ -43,7 +43,9 @@ def run_checks(config_file: Path | None) -> list[Check]:
     checks = [check_python()]
     settings, config = check_config(config_file)
     checks += [check_torch(settings), config]
-    places = tuple(dict.fromkeys(p.resolve() for p in (Path.cwd(), *([config_file.parent] if config_file else []))))
+    # where a .venv-vllm may be: here, beside the config, and the checkout this inhouse runs from
+    near = (Path.cwd(), *([config_file.parent] if config_file else []), Path(__file__).resolve().parents[2])
+    places = tuple(dict.fromkeys(p.resolve() for p in near))
     if settings is not None:
         checks += [check_model(spec, i, config_file) for i, spec in enumerate(settings.models)]
         checks += [check_memory(settings), check_database(settings), check_redis(settings), check_port(settings)]

