@@ -121,8 +121,7 @@ def check_vllm(settings: Settings | None, places: tuple[Path, ...] = (), install
                      f"{sys.executable}{elsewhere}", f"{run_there}, or set their 'engine' to transformers")
     detail = f"vLLM is not importable in {sys.executable}{elsewhere}"
     if auto:
-        return Check("vllm", "ok", f"{detail}; engine auto serves {', '.join(auto)} with transformers",
-                     None)
+        return Check("vllm", "ok", f"{detail}; engine auto serves {', '.join(auto)} with transformers")
     return Check("vllm", "ok", f"{detail} (no model needs it)")
 
 

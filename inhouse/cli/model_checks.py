@@ -40,6 +40,8 @@ def check_config(config_file: Path | None) -> tuple[Settings | None, Check]:
     try:
         settings = load_settings(config_file)
     except ConfigError as exc:
+        if config_file is not None and not config_file.is_file():
+            return None, Check("config", "fail", str(exc), "pass the YAML file inhouse serve uses to --config")
         where = str(config_file) if config_file else "the environment (INHOUSE_ADMIN_KEY, ...)"
         return None, Check("config", "fail", str(exc), f"correct the key it names in {where}; docs/config.md "
                            "lists every key")

@@ -20,6 +20,12 @@ def test_config_error_names_the_file_and_the_key(tmp_path: Path) -> None:
     assert check.fix is not None and str(config) in check.fix
 
 
+def test_a_missing_config_file_says_so(tmp_path: Path) -> None:
+    settings, check = check_config(tmp_path / "nope.yaml")
+    assert settings is None and check.status == "fail" and "cannot read config file" in check.detail
+    assert check.fix is not None and "--config" in check.fix
+
+
 def test_config_ok_lists_the_models(tmp_path: Path) -> None:
     config = tmp_path / "inhouse.yaml"
     config.write_text("models:\n  - {name: a, engine: fake}\n  - {name: b, engine: fake}\n")
