@@ -136,11 +136,11 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if not sys.stderr.isatty():  # transformers' own bars; ours turn into log lines (inhouse.engine.progress)
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         from inhouse.cli.logs import setup_logging
+        from inhouse.engine.progress import quiet_library_bars
 
         setup_logging("warning" if args.json else "info", "text")
+        quiet_library_bars()
     try:
         target, levels = asyncio.run(_in_process(args) if args.path else _over_http(args))
     except TargetError as exc:

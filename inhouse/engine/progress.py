@@ -15,10 +15,38 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from functools import partialmethod
 from types import TracebackType
 from typing import Any, TextIO
 
-__all__ = ["Steps"]
+__all__ = ["Steps", "quiet_library_bars"]
+
+_BAR = "{desc}: {bar:20} {n_fmt}/{total_fmt} steps [{elapsed}] {postfix}"
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def quiet_library_bars(stream: TextIO | None = None) -> None:
+    """Off a terminal, turn off the libraries' own bars (transformers' "Loading weights", its GGUF reader's
+    "Converting and de-quantizing", huggingface_hub's): ``Steps`` says the same as log lines, and a bar's
+    carriage returns garble a log.  Their environment switches are read when they are imported, which the CLI's
+    imports already did, and transformers' GGUF reader calls tqdm directly: so tqdm's own default becomes
+    ``disable=True`` for this process (a bar that asks for ``disable=False`` still shows).  On a terminal,
+    nothing changes."""
+    if _is_terminal(stream if stream is not None else sys.stderr):
+        return
+    import tqdm
+    from huggingface_hub.utils.tqdm import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    init = tqdm.tqdm.__dict__["__init__"]
+    if getattr(init, "keywords", {}).get("disable") is not True:  # tqdm's own __init__ is a partialmethod too
+        tqdm.tqdm.__init__ = partialmethod(tqdm.tqdm.__init__, disable=True)
 
 
 class Steps:
@@ -36,8 +64,7 @@ class Steps:
 
     @property
     def on_terminal(self) -> bool:
-        isatty = getattr(self.stream, "isatty", None)
-        return bool(isatty and isatty())
+        return _is_terminal(self.stream)
 
     def __enter__(self) -> Steps:
         self._start = time.monotonic()
@@ -45,7 +72,7 @@ class Steps:
             from tqdm import tqdm
 
             self._bar = tqdm(total=len(self.steps), desc=self.job, unit="step", file=self.stream, leave=True,
-                             bar_format="{desc}: {bar:20} {n_fmt}/{total_fmt} steps [{elapsed}] {postfix}")
+                             disable=False, bar_format=_BAR)
         return self
 
     def step(self, name: str) -> None:

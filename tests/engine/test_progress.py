@@ -49,3 +49,30 @@ def test_a_failure_names_the_step(caplog: pytest.LogCaptureFixture) -> None:
         raise OSError("disk")
     assert caplog.records[-1].getMessage().startswith("loading m: failed at step weights after ")
     assert steps.done == 1
+
+
+def test_library_bars_are_turned_off_in_a_log_only() -> None:
+    import tqdm
+    from huggingface_hub.utils.tqdm import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    from inhouse.engine.progress import quiet_library_bars
+
+    original = tqdm.tqdm.__dict__["__init__"]
+    try:
+        quiet_library_bars(Terminal())
+        assert transformers_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+        quiet_library_bars(io.StringIO())
+        quiet_library_bars(io.StringIO())  # twice: still one wrapper
+        assert not transformers_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+        out = io.StringIO()
+        for _ in tqdm.tqdm(range(3), file=out, desc="library bar"):
+            pass
+        assert out.getvalue() == ""
+        with Steps("ours", ("a",), log, Terminal()) as steps:  # a terminal's bar still shows
+            steps.step("a")
+            assert steps._bar is not None and not steps._bar.disable
+    finally:
+        tqdm.tqdm.__init__ = original  # type: ignore[method-assign]
+        transformers_logging.enable_progress_bar()
+        enable_progress_bars()
