@@ -529,7 +529,8 @@ def load_settings(
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
+        where = f" in {config_file}" if config_file else ""
+        raise ConfigError(f"invalid configuration{where}: {_describe(exc)}") from None
     return settings.model_copy(update={"admin_key": _admin_key(settings, base_dir)})
 
 
@@ -580,6 +581,7 @@ def _resolve_paths(model: object, base_dir: Path) -> object:
     if isinstance(template, str) and "{" not in template:
         candidate = (base_dir / Path(template).expanduser()).resolve()
         if not candidate.is_file():
-            raise ConfigError(f"model {out.get('name')!r}: chat_template file {candidate} does not exist")
+            raise ConfigError(f"model {out.get('name')!r}: chat_template file {candidate} does not exist (set "
+                              "chat_template to a Jinja file beside the config, or to the template text itself)")
         out["chat_template"] = candidate.read_text(encoding="utf-8")
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from inhouse.cli import adapters, audit, keys, models, serve
+from inhouse.cli import adapters, audit, bench, doctor, keys, models, serve
 
 __all__ = ["main"]
 
@@ -18,5 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     models.add_parser(commands)
     models.add_reload_parser(commands)
     adapters.add_parser(commands)
+    doctor.add_parser(commands)
+    bench.add_parser(commands)
     args = parser.parse_args(argv)
     return int(args.run(args))

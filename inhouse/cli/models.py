@@ -1,7 +1,7 @@
-"""``inhouse models swap|rollback|show`` and ``inhouse reload``: a running server's admin API, from the shell.
+"""``inhouse models list|swap|rollback|show`` and ``inhouse reload``: a running server's admin API, from the shell.
 
-Each command is one admin request; the answer is printed (JSON with ``--json``) and a refusal is printed
-to stderr with exit code 1 (2 when the server cannot be reached).
+Each command is one admin request; the answer is printed (a table for ``list``, JSON with ``--json``) and a
+refusal is printed to stderr with exit code 1 (2 when the server cannot be reached).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from inhouse.cli.admin_client import add_server_flags, call
+from inhouse.cli.table import render_table
 
 __all__ = ["add_parser", "add_reload_parser"]
 
@@ -34,8 +35,9 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = commands.add_parser("models", help="swap, roll back and inspect the models of a running server")
+    p = commands.add_parser("models", help="list, swap, roll back and inspect the models of a running server")
     sub = p.add_subparsers(dest="models_command", required=True)
+    listing = sub.add_parser("list", help="every served model, its state and its deployments'")
     swap = sub.add_parser("swap", help="load a new version beside the old, check it, then switch to it")
     swap.add_argument("name", help="the public model name")
     swap.add_argument("--path", help="the new version's checkpoint (a directory or .gguf file on the server)")
@@ -49,7 +51,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rollback.add_argument("name")
     show = sub.add_parser("show", help="versions, deployments and the last swap of a model")
     show.add_argument("name")
-    for action in (swap, rollback, show):
+    for action in (listing, swap, rollback, show):
         _server_flags(action)
     p.set_defaults(run=run)
 
@@ -95,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         method, path, payload = "POST", f"/admin/models/{args.name}/rollback", None
     elif command == "show":
         method, path, payload = "GET", f"/admin/models/{args.name}", None
+    elif command == "list":
+        method, path, payload = "GET", "/admin/models", None
     else:
         method, path, payload = "POST", "/admin/reload", None
     data = call(args, method, path, payload)
@@ -102,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         return data
     if args.json:
         print(json.dumps(data, ensure_ascii=False))
+    elif command == "list":
+        print(_listing(data))
     else:
         _print(data)
     if data.get("outcome") == "rolled_back":
@@ -117,3 +123,19 @@ def _print(data: dict[str, Any]) -> None:
     for k, v in data.items():
         if k != "object" and v not in (None, [], {}):
             print(f"{k:>18}: {json.dumps(v, ensure_ascii=False) if isinstance(v, dict | list) else v}")
+
+
+def _listing(data: dict[str, Any]) -> str:
+    """One row per deployment of each model (``GET /admin/models``), then the errors of any that failed."""
+    rows: list[list[object]] = []
+    errors = []
+    for model in data.get("data", []):
+        for d in model.get("deployments", []):
+            rows.append([model["id"], model["state"], d["name"], d["engine"], d["state"],
+                         "yes" if d.get("healthy") else "no", d.get("in_flight"), d.get("running"), d.get("waiting")])
+            if d.get("error"):
+                errors.append(f"{model['id']} ({d['name']}): {d['error']}")
+    table = render_table(["MODEL", "STATE", "DEPLOYMENT", "ENGINE", "DEPLOYMENT STATE", "HEALTHY", "IN FLIGHT",
+                          "RUNNING", "WAITING"], rows)
+    notes = [*(f"error: {e}" for e in errors), *(["the server is draining"] if data.get("draining") else [])]
+    return "\n".join([table, *notes])

@@ -188,6 +188,9 @@ def run(args: argparse.Namespace) -> int:
     from inhouse.cli.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
+    from inhouse.engine.progress import quiet_library_bars
+
+    quiet_library_bars()  # off a terminal; the conversion and load say their steps as log lines
     import uvicorn
 
     from inhouse.engine.factory import build_engine, build_engines

@@ -12,10 +12,10 @@ from pathlib import Path
 from inhouse.config import ModelSpec
 from inhouse.gateway.version import weights_bytes
 
-__all__ = ["available_bytes", "memory_refusal"]
+__all__ = ["HEADROOM", "available_bytes", "memory_refusal"]
 
 _GIB = 1024**3
-_HEADROOM = 1.10  # activations, KV cache and allocator slack on top of the weights, at least
+HEADROOM = 1.10  # activations, KV cache and allocator slack on top of the weights, at least
 
 
 def available_bytes(device: str = "cpu", meminfo: Path = Path("/proc/meminfo")) -> int | None:
@@ -40,11 +40,11 @@ def available_bytes(device: str = "cpu", meminfo: Path = Path("/proc/meminfo")) 
 
 def memory_refusal(specs: list[ModelSpec]) -> str | None:
     """None when the new version's weights fit, else the refusal with the numbers."""
-    need = int(sum(weights_bytes(spec) for spec in specs) * _HEADROOM)
+    need = int(sum(weights_bytes(spec) for spec in specs) * HEADROOM)
     if need == 0:
         return None
     available = available_bytes(str(getattr(specs[0], "device", "cpu")))
     if available is None or need <= available:
         return None
     return (f"not enough memory for the new version beside the old one: its weights need about "
-            f"{need / _GIB:.2f} GiB (weight files × {_HEADROOM:g}) and {available / _GIB:.2f} GiB is available")
+            f"{need / _GIB:.2f} GiB (weight files × {HEADROOM:g}) and {available / _GIB:.2f} GiB is available")

@@ -53,3 +53,9 @@ def test_gguf_file_is_converted_once_and_served(tmp_path: Path, logs_dir: Path) 
         assert list((cache / "gguf").iterdir()), "the conversion is cached for the next start"
     finally:
         server.stop()
+    # not a terminal: the conversion's and the load's progress are plain log lines, step by step
+    log = (logs_dir / "gguf.log").read_bytes()
+    for line in (b"converting smol.gguf: step 2/4 dequantize", b"converting smol.gguf: done in ",
+                 b"loading smol: step 2/3 weights", b"loading smol: done in "):
+        assert line in log, line
+    assert b"\r" not in log and b"Loading weights" not in log  # no progress bar (transformers' included) in a log

@@ -17,6 +17,7 @@ from inhouse.config import LocalSpec
 from inhouse.engine.base import ModelLoadError
 from inhouse.engine.checkpoint import resolve_checkpoint
 from inhouse.engine.loading import WEIGHTS_LOCK, pick_device, pick_dtype
+from inhouse.engine.progress import Steps
 
 __all__ = ["LoadedModel", "load_model"]
 
@@ -40,15 +41,21 @@ def load_model(spec: LocalSpec, cache_dir: Path, attn_implementation: str) -> Lo
     dtype = pick_dtype(spec.dtype, device)
     log.info("loading %s from %s (%s, %s)", spec.name, checkpoint, device, str(dtype).removeprefix("torch."))
     model: Any
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
-        with WEIGHTS_LOCK:  # from_pretrained sets torch's process-wide default dtype while it builds
-            model = AutoModelForCausalLM.from_pretrained(
-                checkpoint, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
-            )
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"model {spec.name!r}: cannot load {checkpoint}: {exc}") from exc
-    model.to(device).eval()
+    with Steps(f"loading {spec.name}", ("tokenizer", "weights", f"to {device}"), log) as steps:
+        try:
+            steps.step("tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+            steps.step("weights")
+            with WEIGHTS_LOCK:  # from_pretrained sets torch's process-wide default dtype while it builds
+                model = AutoModelForCausalLM.from_pretrained(
+                    checkpoint, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
+                )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"model {spec.name!r}: cannot load {checkpoint}: {exc} (fix: check the model's "
+                                 "'path' points at a complete HF checkpoint: config.json, tokenizer files and "
+                                 "*.safetensors)") from exc
+        steps.step(f"to {device}")
+        model.to(device).eval()
     if spec.chat_template:
         tokenizer.chat_template = spec.chat_template
     config = model.config
