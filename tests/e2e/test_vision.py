@@ -137,7 +137,7 @@ def test_streaming_gives_the_same_text_and_usage(client: openai.OpenAI, vlm_dir:
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # streamed, not one block
 
 
-def test_concurrent_image_requests_wait_their_turn_and_keep_their_answers(client: openai.OpenAI) -> None:
+def test_concurrent_image_requests_keep_their_answers(client: openai.OpenAI) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     def ask(color: str) -> str | None:
