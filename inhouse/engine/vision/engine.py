@@ -4,10 +4,12 @@ Owns the worker thread and its queue, admission (context length, the queue bound
 is built by the model's own processor (chat template with image placeholders, pixel values, image tokens
 expanded).  The worker takes every request waiting at that moment (up to ``max_num_seqs``) and runs those with
 the same sampling shape as one batch through transformers' own ``generate`` (``batch.py``: left padding, each row
-its own budget, stops and abort); a request that arrives meanwhile waits for the next call.  Tokens stream out
-as ``generate`` makes them, and a row is finished as soon as it is done.  ``usage.prompt_tokens`` is the
-processor's input length, image tokens included.  Tools, response_format and logprobs are refused (400).
-State shared with request coroutines: the job queue, the running map (under a lock) and each job's collector.
+its own budget, stops and abort; requests the processor is preparing at that moment are waited for, briefly);
+a request that arrives once the call runs waits for the next call.  Tokens stream out as ``generate`` makes
+them, and a row is finished as soon as it is done.  ``usage.prompt_tokens`` is the processor's input length,
+image tokens included.  Tools, response_format and logprobs are refused (400).  State shared with request
+coroutines: the job queue, the running map and the count of submits being prepared (under one lock), and each
+job's collector.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = ["VISION_CAPABILITIES", "VisionEngine", "chat_messages"]
 log = logging.getLogger("inhouse.engine")
 
 VISION_CAPABILITIES = frozenset({Capability.CHAT, Capability.VISION})
+_GATHER_SECONDS = 0.25  # at most this long a call waits for the requests the processor is preparing
 
 
 class VisionEngine:
@@ -60,6 +63,8 @@ class VisionEngine:
         self._batch_size = 0  # jobs in the ``generate`` call now running (stats)
         self.largest_batch = 0  # the most jobs one ``generate`` call has run so far
         self._lock = threading.Lock()
+        self._arriving = 0  # submits being prepared by the processor right now (under the lock)
+        self._arrived = threading.Condition(self._lock)  # notified when one of them is in the queue (or refused)
         self._thread: threading.Thread | None = None
         self._closing = False
         self._model: Any = None
@@ -147,18 +152,26 @@ class VisionEngine:
         self._gate.check(len(requests))
         loop = asyncio.get_running_loop()
         jobs = []
-        for request in requests:
-            text, inputs = await asyncio.to_thread(self._inputs, request)
-            sampling = request.sampling.with_defaults(self.spec.defaults)
-            job = VisionJob(request.request_id, text, list(request.images), inputs, sampling, 0,
-                            OutputCollector(loop))
-            job.max_tokens = completion_budget(job.prompt_tokens, sampling.max_tokens, self._info.context_length,
-                                               self.spec.defaults.max_tokens, self.spec.clamp_max_tokens)
-            jobs.append(job)
-        self._gate.admit(len(jobs))
         with self._lock:
-            self._running.update((job.request_id, job) for job in jobs)
-        self._jobs.put(jobs)  # together: the choices of one call share a batch
+            self._arriving += 1
+        try:
+            for request in requests:
+                text, inputs = await asyncio.to_thread(self._inputs, request)
+                sampling = request.sampling.with_defaults(self.spec.defaults)
+                job = VisionJob(request.request_id, text, list(request.images), inputs, sampling, 0,
+                                OutputCollector(loop))
+                job.max_tokens = completion_budget(job.prompt_tokens, sampling.max_tokens,
+                                                   self._info.context_length, self.spec.defaults.max_tokens,
+                                                   self.spec.clamp_max_tokens)
+                jobs.append(job)
+            self._gate.admit(len(jobs))
+            with self._lock:
+                self._running.update((job.request_id, job) for job in jobs)
+            self._jobs.put(jobs)  # together: the choices of one call share a batch
+        finally:
+            with self._lock:
+                self._arriving -= 1
+                self._arrived.notify_all()
         return [Generation(j.request_id, j.prompt_tokens, j.collector, self._abort, j.max_tokens) for j in jobs]
 
     def _inputs(self, request: GenerateRequest) -> tuple[str, dict[str, Any]]:
@@ -208,10 +221,13 @@ class VisionEngine:
             job.collector.fail(InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is shutting down"))
 
     def _take(self) -> list[VisionJob] | None:
-        """Every job waiting now (blocks for the first), or None when the engine closes."""
+        """Every job waiting now (blocks for the first, then lets the submits being prepared arrive, up to
+        ``_GATHER_SECONDS``), or None when the engine closes."""
         first = self._jobs.get()
         if first is None:
             return None
+        with self._lock:  # requests already being prepared join this call rather than wait for its end
+            self._arrived.wait_for(lambda: self._arriving == 0, timeout=_GATHER_SECONDS)
         jobs = list(first)
         while True:
             try:
@@ -261,12 +277,12 @@ class VisionEngine:
 
     def _release(self, job: VisionJob) -> None:
         """Once per job: it no longer counts against the queue bound."""
-        with self._lock:
+        with self._lock:  # one step, so stats() never shows a job gone whose slot the gate still holds
             if job.released:
                 return
             job.released = True
             self._running.pop(job.request_id, None)
-        self._gate.release()
+            self._gate.release()
 
     def _fail(self, job: VisionJob) -> None:
         if job.released:  # finished (or aborted) before the call failed
