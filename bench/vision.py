@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -98,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--wait-quiet", type=float, default=30.0, help="seconds to wait for an idle CPU before an arm")
     p.add_argument("--cache-dir", type=Path, default=None)
-    p.add_argument("--smoke", action="store_true", help="2 streams x 4 tokens, 2 layers, one round")
-    p.add_argument("--out", type=Path, default=None)
+    report.add_flags(p, "vision")
     args = p.parse_args(argv)
-    if args.smoke:
+    started = report.Started()
+    if args.smoke:  # 2 streams x 4 tokens, 2 layers, one round: about 20 s
         args.streams, args.max_tokens, args.layers, args.rounds, args.wait_quiet = 2, 4, 2, 1, 0.0
     out = report.out_path("vision", args.out, args.smoke)
     result = asyncio.run(bench(args))
@@ -113,10 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                        title=f"random Qwen2-VL (text 576 x {args.layers} layers, {args.dtype}), {args.streams} "
                              f"concurrent image requests x {args.max_tokens} tokens"))
     print(f"largest batch: {result['largest_batch']}; same answers in both arms: {result['same_answers']}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"streams": args.streams, "max_tokens": args.max_tokens, "layers": args.layers,
-                               "dtype": args.dtype, **result}, indent=2) + "\n")
-    print(f"wrote {out}")
+    report.write(out, {"meta": started.meta(smoke=args.smoke), "streams": args.streams,
+                       "max_tokens": args.max_tokens, "layers": args.layers, "dtype": args.dtype, **result})
     return 0 if result["same_answers"] else 1
 
 

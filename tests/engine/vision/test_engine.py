@@ -88,9 +88,9 @@ async def test_a_full_engine_refuses_with_429_and_an_abort_frees_it(engine: Visi
     assert caught.value.code is ErrorCode.QUEUE_FULL
     long.abort()
     deadline = time.monotonic() + 60
-    while engine.stats().running and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert engine.stats().running == 0
+    while (engine.stats().running or engine.stats().waiting) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # running: in the generate call; waiting: admitted, not yet in one
+    assert engine.stats().running == engine.stats().waiting == 0
     [after] = await engine.submit([image_request("after", 2)])
     assert [d async for d in after][-1].finish_reason == "length"
 
