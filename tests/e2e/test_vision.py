@@ -18,11 +18,12 @@ import pytest
 from tests.conftest import TINY
 from tests.e2e.dify import Dify
 from tests.process import ServerProcess
-from tests.tiny_vlm import build_tiny_llava
+from tests.tiny_vlm import build_tiny_llava, build_tiny_qwen2_vl
 
 pytestmark = pytest.mark.slow
 
 VLM = "tiny-vlm"
+QWEN = "tiny-qwen2-vl"
 QUESTION = "What is in this picture?"
 
 
@@ -49,7 +50,12 @@ def vlm_dir(cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(vlm_dir: Path, tiny_model_dir: Path, cache_dir: Path, logs_dir: Path,
+def qwen_dir(cache_dir: Path) -> Path:
+    return build_tiny_qwen2_vl(cache_dir / "tiny-qwen2-vl-p4")
+
+
+@pytest.fixture(scope="module")
+def server(vlm_dir: Path, qwen_dir: Path, tiny_model_dir: Path, cache_dir: Path, logs_dir: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     config = tmp_path_factory.mktemp("vision") / "inhouse.yaml"
     config.write_text(f"""
@@ -57,6 +63,7 @@ images: {{max_bytes: 30000, max_images: 2, max_pixels: 40000}}
 models:
   - {{name: {VLM}, path: "{vlm_dir}", engine: auto, dtype: float32, max_waiting: 4}}
   - {{name: {TINY}, path: "{tiny_model_dir}", engine: transformers, dtype: float32}}
+  - {{name: {QWEN}, path: "{qwen_dir}", dtype: float32}}
 """, encoding="utf-8")
     with ServerProcess(["--config", str(config)], cache_dir, logs_dir / "vision.log", ready_timeout=600) as s:
         yield s
@@ -119,6 +126,40 @@ def test_greedy_answer_equals_transformers_generate(client: openai.OpenAI, vlm_d
     assert result.usage.completion_tokens == 12
 
 
+def test_qwen2_vl_answers_as_transformers_generate_also_when_batched(client: openai.OpenAI, qwen_dir: Path) -> None:
+    """Qwen2-VL through the CLI (its processor without the video half); 3 requests at once keep their answers."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from inhouse.engine.vision.processor import load_processor
+
+    model = AutoModelForImageTextToText.from_pretrained(qwen_dir, dtype=torch.float32, local_files_only=True).eval()
+    processor = load_processor(qwen_dir, model.config.model_type)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def expected(color: str) -> tuple[str, int]:
+        inputs = processor(text=[text], images=[[Image.open(io.BytesIO(png(color))).convert("RGB")]],
+                           return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        prompt = int(inputs["input_ids"].shape[1])
+        return processor.decode(out[0, prompt:], skip_special_tokens=True), prompt
+
+    def ask(color: str) -> tuple[str | None, int]:
+        result = client.chat.completions.create(model=QWEN, messages=[image_message(data_url(png(color)))],  # type: ignore[list-item]
+                                                max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+        assert result.usage is not None
+        return result.choices[0].message.content, result.usage.prompt_tokens
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    colors = ["red", "navy", "olive"]
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(ask, colors)) == [expected(c) for c in colors]
+
+
 def test_the_image_changes_the_answer(client: openai.OpenAI) -> None:
     answers = {client.chat.completions.create(
         model=VLM, messages=[image_message(data_url(png(c)))], max_tokens=8, temperature=0,  # type: ignore[list-item]
@@ -137,7 +178,7 @@ def test_streaming_gives_the_same_text_and_usage(client: openai.OpenAI, vlm_dir:
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # streamed, not one block
 
 
-def test_concurrent_image_requests_wait_their_turn_and_keep_their_answers(client: openai.OpenAI) -> None:
+def test_concurrent_image_requests_keep_their_answers(client: openai.OpenAI) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     def ask(color: str) -> str | None:

@@ -1,1 +1,1 @@
-"""The vision-language engine: image-text-to-text checkpoints through transformers, one request at a time."""
+"""The vision-language engine: image-text-to-text checkpoints through transformers, requests batched by generate."""

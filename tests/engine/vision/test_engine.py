@@ -1,6 +1,7 @@
 """VisionEngine in process on the tiny LLaVA: chosen for VLM checkpoints, card, messages for the template,
 streamed answers with image tokens counted, aborts ending ``generate``, 429 when its queue is full, stop strings,
-and a tiny Idefics3 (the SmolVLM family) answering exactly as transformers' own ``generate``."""
+and a tiny Idefics3 (the SmolVLM family), Qwen2-VL and Qwen2.5-VL answering exactly as transformers' own
+``generate``."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from inhouse.engine.local.engine import LocalEngine
 from inhouse.engine.vision.detect import is_vision_checkpoint
 from inhouse.engine.vision.engine import VisionEngine, chat_messages
 from inhouse.errors import ErrorCode, InhouseError
-from tests.tiny_vlm import build_tiny_idefics3, build_tiny_llava
+from tests.tiny_vlm import build_tiny_idefics3, build_tiny_llava, build_tiny_qwen2_vl
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,8 @@ def vlm_dir(cache_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 async def engine(vlm_dir: Path, cache_dir: Path) -> AsyncIterator[VisionEngine]:
-    spec = model_spec(name="vlm", path=str(vlm_dir), engine="transformers", dtype="float32", max_waiting=0)
+    spec = model_spec(name="vlm", path=str(vlm_dir), engine="transformers", dtype="float32", max_num_seqs=1,
+                      max_waiting=0)
     built = build_engine(spec, cache_dir)
     assert isinstance(built, VisionEngine)
     await built.start()
@@ -86,9 +88,9 @@ async def test_a_full_engine_refuses_with_429_and_an_abort_frees_it(engine: Visi
     assert caught.value.code is ErrorCode.QUEUE_FULL
     long.abort()
     deadline = time.monotonic() + 60
-    while engine.stats().running and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert engine.stats().running == 0
+    while (engine.stats().running or engine.stats().waiting) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # running: in the generate call; waiting: admitted, not yet in one
+    assert engine.stats().running == engine.stats().waiting == 0
     [after] = await engine.submit([image_request("after", 2)])
     assert [d async for d in after][-1].finish_reason == "length"
 
@@ -148,3 +150,37 @@ async def test_an_idefics3_model_answers_as_transformers_generate(cache_dir: Pat
     assert "".join(d.text for d in deltas) == processor.decode(out[0, prompt:], skip_special_tokens=True)
     assert deltas[-1].usage is not None and deltas[-1].usage.prompt_tokens == prompt == generation.prompt_tokens
     assert prompt > 40  # the tiles' image tokens are counted
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+async def test_a_qwen2_vl_model_answers_as_transformers_generate(cache_dir: Path, version: str) -> None:
+    """Qwen2-VL / Qwen2.5-VL (dynamic resolution, ``image_grid_thw``, 3-D rotary positions) through the same
+    engine; their processor loads without its video half (no torchvision here)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from inhouse.engine.vision.processor import load_processor
+
+    path = build_tiny_qwen2_vl(cache_dir / f"tiny-qwen{version}-vl-p4", version=version)
+    engine = build_engine(model_spec(name="qwen", path=str(path), dtype="float32"), cache_dir)
+    assert isinstance(engine, VisionEngine) and Capability.VISION in engine.info.capabilities
+    await engine.start()
+    try:
+        request = image_request("q", 8, "olive")
+        [generation] = await engine.submit([request])
+        deltas = [d async for d in generation]
+    finally:
+        await engine.close()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+    processor = load_processor(path, model.config.model_type)
+    text = processor.apply_chat_template(chat_messages(request.messages or ()), add_generation_prompt=True,
+                                         tokenize=False)
+    inputs = processor(text=[text], images=[list(request.images)], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]  # 30×30 → 32×32 pixels: 8×8 patches of 4
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    prompt = int(inputs["input_ids"].shape[1])
+    assert "".join(d.text for d in deltas) == processor.decode(out[0, prompt:], skip_special_tokens=True)
+    assert deltas[-1].usage is not None and deltas[-1].usage.prompt_tokens == prompt == generation.prompt_tokens
+    image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert image_tokens == 16  # 8×8 patches merged 2×2, all counted in prompt_tokens
