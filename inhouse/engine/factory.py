@@ -72,9 +72,13 @@ def upstream_adapter_spec(spec: AdapterSpec, base: UpstreamSpec) -> UpstreamSpec
 def build_engine(spec: ModelSpec, cache_dir: Path, served: Iterable[tuple[ModelSpec, Engine]] = (),
                  adapters: Sequence[Path] = ()) -> Engine:
     """``spec``'s engine; an adapter's is over its base's engine among ``served`` (the models being served).
-    ``adapters``: the LoRA adapter directories declared over ``spec`` (a vLLM engine starts with LoRA for them)."""
+    ``adapters``: the LoRA adapter directories over ``spec`` (a vLLM engine starts with LoRA for them); default:
+    those of the adapter models over it among ``served`` (a swapped-in base serves them on)."""
+    served = list(served)
     if isinstance(spec, AdapterSpec):
         return adapter_engine(spec, served)
+    adapters = adapters or [Path(s.adapter) for s, _ in served
+                            if isinstance(s, AdapterSpec) and s.base == spec.name and s.adapter is not None]
     if isinstance(spec, AutoSpec | TransformersSpec):
         from inhouse.engine.vision.detect import is_vision_checkpoint
 
