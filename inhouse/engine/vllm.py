@@ -250,6 +250,8 @@ class VllmEngine:
                 await self._llm.add_lora(lora)
             except Exception as exc:  # vLLM's refusal comes back as a plain Exception with its reason
                 loras.unregister(name)
+                if lora is zero:
+                    loras.drop_zero()
                 raise AdapterError(f"adapter {name!r}: vLLM refused it: {str(exc)[:300]}") from None
 
     def unload_adapter(self, name: str) -> None:

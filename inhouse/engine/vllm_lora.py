@@ -116,6 +116,12 @@ class VllmLoras:
             found = self._requests.get(adapter)
         return None if found is None else found[1]
 
+    def drop_zero(self) -> None:
+        """Forget the zero adapter (vLLM refused it): the next registration makes another."""
+        with self._lock:
+            self._zero = None
+        self.close()
+
     def close(self) -> None:
         if self._zero_dir is not None:
             shutil.rmtree(self._zero_dir, ignore_errors=True)

@@ -68,6 +68,17 @@ def test_register_checks_and_the_base_carries_a_zero_adapter(adapters: dict[str,
     assert not Path(zero.lora_path).exists()
 
 
+def test_a_zero_adapter_vllm_refused_is_made_again(adapters: dict[str, Path],
+                                                   shapes: dict[str, tuple[int, int]]) -> None:
+    loras = VllmLoras("tiny", 16, shapes, True, Request)
+    _, zero = loras.register("a", adapters["lora-qv"])
+    loras.drop_zero()
+    assert loras.request_for(None) is None and not Path(zero.lora_path).exists()
+    _, again = loras.register("b", adapters["lora-o"])
+    assert again is not None and loras.request_for(None) == again and Path(again.lora_path).is_dir()
+    loras.close()
+
+
 def test_on_gpu_the_base_carries_nothing(adapters: dict[str, Path], shapes: dict[str, tuple[int, int]]) -> None:
     loras = VllmLoras("tiny", 16, shapes, False, Request)
     assert loras.register("a", adapters["lora-qv"])[1] is None
