@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from inhouse.config import AdapterSpec, UpstreamSpec
+from inhouse.config import AdapterSpec, ModelSpec, UpstreamSpec
 from inhouse.engine.adapter import AdapterEngine, LoraHost
 from inhouse.engine.base import Engine
 from inhouse.engine.factory import upstream_adapter_spec
@@ -61,7 +61,7 @@ class Adapters:
         return next(a for a in self.list() if a["name"] == name)
 
     @staticmethod
-    def _deployment(name: str, base_spec: Any, base: Engine, path: str | None,
+    def _deployment(name: str, base_spec: ModelSpec, base: Engine, path: str | None,
                     upstream_model: str | None) -> Deployment:
         if isinstance(base_spec, UpstreamSpec):
             if upstream_model is None or path is not None:
