@@ -184,3 +184,19 @@ def test_a_key_scoped_to_an_adapter_and_the_audit_and_metrics_name_it(server: Se
             time.sleep(0.2)
         assert rows and all(r["model"] == "lora-mlp" for r in rows)
         assert 'model="lora-mlp"' in admin.get("/metrics").text
+
+
+def test_a_base_swap_moves_the_adapters_to_the_new_vllm_engine(server: ServerProcess, tiny_model_dir: Path,
+                                                                adapters: dict[str, Path]) -> None:
+    """Last in the module: the new base is a second vLLM engine, started with LoRA for the adapters over it."""
+    prompt = PROMPTS[0]
+    want = peft_text(tiny_model_dir, peft_greedy(tiny_model_dir, adapters["lora-all"], prompt, TOKENS))
+    with httpx.Client(base_url=server.url, headers=ADMIN, timeout=600) as admin:
+        swapped = admin.post("/admin/models/tiny/swap", json={"version": "v2"})
+        assert swapped.status_code == 200, swapped.text
+        assert swapped.json()["outcome"] == "swapped"
+        assert admin.get("/admin/models/tiny").json()["versions"] == ["v2"]
+        assert {a["name"] for a in admin.get("/admin/adapters").json()["data"]} >= {"lora-qv", "lora-mlp", "lora-all"}
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN_KEY, max_retries=0) as sdk:
+        got = answer(sdk, "lora-all", prompt)
+    assert agrees(got, want), (got, want)
