@@ -4,7 +4,8 @@ tokens, alone and in one concurrent mix of four adapters and the bare base (whos
 vLLM 0.32's CPU LoRA ops would give them an adapter, see inhouse/engine/vllm_lora.py); ``max_loras: 2`` makes
 vLLM cycle adapters through its slots meanwhile.  Runtime load/unload go through ``/admin/adapters``; adapters
 vLLM cannot serve (wrong shapes, a rank above ``max_lora_rank``) are clean 400s and vLLM keeps serving; a key
-scoped to an adapter works, and the audit rows and metrics name the adapter."""
+scoped to an adapter works, and the audit rows and metrics name the adapter; a swap of the base moves the
+adapters to the new vLLM engine."""
 
 from __future__ import annotations
 
