@@ -10,6 +10,8 @@ do without adapter serving: each adapter merged into its own full copy of the ba
 streams (2); its tokens/s counts serving time only, not the time to load each copy (reported apart).
 Reports output tokens/s per arm, the mixed/base ratio (target >= 0.75x) and the time to load a rank-16
 adapter at runtime (target < 1 s).
+``--engine vllm`` (run from ``.venv-vllm``; build the adapters once with the main venv's PEFT first) measures the
+same arms on the vLLM engine's multi-LoRA, ``max_loras`` 4, into ``bench/results/lora-vllm.json`` (no merged arm).
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ PROMPT = "Write a short note to a customer explaining that their parcel is delay
 
 
 def build_adapters(checkpoint: Path, folder: Path, count: int, rank: int) -> list[Path]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     out = []
     for i in range(count):
         target = folder / f"smollm2-lora-r{rank}-{i}"
         if not (target / "adapter_model.safetensors").is_file():
+            import torch
+            from peft import LoraConfig, get_peft_model
+            from transformers import AutoModelForCausalLM
+
             torch.manual_seed(100 + i)
             base = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True)
             config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), init_lora_weights=False)
@@ -111,16 +113,24 @@ async def run_arm(engine: Any, adapters: list[str | None], streams: int, max_tok
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from inhouse.config import TransformersSpec, default_cache_dir
+    from inhouse.config import TransformersSpec, VllmSpec, default_cache_dir
     from inhouse.engine.checkpoint import resolve_checkpoint
-    from inhouse.engine.local.engine import LocalEngine
 
     cache_dir = args.cache_dir or default_cache_dir()
     spec = TransformersSpec(name="smollm2", path=BUILTIN_MODEL, dtype="bfloat16", max_num_seqs=args.streams)
     checkpoint = resolve_checkpoint(spec, cache_dir)
     paths = build_adapters(checkpoint, cache_dir / "lora-bench", 5, args.rank)
-    copies = build_merged(checkpoint, paths[:4], cache_dir / "lora-bench")
-    engine = LocalEngine(spec, cache_dir)
+    copies = build_merged(checkpoint, paths[:4], cache_dir / "lora-bench") if args.engine != "vllm" else []
+    engine: Any
+    if args.engine == "vllm":
+        from inhouse.engine.vllm import VllmEngine
+
+        engine = VllmEngine(VllmSpec(name="smollm2", path=BUILTIN_MODEL, dtype="bfloat16", max_num_seqs=args.streams,
+                                     max_loras=4, max_lora_rank=args.rank), cache_dir, paths[:4])
+    else:
+        from inhouse.engine.local.engine import LocalEngine
+
+        engine = LocalEngine(spec, cache_dir)
     await engine.start()
     try:
         for i, path in enumerate(paths[:4]):
@@ -139,14 +149,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                       f"{result['wall_s']:.1f}s)", flush=True)
                 if name not in best or result["tok_s"] > best[name]["tok_s"]:
                     best[name] = result
-            machine.wait_for_quiet(args.wait_quiet)
-            result = await run_merged(copies, cache_dir, args.streams, args.max_tokens)
-            print(f"[merged] round {r + 1}: {result['tok_s']:.1f} tok/s serving ({result['tokens']} tokens in "
-                  f"{result['wall_s']:.1f}s), {result['load_s']:.1f}s loading the 4 copies", flush=True)
-            if "merged" not in best or result["tok_s"] > best["merged"]["tok_s"]:
-                best["merged"] = result
-        assert engine.lora is not None
-        mixed_kinds = engine.lora.most_mixed
+            if copies:
+                machine.wait_for_quiet(args.wait_quiet)
+                result = await run_merged(copies, cache_dir, args.streams, args.max_tokens)
+                print(f"[merged] round {r + 1}: {result['tok_s']:.1f} tok/s serving ({result['tokens']} tokens in "
+                      f"{result['wall_s']:.1f}s), {result['load_s']:.1f}s loading the 4 copies", flush=True)
+                if "merged" not in best or result["tok_s"] > best["merged"]["tok_s"]:
+                    best["merged"] = result
+        lora = getattr(engine, "lora", None)
+        mixed_kinds = lora.most_mixed if lora is not None else None
     finally:
         await engine.close()
     return {"arms": best, "load_s": load_s, "most_mixed": mixed_kinds}
@@ -160,14 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--wait-quiet", type=float, default=30.0, help="seconds to wait for an idle CPU before an arm")
     p.add_argument("--cache-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora.json")
+    p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results/lora.json (lora-vllm.json)")
     args = p.parse_args(argv)
+    args.out = args.out or ROOT / "bench" / "results" / ("lora-vllm.json" if args.engine == "vllm" else "lora.json")
     result = asyncio.run(bench(args))
     arms = result["arms"]
     base = arms["base"]["tok_s"]
     rows = [[name, f"{a['tok_s']:.1f}", f"{a['tok_s'] / base:.2f}x"] for name, a in arms.items()]
     print(report.table(["arm", "tok/s", "vs base"], rows,
-                       title=f"SmolLM2-135M bf16, {args.streams} streams x {args.max_tokens} tokens, rank {args.rank}"))
+                       title=f"SmolLM2-135M bf16 on {args.engine}, {args.streams} streams x {args.max_tokens} tokens, "
+                             f"rank {args.rank}"))
     checks = [
         report.check(f"4 adapters mixed >= {TARGET_RATIO}x base throughput", arms["mixed"]["tok_s"] / base,
                      lambda v: v >= TARGET_RATIO, lambda v: f"{v:.2f}x", TARGET_RATIO),
@@ -177,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     for c in checks:
         print(c.line())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"streams": args.streams, "max_tokens": args.max_tokens, "rank": args.rank,
-                                    **result, "checks": [c.to_json() for c in checks]}, indent=2) + "\n")
+    summary = {"engine": args.engine, "streams": args.streams, "max_tokens": args.max_tokens, "rank": args.rank,
+               **result, "checks": [c.to_json() for c in checks]}
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0 if all(c.passed for c in checks) else 1
 

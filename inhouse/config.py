@@ -152,6 +152,11 @@ class VllmSpec(_Weights):
     # None: eager on CPU (vLLM 0.32's compiled CPU path changed SmolLM2's greedy answers here), vLLM's
     # default (compiled / CUDA graphs) on GPU
     enforce_eager: bool | None = None
+    # LoRA adapters (models with base: this, docs/lora.md): vLLM is started with LoRA when the config declares one
+    # over this model or max_lora_rank is set; max_lora_rank None: the largest declared adapter's rank, rounded
+    # up to a rank vLLM accepts (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    max_loras: int = Field(default=8, ge=1, description="LoRA adapters in one vLLM batch (vLLM's max_loras)")
+    max_lora_rank: int | None = Field(default=None, ge=1, le=512)
 
 
 class AutoSpec(VllmSpec):
@@ -236,16 +241,26 @@ class UpstreamSpec(_ModelBase):
 
 class AdapterSpec(_ModelBase):
     """A LoRA adapter (PEFT's adapter_config.json + adapter_model.safetensors) served under its own name by the
-    engine of ``base``, another configured transformers model (docs/lora.md)."""
+    engine of ``base``, another configured model (docs/lora.md): over a transformers, vllm or auto base,
+    ``adapter`` is its directory; over an upstream base, ``upstream_model`` is the name the upstream serves it
+    under (vLLM's ``--lora-modules NAME=PATH``), and requests are forwarded with that model name."""
 
     engine: Literal["adapter"] = "adapter"
     base: str = Field(min_length=1, description="the name of the model this adapter was trained on")
-    adapter: str = Field(min_length=1, description="a PEFT adapter directory")
+    adapter: str | None = Field(default=None, min_length=1, description="a PEFT adapter directory")
+    upstream_model: str | None = Field(default=None, min_length=1, description="its name on an upstream base")
 
     @property
     def path(self) -> str:
         """Where its weights are (what version labels and the start-up line read)."""
-        return self.adapter
+        return self.adapter or f"upstream:{self.upstream_model}"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdapterSpec:
+        if (self.adapter is None) == (self.upstream_model is None):
+            raise ValueError("an adapter model needs either adapter: (a PEFT directory, for a transformers, vllm or "
+                             "auto base) or upstream_model: (its name on an upstream base), not both")
+        return self
 
 
 def _engine_of(value: object) -> str:
@@ -437,18 +452,30 @@ class Settings(_Frozen):
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+LORA_BASES = ("transformers", "vllm", "auto")  # engines that load an adapter's files themselves
+
+
 def check_adapter(spec: AdapterSpec, models: Iterable[ModelSpec], where: str) -> None:
-    """ValueError naming the key when ``spec``'s base is not a transformers model of ``models`` or a file is missing."""
+    """ValueError naming the key when ``spec``'s base is not a single model of ``models`` that can serve it
+    (a transformers, vllm or auto model with ``adapter:``, an upstream with ``upstream_model:``), or a file of the
+    adapter is missing."""
     bases = [m for m in models if m.name == spec.base]
     if not bases:
         raise ValueError(f"{where}.base: adapter {spec.name!r} names base {spec.base!r}, not a configured model")
-    engines = sorted({m.engine for m in bases} - {"transformers"})
-    if engines:
-        raise ValueError(f"{where}.base: the base {spec.base!r} of adapter {spec.name!r} must be "
-                         f"'engine: transformers', not {engines[0]!r} (adapters over vLLM, upstream or auto "
-                         "bases are not supported; docs/lora.md)")
     if len(bases) > 1:
         raise ValueError(f"{where}.base: the base {spec.base!r} of adapter {spec.name!r} has several deployments")
+    engine = bases[0].engine
+    if engine == "upstream":
+        if spec.upstream_model is None:
+            raise ValueError(f"{where}.upstream_model: the base {spec.base!r} of adapter {spec.name!r} is an upstream: "
+                             "name the adapter as the upstream serves it (upstream_model:), not its directory")
+        return
+    if engine not in LORA_BASES:
+        raise ValueError(f"{where}.base: the base {spec.base!r} of adapter {spec.name!r} must be a transformers, vllm, "
+                         f"auto or upstream model, not {engine!r} (docs/lora.md)")
+    if spec.adapter is None:
+        raise ValueError(f"{where}.adapter: the base {spec.base!r} of adapter {spec.name!r} is served here "
+                         f"({engine}): adapter: names the PEFT directory (upstream_model: is for upstream bases)")
     for file in ADAPTER_FILES:
         if not (Path(spec.adapter) / file).is_file():
             raise ValueError(f"{where}.adapter: {Path(spec.adapter) / file} does not exist (a PEFT adapter dir has "

@@ -91,8 +91,9 @@ HTML = "<html><body><h1>502 Bad Gateway</h1><p>nginx</p></body></html>"
 
 
 class Upstream:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, models: tuple[str, ...] = ("up-model",)) -> None:
         self.name = name
+        self.models_listed = models
         self.script: list[dict[str, Any]] = []
         self.log: list[dict[str, Any]] = []
 
@@ -104,8 +105,8 @@ class Upstream:
         return JSONResponse(self.log)
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": "up-model", "object": "model", "created": 0,
-                                                         "owned_by": self.name}]})
+        return JSONResponse({"object": "list", "data": [{"id": model, "object": "model", "created": 0,
+                                                         "owned_by": self.name} for model in self.models_listed]})
 
     async def complete(self, request: Request) -> Response:
         body = await request.json()
@@ -359,8 +360,8 @@ async def _watched(events: AsyncIterator[str], entry: dict[str, Any]) -> AsyncIt
         raise
 
 
-def build(name: str) -> Starlette:
-    up = Upstream(name)
+def build(name: str, models: tuple[str, ...] = ("up-model",)) -> Starlette:
+    up = Upstream(name, models)
     return Starlette(routes=[
         Route("/_script", up.set_script, methods=["POST"]),
         Route("/_log", up.get_log, methods=["GET"]),
@@ -399,5 +400,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default="upstream")
+    parser.add_argument("--model", action="append", help="a model id /v1/models lists (repeatable; default up-model)")
     args = parser.parse_args()
-    uvicorn.run(build(args.name), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(build(args.name, tuple(args.model or ["up-model"])), host="127.0.0.1", port=args.port,
+                log_level="warning")

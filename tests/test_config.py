@@ -178,16 +178,39 @@ def test_an_adapter_model_is_served_over_its_base(tmp_path: Path) -> None:
     assert getattr(base, "max_loras", None) == 3
 
 
+@pytest.mark.parametrize("engine", ["vllm", "auto"])
+def test_an_adapter_over_a_vllm_or_auto_base(tmp_path: Path, engine: str) -> None:
+    _adapter_dir(tmp_path)
+    settings = load_settings(write(tmp_path, "models:\n"
+                                   f"  - {{name: base, engine: {engine}, path: x, max_loras: 2, max_lora_rank: 64}}\n"
+                                   "  - {name: support-bot, base: base, adapter: support-v3}\n"))
+    base, adapter = settings.models
+    assert isinstance(adapter, AdapterSpec) and adapter.adapter == str(tmp_path / "support-v3")
+    assert (getattr(base, "max_loras", None), getattr(base, "max_lora_rank", None)) == (2, 64)
+
+
+def test_an_adapter_over_an_upstream_base_is_its_name_there(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "models:\n"
+                                   "  - {name: remote, engine: upstream, base_url: 'http://u/v1'}\n"
+                                   "  - {name: support-bot, base: remote, upstream_model: support-v3}\n"))
+    adapter = settings.models[1]
+    assert isinstance(adapter, AdapterSpec) and adapter.adapter is None
+    assert adapter.upstream_model == "support-v3" and adapter.path == "upstream:support-v3"
+
+
 @pytest.mark.parametrize(
     ("models", "fragment"),
     [
         ("[{name: b, engine: transformers, path: x}, {name: s, base: nope, adapter: support-v3}]",
          "models.1.base: adapter 's' names base 'nope'"),
-        ("[{name: b, engine: vllm, path: x}, {name: s, base: b, adapter: support-v3}]",
-         "models.1.base: the base 'b' of adapter 's' must be 'engine: transformers', not 'vllm'"),
-        ("[{name: b, path: x}, {name: s, base: b, adapter: support-v3}]", "not 'auto'"),
+        ("[{name: b, engine: fake}, {name: s, base: b, adapter: support-v3}]",
+         "models.1.base: the base 'b' of adapter 's' must be a transformers, vllm, auto or upstream model, not 'fake'"),
         ("[{name: b, engine: upstream, base_url: 'http://u/v1'}, {name: s, base: b, adapter: support-v3}]",
-         "not 'upstream'"),
+         "models.1.upstream_model: the base 'b' of adapter 's' is an upstream"),
+        ("[{name: b, engine: vllm, path: x}, {name: s, base: b, upstream_model: support-v3}]",
+         "models.1.adapter: the base 'b' of adapter 's' is served here (vllm)"),
+        ("[{name: b, engine: vllm, path: x}, {name: s, base: b, adapter: support-v3, upstream_model: v3}]",
+         "either adapter: (a PEFT directory"),
         ("[{name: b, engine: transformers, path: x}, {name: s, base: b, adapter: elsewhere}]",
          "models.1.adapter: "),
     ],

@@ -69,8 +69,8 @@ def weights_source(spec: ModelSpec) -> Path | None:
         from inhouse.engine.encoder.loader import resolve_path
 
         return resolve_path(spec)
-    if isinstance(spec, AdapterSpec):
-        return Path(spec.adapter)
+    if isinstance(spec, AdapterSpec):  # over an upstream base it has no files here (upstream_model:)
+        return Path(spec.adapter) if spec.adapter is not None else None
     return None
 
 

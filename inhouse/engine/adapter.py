@@ -3,7 +3,9 @@
 Owns the adapter's life on that engine: ``start`` waits for the base to be ready and registers the adapter
 there (its files are read and checked off the event loop), ``submit`` hands the base engine the requests
 marked with the adapter's name (they batch with the base's own and other adapters' requests), ``close``
-unregisters it (the base engine stays open).  There is no copy of the base model.
+unregisters it (the base engine stays open).  There is no copy of the base model.  Any engine that has the
+``LoraHost`` methods can be a base: the transformers engine, the vLLM engine, and ``auto`` (whichever of the two
+it turned out to be).
 """
 
 from __future__ import annotations
@@ -13,21 +15,44 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from inhouse.config import AdapterSpec
-from inhouse.engine.base import EngineInfo, EngineState, EngineStats, GenerateRequest, Generation, ModelLoadError
-from inhouse.engine.local.engine import LocalEngine
-from inhouse.engine.local.lora import AdapterError
+from inhouse.engine.base import (
+    EngineInfo,
+    EngineState,
+    EngineStats,
+    GenerateRequest,
+    Generation,
+    Generator,
+    ModelLoadError,
+)
+from inhouse.engine.peft import AdapterError
 
-__all__ = ["AdapterEngine"]
+__all__ = ["AdapterEngine", "LoraHost"]
 
 log = logging.getLogger("inhouse.engine")
 
 _BASE_POLL_SECONDS = 0.05
 
 
+@runtime_checkable
+class LoraHost(Generator, Protocol):
+    """An engine that serves LoRA adapters over its model, each request marked with ``adapter``."""
+
+    async def load_adapter(self, name: str, directory: Path) -> None:
+        """Read, check and register the adapter in ``directory`` as ``name``; AdapterError says what is wrong."""
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget ``name`` (the registry has drained its requests)."""
+
+    def adapter_resident(self, name: str) -> bool | None:
+        """Whether ``name``'s weights are in memory now (None: the engine does not say)."""
+
+
 class AdapterEngine:
-    def __init__(self, spec: AdapterSpec, base: LocalEngine) -> None:
+    def __init__(self, spec: AdapterSpec, base: LoraHost) -> None:
+        assert spec.adapter is not None, "adapters over upstream bases are upstream engines"
         self.spec = spec
         self.base = base
         # its name on the base engine: its own, so a swapped-in version of the model never shares the old one's
@@ -36,13 +61,17 @@ class AdapterEngine:
 
     @property
     def info(self) -> EngineInfo:
-        return replace(self.base.info, kind="transformers+lora")
+        return replace(self.base.info, kind=f"{self.base.info.kind}+lora")
 
     @property
     def state(self) -> EngineState:
         if self._state is EngineState.READY:
             return self.base.state
         return self._state
+
+    @property
+    def resident(self) -> bool | None:
+        return self.base.adapter_resident(self.key)
 
     async def start(self) -> None:
         while self.base.state is EngineState.LOADING:
@@ -51,7 +80,7 @@ class AdapterEngine:
             self._state = EngineState.FAILED
             raise ModelLoadError(f"adapter {self.spec.name!r}: its base {self.spec.base!r} did not load")
         try:
-            await self.base.load_adapter(self.key, Path(self.spec.adapter))
+            await self.base.load_adapter(self.key, Path(str(self.spec.adapter)))
         except AdapterError as exc:
             self._state = EngineState.FAILED
             raise ModelLoadError(str(exc)) from exc

@@ -4,7 +4,7 @@ Owns only that choice.  Until ``start`` returns it is the vLLM engine; if vLLM r
 (unsupported architecture or head size, not enough memory, any start-up failure) it logs a warning
 naming the reason and becomes the transformers engine for the rest of its life.  Every other call is
 passed to whichever engine it currently is, so ``info.kind`` (shown in ``/v1/models``) names the
-engine that really serves.
+engine that really serves; LoRA adapters load on that engine too.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 
 from inhouse.config import AutoSpec
+from inhouse.engine.adapter import LoraHost
 from inhouse.engine.base import (
     EngineInfo,
     EngineState,
@@ -23,6 +24,7 @@ from inhouse.engine.base import (
     Generator,
     ModelLoadError,
 )
+from inhouse.engine.peft import AdapterError
 
 __all__ = ["AutoEngine"]
 
@@ -30,12 +32,13 @@ log = logging.getLogger("inhouse.engine")
 
 
 class AutoEngine:
-    def __init__(self, spec: AutoSpec, cache_dir: Path) -> None:
+    def __init__(self, spec: AutoSpec, cache_dir: Path, adapters: Seq[Path] = ()) -> None:
+        """``adapters``: the LoRA adapter directories the config declares over this model (vLLM starts with LoRA)."""
         from inhouse.engine.vllm import VllmEngine
 
         self.spec = spec
         self._cache_dir = cache_dir
-        self._engine: Generator = VllmEngine(spec, cache_dir)
+        self._engine: Generator = VllmEngine(spec, cache_dir, adapters)
 
     @property
     def info(self) -> EngineInfo:
@@ -68,3 +71,17 @@ class AutoEngine:
 
     async def close(self) -> None:
         await self._engine.close()
+
+    async def load_adapter(self, name: str, directory: Path) -> None:
+        """On whichever engine serves (vLLM's multi-LoRA, or the transformers engine's)."""
+        engine = self._engine
+        if not isinstance(engine, LoraHost):
+            raise AdapterError(f"model {self.spec.name!r} ({engine.info.kind}) does not serve LoRA adapters")
+        await engine.load_adapter(name, directory)
+
+    def unload_adapter(self, name: str) -> None:
+        if isinstance(self._engine, LoraHost):
+            self._engine.unload_adapter(name)
+
+    def adapter_resident(self, name: str) -> bool | None:
+        return self._engine.adapter_resident(name) if isinstance(self._engine, LoraHost) else None

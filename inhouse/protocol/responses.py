@@ -8,12 +8,15 @@ never ``null``.  Nothing here knows about engines or HTTP.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
 __all__ = [
+    "Adapter",
+    "AdapterDeleted",
+    "AdapterList",
     "AdminModelList",
     "ApiKey",
     "ApiKeyList",
@@ -29,9 +32,12 @@ __all__ = [
     "Health",
     "ModelCard",
     "ModelList",
+    "ModelStatus",
     "NewApiKey",
     "Ready",
+    "ReloadResult",
     "RerankResult",
+    "SwapResult",
 ]
 
 EngineStateName = Literal["loading", "ready", "failed", "closed"]
@@ -416,3 +422,77 @@ class AuditVerification(_Body):
     ok: bool
     rows: int = Field(description="rows checked before the first problem")
     problem: str | None
+
+
+# ----------------------------------------------------------------------------------------------- adapters, swaps
+
+
+class Adapter(_Body):
+    """A LoRA adapter model (docs/lora.md): over a local base its PEFT ``path``, over an upstream its
+    ``upstream_model``."""
+
+    object: Literal["adapter"]
+    name: str
+    base: str
+    path: str | SkipJsonSchema[None] = None
+    upstream_model: str | SkipJsonSchema[None] = None
+    state: EngineStateName
+    resident: bool | None = Field(description="its weights are in memory now (null: the engine does not say)")
+
+
+class AdapterList(_Body):
+    object: Literal["list"]
+    data: list[Adapter]
+
+
+class AdapterDeleted(_Body):
+    object: Literal["adapter"]
+    name: str
+    deleted: Literal[True]
+
+
+class SwapResult(_Body):
+    """What a swap, rollback or reload of one model did (docs/swaps.md)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    object: Literal["model.swap"]
+    model: str
+    kind: Literal["swap", "rollback", "reload"]
+    from_: str = Field(alias="from", description="the versions serving before")
+    to: str | None = Field(description="the new versions (null: refused before they were built)")
+    at: float
+    outcome: Literal["swapped", "promoted", "rolled_back", "failed"]
+    reason: str | SkipJsonSchema[None] = None
+    share: float | SkipJsonSchema[None] = None
+    window_s: float | SkipJsonSchema[None] = None
+    ended_after_s: float | SkipJsonSchema[None] = None
+    ended_early: bool | SkipJsonSchema[None] = None
+    canary: dict[str, float | int | None] | SkipJsonSchema[None] = None
+    baseline: dict[str, float | int | None] | SkipJsonSchema[None] = None
+
+
+class VersionDeployment(_Body):
+    name: str
+    version: str
+    state: EngineStateName
+    in_flight: int
+
+
+class ModelStatus(_Body):
+    object: Literal["model.status"]
+    name: str
+    versions: list[str]
+    deployments: list[VersionDeployment]
+    canary: dict[str, Any] | None = Field(description="the canary running now, or null")
+    previous_versions: int = Field(description="versions a rollback can go back to")
+    last_swap: SwapResult | None
+
+
+class ReloadResult(_Body):
+    object: Literal["reload"]
+    added: list[str]
+    removed: list[str]
+    swapped: list[str]
+    unchanged: list[str]
+    failed: dict[str, str] = Field(description="model → why its swap was refused (it keeps serving)")

@@ -26,7 +26,9 @@ from inhouse.protocol.chat import ChatCompletionRequest
 from inhouse.protocol.completions import CompletionRequest
 from inhouse.protocol.embeddings import EmbeddingRequest, RerankRequest
 from inhouse.server.render import json_response
+from inhouse.server.routes.adapters import AdapterLoad
 from inhouse.server.routes.admin import KeyCreate
+from inhouse.server.routes.swaps import SwapBody
 
 __all__ = ["OPENAPI_PATH", "build_openapi", "openapi_route"]
 
@@ -123,6 +125,30 @@ def _operations() -> list[_Op]:
             {200: r.AuditVerification}, _ADMIN),
         _Op("get", "/admin/models", "listModelStates", "Every model's state and its deployments'", "admin",
             {200: r.AdminModelList}, _ADMIN),
+        *_swaps_and_adapters(),
+    ]
+
+
+def _swaps_and_adapters() -> list[_Op]:
+    name = _param("name", "path", {"type": "string"}, "a model name; it may contain '/'")
+    body = (*_ADMIN, E.INVALID_REQUEST, E.INVALID_JSON, E.BODY_TOO_LARGE)
+    return [
+        _Op("post", "/admin/models/{name}/swap", "swapModel", "Swap in a new version, health-gated, or canary it "
+            "(docs/swaps.md)", "admin", {200: r.SwapResult}, (*body, E.MODEL_NOT_FOUND, E.SWAP_FAILED),
+            body=SwapBody, params=(name,)),
+        _Op("post", "/admin/models/{name}/rollback", "rollbackModel", "Bring the previous version back", "admin",
+            {200: r.SwapResult}, (*_ADMIN, E.MODEL_NOT_FOUND, E.SWAP_FAILED), params=(name,)),
+        _Op("get", "/admin/models/{name}", "showModelStatus", "A model's versions, canary and last swap", "admin",
+            {200: r.ModelStatus}, (*_ADMIN, E.MODEL_NOT_FOUND), params=(name,)),
+        _Op("post", "/admin/reload", "reloadConfig", "Re-read the config file: added models load, removed ones "
+            "drain, changed ones swap", "admin", {200: r.ReloadResult}, (*_ADMIN, E.INVALID_REQUEST)),
+        _Op("get", "/admin/adapters", "listAdapters", "The LoRA adapter models (docs/lora.md)", "admin",
+            {200: r.AdapterList}, _ADMIN),
+        _Op("post", "/admin/adapters", "loadAdapter", "Serve a LoRA adapter under its own name over a base model",
+            "admin", {200: r.Adapter}, body, body=AdapterLoad),
+        _Op("delete", "/admin/adapters/{name}", "unloadAdapter", "Stop serving an adapter; returns once its "
+            "requests in flight finished", "admin", {200: r.AdapterDeleted},
+            (*_ADMIN, E.INVALID_REQUEST, E.MODEL_NOT_FOUND), params=(name,)),
     ]
 
 

@@ -46,6 +46,9 @@ ROUTES = {
     ("get", "/admin/keys"), ("post", "/admin/keys"), ("get", "/admin/keys/{key}"),
     ("post", "/admin/keys/{key}/revoke"), ("post", "/admin/keys/{key}/rotate"),
     ("get", "/admin/audit"), ("get", "/admin/audit/verify"), ("get", "/admin/models"),
+    ("post", "/admin/models/{name}/swap"), ("post", "/admin/models/{name}/rollback"), ("get", "/admin/models/{name}"),
+    ("post", "/admin/reload"), ("get", "/admin/adapters"), ("post", "/admin/adapters"),
+    ("delete", "/admin/adapters/{name}"),
 }
 PUBLIC = {"/health", "/ready", "/openapi.json", "/metrics"}
 MODELS = ("echo", "org/small", "vec", "ranker")

@@ -3,7 +3,8 @@
 The API contract itself is checked on vLLM by the rest of the e2e suite, which runs every test that
 uses ``tiny_server``, ``smol_server`` or the limits server on both engines (see ``tests/conftest.py``).
 One server from ``.venv-vllm`` serves four models from one YAML file: only ``auto-ok`` really starts
-vLLM; the others are refused by inhouse's checks before vLLM spends its 20 s start-up on them.
+vLLM; the others are refused by inhouse's checks before vLLM spends its 20 s start-up on them.  A LoRA adapter
+over each ``auto`` model serves on the engine auto picked (vLLM's multi-LoRA, or the transformers engine's).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jsonschema_rs
 import pytest
 
 from tests.process import ServerProcess
+from tests.tiny_lora import RECIPES, build_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +40,7 @@ WEATHER = {"type": "function", "function": {
 @pytest.fixture(scope="module")
 def server(vllm_python: str, tiny_model_dir: Path, cache_dir: Path, logs_dir: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    lora = build_adapter(tiny_model_dir, RECIPES[1], cache_dir / f"tiny-lora-{RECIPES[1].name}")
     folder = tmp_path_factory.mktemp("vllm-config")
     exotic = folder / "exotic"  # the tiny Llama under an architecture name vLLM has never heard of
     shutil.copytree(tiny_model_dir, exotic)
@@ -50,6 +53,8 @@ models:
   - {{name: auto-fallback, path: {exotic}, engine: auto, dtype: float32}}
   - {{name: vllm-refused, path: {exotic}, engine: vllm, dtype: float32}}
   - {{name: too-much-kv, path: {tiny_model_dir}, engine: vllm, kv_cache_gib: 100000}}
+  - {{name: lora-on-auto, base: auto-ok, adapter: {lora}}}
+  - {{name: lora-on-fallback, base: auto-fallback, adapter: {lora}}}
 """, encoding="utf-8")
     s = ServerProcess(["--config", str(folder / "inhouse.yaml")], cache_dir, logs_dir / "vllm-config.log",
                       ready_timeout=600, python=vllm_python)
@@ -135,3 +140,17 @@ def test_a_required_tool_call_on_a_template_without_tools(server: ServerProcess)
     call = choice["message"]["tool_calls"][0]
     assert call["function"]["name"] == "get_weather"
     assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
+
+
+@pytest.mark.parametrize(("adapter", "base", "engine"), [("lora-on-auto", "auto-ok", "vllm"),
+                                                         ("lora-on-fallback", "auto-fallback", "transformers")])
+def test_an_adapter_over_an_auto_base_serves_on_the_engine_auto_picked(server: ServerProcess, adapter: str,
+                                                                       base: str, engine: str) -> None:
+    assert httpx.get(server.url + f"/v1/models/{adapter}", timeout=10).json()["engine"] == f"{engine}+lora"
+    answers = []
+    for model in (adapter, base):
+        r = httpx.post(server.url + "/v1/completions", timeout=120, json={
+            "model": model, "prompt": [5, 17, 99, 230, 41], "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0]["text"])
+    assert answers[0] != answers[1], "the adapter changes the base's greedy answer"

@@ -218,6 +218,9 @@ class LocalEngine:
         if self.lora is not None:
             self.lora.unregister(name)
 
+    def adapter_resident(self, name: str) -> bool:
+        return self.lora is not None and name in self.lora.resident()
+
     def _check_ready(self) -> None:
         check_ready(self.spec.name, EngineState.CLOSED if self._closing else self.state)
 

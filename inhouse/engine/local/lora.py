@@ -1,9 +1,8 @@
 """LoRA adapters over one base model in the local engine: per-row low-rank updates, never merged.
 
-Owns reading a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and checking it against
-the base model's modules, the set of registered adapters with its least-recently-used bound on the ones held
-in memory (an evicted adapter is read from disk again when a request needs it), and ``LoraLinear``, the
-wrapper that a targeted module of the base becomes.
+Owns the adapters' weights in memory (read and checked by ``inhouse.engine.peft``), the set of registered
+adapters with its least-recently-used bound on the ones held in memory (an evicted adapter is read from disk
+again when a request needs it), and ``LoraLinear``, the wrapper that a targeted module of the base becomes.
 
 In a forward pass, ``LoraContext`` says which adapter each flat token row is on (set by the runner before the
 pass, cleared after).  ``LoraLinear`` computes the base output for every token, then adds each row's own
@@ -15,8 +14,6 @@ of the bare base get nothing added.
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,16 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from inhouse.config import ADAPTER_FILES
+from inhouse.engine.peft import AdapterError, linear_shapes, read_peft
 
 __all__ = ["AdapterError", "AdapterWeights", "LoraContext", "LoraLinear", "LoraSet", "read_adapter"]
 
-_PREFIX = "base_model.model."
 _MASKED_TOKENS = 256  # passes with at most this many tokens compute every adapter on every token, masked
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot serve over this base: missing files, other base, wrong shapes (the message says)."""
 
 
 @dataclass(frozen=True)
@@ -171,74 +163,15 @@ class LoraLinear(torch.nn.Module):
         return a, b, columns
 
 
-def _linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
-    """(in_features, out_features) of a linear-like module, or None."""
-    if isinstance(module, LoraLinear):
-        module = module.base
-    inp, outp = getattr(module, "in_features", None), getattr(module, "out_features", None)
-    return (inp, outp) if isinstance(inp, int) and isinstance(outp, int) else None
-
-
-def _pattern_value(patterns: dict[str, Any], path: str, default: float) -> float:
-    """PEFT's rank/alpha_pattern: the first key that matches the end of the module path."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return float(value)
-    return default
-
-
 def read_adapter(name: str, directory: Path, model: torch.nn.Module, dtype: torch.dtype,
                  device: torch.device) -> AdapterWeights:
     """The adapter in ``directory``, checked against ``model``'s modules; AdapterError says what does not fit."""
-    from safetensors.torch import load_file
-
-    for file in ADAPTER_FILES:
-        if not (directory / file).is_file():
-            raise AdapterError(f"adapter {name!r}: {directory / file} does not exist")
-    try:
-        config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / "adapter_model.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"adapter {name!r}: cannot read {directory}: {exc}") from exc
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"adapter {name!r}: peft_type {config.get('peft_type')!r} is not LORA")
-    if config.get("use_dora"):
-        raise AdapterError(f"adapter {name!r}: DoRA adapters (use_dora) are not supported")
-    alpha = float(config.get("lora_alpha", 8))
-    rslora = bool(config.get("use_rslora", False))
-    alpha_pattern = config.get("alpha_pattern") or {}
-    modules = dict(model.named_modules())
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key.removeprefix(_PREFIX))
-        if match is None:
-            raise AdapterError(f"adapter {name!r}: weight {key!r} is not a LoRA A/B matrix of a linear module "
-                               "(embedding LoRA, modules_to_save and biases are not supported)")
-        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
-    if not pairs:
-        raise AdapterError(f"adapter {name!r}: {directory / ADAPTER_FILES[1]} holds no LoRA weights")
-    out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for path, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"adapter {name!r}: module {path} has lora_{''.join(ab)} without its pair")
-        module = modules.get(path)
-        shape = _linear_shape(module) if module is not None else None
-        if shape is None:
-            raise AdapterError(f"adapter {name!r}: module {path} is not a linear module of the base model "
-                               "(an adapter trained on another base?)")
-        a, b = ab["A"], ab["B"]
-        rank = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != shape[0] or b.shape != (shape[1], rank):
-            raise AdapterError(
-                f"adapter {name!r}: module {path}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit "
-                f"the base's {shape[0]} → {shape[1]} linear (expected lora_A (r, {shape[0]}), lora_B ({shape[1]}, r))")
-        module_alpha = _pattern_value(alpha_pattern, path, alpha)
-        scale = module_alpha / (rank ** 0.5 if rslora else rank)
-        # float32 for a half-precision base, as PEFT's autocast_adapter_dtype does (and faster on CPU)
-        keep = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-        out[path] = (a.to(device=device, dtype=keep).contiguous(), b.to(device=device, dtype=keep).contiguous(),
-                     scale)
-    return AdapterWeights(name, out)
+    peft = read_peft(name, directory, linear_shapes(model))
+    # float32 for a half-precision base, as PEFT's autocast_adapter_dtype does (and faster on CPU)
+    keep = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    return AdapterWeights(name, {path: (a.to(device=device, dtype=keep).contiguous(),
+                                        b.to(device=device, dtype=keep).contiguous(), scale)
+                                 for path, (a, b, scale) in peft.modules.items()})
 
 
 class LoraSet:

@@ -25,7 +25,8 @@ class AdapterLoad(BaseModel):
 
     name: StrictStr = Field(min_length=1, max_length=200)
     base: StrictStr = Field(min_length=1, max_length=200)
-    path: StrictStr = Field(min_length=1, max_length=4096)
+    path: StrictStr | None = Field(default=None, min_length=1, max_length=4096)  # a PEFT dir (local bases)
+    upstream_model: StrictStr | None = Field(default=None, min_length=1, max_length=200)  # upstream bases
 
 
 def _adapters(request: Request) -> Adapters:
@@ -43,7 +44,7 @@ async def list_adapters(request: Request) -> Response:
 async def load_adapter(request: Request) -> Response:
     adapters = _adapters(request)
     body = await read_model(request, AdapterLoad, 64 * 1024)
-    return json_response(await adapters.load(body.name, body.base, body.path))
+    return json_response(await adapters.load(body.name, body.base, body.path, body.upstream_model))
 
 
 async def unload_adapter(request: Request) -> Response:
