@@ -156,7 +156,7 @@ class VllmSpec(_Weights):
     # over this model or max_lora_rank is set; max_lora_rank None: the largest declared adapter's rank, rounded
     # up to a rank vLLM accepts (1, 8, 16, 32, 64, 128, 256, 320, 512)
     max_loras: int = Field(default=8, ge=1, description="LoRA adapters in one vLLM batch (vLLM's max_loras)")
-    max_lora_rank: int | None = Field(default=None, ge=1, le=512)
+    max_lora_rank: int | None = Field(default=None, ge=1, le=512)  # the largest adapter rank vLLM makes room for
 
 
 class AutoSpec(VllmSpec):

@@ -196,7 +196,10 @@ def _rows(model: type[BaseModel], prefix: str, comments: dict[tuple[str, str], s
             continue
         about = "the kind of model this entry is" if name == "engine" else _description(model, name, info, comments)
         rows.append(Row(f"{prefix}{name}", _type_name(annotation) + _constraints(info), cell, about))
-        example[name] = value if cell != "required" else _example_value(engine, name)
+        if (engine, name) in _EXAMPLE_VALUES:  # an example beats a default of None (an adapter's directory)
+            example[name] = _EXAMPLE_VALUES[(engine, name)]
+        else:
+            example[name] = value if cell != "required" else _example_value(engine, name)
     return rows, example
 
 
