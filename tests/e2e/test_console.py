@@ -23,7 +23,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 
-from tests.e2e.helpers import admin_client, keyed_server
+from tests.e2e.helpers import admin_client, keyed_server, new_key
 from tests.process import ADMIN_KEY, REPO, ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ REASONING = "The user wants the weather, so I call the tool."
 CONFIG = f"""
 key_cache_seconds: 0.5
 models:
-  - {{name: echo, path: unused, engine: fake, context_length: 2048, fake_token_delay: 0.15,
+  - {{name: echo, path: "{REPO}", engine: fake, context_length: 2048, fake_token_delay: 0.15,
      fake_reply: "{REPLY}"}}
   - {{name: agent, path: unused, engine: fake, tool_parser: hermes, reasoning_parser: think,
      fake_reply: '<think>{REASONING}</think> <tool_call>{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}
@@ -231,15 +231,23 @@ def test_create_copy_and_revoke_a_key(page: Page, server: ServerProcess, shots: 
 def test_the_call_appears_in_the_audit_view(page: Page, server: ServerProcess,
                                             shots: Callable[[Page, str], Path]) -> None:
     with admin_client(server) as admin:
-        newest = admin.get("/admin/audit", params={"model": "echo", "limit": 1}).json()["data"][0]
+        refused = admin.post("/v1/chat/completions", json={"model": "echo", "max_tokens": 5000,  # > 2048
+                                                           "messages": [{"role": "user", "content": "hi"}]})
+        assert refused.json()["error"]["code"] == "context_length_exceeded"
+        newest = admin.get("/admin/audit", params={"model": "echo", "limit": 2}).json()["data"][1]
+    assert newest["status"] == 200
     go(page, "audit")
     page.fill("form.filters input[name=model]", "echo")
+    page.fill("form.filters input[name=status]", "4xx")
+    page.click("button[name=search]")
+    page.locator(f"tr[data-request-id='{refused.headers['x-request-id']}'][data-status='400']").wait_for()
+    assert page.locator(f"tr[data-request-id='{newest['request_id']}']").count() == 0
     page.fill("form.filters input[name=status]", "2xx")
     page.click("button[name=search]")
     row = page.locator(f"tr[data-request-id='{newest['request_id']}']")
-    row.wait_for()
-    statuses = page.locator("table.rows tbody tr").evaluate_all("rows => rows.map(r => r.dataset.status)")
-    assert statuses and all(s.startswith("2") for s in statuses)
+    row.wait_for()  # the 2xx search has replaced the 4xx one
+    shown = page.locator("table.rows tbody tr").evaluate_all("rows => rows.map(r => [r.dataset.model, r.dataset.status])")
+    assert shown and all(model == "echo" and status.startswith("2") for model, status in shown)
     row.click()
     assert newest["request_id"] in page.locator(".detail").inner_text()
     page.click("button[name=verify]")
@@ -265,6 +273,42 @@ def test_models_show_state_numbers_and_admin_actions(page: Page, shots: Callable
     page.click("button[name=reload]")
     assert '"object": "reload"' in page.locator("pre.result").inner_text()
     shots(page, "models")
+
+
+def test_swap_canary_and_rollback_from_the_models_page(page: Page) -> None:
+    echo = page.locator("tr[data-model=echo]")
+    before = echo.locator("td").nth(3).inner_text()
+    echo.locator("input[name=version]").fill("v2")
+    echo.locator("button[name=swap]").click()
+    page.wait_for_function("document.querySelector('pre.result')?.innerText.includes('\"outcome\": \"swapped\"')")
+    page.wait_for_selector("tr[data-model=echo] >> text=v2")
+    echo.locator("input[name=version]").fill("v3")
+    echo.locator("input[name=canary]").fill("50")
+    echo.locator("input[name=canary_window_s]").fill("1")
+    echo.locator("button[name=swap]").click()  # no traffic in its window: the canary is rolled back
+    page.wait_for_function("document.querySelector('pre.result')?.innerText.includes('\"outcome\": \"rolled_back\"')")
+    assert "v2" in echo.locator("td").nth(3).inner_text()
+    echo.locator("button[name=rollback]").click()
+    page.wait_for_function(f"document.querySelector('tr[data-model=echo] td:nth-child(4)').innerText === '{before}'")
+
+
+def test_an_application_key_sees_no_admin_page(browser: Browser, server: ServerProcess, requested: list[str]) -> None:
+    with admin_client(server) as admin:
+        secret = new_key(admin, models=["echo"])["secret"]
+    context = new_context(browser, server)
+    page = context.new_page()
+    page.on("request", lambda r: requested.append(r.url))
+    page.goto(server.url + "/console/#/keys")
+    page.fill("input[name=key]", secret)
+    page.click("button[name=use-key]")
+    page.wait_for_selector("button[name=forget]")
+    assert page.locator(".pill.admin").count() == 0
+    assert page.locator("main").inner_text() == "This page needs an admin key."
+    go(page, "playground")
+    assert page.locator("select[name=model] option").all_inner_texts() == ["echo"]
+    page.click("button[name=forget]")
+    assert page.evaluate("sessionStorage.getItem('inhouse.console.key')") is None
+    context.close()
 
 
 def test_connect_dify_gives_each_models_form_values(page: Page, server: ServerProcess,

@@ -75,8 +75,8 @@ export function Audit() {
       <table class="list rows">
         <thead><tr><th>${t('time')}</th><th>${t('key')}</th><th>${t('model')}</th><th>${t('path')}</th>
           <th>${t('status')}</th><th>ms</th><th>${t('tokens')}</th></tr></thead>
-        <tbody>${rows.map((r) => html`<tr class=${chosen && chosen.seq === r.seq ? 'chosen' : ''} data-request-id=${r.request_id}
-            data-status=${r.status} onClick=${() => setChosen(r)}>
+        <tbody>${rows.map((r) => html`<tr key=${r.seq} class=${chosen && chosen.seq === r.seq ? 'chosen' : ''} data-request-id=${r.request_id}
+            data-status=${r.status} data-model=${r.model || ""} onClick=${() => setChosen(r)}>
           <td>${new Date(r.at * 1000).toLocaleString()}</td><td>${r.key_name || '–'}</td><td>${r.model || '–'}</td>
           <td>${r.method} ${r.path}</td><td><span class=${'pill s' + Math.floor(r.status / 100)}>${r.status}</span> ${r.error_code || ''}</td>
           <td>${Math.round(r.latency_ms)}</td><td>${(r.prompt_tokens || 0) + (r.completion_tokens || 0)}</td></tr>`)}</tbody>

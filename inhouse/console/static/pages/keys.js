@@ -99,7 +99,7 @@ export function Keys() {
     <table class="list">
       <thead><tr><th>${t('name')}</th><th>id</th><th>${t('prefix')}</th><th>${t('status')}</th><th>admin</th>
         <th>${t('models')}</th><th>${t('limits')}</th><th>${t('budgetUsage')}</th><th>${t('created')}</th><th></th></tr></thead>
-      <tbody>${keys.map((k) => html`<tr data-key=${k.name} data-status=${k.status}>
+      <tbody>${keys.map((k) => html`<tr key=${k.id} data-key=${k.name} data-status=${k.status}>
         <td>${k.name}</td><td><code>${k.id}</code></td><td><code>${k.prefix}…</code></td>
         <td><span class=${'pill ' + k.status}>${t(k.status)}</span></td><td>${k.admin ? '✔' : ''}</td>
         <td>${k.models === null ? t('all') : k.models.join(', ') || t('none')}</td><td>${limits(k)}</td>

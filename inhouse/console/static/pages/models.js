@@ -30,19 +30,25 @@ function SwapForm({ name, done }) {
   const [path, setPath] = useState('');
   const [version, setVersion] = useState('');
   const [canary, setCanary] = useState('');
+  const [seconds, setSeconds] = useState('');
+  const [busy, setBusy] = useState(false);
   const submit = async (e) => {
     e.preventDefault();
     const body = {};
     if (path.trim()) body.path = path.trim();
     if (version.trim()) body.version = version.trim();
     if (String(canary).trim()) body.canary = Number(canary) / 100;
+    if (String(canary).trim() && String(seconds).trim()) body.canary_window_s = Number(seconds);
+    setBusy(true);  // a canary answers when its window ends
     await done(`/admin/models/${encodeURIComponent(name)}/swap`, body);
+    setBusy(false);
   };
   return html`<form class="swap" onSubmit=${submit}>
     <input name="path" placeholder=${t('newPath')} value=${path} onInput=${(e) => setPath(e.target.value)}/>
     <input name="version" placeholder=${t('version')} value=${version} onInput=${(e) => setVersion(e.target.value)}/>
     <input name="canary" type="number" min="1" max="99" placeholder=${t('canaryPct')} value=${canary} onInput=${(e) => setCanary(e.target.value)}/>
-    <button type="submit">${canary ? t('canary') : t('swap')}</button></form>`;
+    ${canary && html`<input name="canary_window_s" type="number" min="1" placeholder=${t('canaryWindow')} value=${seconds} onInput=${(e) => setSeconds(e.target.value)}/>`}
+    <button type="submit" name="swap" disabled=${busy}>${busy ? t('swapping') : canary ? t('canary') : t('swap')}</button></form>`;
 }
 
 export function Models({ admin }) {
@@ -92,7 +98,7 @@ export function Models({ admin }) {
         const n = numbers[m.id] || {};
         const deployments = (states[m.id] && states[m.id].deployments) || m.deployments || [];
         const healthy = deployments.filter((d) => d.healthy !== false).length;
-        return html`<tr data-model=${m.id} data-state=${m.state}>
+        return html`<tr key=${m.id} data-model=${m.id} data-state=${m.state}>
           <td><b>${m.id}</b>${deployments.length > 1 || (deployments[0] && deployments[0].name !== m.id) ? html`<ul class="deployments">
             ${deployments.map((d) => html`<li>${d.name}: ${d.state || d.status}${d.error ? ` (${d.error})` : ''}${d.version ? ` · ${d.version}` : ''}</li>`)}</ul>` : ''}</td>
           <td><span class=${'pill ' + m.state}>${t(m.state)}</span></td>
