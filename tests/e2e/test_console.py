@@ -246,7 +246,8 @@ def test_the_call_appears_in_the_audit_view(page: Page, server: ServerProcess,
     page.click("button[name=search]")
     row = page.locator(f"tr[data-request-id='{newest['request_id']}']")
     row.wait_for()  # the 2xx search has replaced the 4xx one
-    shown = page.locator("table.rows tbody tr").evaluate_all("rows => rows.map(r => [r.dataset.model, r.dataset.status])")
+    shown = page.locator("table.rows tbody tr").evaluate_all(
+        "rows => rows.map(r => [r.dataset.model, r.dataset.status])")
     assert shown and all(model == "echo" and status.startswith("2") for model, status in shown)
     row.click()
     assert newest["request_id"] in page.locator(".detail").inner_text()
