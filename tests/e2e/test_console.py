@@ -358,3 +358,20 @@ def test_the_page_asks_nothing_of_any_other_origin(requested: list[str], server:
     assert requested, "no request was seen"
     outside = [u for u in requested if not u.startswith(server.url + "/") and not u.startswith(("data:", "blob:"))]
     assert outside == []
+
+
+def test_a_server_without_keys_needs_none_in_the_console(browser: Browser, tmp_path: Path, cache_dir: Path) -> None:
+    (tmp_path / "open.yaml").write_text("models:\n  - {name: lab, path: unused, engine: fake, fake_reply: hi there}\n",
+                                        encoding="utf-8")
+    with ServerProcess(["--config", str(tmp_path / "open.yaml")], cache_dir, tmp_path / "open.log") as server:
+        context = new_context(browser, server)
+        page = context.new_page()
+        page.goto(server.url + "/console/")
+        page.wait_for_selector(".keybar[data-open=true]")
+        assert page.locator("input[name=key]").count() == 0
+        page.fill("textarea[name=prompt]", "hello")
+        page.click("button[name=send]")
+        assert page.locator(".msg.assistant[data-state=done] .content").inner_text() == "hi there"
+        go(page, "keys")
+        assert "auth: none" in page.locator("main").inner_text()
+        context.close()

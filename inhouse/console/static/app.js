@@ -15,6 +15,7 @@ const pageOf = () => { const p = location.hash.replace(/^#\/?/, ''); return PAGE
 
 function KeyBar({ t, session, onKey }) {
   const [draft, setDraft] = useState('');
+  if (session.open) return html`<div class="keybar" data-open="true"><span class="hint">${t('authOff')}</span></div>`;
   if (session.key) {
     return html`<div class="keybar">
       <span>${t('signedIn')} <code>${session.key.slice(0, 7)}…</code></span>
@@ -47,7 +48,16 @@ function App() {
       setSession({ key: '', admin: false, models: [], error: `${t('badKey')}: ${err.message}` });
     }
   };
-  useEffect(() => { if (session.key) connect(session.key); }, []);
+  const probeOpen = async () => {
+    // a server with `auth: none` answers without a key: no key bar needed
+    try {
+      const models = await listModels();
+      let admin = false;
+      try { await api('/admin/models'); admin = true; } catch (_) { /* not an admin route here */ }
+      setSession({ key: '', open: true, admin, models, error: '' });
+    } catch (_) { /* keys are on: wait for one */ }
+  };
+  useEffect(() => { if (session.key) connect(session.key); else probeOpen(); }, []);
   useEffect(() => {
     const follow = () => setPage(pageOf());
     window.addEventListener('hashchange', follow);
@@ -57,7 +67,8 @@ function App() {
   const toggle = () => { const next = lang === 'zh' ? 'en' : 'zh'; rememberLanguage(next); setLang(next); };
 
   let body;
-  if (!session.key) body = html`<p class="empty">${t('needKey')}</p>`;
+  if (!session.key && !session.open) body = html`<p class="empty">${t('needKey')}</p>`;
+  else if (ADMIN_PAGES.has(page) && session.open) body = html`<p class="empty">${t('authOff')}</p>`;
   else if (ADMIN_PAGES.has(page) && !session.admin) body = html`<p class="empty">${t('adminOnly')}</p>`;
   else if (page === 'models') body = html`<${Models} admin=${session.admin}/>`;
   else if (page === 'keys') body = html`<${Keys}/>`;
