@@ -215,6 +215,11 @@ def test_create_copy_and_revoke_a_key(page: Page, server: ServerProcess, shots: 
         row = page.locator(f"tr[data-key='{name}']")
         assert "60 rpm" in row.inner_text() and row.get_attribute("data-status") == "active"
         page.click("button[name=dismiss]")
+        with admin_client(server) as admin:  # the audit log is written behind the answer: wait for the row
+            deadline = time.monotonic() + 30
+            while not [r for r in admin.get("/admin/audit", params={"key": name}).json()["data"]
+                       if r["path"] == "/v1/chat/completions"] and time.monotonic() < deadline:
+                time.sleep(0.2)
         page.reload()
         page.wait_for_selector(f"tr[data-key='{name}'] .budget")
         spent = used.json()["usage"]["total_tokens"]
@@ -234,7 +239,13 @@ def test_the_call_appears_in_the_audit_view(page: Page, server: ServerProcess,
         refused = admin.post("/v1/chat/completions", json={"model": "echo", "max_tokens": 5000,  # > 2048
                                                            "messages": [{"role": "user", "content": "hi"}]})
         assert refused.json()["error"]["code"] == "context_length_exceeded"
-        newest = admin.get("/admin/audit", params={"model": "echo", "limit": 2}).json()["data"][1]
+        deadline = time.monotonic() + 30  # the audit log is written behind the answer: wait for the row
+        while time.monotonic() < deadline:
+            rows = admin.get("/admin/audit", params={"model": "echo", "limit": 2}).json()["data"]
+            if rows[0]["request_id"] == refused.headers["x-request-id"]:
+                break
+            time.sleep(0.2)
+        newest = rows[1]
     assert newest["status"] == 200
     go(page, "audit")
     page.fill("form.filters input[name=model]", "echo")
