@@ -103,7 +103,7 @@ export function Models({ admin }) {
             ${deployments.map((d) => html`<li>${d.name}: ${d.state || d.status}${d.error ? ` (${d.error})` : ''}${d.version ? ` · ${d.version}` : ''}</li>`)}</ul>` : ''}</td>
           <td><span class=${'pill ' + m.state}>${t(m.state)}</span></td>
           <td>${healthy}/${deployments.length}${deployments.some((d) => d.circuit && d.circuit !== 'closed') ? ` · ${t('circuit')} ${deployments.map((d) => d.circuit).join(',')}` : ''}</td>
-          <td>${m.version || '–'}</td><td>${m.engine}</td><td>${m.max_model_len || '–'}</td>
+          <td class="nowrap">${m.version || "–"}</td><td>${m.engine}</td><td>${m.max_model_len || '–'}</td>
           <td>${(m.capabilities || []).map((c) => html`<span class="tag">${c}</span>`)}</td>
           <td>${num(n.rate)}</td><td>${num(n.ttft, 0)}</td><td>${pct(n.errors)}</td>
           ${admin && html`<td class="actions"><${SwapForm} name=${m.id} done=${call}/>
