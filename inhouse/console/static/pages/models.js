@@ -6,6 +6,7 @@ import { api, listModels } from '../api.js';
 import { useT } from '../i18n.js';
 
 const POLL_MS = 5000;
+const STATE_EVERY = 3;  // polls
 
 function live(now, before) {
   // per model: requests/s, mean TTFT (ms) and error share over the last poll; over the whole run at first
@@ -58,7 +59,7 @@ export function Models({ admin }) {
   const [numbers, setNumbers] = useState({});
   const [message, setMessage] = useState(null);
   const last = useRef(null);
-  const poll = async () => {
+  const readStates = async () => {
     try { setCards(await listModels()); } catch (err) { setMessage({ error: err.message }); }
     if (admin) {
       try {
@@ -66,15 +67,25 @@ export function Models({ admin }) {
         setStates(Object.fromEntries(found.map((m) => [m.id, m])));
       } catch (_) { /* shown from the cards alone */ }
     }
+  };
+  const readNumbers = async () => {
     try {
       const now = await api('/metrics/models');
       setNumbers(live(now, last.current));
       last.current = now;
     } catch (_) { /* metrics not public and this key cannot read them */ }
   };
+  const poll = async () => { await readStates(); await readNumbers(); };
   useEffect(() => {
+    // every read with a key is an audited call: numbers every 5 s, states every 15 s, nothing while hidden
     poll();
-    const timer = setInterval(poll, POLL_MS);
+    let ticks = 0;
+    const timer = setInterval(() => {
+      if (document.hidden) return;
+      ticks += 1;
+      if (ticks % STATE_EVERY === 0) readStates();
+      readNumbers();
+    }, POLL_MS);
     return () => clearInterval(timer);
   }, [admin]);
   const call = async (path, body = {}) => {
@@ -99,8 +110,8 @@ export function Models({ admin }) {
         const deployments = (states[m.id] && states[m.id].deployments) || m.deployments || [];
         const healthy = deployments.filter((d) => d.healthy !== false).length;
         return html`<tr key=${m.id} data-model=${m.id} data-state=${m.state}>
-          <td><b>${m.id}</b>${deployments.length > 1 || (deployments[0] && deployments[0].name !== m.id) ? html`<ul class="deployments">
-            ${deployments.map((d) => html`<li>${d.name}: ${d.state || d.status}${d.error ? ` (${d.error})` : ''}${d.version ? ` · ${d.version}` : ''}</li>`)}</ul>` : ''}</td>
+          <td><b>${m.id}</b><ul class="deployments">
+            ${deployments.map((d) => html`<li data-deployment=${d.name}>${d.name}: ${t(d.state || d.status)}${d.healthy === false ? ` · ${t('unhealthy')}` : ''}${d.in_flight ? ` · ${d.in_flight} ${t('inFlight')}` : ''}${d.error ? ` (${d.error})` : ''}</li>`)}</ul></td>
           <td><span class=${'pill ' + m.state}>${t(m.state)}</span></td>
           <td>${healthy}/${deployments.length}${deployments.some((d) => d.circuit && d.circuit !== 'closed') ? ` · ${t('circuit')} ${deployments.map((d) => d.circuit).join(',')}` : ''}</td>
           <td class="nowrap">${m.version || "–"}</td><td>${m.engine}</td><td>${m.max_model_len || '–'}</td>
