@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect, sync_playwright
 
 from tests.e2e.helpers import admin_client, keyed_server, new_key
 from tests.process import ADMIN_KEY, REPO, ServerProcess
@@ -109,10 +109,13 @@ def page(browser: Browser, server: ServerProcess, requested: list[str]) -> Itera
 
 
 def copied(page: Page, button: Any) -> str:
-    """Click a copy button; the clipboard's text (which the button also keeps in data-copied)."""
+    """Click a copy button; the text it put on the clipboard (and keeps in data-copied)."""
     button.click()
-    text = page.evaluate("navigator.clipboard.readText()")
-    assert button.get_attribute("data-copied") == text
+    expected = button.get_attribute("data-copied")
+    deadline = time.monotonic() + DEADLINE_MS / 1000
+    while (text := page.evaluate("navigator.clipboard.readText()")) != expected and time.monotonic() < deadline:
+        page.wait_for_timeout(50)  # the write is asynchronous
+    assert text == expected
     return str(text)
 
 
@@ -182,6 +185,9 @@ def test_the_curl_and_python_snippets_copy_and_run(page: Page, server: ServerPro
     page.click("text=Clear chat")
     page.select_option("select[name=model]", "echo")
     page.fill("textarea[name=prompt]", "It's a test")  # a quote the shell snippet must escape
+    python_code = page.locator("pre.code[data-lang=python]")
+    expect(python_code).to_contain_text("It's a test", timeout=DEADLINE_MS)
+    expect(python_code).to_contain_text('model="echo"', timeout=DEADLINE_MS)
     curl = copied(page, page.locator(".snippet", has_text="curl").locator("button.copy"))
     python = copied(page, page.locator(".snippet", has_text="Python").locator("button.copy"))
     assert ADMIN_KEY not in curl + python  # the key stays in the environment, never in a copied snippet
@@ -196,7 +202,8 @@ def test_the_curl_and_python_snippets_copy_and_run(page: Page, server: ServerPro
     assert run.stdout.strip() == REPLY
 
 
-def test_create_copy_and_revoke_a_key(page: Page, server: ServerProcess, shots: Callable[[Page, str], Path]) -> None:
+def test_create_copy_rotate_and_revoke_a_key(page: Page, server: ServerProcess,
+                                             shots: Callable[[Page, str], Path]) -> None:
     go(page, "keys")
     name = f"dify-{time.time_ns()}"
     page.fill("form.create-key input[name=name]", name)
@@ -225,12 +232,19 @@ def test_create_copy_and_revoke_a_key(page: Page, server: ServerProcess, shots: 
         spent = used.json()["usage"]["total_tokens"]
         assert f"{spent} / 100000" in page.locator(f"tr[data-key='{name}'] .budget").inner_text()
         shots(page, "keys")
-        page.locator(f"tr[data-key='{name}'] button[name=revoke]").click()
-        page.wait_for_selector(f"tr[data-key='{name}'][data-status=revoked]")
-        deadline = time.monotonic() + 30
-        while client.get("/v1/models").status_code != 401 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert client.get("/v1/models").status_code == 401
+        page.locator(f"tr[data-key='{name}'] button[name=rotate]").click()
+        rotated = page.locator(".secret-value").inner_text()
+        assert rotated.startswith("ih-") and rotated != secret
+        page.click("button[name=dismiss]")
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {rotated}"}, timeout=30) as new:
+            assert new.get("/v1/models").status_code == 200
+            page.locator(f"tr[data-key='{name}'] button[name=revoke]").click()
+            page.wait_for_selector(f"tr[data-key='{name}'][data-status=revoked]")
+            for old in (client, new):
+                deadline = time.monotonic() + 30
+                while old.get("/v1/models").status_code != 401 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert old.get("/v1/models").status_code == 401
 
 
 def test_the_call_appears_in_the_audit_view(page: Page, server: ServerProcess,
@@ -251,6 +265,9 @@ def test_the_call_appears_in_the_audit_view(page: Page, server: ServerProcess,
     page.fill("form.filters input[name=model]", "echo")
     page.fill("form.filters input[name=status]", "4xx")
     page.click("button[name=search]")
+    # the first, unfiltered list is gone
+    page.wait_for_function("(rows => rows.length > 0 && rows.every(r => r.dataset.status.startsWith('4')))"
+                           "([...document.querySelectorAll('table.rows tbody tr')])")
     page.locator(f"tr[data-request-id='{refused.headers['x-request-id']}'][data-status='400']").wait_for()
     assert page.locator(f"tr[data-request-id='{newest['request_id']}']").count() == 0
     page.fill("form.filters input[name=status]", "2xx")
@@ -261,7 +278,7 @@ def test_the_call_appears_in_the_audit_view(page: Page, server: ServerProcess,
         "rows => rows.map(r => [r.dataset.model, r.dataset.status])")
     assert shown and all(model == "echo" and status.startswith("2") for model, status in shown)
     row.click()
-    assert newest["request_id"] in page.locator(".detail").inner_text()
+    expect(page.locator(".detail")).to_contain_text(newest["request_id"], timeout=DEADLINE_MS)
     page.click("button[name=verify]")
     assert page.locator(".verdict").get_attribute("data-ok") == "true"
     with page.expect_download() as download:
@@ -315,10 +332,11 @@ def test_an_application_key_sees_no_admin_page(browser: Browser, server: ServerP
     page.click("button[name=use-key]")
     page.wait_for_selector("button[name=forget]")
     assert page.locator(".pill.admin").count() == 0
-    assert page.locator("main").inner_text() == "This page needs an admin key."
+    expect(page.locator("main")).to_have_text("This page needs an admin key.", timeout=DEADLINE_MS)
     go(page, "playground")
-    assert page.locator("select[name=model] option").all_inner_texts() == ["echo"]
+    expect(page.locator("select[name=model] option")).to_have_text(["echo"], timeout=DEADLINE_MS)
     page.click("button[name=forget]")
+    expect(page.locator("input[name=key]")).to_be_visible(timeout=DEADLINE_MS)
     assert page.evaluate("sessionStorage.getItem('inhouse.console.key')") is None
     context.close()
 
@@ -352,16 +370,16 @@ def test_chinese_from_the_browser_language_and_the_toggle(browser: Browser, serv
     page = context.new_page()
     page.on("request", lambda r: requested.append(r.url))
     page.goto(server.url + "/console/#/dify")
-    assert page.locator("a[data-page=playground]").inner_text() == "调试台"
+    expect(page.locator("a[data-page=playground]")).to_have_text("调试台", timeout=DEADLINE_MS)
     page.fill("input[name=key]", ADMIN_KEY)
     page.click("button[name=use-key]")
     page.wait_for_selector(".dify-form")
     assert "模型上下文长度" in page.locator(".dify-form").first.inner_text()
     shots(page, "zh-dify")
     page.click("button[name=language]")
-    assert page.locator("a[data-page=playground]").inner_text() == "Playground"
+    expect(page.locator("a[data-page=playground]")).to_have_text("Playground", timeout=DEADLINE_MS)
     page.reload()  # the choice is kept for the tab
-    assert page.locator("a[data-page=playground]").inner_text() == "Playground"
+    expect(page.locator("a[data-page=playground]")).to_have_text("Playground", timeout=DEADLINE_MS)
     context.close()
 
 
@@ -382,7 +400,7 @@ def test_a_server_without_keys_needs_none_in_the_console(browser: Browser, tmp_p
         assert page.locator("input[name=key]").count() == 0
         page.fill("textarea[name=prompt]", "hello")
         page.click("button[name=send]")
-        assert page.locator(".msg.assistant[data-state=done] .content").inner_text() == "hi there"
+        expect(page.locator(".msg.assistant[data-state=done] .content")).to_have_text("hi there", timeout=DEADLINE_MS)
         go(page, "keys")
-        assert "auth: none" in page.locator("main").inner_text()
+        expect(page.locator("main")).to_contain_text("auth: none", timeout=DEADLINE_MS)
         context.close()
