@@ -163,10 +163,9 @@ def test_paste_a_key_and_see_a_streamed_answer_arrive(page: Page, shots: Callabl
     assert int(stats.get_attribute("data-ttft") or "") >= 0
     assert float(stats.get_attribute("data-tps") or "") > 0
     assert "13 tokens" in stats.inner_text()
-    shots(page, "playground")
 
 
-def test_reasoning_and_tool_calls_are_shown_as_such(page: Page) -> None:
+def test_reasoning_and_tool_calls_are_shown_as_such(page: Page, shots: Callable[[Page, str], Path]) -> None:
     page.click("text=Clear chat")
     page.select_option("select[name=model]", "agent")
     page.fill("textarea[name=tools]", json.dumps([WEATHER_TOOL]))
@@ -178,6 +177,7 @@ def test_reasoning_and_tool_calls_are_shown_as_such(page: Page) -> None:
     call = answer.locator(".toolcall code").inner_text()
     assert call.startswith("get_weather(") and json.loads(call[len("get_weather("):-1]) == {"city": "Paris"}
     assert "<tool_call>" not in answer.inner_text() and "<think>" not in answer.inner_text()
+    shots(page, "playground")
     page.fill("textarea[name=tools]", "")
 
 

@@ -114,7 +114,9 @@ export function Playground({ models }) {
     }
     const ended = performance.now();
     const tokens = usage ? usage.completion_tokens : 0;
-    const seconds = first === null ? 0 : (ended - first) / 1000;
+    // decode speed from the first token to the end; an answer that came in one piece: over the whole call
+    const decoding = first === null ? 0 : (ended - first) / 1000;
+    const seconds = decoding >= 0.05 ? decoding : (ended - started) / 1000;
     answer.stats = { ttft: first === null ? '–' : Math.round(first - started), tokens,
                      tps: seconds > 0 && tokens ? (tokens / seconds).toFixed(1) : '–' };
     answer.state = 'done';
