@@ -102,6 +102,8 @@ def page(browser: Browser, server: ServerProcess, requested: list[str]) -> Itera
     page.on("request", lambda r: requested.append(r.url))
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "Failed to load resource" not in m.text
+            else None)  # a refused call (401, 404) is logged by the browser; a CSP violation is an error too
     page.goto(server.url + "/console/")
     yield page
     context.close()
@@ -266,7 +268,7 @@ def test_the_call_appears_in_the_audit_view(page: Page, server: ServerProcess,
     page.fill("form.filters input[name=status]", "4xx")
     page.click("button[name=search]")
     # the first, unfiltered list is gone
-    page.wait_for_function("(rows => rows.length > 0 && rows.every(r => r.dataset.status.startsWith('4')))"
+    page.wait_for_function("() => (rows => rows.length > 0 && rows.every(r => r.dataset.status.startsWith('4')))"
                            "([...document.querySelectorAll('table.rows tbody tr')])")
     page.locator(f"tr[data-request-id='{refused.headers['x-request-id']}'][data-status='400']").wait_for()
     assert page.locator(f"tr[data-request-id='{newest['request_id']}']").count() == 0
@@ -295,7 +297,7 @@ def test_models_show_state_numbers_and_admin_actions(page: Page, shots: Callable
         page.wait_for_selector(f"tr[data-model={name}][data-state=ready]")
     echo = page.locator("tr[data-model=echo]")
     assert "2048" in echo.inner_text() and "fake" in echo.inner_text()
-    page.wait_for_function("document.querySelector('tr[data-model=echo] td:nth-child(9)').innerText !== '–'")
+    expect(echo.locator("td").nth(8)).not_to_have_text("–", timeout=DEADLINE_MS)
     assert float(echo.locator("td").nth(8).inner_text()) > 0  # TTFT in ms
     assert "tools" in page.locator("tr[data-model=agent]").inner_text()
     assert "embeddings" in page.locator("tr[data-model=minilm]").inner_text()
@@ -309,16 +311,16 @@ def test_swap_canary_and_rollback_from_the_models_page(page: Page) -> None:
     before = echo.locator("td").nth(3).inner_text()
     echo.locator("input[name=version]").fill("v2")
     echo.locator("button[name=swap]").click()
-    page.wait_for_function("document.querySelector('pre.result')?.innerText.includes('\"outcome\": \"swapped\"')")
+    expect(page.locator("pre.result")).to_contain_text('"outcome": "swapped"', timeout=DEADLINE_MS)
     page.wait_for_selector("tr[data-model=echo] >> text=v2")
     echo.locator("input[name=version]").fill("v3")
     echo.locator("input[name=canary]").fill("50")
     echo.locator("input[name=canary_window_s]").fill("1")
     echo.locator("button[name=swap]").click()  # no traffic in its window: the canary is rolled back
-    page.wait_for_function("document.querySelector('pre.result')?.innerText.includes('\"outcome\": \"rolled_back\"')")
+    expect(page.locator("pre.result")).to_contain_text('"outcome": "rolled_back"', timeout=DEADLINE_MS)
     assert "v2" in echo.locator("td").nth(3).inner_text()
     echo.locator("button[name=rollback]").click()
-    page.wait_for_function(f"document.querySelector('tr[data-model=echo] td:nth-child(4)').innerText === '{before}'")
+    expect(echo.locator("td").nth(3)).to_have_text(before, timeout=DEADLINE_MS)
 
 
 def test_an_application_key_sees_no_admin_page(browser: Browser, server: ServerProcess, requested: list[str]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from inhouse.audit.writer import AuditWriter
 from inhouse.keys.store import KeyStore
 from inhouse.server.access import AccessParts
-from inhouse.server.routes.console import STATIC_DIR
+from inhouse.server.routes.console import HEADERS, STATIC_DIR
 from inhouse.storage.database import Database
 from tests.server.test_app import Server, bearer, chat, error_of, serving, settings_for
 
@@ -51,6 +51,9 @@ async def test_the_console_needs_no_key_and_leaves_no_audit_row(tmp_path: Path) 
     async with keyed(tmp_path) as (server, admin, _):
         page = await server.client.get("/console/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        for name, value in HEADERS.items():
+            assert page.headers[name] == value
+        assert "connect-src 'self'" in page.headers["content-security-policy"]
         script = await server.client.get("/console/app.js")
         assert script.status_code == 200 and "javascript" in script.headers["content-type"]
         redirect = await server.client.get("/console")
