@@ -230,9 +230,9 @@ def test_create_copy_rotate_and_revoke_a_key(page: Page, server: ServerProcess,
                        if r["path"] == "/v1/chat/completions"] and time.monotonic() < deadline:
                 time.sleep(0.2)
         page.reload()
-        page.wait_for_selector(f"tr[data-key='{name}'] .budget")
-        spent = used.json()["usage"]["total_tokens"]
-        assert f"{spent} / 100000" in page.locator(f"tr[data-key='{name}'] .budget").inner_text()
+        spent = used.json()["usage"]["total_tokens"]  # read from the audit log after the list: wait for it
+        expect(page.locator(f"tr[data-key='{name}'] .budget")).to_contain_text(f"{spent} / 100000",
+                                                                               timeout=DEADLINE_MS)
         shots(page, "keys")
         page.locator(f"tr[data-key='{name}'] button[name=rotate]").click()
         rotated = page.locator(".secret-value").inner_text()
