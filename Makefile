@@ -42,7 +42,8 @@ serve: $(RUNTIME_STAMP)
 test: lint services
 	$(BIN)/python -m pytest $(ARGS)
 
-## PostgreSQL and Redis binaries for the storage tests (Debian packages; the tests start their own servers)
+## PostgreSQL and Redis binaries for the storage tests (Debian packages; the tests start their own servers),
+## promtool, and Chromium for the web console's browser tests
 services:
 	@bash scripts/services.sh
 

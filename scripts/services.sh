@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Makes sure PostgreSQL and Redis server binaries are installed (Debian packages), for the test suite,
 # which starts its own throwaway servers on loopback, and promtool (Debian's prometheus package), which
-# checks deploy/prometheus. Idempotent: installs nothing when all are there.
+# checks deploy/prometheus, and Chromium (Debian's chromium, with a CJK font for the Chinese UI) for the web
+# console's browser tests. Idempotent: installs nothing when all are there.
 set -euo pipefail
 
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
 have_redis() { command -v redis-server >/dev/null 2>&1; }
 have_promtool() { command -v promtool >/dev/null 2>&1; }
+have_chromium() { test -x /usr/bin/chromium; }
+have_cjk_font() { test -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc; }
 
 missing=()
 have_pg || missing+=(postgresql)
 have_redis || missing+=(redis-server)
 have_promtool || missing+=(prometheus)
+have_chromium || missing+=(chromium)
+have_cjk_font || missing+=(fonts-wqy-microhei)
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
@@ -27,4 +32,4 @@ apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
 (service redis-server stop || true) >/dev/null 2>&1
 (service postgresql stop || true) >/dev/null 2>&1
 (service prometheus stop || true) >/dev/null 2>&1
-have_pg && have_redis && have_promtool
+have_pg && have_redis && have_promtool && have_chromium && have_cjk_font

@@ -60,12 +60,14 @@ class AccessParts:
 
 class AccessMiddleware:
     def __init__(self, app: Any, *, keys: KeyStore | None, limiter: Limiter, sinks: tuple[CallSink, ...],
-                 public_paths: frozenset[str], keep_text: bool, drain: Drain | None = None) -> None:
+                 public_paths: frozenset[str], keep_text: bool, drain: Drain | None = None,
+                 public_prefixes: tuple[str, ...] = ()) -> None:
         self.app = app
         self._keys = keys
         self._limiter = limiter
         self._sinks = sinks
         self._public = public_paths
+        self._public_prefixes = public_prefixes  # the console's static files
         self._keep_text = keep_text
         self._drain = drain or Drain()
         self._ids = 0
@@ -77,7 +79,7 @@ class AccessMiddleware:
         self._ids += 1
         given = client_request_id(scope.get("headers", []))
         request_id = given or f"req-{id(self) & 0xffff:04x}{self._ids:08x}"
-        if scope["path"] in self._public:
+        if scope["path"] in self._public or scope["path"].startswith(self._public_prefixes):
             token = bind(_Named(request_id))
             try:
                 await self.app(scope, receive, _with_request_id(send, lambda: request_id))

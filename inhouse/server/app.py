@@ -24,6 +24,7 @@ from inhouse.server.openapi import OPENAPI_PATH, build_openapi, openapi_route
 from inhouse.server.routes import adapters, admin, swaps
 from inhouse.server.routes.chat import chat_completions
 from inhouse.server.routes.completions import completions
+from inhouse.server.routes.console import CONSOLE_PATH, METRICS_MODELS_PATH, console_routes
 from inhouse.server.routes.embeddings import embeddings
 from inhouse.server.routes.health import health, ready
 from inhouse.server.routes.metrics import metrics_route
@@ -99,6 +100,7 @@ def create_app(settings: Settings, registry: ModelRegistry, router: Router, heal
                 audit.close()
 
     public = {"/health", "/ready", OPENAPI_PATH} | ({"/metrics"} if settings.metrics_public else set())
+    public |= {CONSOLE_PATH} | ({METRICS_MODELS_PATH} if settings.metrics_public else set())
     routes = [*_routes(), openapi_route(build_openapi(settings.models[0].name if settings.models else None,
                                                       settings.metrics_public)),
               metrics_route(metrics)]
@@ -110,9 +112,10 @@ def create_app(settings: Settings, registry: ModelRegistry, router: Router, heal
     counting = MetricsSink(metrics, RouteTemplates(r.path for r in routes), lambda name: bool(registry.find(name)))
     sinks = sinks_for(audit, counting, metrics) + ((swapper.observe,) if swapper is not None else ())
     middleware = Middleware(AccessMiddleware, keys=keys, limiter=limiter, sinks=sinks,
-                            public_paths=frozenset(public), keep_text=settings.audit.text != "off", drain=drain)
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
-                    middleware=[middleware])
+                            public_paths=frozenset(public), keep_text=settings.audit.text != "off", drain=drain,
+                            public_prefixes=(CONSOLE_PATH + "/",))
+    app = Starlette(routes=[*routes, *console_routes(metrics)], exception_handlers=EXCEPTION_HANDLERS,
+                    lifespan=lifespan, middleware=[middleware])
     app.state.inhouse = ServerContext(settings=settings, registry=registry, router=router,
                                       keys=keys, db=access.db, swapper=swapper, reload=reload, drain=drain,
                                       audit=audit)
