@@ -7,26 +7,13 @@ from pathlib import Path
 from tests.docs.markdown import links, pages
 from tests.process import REPO
 
-# Pages and screenshots written in parallel branches of issue 14 (console, cli, deploy); the READMEs and
-# indexes link to them already.  Links to these may dangle until those branches are merged; delete this set then.
-PENDING = {
-    *(f"docs/{p}" for p in ("console.md", "cli.md", "deploy.md")),
-    *(f"docs/zh-CN/{p}" for p in ("console.md", "cli.md", "deploy.md")),
-    *(f"docs/images/console-{n}.png" for n in ("playground", "models", "keys", "audit", "dify")),
-}
-
-
-def _resolves(target: Path) -> bool:
-    rel = target.relative_to(REPO).as_posix() if target.is_relative_to(REPO) else str(target)
-    return target.exists() or rel in PENDING
-
 
 def test_every_relative_link_resolves() -> None:
     broken = []
     for page in pages():
         for link in links(page):
             target = (page.parent / link.target.split("#", 1)[0]).resolve()
-            if not _resolves(target):
+            if not target.exists():
                 broken.append(f"{page.relative_to(REPO)}:{link.line}: {link.target}")
     assert broken == []
 
