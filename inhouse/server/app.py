@@ -109,12 +109,14 @@ def create_app(settings: Settings, registry: ModelRegistry, router: Router, heal
     if gpus.present:
         metrics.register(gpus)
     metrics.expect(registry.all())
-    counting = MetricsSink(metrics, RouteTemplates(r.path for r in routes), lambda name: bool(registry.find(name)))
+    served = [*routes, *console_routes(metrics)]
+    counting = MetricsSink(metrics, RouteTemplates(getattr(r, "path", "") for r in served),
+                           lambda name: bool(registry.find(name)))
     sinks = sinks_for(audit, counting, metrics) + ((swapper.observe,) if swapper is not None else ())
     middleware = Middleware(AccessMiddleware, keys=keys, limiter=limiter, sinks=sinks,
                             public_paths=frozenset(public), keep_text=settings.audit.text != "off", drain=drain,
                             public_prefixes=(CONSOLE_PATH + "/",))
-    app = Starlette(routes=[*routes, *console_routes(metrics)], exception_handlers=EXCEPTION_HANDLERS,
+    app = Starlette(routes=served, exception_handlers=EXCEPTION_HANDLERS,
                     lifespan=lifespan, middleware=[middleware])
     app.state.inhouse = ServerContext(settings=settings, registry=registry, router=router,
                                       keys=keys, db=access.db, swapper=swapper, reload=reload, drain=drain,

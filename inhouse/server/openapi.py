@@ -262,6 +262,16 @@ def _metrics_operation(public: bool) -> dict[str, Any]:
     return doc
 
 
+def _metrics_models_operation(public: bool) -> dict[str, Any]:
+    """``GET /metrics/models``: the same numbers as ``/metrics`` per model, as JSON (the console reads it);
+    public exactly when ``/metrics`` is."""
+    doc = _metrics_operation(public)
+    doc.update(operationId="metricsModels", summary="Per-model request rate, TTFT and error rate, as JSON")
+    doc["responses"]["200"] = {**doc["responses"]["200"], "description": "one entry per model (docs/metrics.md)",
+                               "content": {"application/json": {"schema": {"type": "object"}}}}
+    return doc
+
+
 def build_openapi(example_model: str | None = None, metrics_public: bool = True) -> dict[str, Any]:
     """The whole document; ``example_model`` (a served model's name) fills the request examples."""
     ops = _operations()
@@ -269,6 +279,7 @@ def build_openapi(example_model: str | None = None, metrics_public: bool = True)
     for op in ops:
         paths[op.path][op.method] = _operation(op, example_model)
     paths["/metrics"]["get"] = _metrics_operation(metrics_public)
+    paths["/metrics/models"]["get"] = _metrics_models_operation(metrics_public)
     paths[OPENAPI_PATH]["get"] = {
         "operationId": "openapi", "summary": "This document", "tags": ["health"], "security": [],
         "responses": {"200": {"description": "OpenAPI 3.1", "headers": _headers("x-request-id"),

@@ -31,7 +31,7 @@ def _quoted() -> list[str]:
     for row in gateway:
         figures.append(f"{row['p50_ms']:.2f} / {row['p99_ms']:.2f}")
     lora = _load("lora.json")["arms"]
-    figures += [f"{lora[arm]['tok_s']:.1f}" for arm in ("base", "one", "mixed")]
+    figures += [f"{lora[arm]['tok_s']:.1f}" for arm in ("base", "one", "mixed", "merged")]
     access = _load("access.json")
     figures.append(f"{access['loads']['c=1 blocking']['added_p50_ms']:.2f}")
     figures.append(f"{access['audit_writer']['rows_per_s']:,.0f}")

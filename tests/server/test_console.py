@@ -82,3 +82,12 @@ async def test_metrics_models_needs_a_key_when_metrics_are_not_public(tmp_path: 
         assert refused.status_code == 401 and error_of(refused)["code"] == "invalid_api_key"
         assert (await server.client.get("/metrics/models", headers=bearer(app))).status_code == 200
         assert (await server.client.get("/console/")).status_code == 200  # the page itself stays open
+
+
+async def test_a_keyed_metrics_models_call_is_counted_under_its_own_route(tmp_path: Path) -> None:
+    """Its calls are labelled ``/metrics/models``, not ``other`` (the metrics sink knows the console's routes)."""
+    async with keyed(tmp_path, metrics_public=False) as (server, _, app):
+        assert (await server.client.get("/metrics/models", headers=bearer(app))).status_code == 200
+        scrape = (await server.client.get("/metrics", headers=bearer(app))).text
+    counted = [line for line in scrape.splitlines() if line.startswith("inhouse_requests_total{")]
+    assert any('route="/metrics/models"' in line and 'status="200"' in line for line in counted), counted

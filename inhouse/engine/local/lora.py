@@ -14,6 +14,7 @@ of the bare base get nothing added.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -110,7 +111,7 @@ class LoraLinear(torch.nn.Module):
         self.path = path
         self.context = context
         # the last pass's stacked weights: (the (A, B, scale) of each adapter, stacked A, stacked B, column owner)
-        self._stacked: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._stacked: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor, torch.Tensor, tuple[float, ...]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.base(x)
@@ -129,38 +130,45 @@ class LoraLinear(torch.nn.Module):
                 flat_out[index] = (flat_out.index_select(0, index).to(a.dtype) + delta).to(out.dtype)
             return out
         positions = tuple(i for i, _ in present)
-        a, b, columns = self._stack(present)
+        a, b, columns, scales = self._stack(present)
         hidden = F.linear(self.context.as_float(flat_x, dtype), a)
         mask = self.context.mask(positions, tuple(found[0].shape[0] for _, found in present), columns)
         if mask is not None:
             hidden.mul_(mask)
         delta = F.linear(hidden, b)
-        delta.mul_(self.context.scale(positions, tuple(found[2] for _, found in present)))
-        if out.dtype == dtype:
-            flat_out.add_(delta)
-        else:  # as PEFT: the sum in float32, rounded once to the model's dtype
-            flat_out.copy_(delta.add_(flat_out))
+        if any(s != 1.0 for s in scales):
+            delta.mul_(self.context.scale(positions, scales))
+        # as PEFT: the sum in float32 (an in-place add computes in the wider dtype), rounded once to the model's
+        flat_out.add_(delta)
         return out
 
     def forget(self) -> None:
         self._stacked = None
 
     def _stack(self, present: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]]
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The stacked A and B of these adapters, and which group owns each of the ``sum r`` columns."""
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[float, ...]]:
+        """The stacked A and B of these adapters, which group owns each of the ``sum r`` columns, and the scale
+        each adapter's product is still to be multiplied by.  A scale that is a power of two is folded into the
+        stacked A: ``x (2^k A)^T B^T`` equals ``(x A^T B^T) 2^k`` bit for bit, so the multiply is saved."""
         held = self._stacked
         if held is not None and len(held[0]) == len(present) and all(
                 kept is found and kept_at == i for (kept_at, kept), (i, found) in zip(held[0], present, strict=True)):
-            return held[1], held[2], held[3]
-        if len(present) == 1:
-            a, b = present[0][1][0], present[0][1][1]
-        else:
-            a = torch.cat([found[0] for _, found in present])
-            b = torch.cat([found[1] for _, found in present], dim=1).contiguous()
+            return held[1], held[2], held[3], held[4]
+        folded = [_exact_factor(found[2]) for _, found in present]
+        parts = [found[0] * found[2] if fold else found[0] for (_, found), fold in zip(present, folded, strict=True)]
+        a = parts[0] if len(parts) == 1 else torch.cat(parts)
+        b = present[0][1][1] if len(present) == 1 else torch.cat([found[1] for _, found in present], dim=1).contiguous()
         columns = torch.repeat_interleave(torch.tensor([i for i, _ in present], device=a.device),
                                           torch.tensor([found[0].shape[0] for _, found in present], device=a.device))
-        self._stacked = (tuple(present), a, b, columns)
-        return a, b, columns
+        scales = tuple(1.0 if fold else found[2] for (_, found), fold in zip(present, folded, strict=True))
+        self._stacked = (tuple(present), a, b, columns, scales)
+        return a, b, columns, scales
+
+
+def _exact_factor(scale: float) -> bool:
+    """A power of two in a range where multiplying float32 weights by it is exact (alpha = r or 2r: 1, 2)."""
+    mantissa, exponent = math.frexp(scale)
+    return mantissa == 0.5 and -8 <= exponent <= 9
 
 
 def read_adapter(name: str, directory: Path, model: torch.nn.Module, dtype: torch.dtype,

@@ -46,9 +46,10 @@ def test_each_row_gets_exactly_its_own_adapter_in_a_mixed_pass() -> None:
     base = torch.nn.Linear(IN, OUT, bias=False).to(torch.bfloat16)
     context = LoraContext()
     layer = LoraLinear(base, "proj", context)
-    first, second = adapter("a", 8, 2.0, 1), adapter("b", 16, 0.5, 2)
+    # a scale of 2 or 0.5 is folded into the stacked A (exact), 0.75 is multiplied after B
+    first, second, third = adapter("a", 8, 2.0, 1), adapter("b", 16, 0.75, 2), adapter("d", 4, 0.5, 7)
     untargeted = adapter("c", 4, 1.0, 3, targets=False)  # targets other modules, not this one
-    rows: list[AdapterWeights | None] = [first, None, second, untargeted, first, second, None, second]
+    rows: list[AdapterWeights | None] = [first, None, second, untargeted, first, third, None, second]
     x = torch.randn(len(rows), IN).to(torch.bfloat16)
     with torch.inference_mode():
         got = run(layer, context, x.clone(), rows)
