@@ -25,6 +25,8 @@ from typing import Any
 import aiohttp
 import httpx
 
+from inhouse.cli.bench_load import percentile  # one definition, shared with `inhouse bench`
+
 __all__ = ["CHAT", "Level", "LoadError", "Run", "Sample", "chat_stream", "closed_loop", "percentile", "request",
            "run", "run_aiohttp", "run_posts", "summarize"]
 
@@ -71,16 +73,6 @@ class Run:
             raise LoadError(f"{what}: {len(self.errors)} of {len(self.samples)} requests failed, "
                             f"first: {self.errors[0]}")
         return self
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100), interpolated between closest ranks (numpy's default); None for none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 # ---------------------------------------------------------------------------------------------- one request
