@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +24,26 @@ __all__ = ["COLUMNS", "Verification", "export", "search", "verify"]
 COLUMNS = [*HASHED_FIELDS, "prev_hash", "row_hash"]
 
 
+def status_range(text: str) -> tuple[int, int]:
+    """An HTTP status filter, ``429`` or a class ``4xx``, as the range ``[low, high)``; ValueError says what
+    is accepted."""
+    text = text.strip().lower()
+    if re.fullmatch(r"[1-5][0-9][0-9]", text):
+        return int(text), int(text) + 1
+    if re.fullmatch(r"[1-5]xx", text):
+        low = int(text[0]) * 100
+        return low, low + 100
+    raise ValueError("status must be an HTTP status (429) or a class of them (2xx, 4xx, 5xx)")
+
+
 def search(db: Database, *, since: float | None = None, until: float | None = None, key: str | None = None,
-           model: str | None = None, limit: int = 100, newest_first: bool = True,
-           after_seq: int | None = None) -> list[dict[str, Any]]:
-    """Rows matching the filters; ``after_seq``: only rows appended after that one (``export --follow``)."""
+           model: str | None = None, status: tuple[int, int] | None = None, limit: int = 100,
+           newest_first: bool = True, after_seq: int | None = None) -> list[dict[str, Any]]:
+    """Rows matching the filters (``status``: a range from ``status_range``); ``after_seq``: only rows appended
+    after that one (``export --follow``)."""
     query = select(audit_log)
+    if status is not None:
+        query = query.where((audit_log.c.status >= status[0]) & (audit_log.c.status < status[1]))
     if after_seq is not None:
         query = query.where(audit_log.c.seq > after_seq)
     if since is not None:

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from inhouse.audit.query import export, search, verify
+from inhouse.audit.query import export, search, status_range, verify
 from inhouse.cli.keys import parse_time
 from inhouse.cli.state import StateError, add_state_flags, database_from_args
 from inhouse.storage.database import Database
@@ -32,6 +32,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         q.add_argument("--until", type=parse_time)
         q.add_argument("--key", help="key id or name")
         q.add_argument("--model", help="model asked or served")
+        q.add_argument("--status", type=_status, help="an HTTP status (429) or a class of them (4xx, 5xx)")
         q.add_argument("--limit", type=int, default=20 if name == "tail" else 1000 if name == "search" else 10**9)
         q.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
         if name == "export":
@@ -43,6 +44,13 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action.add_argument("--config", type=Path, help="the server's YAML config (for its database)")
         add_state_flags(action)
     p.set_defaults(run=run)
+
+
+def _status(text: str) -> tuple[int, int]:
+    try:
+        return status_range(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
             result = verify(db)
             print(json.dumps({"ok": result.ok, "rows": result.rows, "problem": result.problem}))
             return 0 if result.ok else 1
-        rows = search(db, since=args.since, until=args.until, key=args.key, model=args.model, limit=args.limit,
+        rows = search(db, since=args.since, until=args.until, key=args.key, model=args.model, status=args.status,
+                      limit=args.limit,
                       newest_first=args.audit_command != "export", after_seq=getattr(args, "after_seq", None))
         if args.audit_command == "tail":
             rows.reverse()  # oldest of the newest first, like tail
@@ -82,8 +91,8 @@ def _follow(db: Database, args: argparse.Namespace) -> int:
     last: int | None = args.after_seq
     try:
         while not stopping:
-            rows = search(db, since=args.since, until=args.until, key=args.key, model=args.model, limit=_PAGE,
-                          newest_first=False, after_seq=last)
+            rows = search(db, since=args.since, until=args.until, key=args.key, model=args.model, status=args.status,
+                          limit=_PAGE, newest_first=False, after_seq=last)
             for piece in export(rows, "jsonl"):
                 sys.stdout.write(piece)
             sys.stdout.flush()

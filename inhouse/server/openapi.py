@@ -97,6 +97,8 @@ def _operations() -> list[_Op]:
         _param("until", "query", {"type": "number"}, "rows before this time (unix seconds)"),
         _param("key", "query", {"type": "string"}, "a key's id or name"),
         _param("model", "query", {"type": "string"}, "the model asked or served"),
+        _param("status", "query", {"type": "string", "pattern": "^[1-5]([0-9][0-9]|xx)$"},
+               "an HTTP status (429) or a class of them (4xx)"),
         _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 100},
                "at most this many rows"),
     )

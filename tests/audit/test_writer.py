@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import text
 
-from inhouse.audit.query import export, search, verify
+from inhouse.audit.query import export, search, status_range, verify
 from inhouse.audit.record import AuditRecord
 from inhouse.audit.writer import AuditWriter, TextPolicy
 from inhouse.storage.database import Database
@@ -166,3 +167,25 @@ async def test_search_after_a_seq_returns_only_later_rows_oldest_first(db: Datab
         assert [r["seq"] for r in search(db, newest_first=False, limit=1, after_seq=1)] == [2]
     finally:
         writer.close()
+
+
+async def test_search_by_status_code_or_class(db: Database) -> None:
+    writer = AuditWriter(db)
+    writer.start()
+    try:
+        statuses = [200, 429, 404, 500, 200, 503]
+        for i, status in enumerate(statuses):  # one at a time: seq follows the list
+            await writer.write(dataclasses.replace(record(i), status=status))
+    finally:
+        writer.close()
+
+    def found(status: str) -> list[int]:
+        return [r["status"] for r in search(db, status=status_range(status), newest_first=False)]
+
+    assert found("4xx") == [429, 404]
+    assert found("5XX") == [500, 503]
+    assert found("200") == [200, 200]
+    assert found("201") == []
+    for bad in ("4x", "600", "abc", "2xx,5xx", ""):
+        with pytest.raises(ValueError, match="HTTP status"):
+            status_range(bad)

@@ -7,6 +7,7 @@ answers the e2e suite checks through the real CLI, in milliseconds.  The lifespa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -454,3 +455,26 @@ async def test_finished_calls_leave_nothing_in_flight(server: Server) -> None:
     assert all(d.route.outstanding == 0 for d in server.registry.all())
     health = (await server.client.get("/health")).json()
     assert all(m["in_flight"] == 0 and m["running"] == 0 for m in health["models"].values())
+
+
+async def test_the_audit_search_filters_by_status_on_the_server(keyed: tuple[Server, Secrets]) -> None:
+    server, secrets = keyed
+    refused = await server.client.post("/v1/chat/completions", json=chat("other"), headers=bearer(secrets.scoped))
+    assert refused.status_code == 403
+    admin = bearer(secrets.admin)
+
+    async def rows(status: str) -> list[dict[str, object]]:
+        for _ in range(100):  # the row is written behind the answer
+            found = (await server.client.get("/admin/audit", params={"status": status, "limit": 1000},
+                                             headers=admin)).json()["data"]
+            if found:
+                return list(found)
+            await asyncio.sleep(0.05)
+        return []
+
+    errors = await rows("4xx")
+    assert errors and all(400 <= int(str(r["status"])) < 500 for r in errors)
+    assert refused.headers["x-request-id"] in {r["request_id"] for r in errors}
+    assert all(r["status"] == 403 for r in await rows("403"))
+    bad = await server.client.get("/admin/audit", params={"status": "4x"}, headers=admin)
+    assert bad.status_code == 400 and error_of(bad)["param"] == "status"

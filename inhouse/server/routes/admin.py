@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from starlette.requests import Request
 from starlette.responses import Response
 
-from inhouse.audit.query import search, verify
+from inhouse.audit.query import search, status_range, verify
 from inhouse.errors import ErrorCode, InhouseError
 from inhouse.keys.store import KeyLimits, KeyNameTakenError, KeyStore
 from inhouse.server.body import read_model
@@ -138,12 +138,22 @@ def _limit(request: Request, default: int = 100) -> int:
     return int(raw)
 
 
+def _status(request: Request) -> tuple[int, int] | None:
+    raw = request.query_params.get("status")
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return status_range(raw)
+    except ValueError as exc:
+        raise InhouseError(ErrorCode.INVALID_REQUEST, str(exc), param="status") from None
+
+
 async def audit_search(request: Request) -> Response:
     _, db = _admin(request)
     q = request.query_params
     since, until, limit = _number(request, "since"), _number(request, "until"), _limit(request)
     rows = await asyncio.to_thread(search, db, since=since, until=until, key=q.get("key"), model=q.get("model"),
-                                   limit=limit)
+                                   status=_status(request), limit=limit)
     return json_response({"object": "list", "data": rows, "at": time.time()})
 
 
