@@ -56,6 +56,7 @@ class Swapper:
         self._previous: dict[str, list[list[ModelSpec]]] = {}  # name → older spec sets, newest last
         self._last: dict[str, dict[str, Any]] = {}  # name → the last swap's outcome
         self._windows: dict[str, _Window] = {}
+        self._declared = set(registry.names())  # the config file's models (the last reload's); others came at runtime
 
     # -- what the admin API shows ------------------------------------------------------------------------
     def status(self, name: str) -> dict[str, Any]:
@@ -115,10 +116,15 @@ class Swapper:
         for spec in settings.models:
             wanted.setdefault(spec.name, []).append(spec)
         current = {name: [d.spec for d in self._registry.find(name)] for name in self._registry.names()}
-        report: dict[str, Any] = {"added": [], "removed": [], "swapped": [], "unchanged": [], "failed": {}}
+        report: dict[str, Any] = {"added": [], "removed": [], "swapped": [], "unchanged": [], "failed": {},
+                                  "kept": []}
         for name in [n for n in current if n not in wanted]:
+            if (base := self._runtime_adapter_base(name, current[name])) is not None and base in wanted:
+                report["kept"].append(name)  # an adapter loaded at runtime over a base the file still serves
+                continue
             await self._registry.remove(name)
             report["removed"].append(name)
+        self._declared = set(wanted)
         for name, specs in wanted.items():
             if name not in current:
                 for spec in specs:
@@ -174,6 +180,12 @@ class Swapper:
             self._last[name] = result
             log.info("%s of %s: %s → %s: %s", kind, name, old_version, new_version, result["outcome"])
             return result
+
+    def _runtime_adapter_base(self, name: str, specs: list[ModelSpec]) -> str | None:
+        """The base of an adapter that ``/admin/adapters`` loaded (not one the config file declared), else None."""
+        if name in self._declared or len(specs) != 1 or not isinstance(specs[0], AdapterSpec):
+            return None
+        return specs[0].base
 
     def _adapters_over(self, base: str) -> list[Deployment]:
         """The LoRA adapter models served over model ``base`` (declared or loaded at runtime)."""

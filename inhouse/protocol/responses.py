@@ -496,3 +496,4 @@ class ReloadResult(_Body):
     swapped: list[str]
     unchanged: list[str]
     failed: dict[str, str] = Field(description="model → why its swap was refused (it keeps serving)")
+    kept: list[str] = Field(description="LoRA adapters loaded at runtime (not in the file) over a base it still serves")

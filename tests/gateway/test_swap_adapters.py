@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from inhouse.config import AdapterSpec, ModelSpec, SwapSettings, TransformersSpec
+from inhouse.config import AdapterSpec, ModelSpec, Settings, SwapSettings, TransformersSpec
 from inhouse.engine.adapter import AdapterEngine
 from inhouse.engine.base import Engine, EngineState, GenerateRequest, SamplingParams
 from inhouse.engine.factory import build_engine, build_engines
@@ -71,3 +71,20 @@ async def test_a_canary_of_a_base_with_adapters_is_refused(parts: tuple[ModelReg
         await swapper.swap("tiny", {"version": "v2"}, canary=0.5)
     assert info.value.code is ErrorCode.SWAP_FAILED and "canary of a base with LoRA adapters" in info.value.message
     assert registry.find("tiny")[0].engine is old_base and old_base.state is EngineState.READY
+
+
+async def test_a_reload_keeps_runtime_adapters_over_a_kept_base_and_drops_those_over_a_removed_one(
+        parts: tuple[ModelRegistry, Swapper, Path], tiny_model_dir: Path) -> None:
+    """The config file rules the models it declares; an adapter loaded at runtime is not in it, so a reload
+    (SIGHUP, say) must not drop it while its base stays, and must not leave it over a closed base either."""
+    registry, swapper, runtime_adapter = parts
+    await Adapters(registry).load("lora-mlp", "tiny", str(runtime_adapter), None)
+    before = await answer(registry, "lora-mlp")
+    base = TransformersSpec(name="tiny", path=str(tiny_model_dir), dtype="float32", version="v1")
+    kept = await swapper.reload(Settings(models=[base]))  # lora-qv, declared, is gone from the file
+    assert kept["removed"] == ["lora-qv"] and kept["kept"] == ["lora-mlp"] and kept["unchanged"] == ["tiny"]
+    assert await answer(registry, "lora-mlp") == before
+    other = TransformersSpec(name="other", path=str(tiny_model_dir), dtype="float32")
+    gone = await swapper.reload(Settings(models=[other]))  # now the base goes too: its adapter goes with it
+    assert set(gone["removed"]) == {"tiny", "lora-mlp"} and gone["kept"] == []
+    assert registry.find("lora-mlp") == [] and registry.find("tiny") == []
