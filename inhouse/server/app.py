@@ -109,7 +109,7 @@ def create_app(settings: Settings, registry: ModelRegistry, router: Router, heal
     if gpus.present:
         metrics.register(gpus)
     metrics.expect(registry.all())
-    served = [*routes, *console_routes(metrics)]
+    served = [*routes, *console_routes(metrics, keys_on=keys is not None)]
     counting = MetricsSink(metrics, RouteTemplates(getattr(r, "path", "") for r in served),
                            lambda name: bool(registry.find(name)))
     sinks = sinks_for(audit, counting, metrics) + ((swapper.observe,) if swapper is not None else ())

@@ -323,6 +323,21 @@ def test_swap_canary_and_rollback_from_the_models_page(page: Page) -> None:
     expect(echo.locator("td").nth(3)).to_have_text(before, timeout=DEADLINE_MS)
 
 
+def test_opening_the_page_on_a_keyed_server_makes_no_refused_call(browser: Browser, server: ServerProcess) -> None:
+    """Before a key is pasted the page asks its own server.json whether keys are on, not an API route without
+    a key (that left a 401 row in the audit log at every page load)."""
+    context = new_context(browser, server)
+    page = context.new_page()
+    answers: list[tuple[str, int]] = []
+    page.on("response", lambda r: answers.append((r.url, r.status)))
+    page.goto(server.url + "/console/")
+    expect(page.locator("input[name=key]")).to_be_visible(timeout=DEADLINE_MS)
+    page.wait_for_load_state("networkidle")
+    context.close()
+    assert (server.url + "/console/server.json", 200) in answers
+    assert [a for a in answers if a[1] >= 400] == []
+
+
 def test_an_application_key_sees_no_admin_page(browser: Browser, server: ServerProcess, requested: list[str]) -> None:
     with admin_client(server) as admin:
         secret = new_key(admin, models=["echo"])["secret"]

@@ -91,3 +91,13 @@ async def test_a_keyed_metrics_models_call_is_counted_under_its_own_route(tmp_pa
         scrape = (await server.client.get("/metrics", headers=bearer(app))).text
     counted = [line for line in scrape.splitlines() if line.startswith("inhouse_requests_total{")]
     assert any('route="/metrics/models"' in line and 'status="200"' in line for line in counted), counted
+
+
+async def test_server_json_says_whether_keys_are_on_without_a_key(tmp_path: Path) -> None:
+    """The page asks this, not an API route, before a key is pasted: no refused call per page load."""
+    async with keyed(tmp_path) as (server, _, _):
+        answer = await server.client.get("/console/server.json")
+        assert answer.status_code == 200 and answer.json() == {"auth": "keys"}
+        assert answer.headers["content-security-policy"] == HEADERS["Content-Security-Policy"]
+    async with serving(settings_for(tmp_path / "open")) as server:
+        assert (await server.client.get("/console/server.json")).json() == {"auth": "none"}

@@ -49,8 +49,10 @@ function App() {
     }
   };
   const probeOpen = async () => {
-    // a server with `auth: none` answers without a key: no key bar needed
+    // a server with `auth: none` answers without a key: no key bar needed (asked of the console's own
+    // server.json first, so a keyed server sees no refused call per page load)
     try {
+      if ((await (await fetch('server.json')).json()).auth !== 'none') return;
       const models = await listModels();
       let admin = false;
       try { await api('/admin/models'); admin = true; } catch (_) { /* not an admin route here */ }

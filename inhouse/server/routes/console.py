@@ -2,7 +2,8 @@
 the per-model live numbers it shows, as JSON.
 
 The console is a static page that calls the public and admin APIs like any client, with a key the user
-pastes; serving its files needs no key (they hold no data).  ``/metrics/models`` is public exactly when
+pastes; serving its files, and ``server.json`` (whether the server asks for keys), needs no key (they hold no
+data).  ``/metrics/models`` is public exactly when
 ``/metrics`` is (``metrics_public``).
 """
 
@@ -43,13 +44,19 @@ class _ConsoleFiles(StaticFiles):
         return response
 
 
-def console_routes(metrics: Metrics) -> list[BaseRoute]:
+def console_routes(metrics: Metrics, keys_on: bool) -> list[BaseRoute]:
     async def to_index(request: Request) -> Response:
         return RedirectResponse(CONSOLE_PATH + "/", status_code=307)
+
+    async def server(request: Request) -> Response:
+        """What the page needs before a key: whether the server asks for one (so it need not probe an API
+        route without a key, which would leave a refused call in the audit log at every page load)."""
+        return json_response({"auth": "keys" if keys_on else "none"}, headers=HEADERS)
 
     async def numbers(request: Request) -> Response:
         return json_response(model_summary(metrics))
 
     return [Route(CONSOLE_PATH, to_index, methods=["GET"]),
+            Route(CONSOLE_PATH + "/server.json", server, methods=["GET"]),
             Mount(CONSOLE_PATH, app=_ConsoleFiles(directory=STATIC_DIR, html=True), name="console"),
             Route(METRICS_MODELS_PATH, numbers, methods=["GET"])]
