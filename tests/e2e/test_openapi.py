@@ -42,7 +42,7 @@ ROUTES = {
     *(("post", p + "/rerank") for p in ("/v1", "", "/v2")),
     *(("get", p + "/models") for p in ("/v1", "")),
     *(("get", p + "/models/{model_id}") for p in ("/v1", "")),
-    ("get", "/health"), ("get", "/ready"), ("get", "/openapi.json"), ("get", "/metrics"),
+    ("get", "/health"), ("get", "/ready"), ("get", "/openapi.json"), ("get", "/metrics"), ("get", "/metrics/models"),
     ("get", "/admin/keys"), ("post", "/admin/keys"), ("get", "/admin/keys/{key}"),
     ("post", "/admin/keys/{key}/revoke"), ("post", "/admin/keys/{key}/rotate"),
     ("get", "/admin/audit"), ("get", "/admin/audit/verify"), ("get", "/admin/models"),
@@ -50,7 +50,7 @@ ROUTES = {
     ("post", "/admin/reload"), ("get", "/admin/adapters"), ("post", "/admin/adapters"),
     ("delete", "/admin/adapters/{name}"),
 }
-PUBLIC = {"/health", "/ready", "/openapi.json", "/metrics"}
+PUBLIC = {"/health", "/ready", "/openapi.json", "/metrics", "/metrics/models"}
 MODELS = ("echo", "org/small", "vec", "ranker")
 CHECKS = ["not_a_server_error", "status_code_conformance", "response_schema_conformance", "content_type_conformance",
           "response_headers_conformance"]
@@ -113,7 +113,7 @@ def _validate(schema: OpenApiSchema, method: str, path: str, response: httpx.Res
 def test_real_answers_of_every_route_match_the_document(server: ServerProcess, api_schema: OpenApiSchema) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as anyone, \
             httpx.Client(base_url=server.url, headers=ADMIN, timeout=30) as admin:
-        for path in ("/health", "/ready", "/openapi.json", "/metrics"):
+        for path in ("/health", "/ready", "/openapi.json", "/metrics", "/metrics/models"):
             _validate(api_schema, "get", path, anyone.get(path))
         for prefix in ("/v1", ""):
             _validate(api_schema, "get", prefix + "/models", admin.get(prefix + "/models"))
