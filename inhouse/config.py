@@ -140,6 +140,8 @@ class TransformersSpec(_Weights):
 
     engine: Literal["transformers"] = "transformers"
     max_loras: int = Field(default=8, ge=1, description="LoRA adapters (models with base: this) resident at once")
+    prefix_cache: bool = True  # reuse the KV of prompt prefixes (64-token blocks) across requests (docs/engine.md)
+    prefix_cache_gib: float = Field(default=1.0, gt=0)  # memory the prefix cache may hold, least recently used out
 
 
 class VllmSpec(_Weights):

@@ -38,6 +38,9 @@ class RunnableSequence(Protocol):
     @property
     def adapter(self) -> str | None: ...
 
+    @property
+    def cached(self) -> int: ...
+
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: SlotKVCache, device: torch.device,
@@ -53,19 +56,24 @@ class ModelRunner:
     def prefill(self, seqs: Seq[RunnableSequence], first_slot: int) -> torch.Tensor:
         """Fill the cache for new sequences in slots ``first_slot..``; return their next-token logits.
 
-        The prompts run packed back to back in one row, so no compute goes to padding.
+        The prompts run packed back to back in one row, so no compute goes to padding.  A sequence whose
+        first ``cached`` prompt positions are already in its slot (the prefix cache's) runs only the rest.
         """
-        lengths = [len(s.prompt_ids) for s in seqs]
-        self.cache.reserve(max(lengths))
-        ids = torch.tensor([token for s in seqs for token in s.prompt_ids], dtype=torch.long)
-        positions = torch.cat([torch.arange(n) for n in lengths])
+        self.cache.reserve(max(len(s.prompt_ids) for s in seqs))
+        offsets = [s.cached for s in seqs]
+        lengths = [len(s.prompt_ids) - s.cached for s in seqs]
+        ids = torch.tensor([token for s in seqs for token in s.prompt_ids[s.cached :]], dtype=torch.long)
+        positions = torch.cat([torch.arange(s.cached, len(s.prompt_ids)) for s in seqs])
         counts = torch.tensor(lengths)
-        slots = torch.arange(first_slot, first_slot + len(seqs)).repeat_interleave(counts)
+        slot_of = list(range(first_slot, first_slot + len(seqs)))
+        slots = torch.tensor(slot_of).repeat_interleave(counts)
         layout = BatchLayout(
             cache=self.cache,
             is_prefill=True,
             cache_rows=self.cache.rows_at(slots, positions).to(self.device),
             lengths=tuple(lengths),
+            offsets=tuple(offsets) if any(offsets) else (),
+            slots=tuple(slot_of),
         )
         last = (counts.cumsum(0) - 1).to(self.device)
         with self._adapters(seqs, lengths):

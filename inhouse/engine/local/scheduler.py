@@ -1,7 +1,9 @@
 """Decides what the next engine step runs: a prefill of waiting sequences or a decode of running ones.
 
 Owns the waiting queue, the running list and slot assignment (running[i] is in slot i, always).
-Prefill goes first when there is room, bounded by a padded-token budget so one step stays short.
+Prefill goes first when there is room, bounded by a padded-token budget so one step stays short.  A sequence
+given a slot gets its prompt's longest cached prefix copied in first (when there is a prefix cache), and its
+prefill then runs only the rest.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from inhouse.engine.local.kv_cache import SlotKVCache
+from inhouse.engine.local.prefix_cache import PrefixCache
 from inhouse.engine.local.sequence import Sequence, SequenceStatus
 
 __all__ = ["Scheduler", "Step"]
@@ -23,8 +26,10 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, cache: SlotKVCache, max_num_seqs: int, max_prefill_tokens: int) -> None:
+    def __init__(self, cache: SlotKVCache, max_num_seqs: int, max_prefill_tokens: int,
+                 prefix: PrefixCache | None = None) -> None:
         self.cache = cache
+        self.prefix = prefix
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
@@ -56,8 +61,16 @@ class Scheduler:
         for offset, seq in enumerate(batch):
             seq.slot = first_slot + offset
             seq.status = SequenceStatus.RUNNING
+            if self.prefix is not None:
+                seq.cached = self.prefix.load(seq.prompt_ids, seq.adapter, seq.slot)
             self.running.append(seq)
         return Step(is_prefill=True, seqs=batch, first_slot=first_slot)
+
+    def prefilled(self, seqs: list[Sequence]) -> None:
+        """Their prompts are in their slots now: the prefix cache keeps the blocks it does not hold yet."""
+        if self.prefix is not None:
+            for seq in seqs:
+                self.prefix.save(seq.prompt_ids, seq.adapter, seq.slot)
 
     def finish(self, seq: Sequence) -> None:
         """Take a sequence out; the last running sequence moves into its slot."""
