@@ -262,7 +262,8 @@ class LocalEngine:
         tokenizer = loaded.tokenizer
         sampler = Sampler(lambda t: tokenizer.decode([t]), loaded.stop_ids)
         self._prefix = self._prefix_cache(cache)
-        scheduler = Scheduler(cache, self.spec.max_num_seqs, _MAX_PREFILL_TOKENS, self._prefix)
+        scheduler = Scheduler(cache, self.spec.max_num_seqs, _MAX_PREFILL_TOKENS, self._prefix,
+                              getattr(self.spec, "prefill_chunk_tokens", 512))
         try:
             while self._take_inbox(scheduler):
                 step = scheduler.schedule()
@@ -293,6 +294,8 @@ class LocalEngine:
               stop_ids: frozenset[int]) -> None:
         """Run, sample, hand out.  A row that fails on its own fails alone; the others go on."""
         seqs, logits = self._forward(step, runner, scheduler)
+        if not seqs:
+            return
         tokens, logprobs = sampler.sample(apply_constraints(logits, seqs), seqs)
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             if token is None:
@@ -312,10 +315,10 @@ class LocalEngine:
         prompts that fail alone (a decode step runs the model's own tokens: its failure is nobody's fault)."""
         try:
             if step.is_prefill:
-                logits = runner.prefill(step.seqs, step.first_slot)
-                scheduler.prefilled(step.seqs)
-                return step.seqs, logits
-            return step.seqs, runner.decode(step.seqs)
+                logits = runner.prefill(step.seqs, step.first_slot, step.chunk)
+                done = scheduler.prefilled(step, step.seqs)  # after a chunk that is not a prompt's last: nobody
+                return done, logits if done else logits[:0]
+            return step.seqs, runner.decode(step.seqs, step.hold)
         except Exception:
             if not step.is_prefill or len(step.seqs) == 1:
                 raise
@@ -331,7 +334,7 @@ class LocalEngine:
                 broken.append(seq)
         for seq in broken:
             self._fail(seq, scheduler, "the model failed on this request's prompt")
-        scheduler.prefilled(kept)
+        scheduler.prefilled(step, kept)
         return kept, (torch.cat(rows) if rows else torch.empty(0))
 
     def _take_inbox(self, scheduler: Scheduler) -> bool:

@@ -60,15 +60,23 @@ class PrefixCache:
             chain.append(digest)
         return chain
 
-    @torch.inference_mode()
-    def load(self, prompt_ids: Seq[int], adapter: str | None, slot: int) -> int:
-        """Copy the longest cached prefix of the prompt into ``slot``; return how many tokens it holds."""
+    def match(self, prompt_ids: Seq[int], adapter: str | None) -> int:
+        """How many tokens of the prompt ``load`` would supply now (nothing is copied or counted)."""
+        return len(self._found(prompt_ids, adapter)) * BLOCK
+
+    def _found(self, prompt_ids: Seq[int], adapter: str | None) -> list[tuple[bytes, torch.Tensor]]:
         found = []
         for key in self.keys(prompt_ids, adapter):
             block = self._blocks.get(key)
             if block is None:
                 break
             found.append((key, block))
+        return found
+
+    @torch.inference_mode()
+    def load(self, prompt_ids: Seq[int], adapter: str | None, slot: int) -> int:
+        """Copy the longest cached prefix of the prompt into ``slot``; return how many tokens it holds."""
+        found = self._found(prompt_ids, adapter)
         for key, _ in reversed(found):
             self._blocks.move_to_end(key)
         cached = len(found) * BLOCK
