@@ -181,7 +181,7 @@ async def test_chunks_and_the_prefix_cache_together_answer_the_same(whole: Local
     prompt = ids(5 * CHUNK + 11, seed=3)
     hits = chunks.stats().prefix_cache_hit_tokens
     first = await answer((await chunks.submit([request("a", prompt, 12)]))[0])
-    again = await answer((await chunks.submit([request("b", prompt + [7, 8, 9], 12)]))[0])
+    again = await answer((await chunks.submit([request("b", [*prompt, 7, 8, 9], 12)]))[0])
     assert chunks.stats().prefix_cache_hit_tokens - hits == 5 * CHUNK  # the whole blocks of the first prompt
     assert first == await answer((await whole.submit([request("c", prompt, 12)]))[0])
-    assert again == await answer((await whole.submit([request("d", prompt + [7, 8, 9], 12)]))[0])
+    assert again == await answer((await whole.submit([request("d", [*prompt, 7, 8, 9], 12)]))[0])
