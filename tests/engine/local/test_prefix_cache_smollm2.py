@@ -110,3 +110,12 @@ async def test_evictions_keep_the_answers(checkpoint: Path, cache_dir: Path, ada
         assert got == await answers(uncached, QUESTIONS) + await answers(uncached, QUESTIONS, ADAPTER.name)
     finally:
         await engine.close()
+
+
+async def test_chunks_with_the_cache_answer_the_same(checkpoint: Path, cache_dir: Path, adapter: Path,
+                                                    uncached: LocalEngine) -> None:
+    engine = await start(checkpoint, cache_dir, adapter, prefill_chunk_tokens=BLOCK)  # the context: 5+ chunks
+    try:
+        assert await answers(engine, QUESTIONS) == await answers(uncached, QUESTIONS)
+    finally:
+        await engine.close()
