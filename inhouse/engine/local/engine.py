@@ -314,14 +314,15 @@ class LocalEngine:
         """The step's logits; a batched prefill that fails is retried one prompt at a time, failing only the
         prompts that fail alone (a decode step runs the model's own tokens: its failure is nobody's fault)."""
         try:
-            if step.is_prefill:
-                logits = runner.prefill(step.seqs, step.first_slot, step.chunk)
-                done = scheduler.prefilled(step, step.seqs)  # after a chunk that is not a prompt's last: nobody
-                return done, logits if done else logits[:0]
-            return step.seqs, runner.decode(step.seqs, step.hold)
+            if not step.is_prefill:
+                return step.seqs, runner.decode(step.seqs, step.hold)
+            logits = runner.prefill(step.seqs, step.first_slot, step.chunk)
         except Exception:
             if not step.is_prefill or len(step.seqs) == 1:
                 raise
+        else:
+            done = scheduler.prefilled(step, step.seqs)  # after a chunk that is not a prompt's last: nobody
+            return done, logits if done else logits[:0]
         log.warning("batched prefill of %d requests failed for model %s; retrying them one by one",
                     len(step.seqs), self.spec.name)
         kept, rows, broken = [], [], []
