@@ -140,6 +140,9 @@ class TransformersSpec(_Weights):
 
     engine: Literal["transformers"] = "transformers"
     max_loras: int = Field(default=8, ge=1, description="LoRA adapters (models with base: this) resident at once")
+    prefix_cache: bool = True  # reuse the KV of prompt prefixes (64-token blocks) across requests (docs/engine.md)
+    prefix_cache_gib: float = Field(default=1.0, gt=0)  # memory the prefix cache may hold, least recently used out
+    prefill_chunk_tokens: int = Field(default=512, ge=0)  # prompt tokens per prefill step; longer: chunks (0: off)
 
 
 class VllmSpec(_Weights):

@@ -226,6 +226,12 @@ class EngineStats:
     # False: the engine's worker (its loop thread) died; it will never answer again and the process should be
     # restarted (the server's liveness probe fails).  The state is then FAILED.
     alive: bool = True
+    # the transformers engine's prefix cache (docs/engine.md), since start: prompt tokens whose KV was reused
+    # (hits) or computed (misses) while it was on, blocks evicted to stay within its budget, and bytes held now
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_miss_tokens: int = 0
+    prefix_cache_evictions: int = 0
+    prefix_cache_bytes: int = 0
 
 
 class Generation:

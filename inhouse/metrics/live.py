@@ -48,6 +48,13 @@ class LiveCollector(Collector):
         inputs = CounterMetricFamily("inhouse_embedding_batched_inputs", "inputs those forward passes carried "
                                      "(rate(inputs) / rate(batches) is the mean batch size)", labels=_DEPLOYMENT)
         max_batch = gauge("inhouse_embedding_max_batch_size", "the most inputs one forward pass carried")
+        prefix_hits = CounterMetricFamily("inhouse_engine_prefix_cache_hit_tokens", "prompt tokens whose KV the "
+                                          "prefix cache supplied (transformers engine)", labels=_DEPLOYMENT)
+        prefix_misses = CounterMetricFamily("inhouse_engine_prefix_cache_miss_tokens", "prompt tokens looked up in "
+                                            "the prefix cache and prefilled", labels=_DEPLOYMENT)
+        prefix_evictions = CounterMetricFamily("inhouse_engine_prefix_cache_evictions", "prefix-cache blocks "
+                                               "evicted to stay within its budget", labels=_DEPLOYMENT)
+        prefix_bytes = gauge("inhouse_engine_prefix_cache_bytes", "memory the prefix cache holds")
         healthy = gauge("inhouse_deployment_healthy", "1 when the health check passes (upstreams), else 0")
         circuit = gauge("inhouse_deployment_circuit_state", "circuit breaker: 0 closed, 1 half_open, 2 open")
         in_flight = gauge("inhouse_deployment_in_flight", "requests in flight on the deployment")
@@ -66,6 +73,11 @@ class LiveCollector(Collector):
                 batches.add_metric(labels, stats.batches)
                 inputs.add_metric(labels, stats.batched_inputs)
                 max_batch.add_metric(labels, stats.max_batch)
+            if d.engine.info.kind == "transformers":
+                prefix_hits.add_metric(labels, stats.prefix_cache_hit_tokens)
+                prefix_misses.add_metric(labels, stats.prefix_cache_miss_tokens)
+                prefix_evictions.add_metric(labels, stats.prefix_cache_evictions)
+                prefix_bytes.add_metric(labels, stats.prefix_cache_bytes)
             healthy.add_metric(labels, 1 if d.route.healthy else 0)
             circuit.add_metric(labels, CIRCUIT_STATES.get(d.route.circuit, 2))
             in_flight.add_metric(labels, d.route.outstanding)
@@ -75,7 +87,7 @@ class LiveCollector(Collector):
             if seconds is not None:
                 load.add_metric(labels, seconds)
         yield from (running, waiting, capacity, kv_usage, kv_tokens, batches, inputs, max_batch, healthy, circuit,
-                    in_flight, state, load)
+                    in_flight, state, load, prefix_hits, prefix_misses, prefix_evictions, prefix_bytes)
         if self._audit is not None:
             yield CounterMetricFamily("inhouse_audit_rows_written", "audit rows committed",
                                       value=self._audit.rows_written)

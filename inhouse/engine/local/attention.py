@@ -6,7 +6,8 @@ step travels in the ``inhouse_batch`` keyword argument, which transformers passe
 Works for any model whose attention layers use transformers' attention interface (Llama, Mistral,
 Qwen2/3, Phi-3, ...); sliding-window attention is not applied.
 
-Prefill runs causal SDPA over each sequence's own new tokens.  Decode (one query per sequence) is two
+Prefill runs causal SDPA over each sequence's own new tokens, and over the prefix already in its slot when
+the prefix cache supplied one (a prefill from an offset).  Decode (one query per sequence) is two
 batched matmuls against the cache window with the query heads grouped per kv head, so grouped-query
 attention needs no repeated keys, and a float32 softmax in between (transformers' eager attention
 does the same): on CPU this is 5-10 times faster than SDPA, whose kernel is built for many queries
@@ -35,7 +36,8 @@ class BatchLayout:
     """Where one forward pass reads and writes the cache.
 
     prefill: the new sequences' tokens are packed back to back in one row, ``lengths[i]`` tokens for
-    sequence i; each attends causally to its own tokens only.
+    sequence i; each attends causally to its own tokens, and to the ``offsets[i]`` positions its slot
+    (``slots[i]``) already held before them (a prefix from the prefix cache; 0: none, empty: all none).
     decode: row i is the running sequence in slot i, with one new token; ``mask`` is additive float32
     ``[rows, 1, 1, capacity]`` over the cache window, and ``kv_length`` the longest row's length.
     Both: token t's keys and values go to ``cache_rows`` (``SlotKVCache.rows_at``).
@@ -45,6 +47,8 @@ class BatchLayout:
     is_prefill: bool
     cache_rows: torch.Tensor
     lengths: tuple[int, ...] = ()
+    offsets: tuple[int, ...] = ()
+    slots: tuple[int, ...] = ()
     mask: torch.Tensor | None = None
     kv_length: int = 0
 
@@ -65,7 +69,7 @@ def slot_attention(
     layout.cache.write(layer, layout.cache_rows, key.transpose(1, 2), value.transpose(1, 2))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if layout.is_prefill:
-        return _prefill(layout.lengths, query, key, value, scale), None
+        return _prefill(layout, layer, query, key, value, scale), None
     keys, values = layout.cache.window(layer, query.shape[0])
     if query.shape[0] == 1:
         return _decode_alone(query, keys[:, :, : layout.kv_length], values[:, :, : layout.kv_length], scale), None
@@ -74,22 +78,37 @@ def slot_attention(
 
 
 def _prefill(
-    lengths: tuple[int, ...], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    layout: BatchLayout, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Causal SDPA over each packed sequence of the single row."""
+    """Causal SDPA over each packed sequence of the single row (over its cached prefix too, when it has one)."""
     _, heads, total, head_dim = query.shape
     out = query.new_empty((1, total, heads, head_dim))
     grouped = heads != key.shape[1]
     start = 0
-    for length in lengths:
+    for i, length in enumerate(layout.lengths):
         end = start + length
-        part = F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            is_causal=True, scale=scale, enable_gqa=grouped,
-        )
+        offset = layout.offsets[i] if layout.offsets else 0
+        if offset:
+            part = _after_prefix(layout, layer, i, query[:, :, start:end], scale, grouped)
+        else:
+            part = F.scaled_dot_product_attention(
+                query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                is_causal=True, scale=scale, enable_gqa=grouped,
+            )
         out[:, start:end] = part.transpose(1, 2)
         start = end
     return out
+
+
+def _after_prefix(layout: BatchLayout, layer: int, i: int, query: torch.Tensor, scale: float,
+                  grouped: bool) -> torch.Tensor:
+    """Sequence i's new tokens (positions ``offset..``) over its slot's keys and values, prefix and new ones
+    alike (the new ones were written before this is called); new token t sees positions ``0..offset + t``."""
+    offset, length, slot = layout.offsets[i], layout.lengths[i], layout.slots[i]
+    keys = layout.cache.keys[layer][slot : slot + 1, :, : offset + length]
+    values = layout.cache.values[layer][slot : slot + 1, :, : offset + length]
+    visible = torch.ones(length, offset + length, dtype=torch.bool, device=query.device).tril(diagonal=offset)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scale, enable_gqa=grouped)
 
 
 def _decode_alone(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:

@@ -35,6 +35,7 @@ from inhouse.engine.local.grammar import Constraint, Grammars, apply_constraints
 from inhouse.engine.local.kv_cache import SlotKVCache
 from inhouse.engine.local.loader import LoadedModel, load_model
 from inhouse.engine.local.lora import LoraSet
+from inhouse.engine.local.prefix_cache import PrefixCache
 from inhouse.engine.local.runner import ModelRunner
 from inhouse.engine.local.sampler import Sampler
 from inhouse.engine.local.scheduler import Scheduler, Step
@@ -65,6 +66,7 @@ class LocalEngine:
         self._running_count = 0
         self._waiting_count = 0
         self._kv_tokens = 0
+        self._prefix: PrefixCache | None = None  # the engine thread's; stats() reads its counters
         self._thread: threading.Thread | None = None
         self._closing = False
         self._loaded: LoadedModel | None = None
@@ -172,6 +174,7 @@ class LocalEngine:
         return [Generation(s.request_id, len(s.prompt_ids), s.collector, self._abort, s.max_tokens) for s in seqs]
 
     def stats(self) -> EngineStats:
+        prefix = self._prefix
         return EngineStats(
             state=self.state,
             alive=self._loop_alive(),
@@ -179,6 +182,10 @@ class LocalEngine:
             waiting=self._waiting_count,
             kv_cache_tokens=self._kv_tokens,
             kv_cache_usage=self._kv_tokens / max(1, self.spec.max_num_seqs * self._info.context_length),
+            prefix_cache_hit_tokens=prefix.hits if prefix else 0,
+            prefix_cache_miss_tokens=prefix.misses if prefix else 0,
+            prefix_cache_evictions=prefix.evictions if prefix else 0,
+            prefix_cache_bytes=prefix.held_bytes if prefix else 0,
         )
 
     async def close(self) -> None:
@@ -254,7 +261,9 @@ class LocalEngine:
         runner = ModelRunner(loaded.model, cache, loaded.device, self.lora)
         tokenizer = loaded.tokenizer
         sampler = Sampler(lambda t: tokenizer.decode([t]), loaded.stop_ids)
-        scheduler = Scheduler(cache, self.spec.max_num_seqs, _MAX_PREFILL_TOKENS)
+        self._prefix = self._prefix_cache(cache)
+        scheduler = Scheduler(cache, self.spec.max_num_seqs, _MAX_PREFILL_TOKENS, self._prefix,
+                              getattr(self.spec, "prefill_chunk_tokens", 512))
         try:
             while self._take_inbox(scheduler):
                 step = scheduler.schedule()
@@ -272,10 +281,21 @@ class LocalEngine:
         finally:  # closing, or the loop died: nobody will answer what is left
             self._fail_all()
 
+    def _prefix_cache(self, cache: SlotKVCache) -> PrefixCache | None:
+        """The prefix cache of this model (None when the config turns it off: ``prefix_cache: false``)."""
+        if not getattr(self.spec, "prefix_cache", True):
+            return None
+        budget = int(getattr(self.spec, "prefix_cache_gib", 1.0) * 2**30)
+        lora = self.lora
+        identity = f"{self.spec.name}@{self.spec.path}"
+        return PrefixCache(cache, budget, identity, lora.identity if lora is not None else str)
+
     def _step(self, step: Step, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler,
               stop_ids: frozenset[int]) -> None:
         """Run, sample, hand out.  A row that fails on its own fails alone; the others go on."""
         seqs, logits = self._forward(step, runner, scheduler)
+        if not seqs:
+            return
         tokens, logprobs = sampler.sample(apply_constraints(logits, seqs), seqs)
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             if token is None:
@@ -294,12 +314,15 @@ class LocalEngine:
         """The step's logits; a batched prefill that fails is retried one prompt at a time, failing only the
         prompts that fail alone (a decode step runs the model's own tokens: its failure is nobody's fault)."""
         try:
-            if step.is_prefill:
-                return step.seqs, runner.prefill(step.seqs, step.first_slot)
-            return step.seqs, runner.decode(step.seqs)
+            if not step.is_prefill:
+                return step.seqs, runner.decode(step.seqs, step.hold)
+            logits = runner.prefill(step.seqs, step.first_slot, step.chunk)
         except Exception:
             if not step.is_prefill or len(step.seqs) == 1:
                 raise
+        else:
+            done = scheduler.prefilled(step, step.seqs)  # after a chunk that is not a prompt's last: nobody
+            return done, logits if done else logits[:0]
         log.warning("batched prefill of %d requests failed for model %s; retrying them one by one",
                     len(step.seqs), self.spec.name)
         kept, rows, broken = [], [], []
@@ -312,6 +335,7 @@ class LocalEngine:
                 broken.append(seq)
         for seq in broken:
             self._fail(seq, scheduler, "the model failed on this request's prompt")
+        scheduler.prefilled(step, kept)
         return kept, (torch.cat(rows) if rows else torch.empty(0))
 
     def _take_inbox(self, scheduler: Scheduler) -> bool:

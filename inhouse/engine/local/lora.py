@@ -199,6 +199,7 @@ class LoraSet:
         # unregistered: refused to new requests, but a request still running past the drain can read it back
         self._retired: dict[str, Path] = {}
         self._resident: OrderedDict[str, AdapterWeights] = OrderedDict()  # least recently used first
+        self._registrations: dict[str, int] = {}  # name → which registration (the prefix cache's key)
         self.loads = 0  # reads from disk, first ones included
         self.most_mixed = 0  # the most kinds of rows (adapters, and the bare base) one forward pass has run
 
@@ -208,6 +209,7 @@ class LoraSet:
         with self._lock:
             self._wrap(weights)
             self._paths[name] = directory
+            self._registrations[name] = max(self._registrations.values(), default=0) + 1
             self._retired.pop(name, None)
             self._keep(weights, frozenset())
             self.loads += 1
@@ -224,6 +226,11 @@ class LoraSet:
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._paths)
+
+    def identity(self, name: str) -> str:
+        """The adapter's name and registration: registering a name again (new weights) gives a new identity."""
+        with self._lock:
+            return f"{name}#{self._registrations.get(name, 0)}"
 
     def resident(self) -> list[str]:
         with self._lock:

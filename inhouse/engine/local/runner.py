@@ -38,6 +38,9 @@ class RunnableSequence(Protocol):
     @property
     def adapter(self) -> str | None: ...
 
+    @property
+    def cached(self) -> int: ...
+
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: SlotKVCache, device: torch.device,
@@ -50,33 +53,42 @@ class ModelRunner:
             _prepack_linears(model)
 
     @torch.inference_mode()
-    def prefill(self, seqs: Seq[RunnableSequence], first_slot: int) -> torch.Tensor:
+    def prefill(self, seqs: Seq[RunnableSequence], first_slot: int, chunk: int = 0) -> torch.Tensor:
         """Fill the cache for new sequences in slots ``first_slot..``; return their next-token logits.
 
-        The prompts run packed back to back in one row, so no compute goes to padding.
+        The prompts run packed back to back in one row, so no compute goes to padding.  A sequence whose
+        first ``cached`` prompt positions are already in its slot (the prefix cache's, or earlier chunks') runs
+        only the rest, or only its next ``chunk`` tokens (then the logits are those of the chunk's last token).
         """
-        lengths = [len(s.prompt_ids) for s in seqs]
-        self.cache.reserve(max(lengths))
-        ids = torch.tensor([token for s in seqs for token in s.prompt_ids], dtype=torch.long)
-        positions = torch.cat([torch.arange(n) for n in lengths])
+        self.cache.reserve(max(len(s.prompt_ids) for s in seqs))
+        ends = [min(s.cached + chunk, len(s.prompt_ids)) if chunk else len(s.prompt_ids) for s in seqs]
+        offsets = [s.cached for s in seqs]
+        lengths = [end - s.cached for s, end in zip(seqs, ends, strict=True)]
+        ids = torch.tensor([t for s, end in zip(seqs, ends, strict=True) for t in s.prompt_ids[s.cached : end]],
+                           dtype=torch.long)
+        positions = torch.cat([torch.arange(s.cached, end) for s, end in zip(seqs, ends, strict=True)])
         counts = torch.tensor(lengths)
-        slots = torch.arange(first_slot, first_slot + len(seqs)).repeat_interleave(counts)
+        slot_of = list(range(first_slot, first_slot + len(seqs)))
+        slots = torch.tensor(slot_of).repeat_interleave(counts)
         layout = BatchLayout(
             cache=self.cache,
             is_prefill=True,
             cache_rows=self.cache.rows_at(slots, positions).to(self.device),
             lengths=tuple(lengths),
+            offsets=tuple(offsets) if any(offsets) else (),
+            slots=tuple(slot_of),
         )
         last = (counts.cumsum(0) - 1).to(self.device)
         with self._adapters(seqs, lengths):
             return self._forward(ids.view(1, -1), positions.view(1, -1), layout, last)[0]
 
     @torch.inference_mode()
-    def decode(self, seqs: Seq[RunnableSequence]) -> torch.Tensor:
-        """One token for each running sequence (sequence i in slot i); return next-token logits."""
+    def decode(self, seqs: Seq[RunnableSequence], hold: int = 0) -> torch.Tensor:
+        """One token for each running sequence (sequence i in slot i); return next-token logits.  ``hold``: tokens
+        a slot after theirs holds (a prompt being prefilled in chunks), which the cache must keep."""
         write_at = [s.length - 1 for s in seqs]
         kv_length = max(write_at) + 1
-        self.cache.fit(kv_length)
+        self.cache.fit(max(kv_length, hold))
         positions = torch.tensor(write_at, dtype=torch.long)
         ids = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long)
         layout = BatchLayout(

@@ -40,6 +40,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int = -1
+    cached: int = 0  # prompt tokens whose keys and values are in the slot (the prefix cache's, earlier chunks')
 
     @property
     def length(self) -> int:

@@ -1,0 +1,187 @@
+"""Chunked prefill: a long prompt's chunks alternate with the running sequences' decode steps (the scheduler's
+steps, checked one by one), and the engine's greedy tokens are the same with chunks as without (tiny model,
+float32), with the prefix cache too."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from inhouse.config import TransformersSpec
+from inhouse.engine.base import GenerateRequest, Generation, SamplingParams
+from inhouse.engine.local.engine import LocalEngine
+from inhouse.engine.local.scheduler import Scheduler, Step
+from tests.engine.local.test_scheduler import assert_slots_compact, cache, seq
+
+CHUNK = 64
+
+
+def chunked(slots: int = 4) -> Scheduler:
+    return Scheduler(cache(slots), max_num_seqs=slots, max_prefill_tokens=4096, chunk_tokens=16)
+
+
+def run(s: Scheduler) -> Step:
+    """One step, as the engine runs it: a prefill's sequences then hold what it prefilled."""
+    step = s.schedule()
+    assert step is not None
+    if step.is_prefill:
+        s.prefilled(step, step.seqs)
+    return step
+
+
+def test_a_long_prompt_is_chunked_between_decode_steps_of_the_others() -> None:
+    s = chunked()
+    a, b = seq("a", 4), seq("b", 40)
+    s.add(a)
+    assert run(s).seqs == [a]
+    s.add(b)
+    steps = [run(s) for _ in range(5)]
+    assert [(st.is_prefill, st.seqs, st.chunk) for st in steps] == [
+        (True, [b], 16), (False, [a], 0), (True, [b], 16), (False, [a], 0), (True, [b], 8)]
+    assert [st.hold for st in steps] == [0, 16, 0, 32, 0]  # the decode steps keep b's prefilled tokens
+    assert b.cached == 40 and s.chunking is None
+    last = run(s)
+    assert not last.is_prefill and last.seqs == [a, b]  # b decodes with the others now
+    assert_slots_compact(s)
+
+
+def test_short_prompts_batch_within_the_chunk_budget_and_wait_for_a_chunked_one() -> None:
+    s = chunked(slots=8)
+    shorts = [seq(f"s{i}", 6) for i in range(3)]
+    long_, later = seq("long", 20), seq("later", 3)
+    for q in (*shorts, long_, later):
+        s.add(q)
+    assert run(s).seqs == shorts[:2]  # 12 tokens; a third would make 18 > 16
+    assert run(s).seqs == shorts[2:]  # the long one is next, alone: the batch stops before it
+    first = run(s)
+    assert first.seqs == [long_] and first.chunk == 16
+    assert not run(s).is_prefill  # the others decode between its chunks, and "later" waits
+    assert run(s).seqs == [long_] and list(s.waiting) == [later]
+    assert run(s).seqs == [later]  # the long one is prefilled: a new prompt goes first again
+
+
+def test_finishing_during_chunks_keeps_the_chunked_prompt_last() -> None:
+    s = chunked()
+    a, b, c = seq("a", 4), seq("b", 5), seq("c", 40)
+    s.add(a)
+    s.add(b)
+    run(s)
+    s.add(c)
+    run(s)  # c's first chunk, in slot 2
+    assert c.slot == 2
+    with torch.inference_mode():
+        for layer in range(s.cache.num_layers):
+            s.cache.keys[layer][2, :, :16].fill_(7.0)
+    s.finish(a)  # b moves into slot 0, c into slot 1 with its 16 tokens
+    assert s.running == [b, c] and b.slot == 0 and c.slot == 1
+    assert (s.cache.keys[0][1, :, :16] == 7.0).all()
+    step = run(s)
+    assert not step.is_prefill and step.seqs == [b]
+    s.finish(c)  # aborted mid-prefill
+    assert s.running == [b] and s.chunking is None and c.slot == -1
+    assert_slots_compact(s)
+
+
+def test_slots_stay_compact_with_chunks_through_random_arrivals_and_departures() -> None:
+    rng = random.Random(11)
+    s = chunked(slots=4)
+    for i in range(300):
+        if rng.random() < 0.4:
+            s.add(seq(f"r{i}", rng.randint(1, 50)))
+        elif rng.random() < 0.3 and s.running:
+            s.finish(rng.choice(s.running))
+        elif s.has_work():
+            step = run(s)
+            assert all(q in s.running for q in step.seqs)
+            if not step.is_prefill:
+                assert s.chunking not in step.seqs
+        assert [q.slot for q in s.running] == list(range(len(s.running)))
+        assert s.chunking is None or s.running[-1] is s.chunking
+
+
+# ---- the engine ------------------------------------------------------------------------------
+
+
+def ids(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 520) for _ in range(n)]
+
+
+async def start(tiny_model_dir: Path, cache_dir: Path, **options: object) -> LocalEngine:
+    spec = TransformersSpec(name="tiny", path=str(tiny_model_dir), dtype="float32", max_num_seqs=4,
+                            **options)  # type: ignore[arg-type]
+    engine = LocalEngine(spec, cache_dir)
+    await engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+async def whole(tiny_model_dir: Path, cache_dir: Path) -> AsyncIterator[LocalEngine]:
+    engine = await start(tiny_model_dir, cache_dir, prefill_chunk_tokens=0, prefix_cache=False)
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture(scope="module")
+async def chunks(tiny_model_dir: Path, cache_dir: Path) -> AsyncIterator[LocalEngine]:
+    engine = await start(tiny_model_dir, cache_dir, prefill_chunk_tokens=CHUNK)
+    yield engine
+    await engine.close()
+
+
+def request(name: str, prompt: list[int], tokens: int) -> GenerateRequest:
+    sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    return GenerateRequest(name, sampling, prompt=tuple(prompt))
+
+
+async def answer(generation: Generation) -> str:
+    return "".join([delta.text async for delta in generation])
+
+
+async def interleaved(engine: LocalEngine, short: list[int], long_: list[int]) -> tuple[str, str, int]:
+    """A stream decoding, then a long prompt arriving: both answers, and how many of the stream's tokens came
+    between the long prompt's arrival and its first token."""
+    [generation] = await engine.submit([request("stream", short, 120)])
+    stream = aiter(generation)
+    delta = await anext(stream)  # it decodes
+    seen, text = delta.token_count, delta.text
+    [late] = await engine.submit([request("late", long_, 8)])
+    at_arrival, first = seen, None
+    late_text = ""
+
+    async def read_late() -> None:
+        nonlocal first, late_text
+        async for delta in late:
+            first = seen if first is None else first
+            late_text += delta.text
+
+    reader = asyncio.create_task(read_late())
+    async for delta in stream:
+        seen, text = seen + delta.token_count, text + delta.text
+    await reader
+    assert first is not None
+    return text, late_text, first - at_arrival
+
+
+async def test_a_long_prompt_lets_a_running_stream_decode_between_its_chunks(
+        whole: LocalEngine, chunks: LocalEngine) -> None:
+    short, long_ = ids(10, seed=1), ids(7 * CHUNK, seed=2)
+    text, late_text, between = await interleaved(chunks, short, long_)
+    assert (text, late_text) == (await interleaved(whole, short, long_))[:2]  # the same greedy tokens
+    assert between >= 3, f"only {between} tokens of the stream between the long prompt's 7 chunks"
+
+
+async def test_chunks_and_the_prefix_cache_together_answer_the_same(whole: LocalEngine,
+                                                                      chunks: LocalEngine) -> None:
+    prompt = ids(5 * CHUNK + 11, seed=3)
+    hits = chunks.stats().prefix_cache_hit_tokens
+    first = await answer((await chunks.submit([request("a", prompt, 12)]))[0])
+    again = await answer((await chunks.submit([request("b", [*prompt, 7, 8, 9], 12)]))[0])
+    assert chunks.stats().prefix_cache_hit_tokens - hits == 5 * CHUNK  # the whole blocks of the first prompt
+    assert first == await answer((await whole.submit([request("c", prompt, 12)]))[0])
+    assert again == await answer((await whole.submit([request("d", [*prompt, 7, 8, 9], 12)]))[0])
