@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import subprocess
@@ -527,9 +528,16 @@ def _pct(value: float | None) -> str:
 
 
 def rss_bound(model: Path) -> float:
-    """vLLM's configured KV space + the weights on disk + 1 GiB, in bytes."""
-    weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    return float(int(engine.VLLM_ENV["VLLM_CPU_KVCACHE_SPACE"]) * GIB + weights + GIB)
+    """vLLM's configured KV space + the weights as served (bf16: 2 bytes a parameter) + 1 GiB, in bytes.
+
+    The parameters are counted from the safetensors headers: the converted checkpoint is stored in float32.
+    """
+    parameters = 0
+    for path in model.glob("*.safetensors"):
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        parameters += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return float(int(engine.VLLM_ENV["VLLM_CPU_KVCACHE_SPACE"]) * GIB + 2 * parameters + GIB)
 
 
 def targets(results: Results, model: Path) -> list[report.Check]:
