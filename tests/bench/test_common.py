@@ -82,6 +82,12 @@ def test_hit_rate_is_the_share_of_queried_tokens_served_between_two_reads() -> N
     assert scrape.hit_rate(scrape.parse(""), scrape.parse(inhouse)) is None  # counters appeared: no baseline
     assert scrape.hit_rate(scrape.parse(inhouse.replace("10", "0").replace("40", "0")),
                            scrape.parse(inhouse)) == pytest.approx(0.25)
+    # inhouse's own names: hit and missed prompt tokens (queries = both)
+    ours = 'inhouse_engine_prefix_cache_hit_tokens_total{model="m"} 300\n' \
+           'inhouse_engine_prefix_cache_miss_tokens_total{model="m"} 100\n'
+    start = 'inhouse_engine_prefix_cache_hit_tokens_total{model="m"} 0\n' \
+            'inhouse_engine_prefix_cache_miss_tokens_total{model="m"} 0\n'
+    assert scrape.hit_rate(scrape.parse(start), scrape.parse(ours)) == pytest.approx(0.75)
 
 
 def test_chunks_pack_whole_sentences_under_the_budget(tmp_path: Path) -> None:
