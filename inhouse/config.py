@@ -133,6 +133,7 @@ class _Weights(_OnDevice):
     # that renders <tool_call> → hermes, <think> → think); none turns it off
     tool_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral", "constrained_json"] = "auto"
     reasoning_parser: Literal["auto", "none", "think"] = "auto"  # think: <think>...</think> goes to reasoning_content
+    prefix_cache: bool = True  # reuse the KV of prompt prefixes across requests (docs/engine.md; vLLM's own on vllm)
 
 
 class TransformersSpec(_Weights):
@@ -140,7 +141,6 @@ class TransformersSpec(_Weights):
 
     engine: Literal["transformers"] = "transformers"
     max_loras: int = Field(default=8, ge=1, description="LoRA adapters (models with base: this) resident at once")
-    prefix_cache: bool = True  # reuse the KV of prompt prefixes (64-token blocks) across requests (docs/engine.md)
     prefix_cache_gib: float = Field(default=1.0, gt=0)  # memory the prefix cache may hold, least recently used out
     prefill_chunk_tokens: int = Field(default=512, ge=0)  # prompt tokens per prefill step; longer: chunks (0: off)
 
@@ -167,6 +167,9 @@ class AutoSpec(VllmSpec):
     takes vLLM's options, used when vLLM serves."""
 
     engine: Literal["auto"] = "auto"  # type: ignore[assignment]
+    # the transformers engine's own options, used when auto falls back to it (docs/engine.md)
+    prefix_cache_gib: float = Field(default=1.0, gt=0)  # transformers fallback: memory the prefix cache may hold
+    prefill_chunk_tokens: int = Field(default=512, ge=0)  # transformers fallback: prompt tokens per prefill step
 
 
 class SentenceTransformersSpec(_OnDevice):

@@ -222,3 +222,20 @@ def test_a_bad_adapter_model_is_refused_naming_the_key(tmp_path: Path, models: s
     assert fragment in str(info.value)
     if "elsewhere" in models:
         assert f"{tmp_path / 'elsewhere' / 'adapter_config.json'} does not exist" in str(info.value)
+
+
+def test_the_prefix_cache_switch_is_on_every_engine_that_loads_weights_and_its_tuning_where_it_applies(
+        tmp_path: Path) -> None:
+    """``prefix_cache`` on transformers, vllm (vLLM's own) and auto (the default engine: it was refused there);
+    the transformers engine's budget and chunk size on transformers and auto (its fallback), not on vllm."""
+    settings = load_settings(write(tmp_path, """
+models:
+  - {name: a, path: ./m, prefix_cache: false, prefix_cache_gib: 2, prefill_chunk_tokens: 0}
+  - {name: v, engine: vllm, path: ./m, prefix_cache: false}
+  - {name: t, engine: transformers, path: ./m, prefix_cache_gib: 0.5}
+"""))
+    auto, vllm, transformers = settings.models
+    assert (auto.prefix_cache, auto.prefix_cache_gib, auto.prefill_chunk_tokens) == (False, 2, 0)  # type: ignore[union-attr]
+    assert vllm.prefix_cache is False and transformers.prefix_cache is True  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="'prefill_chunk_tokens' is not an option of engine vllm"):
+        load_settings(write(tmp_path, "models: [{name: v, engine: vllm, path: x, prefill_chunk_tokens: 0}]"))

@@ -143,6 +143,7 @@ class VllmEngine:
             enforce_eager=eager,
             gpu_memory_utilization=self.spec.gpu_memory_utilization,
             disable_log_stats=False,
+            enable_prefix_caching=self.spec.prefix_cache,
             # llguidance, as the transformers engine: the same schemas are accepted, and compact JSON, so a
             # model cannot pad its answer with endless whitespace
             structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
