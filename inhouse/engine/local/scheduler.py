@@ -1,9 +1,9 @@
 """Decides what the next engine step runs: a prefill of waiting sequences or a decode of running ones.
 
 Owns the waiting queue, the running list and slot assignment (running[i] is in slot i, always).
-Prefill goes first when there is room, bounded by a padded-token budget so one step stays short.  A sequence
-given a slot gets its prompt's longest cached prefix copied in first (when there is a prefix cache), and its
-prefill then runs only the rest.
+Prefill goes first when there is room, bounded by a token budget (the prompts run packed back to back, with no
+padding) so one step stays short.  A sequence given a slot gets its prompt's longest cached prefix copied in
+first (when there is a prefix cache), and its prefill then runs only the rest.
 
 Chunked prefill (``chunk_tokens`` > 0): a prompt with more than ``chunk_tokens`` tokens left to prefill is
 prefilled alone, ``chunk_tokens`` at a time, and its chunks alternate with decode steps of the sequences already
