@@ -106,3 +106,15 @@ def new_key(admin: httpx.Client, **fields: object) -> dict[str, Any]:
     r = admin.post("/admin/keys", json={"name": f"app-{time.time_ns()}", **fields})
     assert r.status_code == 201, r.text
     return r.json()  # type: ignore[no-any-return]
+
+
+def audit_rows(admin: httpx.Client, model: str, key_id: str, deadline_s: float = 60.0) -> list[dict[str, Any]]:
+    """The audit rows of key ``key_id``'s calls to ``model``, polled for: a row is written behind its answer."""
+    deadline = time.monotonic() + deadline_s
+    rows: list[dict[str, Any]] = []
+    while not rows and time.monotonic() < deadline:
+        found = admin.get("/admin/audit", params={"model": model, "limit": 1000}).json()["data"]
+        rows = [r for r in found if r.get("key_id") == key_id]
+        if not rows:
+            time.sleep(0.2)
+    return rows

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from tests.e2e.helpers import assert_error, new_key
+from tests.e2e.helpers import assert_error, audit_rows, new_key
 from tests.process import ADMIN_KEY, REPO, ServerProcess
 from tests.tiny_lora import RECIPES, build_adapter, peft_greedy
 
@@ -162,10 +162,5 @@ def test_a_key_scoped_to_an_adapter_uses_it_and_the_audit_names_it(server: Serve
         base = httpx.post(server.url + "/v1/completions", headers=headers, timeout=60,
                           json={"model": "tiny", "prompt": [5, 6], "max_tokens": 3})
         assert base.status_code in (403, 404), base.text
-        deadline = time.monotonic() + 60
-        rows: list[dict[str, Any]] = []
-        while not rows and time.monotonic() < deadline:
-            found = admin.get("/admin/audit", params={"model": "lora-qv", "limit": 1000}).json()["data"]
-            rows = [r for r in found if r.get("key_id") == key["id"]]
-            time.sleep(0.2)
+        rows = audit_rows(admin, "lora-qv", key["id"])
         assert rows and all(r["model"] == "lora-qv" for r in rows)

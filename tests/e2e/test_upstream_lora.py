@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.helpers import assert_error, new_key
+from tests.e2e.helpers import assert_error, audit_rows, new_key
 from tests.e2e.test_gateway import Upstream
 from tests.process import ADMIN_KEY, REPO, ServerProcess
 
@@ -117,11 +117,6 @@ def test_a_key_scoped_to_the_adapter_and_the_audit_and_metrics_name_it(server: S
         ok = chat(server, "support-bot", headers)
         assert ok.status_code == 200, ok.text
         assert chat(server, "remote", headers).status_code in (403, 404)
-        deadline = time.monotonic() + 60
-        rows: list[dict[str, Any]] = []
-        while not rows and time.monotonic() < deadline:
-            found = admin.get("/admin/audit", params={"model": "support-bot", "limit": 1000}).json()["data"]
-            rows = [r for r in found if r.get("key_id") == key["id"]]
-            time.sleep(0.2)
+        rows = audit_rows(admin, "support-bot", key["id"])
         assert rows and all(r["model"] == "support-bot" for r in rows)
         assert 'model="support-bot"' in admin.get("/metrics").text

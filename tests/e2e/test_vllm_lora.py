@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from tests.e2e.helpers import assert_error, new_key
+from tests.e2e.helpers import assert_error, audit_rows, new_key
 from tests.process import ADMIN_KEY, REPO, ServerProcess
 from tests.tiny_lora import RECIPES, AdapterRecipe, build_adapter, peft_greedy
 
@@ -177,12 +176,7 @@ def test_a_key_scoped_to_an_adapter_and_the_audit_and_metrics_name_it(server: Se
         base = httpx.post(server.url + "/v1/completions", headers=headers, timeout=60,
                           json={"model": "tiny", "prompt": [5, 6], "max_tokens": 3})
         assert base.status_code in (403, 404), base.text
-        deadline = time.monotonic() + 60
-        rows: list[dict[str, Any]] = []
-        while not rows and time.monotonic() < deadline:
-            found = admin.get("/admin/audit", params={"model": "lora-mlp", "limit": 1000}).json()["data"]
-            rows = [r for r in found if r.get("key_id") == key["id"]]
-            time.sleep(0.2)
+        rows = audit_rows(admin, "lora-mlp", key["id"])
         assert rows and all(r["model"] == "lora-mlp" for r in rows)
         assert 'model="lora-mlp"' in admin.get("/metrics").text
 
