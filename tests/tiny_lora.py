@@ -67,3 +67,18 @@ def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int], max
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, generation_config=config)
     return [int(t) for t in out[0, len(prompt):]]
+
+
+def wrong_shape_copy(source: Path, target: Path) -> Path:
+    """A copy of adapter ``source`` in ``target`` whose layer-0 q_proj lora_B is (77, 4): no base fits it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copy(source / "adapter_config.json", target / "adapter_config.json")
+    tensors = load_file(str(source / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "layers.0.self_attn.q_proj.lora_B" in k)
+    tensors[key] = torch.zeros(77, 4)
+    save_file(tensors, str(target / "adapter_model.safetensors"))
+    return target

@@ -5,7 +5,6 @@ problem, keys scoped to an adapter work like any model's, and the audit rows nam
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import threading
@@ -18,12 +17,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 import yaml
 
 from tests.e2e.helpers import assert_error, audit_rows, new_key
 from tests.process import ADMIN_KEY, REPO, ServerProcess
-from tests.tiny_lora import RECIPES, build_adapter, peft_greedy
+from tests.tiny_lora import RECIPES, build_adapter, peft_greedy, wrong_shape_copy
 
 pytestmark = pytest.mark.slow
 
@@ -92,14 +90,8 @@ def test_runtime_load_then_one_batch_of_four_adapters_and_the_base_equals_peft(
 
 def test_a_wrong_shape_adapter_is_400_naming_the_module(server: ServerProcess, adapters: dict[str, Path],
                                                         tmp_path: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
     source = adapters["lora-qv"]
-    shutil.copy(source / "adapter_config.json", tmp_path / "adapter_config.json")
-    tensors = load_file(str(source / "adapter_model.safetensors"))
-    key = next(k for k in tensors if "layers.0.self_attn.q_proj.lora_B" in k)
-    tensors[key] = torch.zeros(77, 4)
-    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    wrong_shape_copy(source, tmp_path)
     with httpx.Client(base_url=server.url, headers=ADMIN, timeout=120) as admin:
         r = admin.post("/admin/adapters", json={"name": "bad", "base": "tiny", "path": str(tmp_path)})
         error = assert_error(r, 400, "invalid_request")

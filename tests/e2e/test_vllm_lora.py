@@ -9,7 +9,6 @@ adapters to the new vLLM engine."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import threading
@@ -21,12 +20,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 import yaml
 
 from tests.e2e.helpers import assert_error, audit_rows, new_key
 from tests.process import ADMIN_KEY, REPO, ServerProcess
-from tests.tiny_lora import RECIPES, AdapterRecipe, build_adapter, peft_greedy
+from tests.tiny_lora import RECIPES, AdapterRecipe, build_adapter, peft_greedy, wrong_shape_copy
 
 pytestmark = pytest.mark.slow
 
@@ -111,14 +109,8 @@ def test_runtime_load_then_four_adapters_and_the_base_at_once_equal_peft(
 
 def test_adapters_vllm_cannot_serve_are_400s_and_vllm_serves_on(server: ServerProcess, adapters: dict[str, Path],
                                                                  tmp_path: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
     source = adapters["lora-qv"]
-    shutil.copy(source / "adapter_config.json", tmp_path / "adapter_config.json")
-    tensors = load_file(str(source / "adapter_model.safetensors"))
-    key = next(k for k in tensors if "layers.0.self_attn.q_proj.lora_B" in k)
-    tensors[key] = torch.zeros(77, 4)
-    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    wrong_shape_copy(source, tmp_path)
     with httpx.Client(base_url=server.url, headers=ADMIN, timeout=120) as admin:
         shape = admin.post("/admin/adapters", json={"name": "bad", "base": "tiny", "path": str(tmp_path)})
         error = assert_error(shape, 400, "invalid_request")
