@@ -19,7 +19,6 @@ import asyncio
 import functools
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -354,10 +353,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--infinity-python", help="python of a venv with infinity-emb (default: scripts/infinity_venv.sh)")
     p.add_argument("--level-timeout", type=float, default=600.0, help="seconds before a level is cut short")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for a server to load")
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                   help="before each level, wait up to this long for other processes to leave the CPU idle")
-    p.add_argument("--retries", type=int, default=0, help="re-measure a level up to this many times while "
-                                                          f"others kept > {machine.BUSY_CORES} cores busy")
+    report.add_quiet_flags(p)
     p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache", help="inhouse's cache directory")
     report.add_flags(p, "embeddings")
     p.add_argument("--limit-worker", action="store_true", help=argparse.SUPPRESS)
@@ -388,17 +384,12 @@ def build_plan(args: argparse.Namespace, dtype: str) -> Plan:
                 quiet_wait_s=args.wait_quiet, retries=args.retries)
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Exit status 1 when a contender failed to start or answer, or any measured request failed."""
     args = parse_args(argv)
     if args.limit_worker:
         return limit_worker(args)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    servers.stop_on_signals()
     chosen = [k.strip() for k in (args.only or ",".join(LABELS)).split(",") if k.strip()]
     if unknown := sorted(set(chosen) - set(LABELS)):
         raise SystemExit(f"unknown contender(s) {unknown}; known: {', '.join(LABELS)}")

@@ -22,7 +22,6 @@ import json
 import math
 import operator
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -421,10 +420,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-tokens", type=int, default=16)
     p.add_argument("--level-timeout", type=float, default=900.0, help="seconds before a level is cut short")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for a server to load")
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                   help="before each level, wait up to this long for other processes to leave the CPU idle")
-    p.add_argument("--retries", type=int, default=0, help="re-measure a level up to this many times while "
-                                                          f"others kept > {machine.BUSY_CORES} cores busy")
+    report.add_quiet_flags(p)
     p.add_argument("--tserve-num-blocks", type=int, default=64, help="transformers serve KV blocks (256 tokens)")
     p.add_argument("--tserve-max-batch-tokens", type=int, default=2048)
     p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache", help="inhouse cache (converted GGUF)")
@@ -460,15 +456,9 @@ def choose(table: dict[str, Contender], only: str | None) -> tuple[dict[str, Con
     return {k: v for k, v in table.items() if k in chosen}, {}
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Exit status 1 when a contender failed to start or answer, or any measured request failed."""
-    # A run started in the background ignores SIGINT; both signals must reach the `finally` that stops servers.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    servers.stop_on_signals()
     args = parse_args(argv)
     plan = build_plan(args)
     table, skipped = choose(contenders(args.tserve_num_blocks, args.tserve_max_batch_tokens, args.vllm_python),

@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import functools
 import json
-import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +25,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench import engine  # noqa: E402
 from bench.common import load, machine, report, servers  # noqa: E402
 
 SERVED_NAME = "smollm2-135m-instruct"
@@ -253,15 +252,6 @@ def compile_times(model: Path, count: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def model_dir(cache_dir: Path) -> Path:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from inhouse.config import BUILTIN_CHAT_MODEL, TransformersSpec
-    from inhouse.engine.checkpoint import resolve_checkpoint
-
-    return resolve_checkpoint(TransformersSpec(name=SERVED_NAME, path=BUILTIN_CHAT_MODEL), cache_dir).resolve()
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", type=int, default=8)
@@ -273,28 +263,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--schemas", type=int, help="distinct schemas compiled in-process (default 20; --smoke: 3)")
     p.add_argument("--level-timeout", type=float, default=600.0, help="seconds before an arm's loop is cut short")
     p.add_argument("--ready-timeout", type=float, default=300.0)
-    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                   help="before each arm, wait up to this long for other processes to leave the CPU idle")
-    p.add_argument("--retries", type=int, default=0, help="re-measure an arm up to this many times while "
-                                                          f"others kept > {machine.BUSY_CORES} cores busy")
+    report.add_quiet_flags(p)
     p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache", help="inhouse cache (converted checkpoint)")
     report.add_flags(p, "structured")
     return p.parse_args(argv)
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Exit status 1 when a request failed or a constrained answer is not valid under the schema."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    servers.stop_on_signals()
     args = parse_args(argv)
     requests = args.requests or (8 if args.smoke else 24)
     rounds = args.rounds or (1 if args.smoke else 2)
     n_schemas = args.schemas or (3 if args.smoke else 20)
-    model = model_dir(args.cache_dir)
+    model = engine.model_dir(args.cache_dir)
     env = servers.offline_env(args.cache_dir)
     started = report.Started()
     logs = servers.log_dir("structured")

@@ -8,7 +8,10 @@
 - ``machine``: how busy the machine was: CPU cores used by other processes, a process tree's CPU and RSS,
   waiting for an idle machine, re-measuring a disturbed level.
 - ``report``: the table on stdout, PASS/FAIL lines, and the JSON file with its ``meta`` block.
+- ``local``: inhouse's transformers engine in-process (``--model``, ``--dtype``, ``--cache-dir``), for a
+  benchmark that measures one engine setting with no server in between.
 
-Nothing here knows a benchmark's contenders or targets; nothing here imports torch or inhouse's engine.
+Nothing here knows a benchmark's contenders or targets; nothing here imports torch or inhouse's engine at import
+time (``local`` imports the engine when called).
 Benchmarks import it as ``bench.common`` after putting the repository root on ``sys.path``.
 """
