@@ -143,6 +143,9 @@ class TransformersSpec(_Weights):
     max_loras: int = Field(default=8, ge=1, description="LoRA adapters (models with base: this) resident at once")
     prefix_cache_gib: float = Field(default=1.0, gt=0)  # memory the prefix cache may hold, least recently used out
     prefill_chunk_tokens: int = Field(default=512, ge=0)  # prompt tokens per prefill step; longer: chunks (0: off)
+    # KV memory of this model in GiB, prefix cache included; requests wait while it is full (None: a third of the
+    # memory free at start, at most what max_num_seqs full-context sequences need)
+    kv_cache_gib: float | None = Field(default=None, gt=0)
 
 
 class VllmSpec(_Weights):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from inhouse.config import (
     BUILTIN_CHAT_MODEL,
@@ -116,9 +117,17 @@ def test_missing_file() -> None:
         load_settings(Path("/nonexistent/inhouse.yaml"))
 
 
+def test_the_kv_budget_is_an_option_of_the_transformers_engine_too() -> None:
+    spec = model_spec(name="a", path="/m", engine="transformers", kv_cache_gib=0.5)
+    assert getattr(spec, "kv_cache_gib", None) == 0.5
+    assert getattr(model_spec(name="a", path="/m", engine="transformers"), "kv_cache_gib", 1) is None
+    with pytest.raises(ValidationError):
+        model_spec(name="a", path="/m", engine="transformers", kv_cache_gib=0)
+
+
 def test_an_option_of_another_engine_is_refused_by_name() -> None:
-    for model, key, engine in (({"name": "a", "path": "/m", "engine": "transformers", "kv_cache_gib": 2},
-                                "kv_cache_gib", "transformers"),
+    for model, key, engine in (({"name": "a", "path": "/m", "engine": "transformers", "gpu_memory_utilization": 0.5},
+                                "gpu_memory_utilization", "transformers"),
                                ({"name": "b", "path": "/m", "base_url": "http://x/v1"}, "base_url", "auto"),
                                ({"name": "c", "engine": "upstream", "base_url": "http://x/v1", "dtype": "bf16"},
                                 "dtype", "upstream")):

@@ -137,14 +137,16 @@ def _vllm_installed() -> bool:
 
 
 def check_memory(settings: Settings, available: Callable[[str], int | None] | None = None) -> Check:
-    """The configured models' weights (parameters × the dtype's bytes, plus vLLM's CPU KV cache), with the
+    """The configured models' weights (parameters × the dtype's bytes, plus the KV cache when kv_cache_gib
+    sets it), with the
     gateway's headroom, against the free memory of each device they load on."""
     import torch
 
     from inhouse.engine.base import ModelLoadError
     from inhouse.engine.loading import pick_device, pick_dtype
+    from inhouse.engine.memory import available_bytes
     from inhouse.engine.weights import weights_in_memory
-    from inhouse.gateway.memory import HEADROOM, available_bytes
+    from inhouse.gateway.memory import HEADROOM
 
     free = available or available_bytes
     need: dict[str, int] = {}
@@ -162,11 +164,14 @@ def check_memory(settings: Settings, available: Callable[[str], int | None] | No
         except (ModelLoadError, ValueError, OSError, RuntimeError):
             continue  # its model check says why
         on_vllm = isinstance(spec, VllmSpec) and (not isinstance(spec, AutoSpec) or _vllm_installed())
-        if on_vllm and device.type == "cpu":
-            size += spec.kv_cache_gib * _GIB  # type: ignore[union-attr]
+        kv_gib = getattr(spec, "kv_cache_gib", None)  # vLLM's CPU KV space, or the transformers engine's budget
+        with_kv = False
+        if kv_gib is not None and (device.type == "cpu" or not on_vllm):
+            size += int(kv_gib * _GIB)
+            with_kv = True
         need[str(device)] = need.get(str(device), 0) + size
         parts.append(f"{spec.name} {_size(size)} ({str(dtype).removeprefix('torch.')}"
-                     f"{', with the vLLM KV cache' if on_vllm and device.type == 'cpu' else ''})")
+                     f"{', with the KV cache' if with_kv else ''})")
     if not need:
         return Check("memory", "ok", "no model loads weights here")
     status: Status = "ok"

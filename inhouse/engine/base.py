@@ -232,6 +232,10 @@ class EngineStats:
     prefix_cache_miss_tokens: int = 0
     prefix_cache_evictions: int = 0
     prefix_cache_bytes: int = 0
+    # the transformers engine's KV memory (docs/engine.md): bytes its tiers hold now (the prefix cache apart), and
+    # its budget (kv_cache_gib); kv_cache_usage is then the share of the budget the running sequences reserve
+    kv_cache_bytes: int = 0
+    kv_cache_budget_bytes: int = 0
 
 
 class Generation:

@@ -40,6 +40,7 @@ from inhouse.engine.base import (
 )
 from inhouse.engine.checkpoint import resolve_checkpoint
 from inhouse.engine.collector import OutputCollector
+from inhouse.engine.memory import available_bytes
 from inhouse.engine.peft import AdapterError, adapter_rank
 from inhouse.engine.prompt import PromptBuilder
 from inhouse.engine.vllm_lora import VllmLoras, base_shapes, lora_rank
@@ -464,22 +465,12 @@ def _preflight(name: str, checkpoint: Path, on_cpu: bool, kv_gib: float) -> None
         raise ModelLoadError(
             f"vLLM's CPU attention supports head sizes {head_sizes}; model {name!r} has {head_dim}. "
             "Serve it with engine: transformers.")
-    available = _available_gib()
+    free = available_bytes()
+    available = free / 2**30 if free is not None else None
     if available is not None and kv_gib > available:
         raise ModelLoadError(
             f"vLLM needs {kv_gib:g} GiB for the KV cache of model {name!r} (kv_cache_gib) "
             f"but only {available:.1f} GiB of memory is available. Lower kv_cache_gib.")
-
-
-def _available_gib() -> float | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / (1024 * 1024)
-    except OSError:
-        pass
-    return None
 
 
 def _cpu_environment(spec: VllmSpec) -> None:

@@ -7,35 +7,14 @@ A swap holds two copies of the weights for a moment: the old version keeps servi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from inhouse.config import ModelSpec
+from inhouse.engine.memory import available_bytes
 from inhouse.gateway.version import weights_bytes
 
-__all__ = ["HEADROOM", "available_bytes", "memory_refusal"]
+__all__ = ["HEADROOM", "memory_refusal"]
 
 _GIB = 1024**3
 HEADROOM = 1.10  # activations, KV cache and allocator slack on top of the weights, at least
-
-
-def available_bytes(device: str = "cpu", meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """Free memory where the weights would go, or None when it cannot be told."""
-    if device.startswith("cuda") or device == "auto":
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                index = int(device.split(":")[1]) if ":" in device else 0
-                return int(torch.cuda.mem_get_info(index)[0])
-        except Exception:  # no torch, no driver: fall back to host memory
-            pass
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def memory_refusal(specs: list[ModelSpec]) -> str | None:

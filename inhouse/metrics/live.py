@@ -55,6 +55,10 @@ class LiveCollector(Collector):
         prefix_evictions = CounterMetricFamily("inhouse_engine_prefix_cache_evictions", "prefix-cache blocks "
                                                "evicted to stay within its budget", labels=_DEPLOYMENT)
         prefix_bytes = gauge("inhouse_engine_prefix_cache_bytes", "memory the prefix cache holds")
+        kv_bytes = gauge("inhouse_engine_kv_cache_bytes", "memory the KV cache of the running sequences holds "
+                         "(transformers engine; the prefix cache apart)")
+        kv_budget = gauge("inhouse_engine_kv_cache_budget_bytes", "the KV memory budget, prefix cache included "
+                          "(transformers engine: kv_cache_gib)")
         healthy = gauge("inhouse_deployment_healthy", "1 when the health check passes (upstreams), else 0")
         circuit = gauge("inhouse_deployment_circuit_state", "circuit breaker: 0 closed, 1 half_open, 2 open")
         in_flight = gauge("inhouse_deployment_in_flight", "requests in flight on the deployment")
@@ -78,6 +82,8 @@ class LiveCollector(Collector):
                 prefix_misses.add_metric(labels, stats.prefix_cache_miss_tokens)
                 prefix_evictions.add_metric(labels, stats.prefix_cache_evictions)
                 prefix_bytes.add_metric(labels, stats.prefix_cache_bytes)
+                kv_bytes.add_metric(labels, stats.kv_cache_bytes)
+                kv_budget.add_metric(labels, stats.kv_cache_budget_bytes)
             healthy.add_metric(labels, 1 if d.route.healthy else 0)
             circuit.add_metric(labels, CIRCUIT_STATES.get(d.route.circuit, 2))
             in_flight.add_metric(labels, d.route.outstanding)
@@ -87,7 +93,8 @@ class LiveCollector(Collector):
             if seconds is not None:
                 load.add_metric(labels, seconds)
         yield from (running, waiting, capacity, kv_usage, kv_tokens, batches, inputs, max_batch, healthy, circuit,
-                    in_flight, state, load, prefix_hits, prefix_misses, prefix_evictions, prefix_bytes)
+                    in_flight, state, load, prefix_hits, prefix_misses, prefix_evictions, prefix_bytes, kv_bytes,
+                    kv_budget)
         if self._audit is not None:
             yield CounterMetricFamily("inhouse_audit_rows_written", "audit rows committed",
                                       value=self._audit.rows_written)

@@ -13,10 +13,10 @@ GIB = 1024**3
 
 def test_config_error_names_the_file_and_the_key(tmp_path: Path) -> None:
     config = tmp_path / "inhouse.yaml"
-    config.write_text("models:\n  - name: a\n    engine: transformers\n    path: x\n    kv_cache_gib: 2\n")
+    config.write_text("models:\n  - name: a\n    engine: transformers\n    path: x\n    gpu_memory_utilization: 0.5\n")
     settings, check = check_config(config)
     assert settings is None and check.status == "fail"
-    assert str(config) in check.detail and "models.0.kv_cache_gib" in check.detail
+    assert str(config) in check.detail and "models.0.gpu_memory_utilization" in check.detail
     assert check.fix is not None and str(config) in check.fix
 
 

@@ -26,31 +26,48 @@ from transformers import AttentionInterface
 
 from inhouse.engine.local.kv_cache import SlotKVCache
 
-__all__ = ["ATTENTION_NAME", "BatchLayout", "register"]
+__all__ = ["ATTENTION_NAME", "BatchLayout", "DecodeGroup", "Placement", "register"]
 
 ATTENTION_NAME = "inhouse_slots"
 
 
 @dataclass(frozen=True, slots=True)
-class BatchLayout:
-    """Where one forward pass reads and writes the cache.
-
-    prefill: the new sequences' tokens are packed back to back in one row, ``lengths[i]`` tokens for
-    sequence i; each attends causally to its own tokens, and to the ``offsets[i]`` positions its slot
-    (``slots[i]``) already held before them (a prefix from the prefix cache; 0: none, empty: all none).
-    decode: row i is the running sequence in slot i, with one new token; ``mask`` is additive float32
-    ``[rows, 1, 1, capacity]`` over the cache window, and ``kv_length`` the longest row's length.
-    Both: token t's keys and values go to ``cache_rows`` (``SlotKVCache.rows_at``).
-    """
+class Placement:
+    """A prefill's sequence: ``length`` new tokens, packed from ``start`` in the pass's single row, to go to
+    positions ``offset..`` of ``slot`` in ``cache`` (whose first ``offset`` positions it already holds)."""
 
     cache: SlotKVCache
-    is_prefill: bool
+    slot: int
+    start: int
+    length: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeGroup:
+    """A decode step's rows ``start..end`` (one new token each): the sequences in slots ``0..end-start`` of
+    ``cache``, in order.  Their keys and values go to ``cache_rows`` (``SlotKVCache.rows_at``); ``mask`` is
+    additive float32 ``[rows, 1, 1, capacity]`` over the tier's window (None for a lone row, which reads exactly
+    its ``kv_length`` positions)."""
+
+    cache: SlotKVCache
+    start: int
+    end: int
     cache_rows: torch.Tensor
-    lengths: tuple[int, ...] = ()
-    offsets: tuple[int, ...] = ()
-    slots: tuple[int, ...] = ()
-    mask: torch.Tensor | None = None
-    kv_length: int = 0
+    mask: torch.Tensor | None
+    kv_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLayout:
+    """Where one forward pass reads and writes the cache: a prefill's placements, or a decode's groups."""
+
+    placements: tuple[Placement, ...] = ()
+    groups: tuple[DecodeGroup, ...] = ()
+
+    @property
+    def is_prefill(self) -> bool:
+        return bool(self.placements)
 
 
 def slot_attention(
@@ -66,15 +83,25 @@ def slot_attention(
     """``query`` ``[rows, heads, tokens, head_dim]`` → ``[rows, tokens, heads, head_dim]``."""
     layout: BatchLayout = kwargs["inhouse_batch"]
     layer: int = module.layer_idx  # type: ignore[assignment]
-    layout.cache.write(layer, layout.cache_rows, key.transpose(1, 2), value.transpose(1, 2))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if layout.is_prefill:
         return _prefill(layout, layer, query, key, value, scale), None
-    keys, values = layout.cache.window(layer, query.shape[0])
-    if query.shape[0] == 1:
-        return _decode_alone(query, keys[:, :, : layout.kv_length], values[:, :, : layout.kv_length], scale), None
-    assert layout.mask is not None
-    return _decode(layout.mask, query, keys, values, scale), None
+    if len(layout.groups) == 1:
+        return _decode_group(layout.groups[0], layer, query, key, value, scale), None
+    out = query.new_empty((query.shape[0], 1, query.shape[1], query.shape[3]))
+    for group in layout.groups:
+        rows = slice(group.start, group.end)
+        out[rows] = _decode_group(group, layer, query[rows], key[rows], value[rows], scale)
+    return out, None
+
+
+def _decode_group(group: DecodeGroup, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    group.cache.write(layer, group.cache_rows, key.transpose(1, 2), value.transpose(1, 2))
+    keys, values = group.cache.window(layer, query.shape[0])
+    if group.mask is None:
+        return _decode_alone(query, keys[:, :, : group.kv_length], values[:, :, : group.kv_length], scale)
+    return _decode(group.mask, query, keys, values, scale)
 
 
 def _prefill(
@@ -84,30 +111,26 @@ def _prefill(
     _, heads, total, head_dim = query.shape
     out = query.new_empty((1, total, heads, head_dim))
     grouped = heads != key.shape[1]
-    start = 0
-    for i, length in enumerate(layout.lengths):
-        end = start + length
-        offset = layout.offsets[i] if layout.offsets else 0
-        if offset:
-            part = _after_prefix(layout, layer, i, query[:, :, start:end], scale, grouped)
+    for p in layout.placements:
+        end = p.start + p.length
+        p.cache.write_slot(layer, p.slot, p.offset, key[0, :, p.start : end], value[0, :, p.start : end])
+        if p.offset:
+            part = _after_prefix(p, layer, query[:, :, p.start : end], scale, grouped)
         else:
             part = F.scaled_dot_product_attention(
-                query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                query[:, :, p.start : end], key[:, :, p.start : end], value[:, :, p.start : end],
                 is_causal=True, scale=scale, enable_gqa=grouped,
             )
-        out[:, start:end] = part.transpose(1, 2)
-        start = end
+        out[:, p.start : end] = part.transpose(1, 2)
     return out
 
 
-def _after_prefix(layout: BatchLayout, layer: int, i: int, query: torch.Tensor, scale: float,
-                  grouped: bool) -> torch.Tensor:
-    """Sequence i's new tokens (positions ``offset..``) over its slot's keys and values, prefix and new ones
+def _after_prefix(p: Placement, layer: int, query: torch.Tensor, scale: float, grouped: bool) -> torch.Tensor:
+    """A sequence's new tokens (positions ``offset..``) over its slot's keys and values, prefix and new ones
     alike (the new ones were written before this is called); new token t sees positions ``0..offset + t``."""
-    offset, length, slot = layout.offsets[i], layout.lengths[i], layout.slots[i]
-    keys = layout.cache.keys[layer][slot : slot + 1, :, : offset + length]
-    values = layout.cache.values[layer][slot : slot + 1, :, : offset + length]
-    visible = torch.ones(length, offset + length, dtype=torch.bool, device=query.device).tril(diagonal=offset)
+    keys = p.cache.keys[layer][p.slot : p.slot + 1, :, : p.offset + p.length]
+    values = p.cache.values[layer][p.slot : p.slot + 1, :, : p.offset + p.length]
+    visible = torch.ones(p.length, p.offset + p.length, dtype=torch.bool, device=query.device).tril(diagonal=p.offset)
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scale, enable_gqa=grouped)
 
 

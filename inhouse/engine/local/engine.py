@@ -32,7 +32,8 @@ from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.attention import register
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
 from inhouse.engine.local.grammar import Constraint, Grammars, apply_constraints
-from inhouse.engine.local.kv_cache import SlotKVCache
+from inhouse.engine.local.kv_budget import kv_budget_tokens
+from inhouse.engine.local.kv_tiers import KVTiers
 from inhouse.engine.local.loader import LoadedModel, load_model
 from inhouse.engine.local.lora import LoraSet
 from inhouse.engine.local.prefix_cache import PrefixCache
@@ -66,6 +67,10 @@ class LocalEngine:
         self._running_count = 0
         self._waiting_count = 0
         self._kv_tokens = 0
+        self._kv_bytes = 0
+        self._kv_charged = 0
+        self._tiers: KVTiers[Sequence] | None = None  # the engine thread's, once loaded
+        self._budget_tokens = 0  # KV memory of the model, in tokens (kv_budget.py)
         self._prefix: PrefixCache | None = None  # the engine thread's; stats() reads its counters
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -98,6 +103,11 @@ class LocalEngine:
             raise
         vocab_size = loaded.model.get_input_embeddings().num_embeddings
         self._loaded = loaded
+        try:
+            self._plan_memory(loaded)
+        except BaseException:
+            self._state = EngineState.FAILED
+            raise
         self.lora = LoraSet(loaded.model, getattr(self.spec, "max_loras", 8), loaded.dtype, loaded.device)
         self._grammars = await asyncio.to_thread(Grammars, loaded.tokenizer, vocab_size, loaded.stop_ids)
         self._prompts = PromptBuilder(loaded.tokenizer, vocab_size, loaded.context_length, self.spec.tool_parser,
@@ -181,7 +191,9 @@ class LocalEngine:
             running=self._running_count,
             waiting=self._waiting_count,
             kv_cache_tokens=self._kv_tokens,
-            kv_cache_usage=self._kv_tokens / max(1, self.spec.max_num_seqs * self._info.context_length),
+            kv_cache_usage=self._kv_charged / max(1, self._budget_tokens),
+            kv_cache_bytes=self._kv_bytes,
+            kv_cache_budget_bytes=self._budget_tokens * (self._tiers.bytes_per_token if self._tiers else 0),
             prefix_cache_hit_tokens=prefix.hits if prefix else 0,
             prefix_cache_miss_tokens=prefix.misses if prefix else 0,
             prefix_cache_evictions=prefix.evictions if prefix else 0,
@@ -247,28 +259,19 @@ class LocalEngine:
                          self.spec.name, exc_info=True)
 
     def _loop(self, loaded: LoadedModel) -> None:
-        config = loaded.model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        cache = SlotKVCache(
-            num_layers=config.num_hidden_layers,
-            num_slots=self.spec.max_num_seqs,
-            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            head_dim=head_dim,
-            max_length=loaded.context_length,
-            dtype=loaded.dtype,
-            device=loaded.device,
-        )
-        runner = ModelRunner(loaded.model, cache, loaded.device, self.lora)
+        tiers, budget = self._tiers, self._budget_tokens
+        assert tiers is not None
+        runner = ModelRunner(loaded.model, tiers, loaded.device, self.lora)
         tokenizer = loaded.tokenizer
         sampler = Sampler(lambda t: tokenizer.decode([t]), loaded.stop_ids)
-        self._prefix = self._prefix_cache(cache)
-        scheduler = Scheduler(cache, self.spec.max_num_seqs, _MAX_PREFILL_TOKENS, self._prefix,
+        self._prefix = self._prefix_cache(tiers)
+        scheduler = Scheduler(tiers, self.spec.max_num_seqs, _MAX_PREFILL_TOKENS, budget, self._prefix,
                               getattr(self.spec, "prefill_chunk_tokens", 512))
         try:
             while self._take_inbox(scheduler):
                 step = scheduler.schedule()
                 if step is None:
-                    cache.shrink()
+                    tiers.shrink()
                     continue
                 try:
                     self._step(step, runner, sampler, scheduler, loaded.stop_ids)
@@ -281,14 +284,31 @@ class LocalEngine:
         finally:  # closing, or the loop died: nobody will answer what is left
             self._fail_all()
 
-    def _prefix_cache(self, cache: SlotKVCache) -> PrefixCache | None:
+    def _plan_memory(self, loaded: LoadedModel) -> None:
+        """The KV tiers and the model's KV budget (ModelLoadError when it cannot hold one full context)."""
+        config = loaded.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self._tiers = KVTiers(
+            num_layers=config.num_hidden_layers,
+            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            max_length=loaded.context_length,
+            dtype=loaded.dtype,
+            device=loaded.device,
+        )
+        self._budget_tokens = kv_budget_tokens(self.spec.name, getattr(self.spec, "kv_cache_gib", None), self._tiers,
+                                               self.spec.max_num_seqs, str(loaded.device))
+        log.info("model %s: KV memory %.2f GiB (%d tokens)", self.spec.name,
+                 self._budget_tokens * self._tiers.bytes_per_token / 2**30, self._budget_tokens)
+
+    def _prefix_cache(self, tiers: KVTiers[Sequence]) -> PrefixCache | None:
         """The prefix cache of this model (None when the config turns it off: ``prefix_cache: false``)."""
         if not getattr(self.spec, "prefix_cache", True):
             return None
         budget = int(getattr(self.spec, "prefix_cache_gib", 1.0) * 2**30)
         lora = self.lora
         identity = f"{self.spec.name}@{self.spec.path}"
-        return PrefixCache(cache, budget, identity, lora.identity if lora is not None else str)
+        return PrefixCache(tiers, budget, identity, lora.identity if lora is not None else str)
 
     def _step(self, step: Step, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler,
               stop_ids: frozenset[int]) -> None:
@@ -315,8 +335,8 @@ class LocalEngine:
         prompts that fail alone (a decode step runs the model's own tokens: its failure is nobody's fault)."""
         try:
             if not step.is_prefill:
-                return step.seqs, runner.decode(step.seqs, step.hold)
-            logits = runner.prefill(step.seqs, step.first_slot, step.chunk)
+                return step.seqs, runner.decode(step.seqs)
+            logits = runner.prefill(step.seqs, step.chunk)
         except Exception:
             if not step.is_prefill or len(step.seqs) == 1:
                 raise
@@ -328,7 +348,7 @@ class LocalEngine:
         kept, rows, broken = [], [], []
         for seq in step.seqs:
             try:
-                rows.append(runner.prefill([seq], seq.slot))
+                rows.append(runner.prefill([seq]))
                 kept.append(seq)
             except Exception:
                 log.exception("the prompt of request %s failed the model", seq.request_id)
@@ -360,6 +380,8 @@ class LocalEngine:
         """Counters read by stats() from other threads (plain ints: each assignment is atomic)."""
         self._running_count, self._waiting_count = len(scheduler.running), len(scheduler.waiting)
         self._kv_tokens = sum(seq.length for seq in scheduler.running)
+        self._kv_bytes = scheduler.tiers.allocated_bytes
+        self._kv_charged = scheduler.charged
 
     def _finish(self, seq: Sequence, scheduler: Scheduler) -> None:
         self._admitted.pop(id(seq), None)

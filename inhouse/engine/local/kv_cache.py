@@ -1,17 +1,17 @@
-"""The KV cache of the local engine: one slot per running sequence, position p stored at index p.
+"""One tier of the local engine's KV cache: slots of sequences up to one length, position p stored at index p.
 
-Owns the per-layer key/value tensors, shaped ``[slots, kv_heads, capacity, head_dim]``, how they are
-written and read, and how big they are.  Running sequences occupy slots ``0..n-1`` with no gaps; when
-a sequence leaves, the last one moves into its slot.
+Owns the per-layer key/value tensors, shaped ``[rows, kv_heads, capacity, head_dim]``, how they are written and
+read, and how big they are.  The sequences of a tier occupy slots ``0..n-1`` with no gaps (``KVTiers`` moves
+the last one into a hole), so a decode step reads the first n slots over the whole capacity, one contiguous
+block, and masks the positions past each sequence's length: on CPU, bf16 batched matmuls are several times
+faster on contiguous operands than on a strided ``[:n, :, :length]`` view.
 
-A decode step reads the first n slots over the *whole* capacity, which is one contiguous block, and
-masks the positions past each sequence's length: on CPU, bf16 batched matmuls are several times faster
-on contiguous operands than on a strided ``[:n, :, :length]`` view.  So capacity is kept close to the
-longest running sequence: a multiple of 128 tokens, grown a quarter ahead of need, given back during
-decode when less than half of it is used and entirely when the engine is idle.  Positions nobody wrote
-hold zeros or old keys, never garbage, so masked reads stay finite.  The tensors are inference tensors
-(the runner writes them under ``torch.inference_mode``), so every method here may be called outside it.
-Holds no masks and no model.
+Both dimensions follow need.  Capacity is a multiple of 128 tokens kept close to the tier's longest sequence
+(grown a quarter ahead, given back when less than half is used) and never above the tier's ``bound``; rows
+grow in groups of ``row_group`` and are given back as soon as a whole group is free.  So the tensors hold at
+most ``rows × bound`` tokens, and ``KVTiers`` counts on that.  Positions nobody wrote hold zeros or old keys,
+never garbage, so masked reads stay finite.  The tensors are inference tensors (the runner writes them under
+``torch.inference_mode``), so every method here may be called outside it.  Holds no masks and no model.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 __all__ = ["SlotKVCache"]
 
 _GRANULE = 128
-_MIN_CAPACITY = _GRANULE
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -32,74 +31,84 @@ class SlotKVCache:
     def __init__(
         self,
         num_layers: int,
-        num_slots: int,
         kv_heads: int,
         head_dim: int,
-        max_length: int,
+        bound: int,
         dtype: torch.dtype,
         device: torch.device,
+        row_group: int = 1,
     ) -> None:
         self.num_layers = num_layers
-        self.num_slots = num_slots
         self.kv_heads = kv_heads
         self.head_dim = head_dim
-        self.max_length = max_length
+        self.bound = bound  # the longest sequence this tier holds
+        self.row_group = row_group
         self.dtype = dtype
         self.device = device
+        self.rows = 0
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._resize(_MIN_CAPACITY)
 
     @property
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
+    @property
+    def allocated_bytes(self) -> int:
+        return self.rows * self.capacity * self.bytes_per_token
+
     # ---- size ------------------------------------------------------------------------------
 
-    def reserve(self, length: int) -> None:
-        """Make every slot hold at least ``length`` tokens, keeping what is stored."""
-        if length > self.capacity:
-            self._resize(self._capacity_for(length))
+    def reserve(self, rows: int, length: int) -> None:
+        """Hold at least ``rows`` slots of ``length`` tokens, keeping what is stored."""
+        if rows > self.rows or length > self.capacity:
+            self._resize(max(self.rows, self._rows_for(rows)), max(self.capacity, self._capacity_for(length)))
 
-    def fit(self, length: int) -> None:
-        """Reserve ``length`` tokens, and give memory back when less than half of it is in use.
+    def fit(self, rows: int, length: int) -> None:
+        """Reserve ``rows`` × ``length``, and give back what is not needed (rows, capacity, or all when 0 rows).
 
-        Only for a caller that knows no slot holds more than ``length`` tokens worth keeping (a decode
-        step over every running sequence): shrinking drops what lies beyond.
+        Only for a caller that knows no slot past ``rows`` and no position past ``length`` holds anything worth
+        keeping (a decode step over every sequence of the tier): shrinking drops what lies beyond.
         """
-        if self.capacity > max(2 * length, _MIN_CAPACITY) + _GRANULE:
-            self._resize(self._capacity_for(length))
-        else:
-            self.reserve(length)
+        if rows == 0:
+            self.clear()
+            return
+        want_rows = self._rows_for(rows) if rows > self.rows or self.rows - rows >= self.row_group else self.rows
+        want_capacity = self.capacity
+        if length > self.capacity or self.capacity > max(2 * length, _GRANULE) + _GRANULE:
+            want_capacity = self._capacity_for(length)
+        if (want_rows, want_capacity) != (self.rows, self.capacity):
+            self._resize(want_rows, want_capacity)
 
-    def shrink(self) -> None:
-        """Give memory back when nothing is running."""
-        if self.capacity > _MIN_CAPACITY:
-            self.capacity = 0
-            self.keys, self.values = [], []
-            self._resize(_MIN_CAPACITY)
+    def clear(self) -> None:
+        """Give every byte back (the tier holds no sequence)."""
+        self.rows = self.capacity = 0
+        self.keys, self.values = [], []
+
+    def _rows_for(self, rows: int) -> int:
+        return _round_up(rows, self.row_group)
 
     def _capacity_for(self, length: int) -> int:
-        ahead = _round_up(max(length + length // 4, _MIN_CAPACITY), _GRANULE)
-        return min(ahead, max(self.max_length, length))
+        ahead = _round_up(max(length + length // 4, _GRANULE), _GRANULE)
+        return min(ahead, max(self.bound, length))
 
-    def _alloc(self, capacity: int) -> torch.Tensor:
-        shape = (self.num_slots, self.kv_heads, capacity, self.head_dim)
+    def _alloc(self, rows: int, capacity: int) -> torch.Tensor:
+        shape = (rows, self.kv_heads, capacity, self.head_dim)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
-    def _resize(self, capacity: int) -> None:
-        keep = min(self.capacity, capacity)
+    def _resize(self, rows: int, capacity: int) -> None:
+        keep_rows, keep = min(self.rows, rows), min(self.capacity, capacity)
         new_keys, new_values = [], []
         for layer in range(self.num_layers):
-            k, v = self._alloc(capacity), self._alloc(capacity)
-            if keep:
-                k[:, :, :keep].copy_(self.keys[layer][:, :, :keep])
-                v[:, :, :keep].copy_(self.values[layer][:, :, :keep])
+            k, v = self._alloc(rows, capacity), self._alloc(rows, capacity)
+            if keep_rows and keep:
+                k[:keep_rows, :, :keep].copy_(self.keys[layer][:keep_rows, :, :keep])
+                v[:keep_rows, :, :keep].copy_(self.values[layer][:keep_rows, :, :keep])
             new_keys.append(k)
             new_values.append(v)
-        self.keys, self.values, self.capacity = new_keys, new_values, capacity
+        self.keys, self.values, self.rows, self.capacity = new_keys, new_values, rows, capacity
 
     # ---- contents --------------------------------------------------------------------------
 
@@ -112,10 +121,28 @@ class SlotKVCache:
             self.keys[layer][dst, :, :length].copy_(self.keys[layer][src, :, :length])
             self.values[layer][dst, :, :length].copy_(self.values[layer][src, :, :length])
 
+    @torch.inference_mode()
+    def read(self, slot: int, start: int, length: int) -> torch.Tensor:
+        """A copy of positions ``start..start+length`` of ``slot``, ``[layers, 2, kv_heads, length, head_dim]``."""
+        out = torch.empty((self.num_layers, 2, self.kv_heads, length, self.head_dim),
+                          dtype=self.dtype, device=self.device)
+        for layer in range(self.num_layers):
+            out[layer, 0].copy_(self.keys[layer][slot, :, start : start + length])
+            out[layer, 1].copy_(self.values[layer][slot, :, start : start + length])
+        return out
+
+    @torch.inference_mode()
+    def load(self, held: torch.Tensor, slot: int, start: int) -> None:
+        """Put back what ``read`` returned (of this tier or another), at positions ``start..`` of ``slot``."""
+        end = start + held.shape[3]
+        for layer in range(self.num_layers):
+            self.keys[layer][slot, :, start:end].copy_(held[layer, 0])
+            self.values[layer][slot, :, start:end].copy_(held[layer, 1])
+
     def rows_at(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Where new tokens go: token t (in ``slots[t]`` at ``positions[t]``) × kv head, in that order.
 
-        Indexes a layer viewed as ``[-1, head_dim]``; valid until the capacity changes.
+        Indexes a layer viewed as ``[-1, head_dim]``; valid until the size changes.
         """
         heads = torch.arange(self.kv_heads, device=slots.device)
         first_row = (slots * self.kv_heads).view(-1, 1) + heads.view(1, -1)
@@ -126,6 +153,12 @@ class SlotKVCache:
         flat = (-1, self.head_dim)
         self.keys[layer].view(flat).index_copy_(0, rows, key.reshape(flat))
         self.values[layer].view(flat).index_copy_(0, rows, value.reshape(flat))
+
+    def write_slot(self, layer: int, slot: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store one sequence's new keys and values (``[kv_heads, tokens, head_dim]``) from position ``start``."""
+        end = start + key.shape[1]
+        self.keys[layer][slot, :, start:end].copy_(key)
+        self.values[layer][slot, :, start:end].copy_(value)
 
     def window(self, layer: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``slots`` slots over the whole capacity, contiguous."""

@@ -4,8 +4,10 @@ Owns the stored blocks, their keys and their least-recently-used order under a b
 into blocks of ``BLOCK`` tokens; block i's key is a digest chained over the key of block i-1 and its own token
 ids, and the chain starts from the model and the adapter identity (a prefix computed under one LoRA adapter is
 never reused for another one or for the bare base).  A block holds copies of its keys and values for every
-layer, ``[layers, 2, kv_heads, BLOCK, head_dim]``, taken from a slot of the ``SlotKVCache`` after a prefill
-and copied back into a new sequence's slot before its prefill, which then computes only the rest.
+layer, ``[layers, 2, kv_heads, BLOCK, head_dim]``, taken from a sequence's slot (in its tier of the KV cache)
+after a prefill and copied back into a new sequence's slot before its prefill, which then computes only the rest.
+Its memory is part of the model's KV budget: it holds at most ``budget_bytes``, and at most what the running
+sequences leave (``limit``), evicting down when they need more.
 
 The last token of a prompt is never served from here: the prefill must run it to produce the next-token
 logits.  Used only by the engine thread; a block is copied out synchronously, so nothing can evict it while
@@ -20,10 +22,12 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from typing import Any
 
 import torch
 
 from inhouse.engine.local.kv_cache import SlotKVCache
+from inhouse.engine.local.kv_tiers import KVTiers
 
 __all__ = ["BLOCK", "PrefixCache"]
 
@@ -31,15 +35,15 @@ BLOCK = 64  # tokens per block: prefixes are reused in whole blocks
 
 
 class PrefixCache:
-    def __init__(self, cache: SlotKVCache, budget_bytes: int, identity: str,
+    def __init__(self, tiers: KVTiers[Any], budget_bytes: int, identity: str,
                  adapter_identity: Callable[[str], str] = str) -> None:
         """``identity``: the model's; ``adapter_identity(name)``: an adapter's (changes when it is re-registered)."""
-        self.cache = cache
         self.budget_bytes = budget_bytes
+        self.limit_bytes = budget_bytes  # what the running sequences leave of the KV budget (``limit``)
         self._adapter_identity = adapter_identity
         self._root = hashlib.blake2b(identity.encode(), digest_size=16).digest()
         self._blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # least recently used first
-        self.block_bytes = BLOCK * cache.bytes_per_token
+        self.block_bytes = BLOCK * tiers.bytes_per_token
         # counters read by stats() from other threads (plain ints)
         self.hits = 0  # prompt tokens whose KV was copied from here
         self.misses = 0  # prompt tokens looked up and not found (prefilled)
@@ -73,9 +77,17 @@ class PrefixCache:
             found.append((key, block))
         return found
 
+    def limit(self, limit_bytes: int) -> None:
+        """Hold no more than ``limit_bytes`` (and ``budget_bytes``) from now on: evict down to it at once."""
+        self.limit_bytes = limit_bytes
+        while self._blocks and self.held_bytes > min(self.budget_bytes, limit_bytes):
+            self._blocks.popitem(last=False)
+            self.evictions += 1
+
     @torch.inference_mode()
-    def load(self, prompt_ids: Seq[int], adapter: str | None, slot: int) -> int:
-        """Copy the longest cached prefix of the prompt into ``slot``; return how many tokens it holds."""
+    def load(self, prompt_ids: Seq[int], adapter: str | None, cache: SlotKVCache, slot: int) -> int:
+        """Copy the longest cached prefix of the prompt into ``slot`` of ``cache`` (room for the prompt reserved);
+        return how many tokens it holds."""
         found = self._found(prompt_ids, adapter)
         for key, _ in reversed(found):
             self._blocks.move_to_end(key)
@@ -84,17 +96,15 @@ class PrefixCache:
         self.misses += len(prompt_ids) - cached
         if not found:
             return 0
-        self.cache.reserve(len(prompt_ids))
-        stacked = torch.cat([block for _, block in found], dim=3) if len(found) > 1 else found[0][1]
-        for layer in range(self.cache.num_layers):
-            self.cache.keys[layer][slot, :, :cached].copy_(stacked[layer, 0])
-            self.cache.values[layer][slot, :, :cached].copy_(stacked[layer, 1])
+        for i, (_, block) in enumerate(found):
+            cache.load(block, slot, i * BLOCK)
         return cached
 
     @torch.inference_mode()
-    def save(self, prompt_ids: Seq[int], adapter: str | None, slot: int) -> None:
-        """Keep the whole blocks of a prompt just prefilled in ``slot`` (those not kept yet), within the budget."""
-        if self.block_bytes > self.budget_bytes:
+    def save(self, prompt_ids: Seq[int], adapter: str | None, cache: SlotKVCache, slot: int) -> None:
+        """Keep the whole blocks of a prompt just prefilled in ``slot`` of ``cache`` (those not kept yet), within
+        the budget."""
+        if self.block_bytes > min(self.budget_bytes, self.limit_bytes):
             return
         chain = self.keys(prompt_ids, adapter)
         own = set(chain)
@@ -103,29 +113,20 @@ class PrefixCache:
                 continue
             if not self._make_room(own):
                 break  # only this prompt's own blocks are left to evict: keep its start, not its end
-            self._blocks[key] = self._copy_out(slot, i * BLOCK)
+            self._blocks[key] = cache.read(slot, i * BLOCK, BLOCK)
         for key in reversed(chain):
             if key in self._blocks:
                 self._blocks.move_to_end(key)
 
     def _make_room(self, spare: set[bytes]) -> bool:
         """Evict least recently used blocks until one more fits; False when that would take a ``spare`` one."""
-        while self.held_bytes + self.block_bytes > self.budget_bytes:
+        while self.held_bytes + self.block_bytes > min(self.budget_bytes, self.limit_bytes):
             oldest = next(iter(self._blocks))
             if oldest in spare:
                 return False
             del self._blocks[oldest]
             self.evictions += 1
         return True
-
-    def _copy_out(self, slot: int, start: int) -> torch.Tensor:
-        cache = self.cache
-        block = torch.empty((cache.num_layers, 2, cache.kv_heads, BLOCK, cache.head_dim),
-                            dtype=cache.dtype, device=cache.device)
-        for layer in range(cache.num_layers):
-            block[layer, 0].copy_(cache.keys[layer][slot, :, start : start + BLOCK])
-            block[layer, 1].copy_(cache.values[layer][slot, :, start : start + BLOCK])
-        return block
 
     def clear(self) -> None:
         self._blocks.clear()

@@ -10,14 +10,15 @@ Knows nothing about sampling, stopping or requests.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from inhouse.engine.local.attention import BatchLayout
-from inhouse.engine.local.kv_cache import SlotKVCache
+from inhouse.engine.local.attention import BatchLayout, DecodeGroup, Placement
+from inhouse.engine.local.kv_tiers import KVTiers
 from inhouse.engine.local.lora import AdapterWeights, LoraSet
 
 __all__ = ["ModelRunner", "RunnableSequence"]
@@ -41,65 +42,69 @@ class RunnableSequence(Protocol):
     @property
     def cached(self) -> int: ...
 
+    @property
+    def tier(self) -> int: ...
+
+    @property
+    def slot(self) -> int: ...
+
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: SlotKVCache, device: torch.device,
+    def __init__(self, model: torch.nn.Module, tiers: KVTiers[Any], device: torch.device,
                  lora: LoraSet | None = None) -> None:
         self.model = model
-        self.cache = cache
+        self.tiers = tiers
         self.device = device
         self.lora = lora
-        if device.type == "cpu" and cache.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if device.type == "cpu" and tiers.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             _prepack_linears(model)
 
     @torch.inference_mode()
-    def prefill(self, seqs: Seq[RunnableSequence], first_slot: int, chunk: int = 0) -> torch.Tensor:
-        """Fill the cache for new sequences in slots ``first_slot..``; return their next-token logits.
+    def prefill(self, seqs: Seq[RunnableSequence], chunk: int = 0) -> torch.Tensor:
+        """Fill the cache for placed sequences (each in its tier and slot, room reserved); return their
+        next-token logits.
 
         The prompts run packed back to back in one row, so no compute goes to padding.  A sequence whose
         first ``cached`` prompt positions are already in its slot (the prefix cache's, or earlier chunks') runs
         only the rest, or only its next ``chunk`` tokens (then the logits are those of the chunk's last token).
         """
-        self.cache.reserve(max(len(s.prompt_ids) for s in seqs))
         ends = [min(s.cached + chunk, len(s.prompt_ids)) if chunk else len(s.prompt_ids) for s in seqs]
-        offsets = [s.cached for s in seqs]
         lengths = [end - s.cached for s, end in zip(seqs, ends, strict=True)]
         ids = torch.tensor([t for s, end in zip(seqs, ends, strict=True) for t in s.prompt_ids[s.cached : end]],
                            dtype=torch.long)
         positions = torch.cat([torch.arange(s.cached, end) for s, end in zip(seqs, ends, strict=True)])
-        counts = torch.tensor(lengths)
-        slot_of = list(range(first_slot, first_slot + len(seqs)))
-        slots = torch.tensor(slot_of).repeat_interleave(counts)
-        layout = BatchLayout(
-            cache=self.cache,
-            is_prefill=True,
-            cache_rows=self.cache.rows_at(slots, positions).to(self.device),
-            lengths=tuple(lengths),
-            offsets=tuple(offsets) if any(offsets) else (),
-            slots=tuple(slot_of),
-        )
-        last = (counts.cumsum(0) - 1).to(self.device)
+        starts = [0, *itertools.accumulate(lengths)]
+        layout = BatchLayout(placements=tuple(
+            Placement(self.tiers.tiers[s.tier], s.slot, start, length, s.cached)
+            for s, start, length in zip(seqs, starts[:-1], lengths, strict=True)
+        ))
+        last = torch.tensor(starts[1:]) - 1
         with self._adapters(seqs, lengths):
-            return self._forward(ids.view(1, -1), positions.view(1, -1), layout, last)[0]
+            return self._forward(ids.view(1, -1), positions.view(1, -1), layout, last.to(self.device))[0]
 
     @torch.inference_mode()
-    def decode(self, seqs: Seq[RunnableSequence], hold: int = 0) -> torch.Tensor:
-        """One token for each running sequence (sequence i in slot i); return next-token logits.  ``hold``: tokens
-        a slot after theirs holds (a prompt being prefilled in chunks), which the cache must keep."""
+    def decode(self, seqs: Seq[RunnableSequence]) -> torch.Tensor:
+        """One token for each sequence, given tier by tier and, in a tier, from its slot 0 on, the tiers sized for
+        the step (``KVTiers.prepare_decode``); return next-token logits."""
         write_at = [s.length - 1 for s in seqs]
-        kv_length = max(write_at) + 1
-        self.cache.fit(max(kv_length, hold))
-        positions = torch.tensor(write_at, dtype=torch.long)
+        groups, start = [], 0
+        for _, run in itertools.groupby(seqs, key=lambda s: s.tier):
+            members = list(run)
+            end = start + len(members)
+            cache = self.tiers.tiers[members[0].tier]
+            positions = torch.tensor(write_at[start:end], dtype=torch.long)
+            assert [s.slot for s in members] == list(range(len(members))), "a tier's decode rows start at slot 0"
+            groups.append(DecodeGroup(
+                cache=cache, start=start, end=end,
+                cache_rows=cache.rows_at(torch.arange(len(members)), positions).to(self.device),
+                mask=_decode_mask(positions, cache.capacity).to(self.device) if len(members) > 1 else None,
+                kv_length=int(positions.max()) + 1,
+            ))
+            start = end
         ids = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long)
-        layout = BatchLayout(
-            cache=self.cache,
-            is_prefill=False,
-            cache_rows=self.cache.rows_at(torch.arange(len(seqs)), positions).to(self.device),
-            mask=_decode_mask(positions, self.cache.capacity).to(self.device),
-            kv_length=kv_length,
-        )
+        positions = torch.tensor(write_at, dtype=torch.long)
         with self._adapters(seqs, [1] * len(seqs)):
-            return self._forward(ids, positions.view(-1, 1), layout, 1)[:, -1]
+            return self._forward(ids, positions.view(-1, 1), BatchLayout(groups=tuple(groups)), 1)[:, -1]
 
     @contextlib.contextmanager
     def _adapters(self, seqs: Seq[RunnableSequence], counts: Seq[int]) -> Iterator[None]:

@@ -1,15 +1,17 @@
 """Decides what the next engine step runs: a prefill of waiting sequences or a decode of running ones.
 
-Owns the waiting queue, the running list and slot assignment (running[i] is in slot i, always).
-Prefill goes first when there is room, bounded by a token budget (the prompts run packed back to back, with no
-padding) so one step stays short.  A sequence given a slot gets its prompt's longest cached prefix copied in
-first (when there is a prefix cache), and its prefill then runs only the rest.
+Owns the waiting queue, the running list, and admission by memory: a sequence leaves the queue only while the
+KV memory the running ones may come to hold, plus its own (``KVTiers.charge`` of its prompt plus its
+``max_tokens``), plus the tiers' slack, fits the model's budget; otherwise it waits (first come, first served),
+and nothing is ever cut short for room.  What the running sequences leave of the budget is the prefix cache's.
+Prefill goes first when there is room, bounded by a token budget so one step stays short.  A sequence given a
+slot gets its prompt's longest cached prefix copied in first (when there is a prefix cache), and its prefill then
+runs only the rest.
 
 Chunked prefill (``chunk_tokens`` > 0): a prompt with more than ``chunk_tokens`` tokens left to prefill is
 prefilled alone, ``chunk_tokens`` at a time, and its chunks alternate with decode steps of the sequences already
 running, so its arrival delays their next token by one chunk's time at most; a batch of shorter prompts stays
-within ``chunk_tokens`` too.  One prompt at a time is chunked; it holds the last slot while it is, and decode
-steps run the slots before it.
+within ``chunk_tokens`` too.  One prompt at a time is chunked; it is the tiers' pinned sequence meanwhile.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from inhouse.engine.local.kv_cache import SlotKVCache
+from inhouse.engine.local.kv_tiers import KVTiers
 from inhouse.engine.local.prefix_cache import PrefixCache
 from inhouse.engine.local.sequence import Sequence, SequenceStatus
 
@@ -28,23 +30,24 @@ __all__ = ["Scheduler", "Step"]
 class Step:
     is_prefill: bool
     seqs: list[Sequence]
-    first_slot: int = 0
     chunk: int = 0  # a chunk of a long prompt: prefill this many of its tokens (0: every token left)
-    hold: int = 0  # tokens a slot outside a decode step holds (a prompt half prefilled): the cache keeps them
 
 
 class Scheduler:
-    def __init__(self, cache: SlotKVCache, max_num_seqs: int, max_prefill_tokens: int,
+    def __init__(self, tiers: KVTiers[Sequence], max_num_seqs: int, max_prefill_tokens: int, budget_tokens: int,
                  prefix: PrefixCache | None = None, chunk_tokens: int = 0) -> None:
-        self.cache = cache
+        self.tiers = tiers
         self.prefix = prefix
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
+        self.budget_tokens = budget_tokens  # KV memory of the model, in tokens
         self.chunk_tokens = chunk_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.chunking: Sequence | None = None  # the prompt being prefilled in chunks (the last running, if any)
+        self.charged = 0  # tokens of memory the running sequences may come to hold
+        self.chunking: Sequence | None = None  # the prompt being prefilled in chunks
         self._chunk_ran = False  # the last step was one of its chunks
+        self._give_prefix_the_rest()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -52,29 +55,35 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def charge(self, seq: Sequence) -> int:
+        return self.tiers.charge(len(seq.prompt_ids) + seq.max_tokens)
+
+    def fits(self, seq: Sequence) -> bool:
+        """There is memory for ``seq`` next to the running sequences."""
+        return self.charged + self.charge(seq) + self.tiers.slack <= self.budget_tokens
+
     def schedule(self) -> Step | None:
         if self.chunking is not None:
             return self._next_chunk(self.chunking)
-        if self.waiting and len(self.running) < self.max_num_seqs:
+        if self.waiting and len(self.running) < self.max_num_seqs and self.fits(self.waiting[0]):
             return self._prefill()
         if self.running:
-            return Step(is_prefill=False, seqs=list(self.running))
+            return Step(is_prefill=False, seqs=self.tiers.prepare_decode())
         return None
 
     def _next_chunk(self, seq: Sequence) -> Step:
         """The next chunk of the long prompt, or, right after one, a decode step of the others."""
-        decoding = self.running[:-1]
-        if self._chunk_ran and decoding:
+        if self._chunk_ran and len(self.running) > 1:
             self._chunk_ran = False
-            return Step(is_prefill=False, seqs=decoding, hold=seq.cached)
+            return Step(is_prefill=False, seqs=self.tiers.prepare_decode())
         self._chunk_ran = True
         chunk = min(self.chunk_tokens, len(seq.prompt_ids) - seq.cached)
-        return Step(is_prefill=True, seqs=[seq], first_slot=seq.slot, chunk=chunk)
+        return Step(is_prefill=True, seqs=[seq], chunk=chunk)
 
     def _prefill(self) -> Step:
         batch: list[Sequence] = []
         longest = new_tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs and self.fits(self.waiting[0]):
             head = self.waiting[0]
             candidate = max(longest, len(head.prompt_ids))
             if batch and candidate * (len(batch) + 1) > self.max_prefill_tokens:
@@ -88,25 +97,32 @@ class Scheduler:
                 new_tokens += new
             longest = candidate
             batch.append(self.waiting.popleft())
-        first_slot = len(self.running)
-        for seq in batch:
-            self._place(seq)
-        return Step(is_prefill=True, seqs=batch, first_slot=first_slot)
+            self._place(batch[-1])
+        return Step(is_prefill=True, seqs=batch)
 
     def _start_chunks(self) -> Step:
         seq = self.waiting.popleft()
         self._place(seq)
-        self.chunking = seq
+        self.chunking = self.tiers.pinned = seq
         self._chunk_ran = False
         return self._next_chunk(seq)
 
     def _place(self, seq: Sequence) -> None:
-        """Into the next free slot, with its cached prefix copied in."""
-        seq.slot = len(self.running)
+        """Into a slot of the tier its prompt needs, with its cached prefix copied in; its charge counted."""
         seq.status = SequenceStatus.RUNNING
+        seq.charge = self.charge(seq)
+        self.charged += seq.charge
         self.running.append(seq)
+        self._give_prefix_the_rest()
+        tier = self.tiers.place(seq, min(len(seq.prompt_ids) + 1, self.tiers.max_length))
         if self.prefix is not None:
-            seq.cached = self.prefix.load(seq.prompt_ids, seq.adapter, seq.slot)
+            seq.cached = self.prefix.load(seq.prompt_ids, seq.adapter, tier, seq.slot)
+
+    def _give_prefix_the_rest(self) -> None:
+        """The prefix cache may hold what the running sequences' charges leave of the budget (it evicts down)."""
+        if self.prefix is not None:
+            room = self.budget_tokens - self.charged - self.tiers.slack
+            self.prefix.limit(max(0, room) * self.tiers.bytes_per_token)
 
     def prefilled(self, step: Step, seqs: list[Sequence]) -> list[Sequence]:
         """``seqs`` of a prefill step ran; return those whose whole prompt is in their slot now (their next token
@@ -117,35 +133,25 @@ class Scheduler:
             if seq.cached < len(seq.prompt_ids):
                 continue
             if seq is self.chunking:
-                self.chunking = None
+                self.chunking = self.tiers.pinned = None
             if self.prefix is not None:
-                self.prefix.save(seq.prompt_ids, seq.adapter, seq.slot)
+                self.prefix.save(seq.prompt_ids, seq.adapter, self.tiers.cache(seq), seq.slot)
             done.append(seq)
         return done
 
     def finish(self, seq: Sequence) -> None:
-        """Take a sequence out; the last running sequence moves into its slot (the last decoding one, when a
-        prompt is being chunked: that prompt then moves down one slot, so it stays last)."""
+        """Take a sequence out, wherever it is; its slot and its charge are freed."""
         seq.status = SequenceStatus.FINISHED
-        if seq.slot < 0:
+        if seq.tier < 0:
             if seq in self.waiting:
                 self.waiting.remove(seq)
             return
-        chunked = self.running.pop() if self.chunking is not None else None
-        if chunked is seq:
+        if seq is self.chunking:
             self.chunking = None
-            seq.slot = -1
-            return
-        last = self.running.pop()
-        if last is not seq:
-            self.cache.move(last.slot, seq.slot, last.length)
-            last.slot = seq.slot
-            self.running[seq.slot] = last
-        if chunked is not None:
-            self.cache.move(chunked.slot, len(self.running), chunked.cached)
-            chunked.slot = len(self.running)
-            self.running.append(chunked)
-        seq.slot = -1
+        self.tiers.remove(seq)
+        self.running.remove(seq)
+        self.charged -= seq.charge
+        self._give_prefix_the_rest()
 
     def find(self, request_id: str) -> Sequence | None:
         for seq in self.running:

@@ -1,7 +1,7 @@
 """One request's generation state inside the local engine.
 
-Owns a sequence's token ids, its KV-cache slot, its detokenizer, stop matcher and grammar constraint, and the collector
-that hands its output to the waiting request.  Touched only by the engine thread after admission.
+Owns a sequence's token ids, its KV-cache tier and slot, its detokenizer, stop matcher and grammar constraint, and
+the collector that hands its output to the waiting request.  Touched only by the engine thread after admission.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ class Sequence:
     adapter: str | None = None  # the LoRA adapter its rows run with (None: the bare base)
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
+    tier: int = -1  # where its keys and values are: a tier of the KV cache (kv_tiers.py) and a slot in it
     slot: int = -1
+    charge: int = 0  # tokens of KV memory it may come to hold, counted against the budget while it runs
     cached: int = 0  # prompt tokens whose keys and values are in the slot (the prefix cache's, earlier chunks')
 
     @property

@@ -16,13 +16,13 @@ from inhouse.config import TransformersSpec
 from inhouse.engine.base import GenerateRequest, Generation, SamplingParams
 from inhouse.engine.local.engine import LocalEngine
 from inhouse.engine.local.scheduler import Scheduler, Step
-from tests.engine.local.test_scheduler import assert_slots_compact, cache, seq
+from tests.engine.local.test_scheduler import assert_slots_compact, seq, tiers
 
 CHUNK = 64
 
 
 def chunked(slots: int = 4) -> Scheduler:
-    return Scheduler(cache(slots), max_num_seqs=slots, max_prefill_tokens=4096, chunk_tokens=16)
+    return Scheduler(tiers(), max_num_seqs=slots, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=16)
 
 
 def run(s: Scheduler) -> Step:
@@ -43,7 +43,7 @@ def test_a_long_prompt_is_chunked_between_decode_steps_of_the_others() -> None:
     steps = [run(s) for _ in range(5)]
     assert [(st.is_prefill, st.seqs, st.chunk) for st in steps] == [
         (True, [b], 16), (False, [a], 0), (True, [b], 16), (False, [a], 0), (True, [b], 8)]
-    assert [st.hold for st in steps] == [0, 16, 0, 32, 0]  # the decode steps keep b's prefilled tokens
+    assert s.tiers.pinned is None  # b is whole: it decodes with the others from now on
     assert b.cached == 40 and s.chunking is None
     last = run(s)
     assert not last.is_prefill and last.seqs == [a, b]  # b decodes with the others now
@@ -73,17 +73,18 @@ def test_finishing_during_chunks_keeps_the_chunked_prompt_last() -> None:
     run(s)
     s.add(c)
     run(s)  # c's first chunk, in slot 2
-    assert c.slot == 2
+    assert c.slot == 2 and s.tiers.pinned is c
+    cache = s.tiers.cache(c)
     with torch.inference_mode():
-        for layer in range(s.cache.num_layers):
-            s.cache.keys[layer][2, :, :16].fill_(7.0)
+        for layer in range(cache.num_layers):
+            cache.keys[layer][2, :, :16].fill_(7.0)
     s.finish(a)  # b moves into slot 0, c into slot 1 with its 16 tokens
     assert s.running == [b, c] and b.slot == 0 and c.slot == 1
-    assert (s.cache.keys[0][1, :, :16] == 7.0).all()
+    assert (cache.keys[0][1, :, :16] == 7.0).all()
     step = run(s)
     assert not step.is_prefill and step.seqs == [b]
     s.finish(c)  # aborted mid-prefill
-    assert s.running == [b] and s.chunking is None and c.slot == -1
+    assert s.running == [b] and s.chunking is None and s.tiers.pinned is None and c.slot == -1
     assert_slots_compact(s)
 
 
@@ -100,8 +101,10 @@ def test_slots_stay_compact_with_chunks_through_random_arrivals_and_departures()
             assert all(q in s.running for q in step.seqs)
             if not step.is_prefill:
                 assert s.chunking not in step.seqs
-        assert [q.slot for q in s.running] == list(range(len(s.running)))
-        assert s.chunking is None or s.running[-1] is s.chunking
+        assert_slots_compact(s)
+        chunking = s.chunking
+        assert chunking is s.tiers.pinned
+        assert chunking is None or s.tiers.members[chunking.tier][-1] is chunking
 
 
 # ---- the engine ------------------------------------------------------------------------------

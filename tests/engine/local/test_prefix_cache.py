@@ -10,6 +10,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from inhouse.config import TransformersSpec
 from inhouse.engine.base import GenerateRequest, Generation, SamplingParams
 from inhouse.engine.local.engine import LocalEngine
 from inhouse.engine.local.kv_cache import SlotKVCache
+from inhouse.engine.local.kv_tiers import KVTiers
 from inhouse.engine.local.prefix_cache import BLOCK, PrefixCache
 from tests.tiny_lora import RECIPES, build_adapter
 
@@ -139,48 +141,72 @@ async def test_eviction_under_a_tiny_budget_keeps_answers(tiny_model_dir: Path, 
 # ---- the cache alone ---------------------------------------------------------------------------
 
 
+def shape() -> KVTiers[Any]:
+    return KVTiers(num_layers=2, kv_heads=1, head_dim=4, max_length=1024, dtype=torch.float32,
+                   device=torch.device("cpu"))
+
+
 def slot_cache() -> SlotKVCache:
-    return SlotKVCache(num_layers=2, num_slots=2, kv_heads=1, head_dim=4, max_length=1024,
-                       dtype=torch.float32, device=torch.device("cpu"))
+    cache = SlotKVCache(num_layers=2, kv_heads=1, head_dim=4, bound=1024, dtype=torch.float32,
+                        device=torch.device("cpu"))
+    cache.reserve(2, 1)
+    return cache
 
 
 def test_keys_chain_over_blocks_and_never_cover_the_last_token() -> None:
-    prefix = PrefixCache(slot_cache(), 2**20, "m")
+    prefix = PrefixCache(shape(), 2**20, "m")
     assert len(prefix.keys(list(range(2 * BLOCK)), None)) == 1  # the last token stays out: one whole block
     assert len(prefix.keys(list(range(2 * BLOCK + 1)), None)) == 2
     a, b = prefix.keys([1] * BLOCK + [2] * BLOCK + [3], None), prefix.keys([9] * BLOCK + [2] * BLOCK + [3], None)
     assert a[1] != b[1]  # the same tokens after a different prefix: another key
     assert prefix.keys([1] * (BLOCK + 1), "x") != prefix.keys([1] * (BLOCK + 1), None)
-    assert PrefixCache(slot_cache(), 2**20, "other").keys([1] * (BLOCK + 1), None) != a[:1]
+    assert PrefixCache(shape(), 2**20, "other").keys([1] * (BLOCK + 1), None) != a[:1]
 
 
 def test_load_copies_what_save_kept_and_lru_drops_leaves_first() -> None:
     cache = slot_cache()
-    prefix = PrefixCache(cache, 3 * BLOCK * cache.bytes_per_token, "m")
-    cache.reserve(3 * BLOCK + 1)
+    prefix = PrefixCache(shape(), 3 * BLOCK * cache.bytes_per_token, "m")
+    cache.reserve(2, 3 * BLOCK + 1)
     with torch.inference_mode():  # the cache's tensors are inference tensors
         for layer in range(2):
             cache.keys[layer][0].normal_()
             cache.values[layer][0].normal_()
     long_prompt = list(range(3 * BLOCK + 1))
-    prefix.save(long_prompt, None, slot=0)
+    prefix.save(long_prompt, None, cache, 0)
     assert prefix.held_bytes == 3 * prefix.block_bytes
-    assert prefix.load(long_prompt, None, slot=1) == 3 * BLOCK
+    assert prefix.load(long_prompt, None, cache, 1) == 3 * BLOCK
     for layer in range(2):
         assert torch.equal(cache.keys[layer][1, :, : 3 * BLOCK], cache.keys[layer][0, :, : 3 * BLOCK])
         assert torch.equal(cache.values[layer][1, :, : 3 * BLOCK], cache.values[layer][0, :, : 3 * BLOCK])
     other = [7] * (BLOCK + 1)
-    prefix.save(other, None, slot=0)  # one block in: the long chain's last block goes, not its first
+    prefix.save(other, None, cache, 0)  # one block in: the long chain's last block goes, not its first
     assert prefix.evictions == 1
-    assert prefix.load(long_prompt, None, slot=1) == 2 * BLOCK
-    assert prefix.load(other, None, slot=1) == BLOCK
+    assert prefix.load(long_prompt, None, cache, 1) == 2 * BLOCK
+    assert prefix.load(other, None, cache, 1) == BLOCK
 
 
 def test_a_budget_below_one_block_keeps_nothing() -> None:
     cache = slot_cache()
-    prefix = PrefixCache(cache, BLOCK * cache.bytes_per_token - 1, "m")
-    prefix.save(list(range(2 * BLOCK + 1)), None, slot=0)
-    assert prefix.held_bytes == 0 and prefix.load(list(range(2 * BLOCK + 1)), None, slot=1) == 0
+    prefix = PrefixCache(shape(), BLOCK * cache.bytes_per_token - 1, "m")
+    prefix.save(list(range(2 * BLOCK + 1)), None, cache, 0)
+    assert prefix.held_bytes == 0 and prefix.load(list(range(2 * BLOCK + 1)), None, cache, 1) == 0
+
+
+def test_a_lower_limit_evicts_at_once_and_bounds_what_is_kept() -> None:
+    cache = slot_cache()
+    prefix = PrefixCache(shape(), 2**20, "m")
+    cache.reserve(2, 4 * BLOCK + 1)
+    prefix.save(list(range(4 * BLOCK + 1)), None, cache, 0)
+    assert prefix.held_bytes == 4 * prefix.block_bytes
+    prefix.limit(2 * prefix.block_bytes)  # the running sequences took the rest of the KV budget
+    assert prefix.held_bytes == 2 * prefix.block_bytes and prefix.evictions == 2
+    assert prefix.load(list(range(4 * BLOCK + 1)), None, cache, 1) == 2 * BLOCK  # the chain's start stays
+    prefix.save([5] * (2 * BLOCK + 1), None, cache, 0)  # within the limit still
+    assert prefix.held_bytes <= 2 * prefix.block_bytes
+    prefix.limit(0)
+    assert prefix.held_bytes == 0
+    prefix.save([6] * (2 * BLOCK + 1), None, cache, 0)
+    assert prefix.held_bytes == 0
 
 
 async def test_a_prefill_from_an_offset_equals_a_whole_one(cached: LocalEngine) -> None:
@@ -189,20 +215,24 @@ async def test_a_prefill_from_an_offset_equals_a_whole_one(cached: LocalEngine) 
 
     assert cached._loaded is not None
     config = cached._loaded.model.config
-    cache = SlotKVCache(num_layers=config.num_hidden_layers, num_slots=2, kv_heads=config.num_key_value_heads,
-                        head_dim=config.hidden_size // config.num_attention_heads, max_length=512,
-                        dtype=torch.float32, device=torch.device("cpu"))
-    runner = ModelRunner(cached._loaded.model, cache, torch.device("cpu"))
+    tiers: KVTiers[Any] = KVTiers(num_layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads,
+                                  head_dim=config.hidden_size // config.num_attention_heads, max_length=512,
+                                  dtype=torch.float32, device=torch.device("cpu"))
+    runner = ModelRunner(cached._loaded.model, tiers, torch.device("cpu"))
 
     class Row:
         def __init__(self, prompt: list[int], cached: int) -> None:
             self.prompt_ids, self.cached, self.adapter = prompt, cached, None
             self.length, self.last_token = len(prompt), prompt[-1]
+            self.tier = self.slot = -1
 
     prompt = ids(BLOCK + 30, seed=5)
-    whole = runner.prefill([Row(prompt, 0)], first_slot=0)
+    first, second = Row(prompt, 0), Row(prompt, BLOCK)
+    cache = tiers.place(first, len(prompt))
+    assert tiers.place(second, len(prompt)) is cache and (first.slot, second.slot) == (0, 1)
+    whole = runner.prefill([first])
     cache.move(0, 1, BLOCK)
-    rest = runner.prefill([Row(prompt, BLOCK)], first_slot=1)
+    rest = runner.prefill([second])
     torch.testing.assert_close(rest, whole, rtol=1e-4, atol=1e-4)
     for layer in range(config.num_hidden_layers):
         torch.testing.assert_close(cache.keys[layer][1, :, : len(prompt)], cache.keys[layer][0, :, : len(prompt)])

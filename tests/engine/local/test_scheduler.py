@@ -1,4 +1,5 @@
-"""Scheduler: prefill first when there is room, a padded-token budget, running[i] always in slot i."""
+"""Scheduler: prefill first when there is room, a padded-token budget, admission by the KV memory budget (a
+sequence waits while its charge does not fit, and nothing is cut short), slots freed at the finish."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from inhouse.engine.base import Delta, SamplingParams
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
-from inhouse.engine.local.kv_cache import SlotKVCache
+from inhouse.engine.local.kv_tiers import KVTiers
+from inhouse.engine.local.prefix_cache import PrefixCache
 from inhouse.engine.local.scheduler import Scheduler
 from inhouse.engine.local.sequence import Sequence, SequenceStatus
 
@@ -30,17 +32,21 @@ def seq(request_id: str, prompt_len: int = 4, output_len: int = 0) -> Sequence:
     return s
 
 
-def cache(slots: int = 4) -> SlotKVCache:
-    return SlotKVCache(num_layers=2, num_slots=slots, kv_heads=1, head_dim=2, max_length=512,
-                       dtype=torch.float32, device=torch.device("cpu"))
+def tiers() -> KVTiers[Sequence]:
+    return KVTiers(num_layers=2, kv_heads=1, head_dim=2, max_length=512, dtype=torch.float32,
+                   device=torch.device("cpu"))
 
 
-def scheduler(slots: int = 4, budget: int = 1000) -> Scheduler:
-    return Scheduler(cache(slots), max_num_seqs=slots, max_prefill_tokens=budget)
+def scheduler(slots: int = 4, budget: int = 1000, memory: int = 10**6, prefix: bool = False) -> Scheduler:
+    kv = tiers()
+    cache = PrefixCache(kv, 2**30, "m") if prefix else None
+    return Scheduler(kv, max_num_seqs=slots, max_prefill_tokens=budget, budget_tokens=memory, prefix=cache)
 
 
 def assert_slots_compact(s: Scheduler) -> None:
-    assert [q.slot for q in s.running] == list(range(len(s.running)))
+    for k, members in enumerate(s.tiers.members):
+        assert [q.slot for q in members] == list(range(len(members))) and all(q.tier == k for q in members)
+    assert sorted(map(id, s.running)) == sorted(id(q) for members in s.tiers.members for q in members)
     assert all(q.status is SequenceStatus.RUNNING for q in s.running)
     assert all(q.slot == -1 and q.status is SequenceStatus.WAITING for q in s.waiting)
 
@@ -55,12 +61,12 @@ def test_prefill_goes_first_whenever_a_slot_is_free() -> None:
     a, b = seq("a"), seq("b")
     s.add(a)
     first = s.schedule()
-    assert first is not None and first.is_prefill and first.seqs == [a] and first.first_slot == 0
+    assert first is not None and first.is_prefill and first.seqs == [a] and a.slot == 0
     decode = s.schedule()
     assert decode is not None and not decode.is_prefill and decode.seqs == [a]
     s.add(b)  # a is running, but there is room: b is prefilled before a decodes again
     second = s.schedule()
-    assert second is not None and second.is_prefill and second.seqs == [b] and second.first_slot == 1
+    assert second is not None and second.is_prefill and second.seqs == [b] and b.slot == 1
     assert s.running == [a, b] and a.slot == 0 and b.slot == 1
 
 
@@ -87,7 +93,7 @@ def test_prefill_budget_counts_padded_tokens() -> None:
     # 10 + 10 real tokens fit; adding the 30-token prompt pads all three to 30 → 90 > 40
     assert step is not None and step.seqs == [short1, short2]
     step = s.schedule()
-    assert step is not None and step.is_prefill and step.seqs == [long_] and step.first_slot == 2
+    assert step is not None and step.is_prefill and step.seqs == [long_]
 
 
 def test_padding_not_real_tokens_is_what_the_budget_bounds() -> None:
@@ -121,49 +127,59 @@ def test_batch_fills_up_to_the_budget_exactly() -> None:
     assert step is not None and step.seqs == seqs[:4]  # 4 × 10 == 40 is allowed, 5 × 10 is not
 
 
-def test_finish_moves_the_last_running_sequence_into_the_freed_slot() -> None:
+def test_finish_frees_the_slot_and_the_charge() -> None:
     s = scheduler(slots=4)
-    a, b, c = seq("a", 3), seq("b", 4), seq("c", 5, output_len=2)  # c.length == 7
+    a, b, c = seq("a", 3), seq("b", 4), seq("c", 5, output_len=2)
     for q in (a, b, c):
         s.add(q)
     s.schedule()
-    kv = s.cache
-    with torch.inference_mode():
-        for layer in range(kv.num_layers):
-            kv.keys[layer][0].fill_(-1.0)
-            kv.values[layer][0].fill_(-2.0)
-            positions = torch.arange(kv.capacity, dtype=torch.float32).view(1, -1, 1)
-            kv.keys[layer][2].copy_(positions.expand_as(kv.keys[layer][2]) + 100 * layer)
-            kv.values[layer][2].copy_(-positions.expand_as(kv.values[layer][2]) - 100 * layer)
-
+    assert s.charged == 3 * 256  # each may reach 3..5 + 100 tokens: the first tier's 256
     s.finish(a)
-
-    assert s.running == [c, b] and c.slot == 0 and b.slot == 1
-    assert a.slot == -1 and a.status is SequenceStatus.FINISHED
-    for layer in range(kv.num_layers):
-        keys, values = kv.window(layer, 1)
-        expected = torch.arange(c.length, dtype=torch.float32) + 100 * layer
-        assert torch.equal(keys[0, 0, : c.length, 0], expected)
-        assert torch.equal(values[0, 0, : c.length, 0], -expected)
-        # exactly c.length positions moved: what lies beyond is slot 0's old content
-        assert (keys[0, :, c.length:] == -1.0).all() and (values[0, :, c.length:] == -2.0).all()
+    assert s.running == [b, c] and c.slot == 0 and b.slot == 1  # the tier's last moved into the hole
+    assert a.slot == a.tier == -1 and a.status is SequenceStatus.FINISHED
+    assert s.charged == 2 * 256
     assert_slots_compact(s)
-
-
-def test_finishing_the_last_running_sequence_moves_nothing() -> None:
-    s = scheduler(slots=3)
-    a, b = seq("a"), seq("b")
-    s.add(a)
-    s.add(b)
-    s.schedule()
-    with torch.inference_mode():
-        s.cache.keys[0][1].fill_(5.0)
-        s.cache.keys[0][0].fill_(1.0)
     s.finish(b)
-    assert s.running == [a] and a.slot == 0 and b.slot == -1
-    assert (s.cache.keys[0][0] == 1.0).all()  # slot 0 untouched
+    s.finish(c)
+    assert s.running == [] and s.charged == 0 and not s.has_work()
+
+
+def test_a_sequence_waits_while_its_memory_does_not_fit_and_is_never_cut_short() -> None:
+    kv_slack = tiers().slack
+    s = scheduler(slots=8, memory=2 * 256 + kv_slack)  # room for two sequences of up to 256 tokens
+    seqs = [seq(f"r{i}", 10) for i in range(3)]
+    for q in seqs:
+        s.add(q)
+    step = s.schedule()
+    assert step is not None and step.seqs == seqs[:2]  # slots are free, memory is not
+    assert list(s.waiting) == [seqs[2]] and s.fits(seqs[2]) is False
+    step = s.schedule()
+    assert step is not None and not step.is_prefill
+    s.finish(seqs[0])
+    step = s.schedule()
+    assert step is not None and step.is_prefill and step.seqs == [seqs[2]]
+    assert seqs[2].max_tokens == 100  # admitted whole, when there was room
+    long_ = seq("long", 300)  # 300 + 100 tokens: the 512 tier's charge, more than what is free
+    s.add(long_)
+    assert not s.fits(long_)
+    s.finish(seqs[1])
+    s.finish(seqs[2])
+    assert s.charge(long_) == 512 and s.fits(long_)  # the whole budget: it runs once the others are gone
+    step = s.schedule()
+    assert step is not None and step.seqs == [long_]
+
+
+def test_the_prefix_cache_gets_what_the_running_sequences_leave() -> None:
+    s = scheduler(slots=8, memory=10_000, prefix=True)
+    assert s.prefix is not None
+    per_token = s.tiers.bytes_per_token
+    assert s.prefix.limit_bytes == (10_000 - s.tiers.slack) * per_token
+    a = seq("a", 300)
+    s.add(a)
+    s.schedule()
+    assert s.prefix.limit_bytes == (10_000 - 512 - s.tiers.slack) * per_token
     s.finish(a)
-    assert s.running == [] and not s.has_work()
+    assert s.prefix.limit_bytes == (10_000 - s.tiers.slack) * per_token
 
 
 def test_finishing_a_waiting_sequence_takes_it_off_the_queue() -> None:
@@ -206,7 +222,7 @@ def test_slots_stay_compact_through_random_arrivals_and_departures() -> None:
             assert q.slot == -1 and s.find(q.request_id) is None
         step = s.schedule()
         if step is not None and step.is_prefill:
-            assert step.seqs == s.running[step.first_slot:]
+            assert step.seqs == s.running[len(s.running) - len(step.seqs):]
         assert_slots_compact(s)
         assert len(s.running) <= 5
         assert set(s.running) | set(s.waiting) == set(live)

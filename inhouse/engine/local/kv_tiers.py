@@ -1,0 +1,164 @@
+"""Where each running sequence's keys and values live: the local engine's KV cache as tiers by length.
+
+Owns the tiers (one ``SlotKVCache`` each, for sequences up to 256, 512, 1024, ... tokens, the last one up to
+the context length), which sequence is in which tier and slot, moving a sequence up a tier when it outgrows its
+own, and what the tiers may cost.  A decode step reads each tier's slots over that tier's capacity, so a short
+sequence never scans a long one's positions and memory follows the tokens held: a 3,000-token prompt makes its
+own tier 4,096 tokens deep, not every slot of the engine.
+
+What a sequence may cost is known when it is admitted: it ends at most ``prompt + max_tokens`` tokens long, so
+in that length's tier at the deepest, and a tier never holds more than ``rows × bound`` tokens, where rows are
+its sequences rounded up to the tier's row group (the small tiers grow a few rows at a time, so that a short
+chat's arrival is not a copy of the whole tier).  ``charge(length)`` is that bound; ``slack`` is what the row
+groups may add.  The scheduler admits a sequence while the charges of the running ones, plus its own, plus the
+slack fit the memory budget; so the tiers never exceed it, except for one sequence's old slot while it moves up.
+
+In a tier, sequences occupy slots ``0..n-1``; when one leaves, the last moves into its hole.  The ``pinned``
+sequence (a prompt being prefilled in chunks, which decodes nothing yet) is always the last of its tier, so a
+decode step runs each tier's first slots.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, Protocol, TypeVar
+
+import torch
+
+from inhouse.engine.local.kv_cache import SlotKVCache
+
+__all__ = ["KVTiers", "Placed"]
+
+_SMALLEST = 256  # the first tier's bound; each next one is twice as deep
+_GROUP_TOKENS = 2048  # a tier grows by this many tokens' worth of rows at a time (at least one row)
+
+
+class Placed(Protocol):
+    """What the tiers read and set of a sequence (``Sequence`` in the engine)."""
+
+    tier: int
+    slot: int
+
+    @property
+    def prompt_ids(self) -> list[int]: ...
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def cached(self) -> int: ...
+
+
+P = TypeVar("P", bound=Placed)
+
+
+class KVTiers(Generic[P]):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.max_length = max_length
+        self.bounds: list[int] = []
+        bound = _SMALLEST
+        while bound < max_length:
+            self.bounds.append(bound)
+            bound *= 2
+        self.bounds.append(max_length)
+        self.tiers = [SlotKVCache(num_layers, kv_heads, head_dim, b, dtype, device, max(1, _GROUP_TOKENS // b))
+                      for b in self.bounds]
+        self.members: list[list[P]] = [[] for _ in self.bounds]
+        self.pinned: P | None = None
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.slack = sum((t.row_group - 1) * t.bound for t in self.tiers)  # tokens the row groups may add
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.tiers[0].bytes_per_token
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(t.allocated_bytes for t in self.tiers)
+
+    def tier_for(self, length: int) -> int:
+        for k, bound in enumerate(self.bounds):
+            if length <= bound:
+                return k
+        raise ValueError(f"{length} tokens is longer than the context ({self.max_length})")
+
+    def charge(self, length: int) -> int:
+        """The tokens of memory a sequence that ends at most ``length`` tokens long may hold."""
+        return self.bounds[self.tier_for(min(length, self.max_length))]
+
+    def cache(self, seq: P) -> SlotKVCache:
+        return self.tiers[seq.tier]
+
+    # ---- placing -----------------------------------------------------------------------------
+
+    def place(self, seq: P, length: int) -> SlotKVCache:
+        """Give ``seq`` a slot in the tier for ``length`` tokens (room for them reserved); return the tier."""
+        k = self.tier_for(length)
+        self._append(seq, k)
+        tier = self.tiers[k]
+        tier.reserve(len(self.members[k]), length)
+        return tier
+
+    def remove(self, seq: P) -> None:
+        """Take ``seq`` out of its tier; the tier's last sequence moves into its slot (the last but the pinned one
+        when the pinned is there: that one moves down a slot and stays last), and a free row group is given back."""
+        if seq.tier < 0:
+            return
+        k, members, tier = seq.tier, self.members[seq.tier], self.tiers[seq.tier]
+        if seq is self.pinned:
+            self.pinned = None
+        pinned = members.pop() if self.pinned is not None and self.pinned.tier == k else None
+        last = members.pop()
+        if last is not seq:
+            tier.move(last.slot, seq.slot, last.length)
+            last.slot = seq.slot
+            members[seq.slot] = last
+        if pinned is not None:
+            tier.move(pinned.slot, len(members), pinned.cached)
+            pinned.slot = len(members)
+            members.append(pinned)
+        seq.tier = seq.slot = -1
+        tier.fit(len(members), tier.capacity)
+
+    def _append(self, seq: P, k: int) -> None:
+        """Into the next free slot of tier k (before the pinned sequence, which moves up one slot)."""
+        members, tier = self.members[k], self.tiers[k]
+        pinned = self.pinned if self.pinned is not None and self.pinned.tier == k else None
+        seq.tier = k
+        if pinned is None:
+            seq.slot = len(members)
+            members.append(seq)
+            return
+        tier.reserve(len(members) + 1, pinned.cached)
+        tier.move(pinned.slot, len(members), pinned.cached)
+        seq.slot, members[pinned.slot] = pinned.slot, seq
+        pinned.slot = len(members)
+        members.append(pinned)
+
+    # ---- a decode step -----------------------------------------------------------------------
+
+    def prepare_decode(self) -> list[P]:
+        """Move up a tier every sequence whose next token would not fit its own, size every tier for the step,
+        and return the sequences it runs, in its order: tier by tier, slot by slot (the pinned one left out)."""
+        for members, bound in zip(self.members, self.bounds, strict=True):
+            for seq in [s for s in members if s is not self.pinned and s.length > bound]:
+                self._move_up(seq)
+        rows: list[P] = []
+        for members, tier in zip(self.members, self.tiers, strict=True):
+            if members:
+                tier.fit(len(members), max(len(s.prompt_ids) if s is self.pinned else s.length for s in members))
+                rows.extend(s for s in members if s is not self.pinned)
+        return rows
+
+    def _move_up(self, seq: P) -> None:
+        """Into the tier its length needs, with the keys and values it holds (all its tokens but the last)."""
+        held = self.cache(seq).read(seq.slot, 0, seq.length - 1)
+        self.remove(seq)
+        self.place(seq, seq.length).load(held, seq.slot, 0)
+
+    def shrink(self) -> None:
+        """Give back every tier no sequence is in (the engine is idle, or nearly)."""
+        for members, tier in zip(self.members, self.tiers, strict=True):
+            if not members:
+                tier.clear()

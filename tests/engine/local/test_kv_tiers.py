@@ -1,0 +1,168 @@
+"""KVTiers: sequences placed by length, memory by tokens held, moves up a tier that keep every key, the pinned
+prompt always last of its tier, and the charges that bound what the tiers allocate."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from inhouse.engine.local.kv_tiers import KVTiers
+
+
+@dataclass(eq=False)
+class Seq:
+    name: float  # what its keys hold: name + position (values: minus that)
+    prompt_ids: list[int]
+    output: int = 0
+    cached: int = 0
+    tier: int = -1
+    slot: int = -1
+    marks: int = field(default=0)  # positions written so far
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + self.output
+
+
+def tiers(max_length: int = 3000, layers: int = 2) -> KVTiers[Seq]:
+    return KVTiers(num_layers=layers, kv_heads=1, head_dim=2, max_length=max_length, dtype=torch.float32,
+                   device=torch.device("cpu"))
+
+
+def write(kv: KVTiers[Seq], seq: Seq, upto: int) -> None:
+    """Positions ``seq.marks..upto`` of its slot hold its marks."""
+    cache = kv.cache(seq)
+    with torch.inference_mode():
+        marks = seq.name + torch.arange(seq.marks, upto, dtype=torch.float32)
+        for layer in range(cache.num_layers):
+            cache.keys[layer][seq.slot, 0, seq.marks:upto] = marks.view(-1, 1)
+            cache.values[layer][seq.slot, 0, seq.marks:upto] = -marks.view(-1, 1)
+    seq.marks = upto
+
+
+def assert_holds(kv: KVTiers[Seq], seq: Seq) -> None:
+    cache = kv.cache(seq)
+    marks = seq.name + torch.arange(seq.marks, dtype=torch.float32)
+    for layer in range(cache.num_layers):
+        assert torch.equal(cache.keys[layer][seq.slot, 0, : seq.marks, 0], marks), f"seq {seq.name} lost its keys"
+        assert torch.equal(cache.values[layer][seq.slot, 0, : seq.marks, 1], -marks)
+
+
+def assert_compact(kv: KVTiers[Seq]) -> None:
+    for k, members in enumerate(kv.members):
+        assert [s.slot for s in members] == list(range(len(members)))
+        assert all(s.tier == k for s in members)
+        assert kv.tiers[k].rows >= len(members)
+        if kv.pinned is not None and kv.pinned.tier == k:
+            assert members[-1] is kv.pinned
+
+
+def test_tiers_double_from_256_and_the_last_is_the_context() -> None:
+    kv = tiers(max_length=3000)
+    assert kv.bounds == [256, 512, 1024, 2048, 3000]
+    assert [kv.tier_for(n) for n in (1, 256, 257, 1024, 1025, 2049, 3000)] == [0, 0, 1, 2, 3, 4, 4]
+    assert [kv.charge(n) for n in (10, 300, 2100, 99999)] == [256, 512, 3000, 3000]
+    assert kv.slack == 7 * 256 + 3 * 512 + 1 * 1024  # row groups of 8, 4, 2, 1, 1
+
+
+def test_memory_follows_the_tokens_held_not_the_longest_sequence() -> None:
+    kv = tiers(max_length=8192)
+    short = [Seq(i, [1] * 100) for i in range(15)]
+    long_ = Seq(99, [1] * 3000)
+    for s in [*short, long_]:
+        kv.place(s, s.length + 1)
+    assert long_.tier == kv.tier_for(3001) and {s.tier for s in short} == {0}
+    held = kv.allocated_bytes // kv.bytes_per_token
+    # 16 rows (15 short, in groups of 8) × 128, and one row of 3,750 rounded up: not 16 × 3,750
+    assert held == 16 * 128 + 3840
+    assert held < 16 * 3000 / 5
+    rows = kv.prepare_decode()
+    assert rows == [*short, long_]  # tier by tier, slot by slot
+
+
+def test_remove_moves_the_last_into_the_hole_with_its_keys() -> None:
+    kv = tiers()
+    seqs = [Seq(1000.0 * i, [1] * 50) for i in range(4)]
+    for s in seqs:
+        kv.place(s, 51)
+        write(kv, s, 50)
+    kv.remove(seqs[1])
+    assert seqs[1].tier == seqs[1].slot == -1
+    assert kv.members[0] == [seqs[0], seqs[3], seqs[2]] and seqs[3].slot == 1
+    for s in (seqs[0], seqs[2], seqs[3]):
+        assert_holds(kv, s)
+    kv.remove(seqs[1])  # not placed: nothing happens
+    assert_compact(kv)
+
+
+def test_a_sequence_outgrowing_its_tier_moves_up_with_every_key() -> None:
+    kv = tiers()
+    a, b = Seq(1.0, [1] * 250), Seq(500.0, [1] * 10)
+    for s in (a, b):
+        kv.place(s, s.length + 1)
+        write(kv, s, s.length)
+    a.output = 7  # 257 tokens: its next key goes to position 256, past the first tier
+    rows = kv.prepare_decode()
+    assert (a.tier, a.slot, b.tier, b.slot) == (1, 0, 0, 0)
+    assert rows == [b, a]
+    assert_holds(kv, a)
+    assert_holds(kv, b)
+    assert kv.tiers[1].capacity >= 257
+
+
+def test_the_pinned_prompt_stays_last_of_its_tier() -> None:
+    kv = tiers()
+    a, b = Seq(1.0, [1] * 300), Seq(2000.0, [1] * 200)
+    chunked = Seq(5000.0, [1] * 500)
+    for s in (a, b):
+        kv.place(s, s.length + 1)
+        write(kv, s, s.length)
+    kv.place(chunked, 501)
+    kv.pinned = chunked
+    write(kv, chunked, 128)  # a chunk of it is in
+    chunked.cached = 128
+    b.output = 57  # 257 tokens: b moves up into the pinned prompt's tier, before it
+    rows = kv.prepare_decode()
+    assert kv.members[1] == [a, b, chunked] and rows == [a, b]
+    assert kv.tiers[1].capacity >= 500  # room for the whole prompt being chunked
+    for s in (a, b, chunked):
+        assert_holds(kv, s)
+    kv.remove(a)  # the last decoding one fills the hole; the pinned moves down a slot and stays last
+    assert kv.members[1] == [b, chunked] and chunked.slot == 1
+    for s in (b, chunked):
+        assert_holds(kv, s)
+    assert_compact(kv)
+
+
+def test_random_arrivals_growth_and_departures_keep_keys_slots_and_the_charge_bound() -> None:
+    rng = random.Random(7)
+    kv = tiers(max_length=2048)
+    running: list[Seq] = []
+    most = {}  # each running sequence's most tokens: its charge
+    for step in range(300):
+        if running and rng.random() < 0.25:
+            gone = running.pop(rng.randrange(len(running)))
+            kv.remove(gone)
+            del most[id(gone)]
+        if len(running) < 12 and rng.random() < 0.5:
+            s = Seq(10_000.0 * step, [1] * rng.randint(1, 1200))
+            most[id(s)] = s.length + rng.randint(1, 2048 - s.length)
+            kv.place(s, s.length + 1)
+            write(kv, s, s.length)
+            running.append(s)
+        for s in running:  # a decode step: one more token each, until its most
+            s.output += 1 if s.length < most[id(s)] else 0
+        rows = kv.prepare_decode()
+        assert sorted(map(id, rows)) == sorted(map(id, running))
+        for s in running:
+            write(kv, s, s.length)
+            assert_holds(kv, s)
+        assert_compact(kv)
+        charged = sum(kv.charge(m) for m in most.values())
+        assert kv.allocated_bytes <= (charged + kv.slack) * kv.bytes_per_token
+    for s in list(running):
+        kv.remove(s)
+    kv.shrink()
+    assert kv.allocated_bytes == 0
