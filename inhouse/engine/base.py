@@ -115,10 +115,15 @@ class TokenLogprob:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """What one choice used, as the engine counted it (an upstream's own count when it sends one)."""
+    """What one choice used, as the engine counted it (an upstream's own count when it sends one).
+
+    ``cached_tokens``: how many of the prompt tokens were served from a prefix cache (OpenAI's
+    ``usage.prompt_tokens_details.cached_tokens``); None when the engine does not know (an upstream that did not
+    say), 0 when it knows none were."""
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -339,7 +339,7 @@ class VllmEngine:
                 generated += len(choice.token_ids)
                 collector.put(Delta(text=choice.text, token_count=len(choice.token_ids),
                                     logprobs=_logprobs(choice, request), finish_reason=_finish(finish),
-                                    usage=Usage(len(prompt_ids), generated) if finish is not None else None))
+                                    usage=_usage(output, len(prompt_ids), generated) if finish is not None else None))
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -348,6 +348,13 @@ class VllmEngine:
         finally:
             self._tasks.pop(request.request_id, None)
             self._gate.release()
+
+
+def _usage(output: Any, prompt_tokens: int, generated: int) -> Usage:
+    """A finished request's usage; ``cached_tokens`` is vLLM's prefix-cache hit (0 when it reports none)."""
+    cached = getattr(output, "num_cached_tokens", None)
+    hit = cached if isinstance(cached, int) and not isinstance(cached, bool) else 0
+    return Usage(prompt_tokens, generated, min(max(hit, 0), prompt_tokens))
 
 
 def _finish(reason: str | None) -> str | None:

@@ -74,6 +74,19 @@ def test_auto_picks_vllm_for_a_model_it_supports(server: ServerProcess) -> None:
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
+def test_vllms_prefix_cache_hits_are_reported_as_cached_tokens(server: ServerProcess) -> None:
+    """vLLM's ``num_cached_tokens`` as ``usage.prompt_tokens_details.cached_tokens``: 0, then a shared prefix."""
+    system = {"role": "system", "content": " ".join(["Notes on vLLM: the quick brown fox jumps over a dog."] * 16)}
+    usages = []
+    for question in ("hello", "what is the capital of France?"):
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "model": "auto-ok", "messages": [system, {"role": "user", "content": question}], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        usages.append(r.json()["usage"])
+    assert usages[0]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert 0 < usages[1]["prompt_tokens_details"]["cached_tokens"] < usages[1]["prompt_tokens"], usages
+
+
 def test_auto_falls_back_to_transformers_with_a_warning(server: ServerProcess) -> None:
     card = httpx.get(server.url + "/v1/models/auto-fallback", timeout=10).json()
     assert card["engine"] == "transformers" and card["status"] == "ready"

@@ -107,6 +107,7 @@ class Scheduler:
         self.running.append(seq)
         if self.prefix is not None:
             seq.cached = self.prefix.load(seq.prompt_ids, seq.adapter, seq.slot)
+            seq.prefix_hit = seq.cached
 
     def prefilled(self, step: Step, seqs: list[Sequence]) -> list[Sequence]:
         """``seqs`` of a prefill step ran; return those whose whole prompt is in their slot now (their next token

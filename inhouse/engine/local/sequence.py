@@ -41,6 +41,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int = -1
     cached: int = 0  # prompt tokens whose keys and values are in the slot (the prefix cache's, earlier chunks')
+    prefix_hit: int = 0  # prompt tokens the prefix cache supplied when it was placed (its usage's cached_tokens)
 
     @property
     def length(self) -> int:
@@ -76,7 +77,8 @@ class Sequence:
                 token_count=1,
                 logprobs=[logprob] if logprob is not None else None,
                 finish_reason=finish,
-                usage=Usage(len(self.prompt_ids), len(self.output_ids)) if finish is not None else None,
+                usage=(Usage(len(self.prompt_ids), len(self.output_ids), self.prefix_hit)
+                       if finish is not None else None),
             )
         )
         if finish is not None:
