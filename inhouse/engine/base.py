@@ -232,7 +232,8 @@ class EngineStats:
     # restarted (the server's liveness probe fails).  The state is then FAILED.
     alive: bool = True
     # the transformers engine's prefix cache (docs/engine.md), since start: prompt tokens whose KV was reused
-    # (hits) or computed (misses) while it was on, blocks evicted to stay within its budget, and bytes held now
+    # (hits) or computed (misses) while it was on, blocks evicted to stay within its budget, and bytes held now;
+    # the vLLM engine fills the hits and misses from vLLM's own prefix cache
     prefix_cache_hit_tokens: int = 0
     prefix_cache_miss_tokens: int = 0
     prefix_cache_evictions: int = 0

@@ -64,6 +64,8 @@ class _SchedulerState:
     running = 0
     waiting = 0
     kv_cache_usage = 0.0
+    prefix_hits = 0  # since start: prompt tokens vLLM's prefix cache supplied, and those it looked up
+    prefix_queries = 0
 
 
 def _stat_logger_factory(state: _SchedulerState) -> Any:
@@ -79,6 +81,10 @@ def _stat_logger_factory(state: _SchedulerState) -> Any:
                 state.running = scheduler_stats.num_running_reqs
                 state.waiting = scheduler_stats.num_waiting_reqs
                 state.kv_cache_usage = scheduler_stats.kv_cache_usage
+                prefix = getattr(scheduler_stats, "prefix_cache_stats", None)  # this step's, not cumulative
+                if prefix is not None:
+                    state.prefix_hits += prefix.hits
+                    state.prefix_queries += prefix.queries
 
         def log_engine_initialized(self) -> None:
             pass
@@ -225,6 +231,8 @@ class VllmEngine:
             waiting=self._scheduler.waiting,
             kv_cache_tokens=round(self._scheduler.kv_cache_usage * self._kv_capacity),
             kv_cache_usage=self._scheduler.kv_cache_usage,
+            prefix_cache_hit_tokens=self._scheduler.prefix_hits,
+            prefix_cache_miss_tokens=self._scheduler.prefix_queries - self._scheduler.prefix_hits,
         )
 
     async def close(self) -> None:
