@@ -12,6 +12,8 @@ of steps, each used by one request then dropped (an empty list: behave normally)
                                send that many chunks (0: none), then go silent that long mid-stream
     {"words": 40}              reply with that many words (a long answer), not the fixed reply
     {"usage": false}           leave ``usage`` out (the gateway must count)
+    {"cached_tokens": 3}       add ``usage.prompt_tokens_details.cached_tokens`` with that value (any JSON value;
+                               the prompt is always 5 tokens)
     {"raw_chunks": ["{\"choices\":[\"oops\"]}", "[1]"]}
                                send each string verbatim as one ``data:`` event, then ``data: [DONE]``
                                (malformed or wrong-shaped chunks; ``chunk_delay`` applies)
@@ -265,6 +267,8 @@ class _Answer:
         self.words = [f"w{i} " for i in range(count)] if count else [w + " " for w in REPLY.split(" ")]
         self.words[-1] = self.words[-1].strip()
         self.usage = {"prompt_tokens": 5, "completion_tokens": len(self.words), "total_tokens": 5 + len(self.words)}
+        if "cached_tokens" in step:
+            self.usage["prompt_tokens_details"] = {"cached_tokens": step["cached_tokens"]}
         self.with_usage = step.get("usage", True)
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.header = {"id": f"up-{len(up.log)}", "created": int(time.time()), "model": body.get("model"),

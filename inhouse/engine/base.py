@@ -115,10 +115,15 @@ class TokenLogprob:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """What one choice used, as the engine counted it (an upstream's own count when it sends one)."""
+    """What one choice used, as the engine counted it (an upstream's own count when it sends one).
+
+    ``cached_tokens``: how many of the prompt tokens were served from a prefix cache (OpenAI's
+    ``usage.prompt_tokens_details.cached_tokens``); None when the engine does not know (an upstream that did not
+    say), 0 when it knows none were."""
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +232,8 @@ class EngineStats:
     # restarted (the server's liveness probe fails).  The state is then FAILED.
     alive: bool = True
     # the transformers engine's prefix cache (docs/engine.md), since start: prompt tokens whose KV was reused
-    # (hits) or computed (misses) while it was on, blocks evicted to stay within its budget, and bytes held now
+    # (hits) or computed (misses) while it was on, blocks evicted to stay within its budget, and bytes held now;
+    # the vLLM engine fills the hits and misses from vLLM's own prefix cache
     prefix_cache_hit_tokens: int = 0
     prefix_cache_miss_tokens: int = 0
     prefix_cache_evictions: int = 0

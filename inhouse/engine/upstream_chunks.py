@@ -9,7 +9,9 @@ tool-call piece.
 ``Relay`` holds what spans chunks: it numbers tool calls the way the engine seam wants them (the first piece
 of call ``index`` carries its id and name, argument fragments follow, calls never interleave) whatever the
 upstream did (``index`` left out, the ``id`` repeated on every piece, a whole call in one chunk), and keeps the
-usage: the upstream's when sent, else one token per chunk that said anything.
+usage: the upstream's when sent, else one token per chunk that said anything.  The upstream's
+``usage.prompt_tokens_details.cached_tokens`` is passed on when it is a whole number from 0 to the prompt's
+tokens; anything else there is ignored (it is a detail, not worth failing an answer for).
 
 Holds no I/O: the engine (``upstream.py``) reads the stream and decides what a bad chunk costs.
 """
@@ -57,6 +59,7 @@ class Chunk:
     completion_tokens: int | None = None
     reasoning: str = ""
     tool_calls: tuple[RawToolCall, ...] = ()
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when a whole number ≥ 0
 
 
 def parse_chunk(data: bytes) -> Chunk:
@@ -70,13 +73,14 @@ def parse_chunk(data: bytes) -> Chunk:
     if payload.get("error") is not None:
         raise BadChunkError("sent an error event")
     prompt, completion = _usage(payload.get("usage"))
+    cached = _cached(payload.get("usage"))
     choices = payload.get("choices")
     if choices is None:
         choices = []
     if not isinstance(choices, list):
         raise BadChunkError("sent a chunk whose choices is not a list")
     if not choices:
-        return Chunk(prompt_tokens=prompt, completion_tokens=completion)
+        return Chunk(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
     choice = choices[0]
     if not isinstance(choice, dict):
         raise BadChunkError("sent a chunk whose choice is not an object")
@@ -87,7 +91,7 @@ def parse_chunk(data: bytes) -> Chunk:
         text = choice.get("text")
         if not isinstance(text, str | None):
             raise BadChunkError("sent a chunk whose text is not a string")
-        return Chunk(text or "", finish or None, prompt, completion)
+        return Chunk(text or "", finish or None, prompt, completion, cached_tokens=cached)
     delta = choice["delta"] if choice["delta"] is not None else {}
     if not isinstance(delta, dict):
         raise BadChunkError("sent a chunk whose delta is not an object")
@@ -96,7 +100,7 @@ def parse_chunk(data: bytes) -> Chunk:
         reasoning = delta.get("reasoning_content")
     if not isinstance(text, str | None) or not isinstance(reasoning, str | None):
         raise BadChunkError("sent a chunk whose content or reasoning is not a string")
-    return Chunk(text or "", finish or None, prompt, completion, reasoning or "", _tool_calls(delta))
+    return Chunk(text or "", finish or None, prompt, completion, reasoning or "", _tool_calls(delta), cached)
 
 
 def _usage(usage: object) -> tuple[int | None, int | None]:
@@ -109,6 +113,13 @@ def _usage(usage: object) -> tuple[int | None, int | None]:
         if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
             raise BadChunkError("sent a chunk whose token counts are not whole numbers")
     return counts
+
+
+def _cached(usage: object) -> int | None:
+    """``usage.prompt_tokens_details.cached_tokens`` if it is a whole number ≥ 0, else None (ignored)."""
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) and cached >= 0 else None
 
 
 def _tool_calls(delta: dict[str, object]) -> tuple[RawToolCall, ...]:
@@ -157,13 +168,15 @@ class Relay:
 
     Upstreams report usage with the finishing chunk or in a ``choices: []`` chunk after it, so the
     finishing Delta is held until the stream ends; then ``settle`` gives it the choice's Usage: the upstream's
-    prompt tokens (else the admission estimate) and its completion tokens (else the chunks counted).
+    prompt tokens (else the admission estimate), its completion tokens (else the chunks counted), and its cached
+    prompt tokens when it sent them (and they are no more than the prompt tokens).
     """
 
     def __init__(self) -> None:
         self.counted = 0
         self.prompt: int | None = None
         self.reported: int | None = None
+        self.cached: int | None = None
         self._calls: list[_Call] = []
 
     def add(self, chunk: Chunk) -> Delta | None:
@@ -173,6 +186,8 @@ class Relay:
             self.prompt = chunk.prompt_tokens
         if chunk.completion_tokens is not None:
             self.reported = chunk.completion_tokens
+        if chunk.cached_tokens is not None:
+            self.cached = chunk.cached_tokens
         pieces = [piece for raw in chunk.tool_calls for piece in self._place(raw)]
         said = bool(chunk.text or chunk.reasoning or pieces)
         if not said and chunk.finish_reason is None:
@@ -192,7 +207,8 @@ class Relay:
         if self.reported is not None:
             finishing.token_count += self.reported - self.counted
         prompt = self.prompt if self.prompt is not None else generation.prompt_tokens
-        finishing.usage = Usage(prompt, self.reported if self.reported is not None else self.counted)
+        cached = self.cached if self.cached is not None and self.cached <= prompt else None
+        finishing.usage = Usage(prompt, self.reported if self.reported is not None else self.counted, cached)
         return finishing
 
     def _closed_empty(self) -> list[ToolCallDelta]:

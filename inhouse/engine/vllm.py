@@ -65,6 +65,8 @@ class _SchedulerState:
     running = 0
     waiting = 0
     kv_cache_usage = 0.0
+    prefix_hits = 0  # since start: prompt tokens vLLM's prefix cache supplied, and those it looked up
+    prefix_queries = 0
 
 
 def _stat_logger_factory(state: _SchedulerState) -> Any:
@@ -80,6 +82,10 @@ def _stat_logger_factory(state: _SchedulerState) -> Any:
                 state.running = scheduler_stats.num_running_reqs
                 state.waiting = scheduler_stats.num_waiting_reqs
                 state.kv_cache_usage = scheduler_stats.kv_cache_usage
+                prefix = getattr(scheduler_stats, "prefix_cache_stats", None)  # this step's, not cumulative
+                if prefix is not None:
+                    state.prefix_hits += prefix.hits
+                    state.prefix_queries += prefix.queries
 
         def log_engine_initialized(self) -> None:
             pass
@@ -226,6 +232,8 @@ class VllmEngine:
             waiting=self._scheduler.waiting,
             kv_cache_tokens=round(self._scheduler.kv_cache_usage * self._kv_capacity),
             kv_cache_usage=self._scheduler.kv_cache_usage,
+            prefix_cache_hit_tokens=self._scheduler.prefix_hits,
+            prefix_cache_miss_tokens=self._scheduler.prefix_queries - self._scheduler.prefix_hits,
         )
 
     async def close(self) -> None:
@@ -340,7 +348,7 @@ class VllmEngine:
                 generated += len(choice.token_ids)
                 collector.put(Delta(text=choice.text, token_count=len(choice.token_ids),
                                     logprobs=_logprobs(choice, request), finish_reason=_finish(finish),
-                                    usage=Usage(len(prompt_ids), generated) if finish is not None else None))
+                                    usage=_usage(output, len(prompt_ids), generated) if finish is not None else None))
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -349,6 +357,13 @@ class VllmEngine:
         finally:
             self._tasks.pop(request.request_id, None)
             self._gate.release()
+
+
+def _usage(output: Any, prompt_tokens: int, generated: int) -> Usage:
+    """A finished request's usage; ``cached_tokens`` is vLLM's prefix-cache hit (0 when it reports none)."""
+    cached = getattr(output, "num_cached_tokens", None)
+    hit = cached if isinstance(cached, int) and not isinstance(cached, bool) else 0
+    return Usage(prompt_tokens, generated, min(max(hit, 0), prompt_tokens))
 
 
 def _finish(reason: str | None) -> str | None:

@@ -77,9 +77,10 @@ class LiveCollector(Collector):
                 batches.add_metric(labels, stats.batches)
                 inputs.add_metric(labels, stats.batched_inputs)
                 max_batch.add_metric(labels, stats.max_batch)
-            if d.engine.info.kind == "transformers":
+            if d.engine.info.kind in ("transformers", "vllm"):  # vLLM counts hits and misses, not its blocks
                 prefix_hits.add_metric(labels, stats.prefix_cache_hit_tokens)
                 prefix_misses.add_metric(labels, stats.prefix_cache_miss_tokens)
+            if d.engine.info.kind == "transformers":
                 prefix_evictions.add_metric(labels, stats.prefix_cache_evictions)
                 prefix_bytes.add_metric(labels, stats.prefix_cache_bytes)
                 kv_bytes.add_metric(labels, stats.kv_cache_bytes)

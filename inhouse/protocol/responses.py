@@ -66,10 +66,17 @@ class ErrorResponse(_Body):
 # ----------------------------------------------------------------------------------------------- generation
 
 
+class PromptTokensDetails(_Body):
+    cached_tokens: int = Field(description="prompt tokens served from the engine's prefix cache (0: none)")
+
+
 class Usage(_Body):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | SkipJsonSchema[None] = Field(
+        default=None, description="when the engine counts cached prompt tokens (the transformers and vLLM engines "
+                                  "always; an upstream when it sends them)")
 
 
 class TopLogprob(_Body):

@@ -79,10 +79,14 @@ def audit_text(text: str, calls: Sequence[ToolCallDelta] | None) -> str:
     return text + "".join((f"\n[call {c.name}] " if c.name else "") + c.arguments for c in calls or ())
 
 
-def total_usage(usages: Sequence[Usage], prompt_of: Callable[[Sequence[Usage]], int]) -> Usage:
-    """The call's usage from its choices': ``prompt_of`` counts the prompt once per prompt (chat choices share
-    one; each prompt of a completions call has ``n`` choices)."""
-    return Usage(prompt_of(usages), sum(u.completion_tokens for u in usages))
+def total_usage(usages: Sequence[Usage], prompts_of: Callable[[Sequence[Usage]], Sequence[Usage]]) -> Usage:
+    """The call's usage from its choices': ``prompts_of`` picks one choice's usage per prompt (chat choices share
+    one; each prompt of a completions call has ``n`` choices), whose prompt and cached tokens count once.  The
+    cached tokens are left unknown (None) when an engine did not count them for one of those prompts."""
+    prompts = prompts_of(usages)
+    cached = [u.cached_tokens for u in prompts if u.cached_tokens is not None]
+    return Usage(sum(u.prompt_tokens for u in prompts), sum(u.completion_tokens for u in usages),
+                 sum(cached) if len(cached) == len(prompts) else None)
 
 
 async def route(request: Request, model: str, stream: bool, request_id: str,

@@ -39,18 +39,20 @@ class ChunkRenderer(Protocol):
     def chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]: ...
 
 
-def stream_events(generations: list[Generation], prompt_of: Callable[[Sequence[Usage]], int], include_usage: bool,
+def stream_events(generations: list[Generation], prompts_of: Callable[[Sequence[Usage]], Sequence[Usage]],
+                  include_usage: bool,
                   render: ChunkRenderer, call: Call | None = None, parsers: Parsers = ()) -> AsyncIterator[bytes]:
     """The events of the stream.  The call (if any) is a stream from now on: it is ended by the stream itself,
-    before ``[DONE]``.  ``prompt_of`` turns the choices' usages into the call's prompt tokens; ``parsers`` (per
-    choice) split each choice's text (``merged``)."""
+    before ``[DONE]``.  ``prompts_of`` picks the usage of one choice per prompt (``total_usage``); ``parsers``
+    (per choice) split each choice's text (``merged``)."""
     if call is not None:
         call.streaming = True
-    return _events(generations, prompt_of, include_usage, render, call, parsers)
+    return _events(generations, prompts_of, include_usage, render, call, parsers)
 
 
-async def _events(generations: list[Generation], prompt_of: Callable[[Sequence[Usage]], int], include_usage: bool,
-                  render: ChunkRenderer, call: Call | None, parsers: Parsers) -> AsyncIterator[bytes]:
+async def _events(generations: list[Generation], prompts_of: Callable[[Sequence[Usage]], Sequence[Usage]],
+                  include_usage: bool, render: ChunkRenderer, call: Call | None,
+                  parsers: Parsers) -> AsyncIterator[bytes]:
     usages: list[Usage | None] = [None] * len(generations)
     counted = [0] * len(generations)
     finish_reason: str | None = None
@@ -76,11 +78,11 @@ async def _events(generations: list[Generation], prompt_of: Callable[[Sequence[U
                 usages[index] = delta.usage or Usage(generations[index].prompt_tokens, counted[index])
                 finish_reason = finish_reason or delta.finish_reason
                 done = _all(usages)
-                totals = _wire(total_usage(done, prompt_of)) if done and not include_usage else None
+                totals = _wire(total_usage(done, prompts_of)) if done and not include_usage else None
                 yield event(render.chunk([render.choice(index, delta)], totals))
         done = _all(usages)
         if include_usage and done:
-            yield event(render.chunk([], _wire(total_usage(done, prompt_of))))
+            yield event(render.chunk([], _wire(total_usage(done, prompts_of))))
     except InhouseError as exc:
         error = exc
     except Exception:
@@ -89,7 +91,7 @@ async def _events(generations: list[Generation], prompt_of: Callable[[Sequence[U
     if call is not None:
         done = _all(usages)
         if done:  # the engines' own count of the whole answer
-            call.used(total_usage(done, prompt_of), finish_reason)
+            call.used(total_usage(done, prompts_of), finish_reason)
         if error is not None:
             call.failed(error.code)
         if not await call.end(200):
@@ -106,4 +108,4 @@ def _all(usages: list[Usage | None]) -> list[Usage] | None:
 
 
 def _wire(total: Usage) -> dict[str, Any]:
-    return usage(total.prompt_tokens, total.completion_tokens)
+    return usage(total.prompt_tokens, total.completion_tokens, total.cached_tokens)

@@ -107,6 +107,7 @@ def test_blocking_answer_and_exact_usage(greedy: dict[str, Any]) -> None:
     assert server["choices"][0]["message"]["content"] == greedy["text"]
     assert_usage(greedy["usage"], server["usage"])
     assert greedy["estimations"] == 0
+    assert server["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0  # OpenAI's detail: Dify reads around it
 
 
 def test_stream_chunks_and_final_usage(dify: Dify, smol_server: ServerProcess, greedy: dict[str, Any]) -> None:
@@ -125,6 +126,7 @@ def test_stream_chunks_and_final_usage(dify: Dify, smol_server: ServerProcess, g
     assert text == result["text"]
     assert_usage(result["usage"], usage)
     assert result["usage"] == greedy["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= 0  # type: ignore[index]
     assert result["estimations"] == 0
 
 
@@ -173,3 +175,4 @@ def test_tiny_without_v1_validate_and_blocking(dify: Dify, tiny_server: ServerPr
     assert server["choices"][0]["message"]["content"] == result["text"]
     assert_usage(result["usage"], server["usage"])
     assert result["estimations"] == 0
+    assert server["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0  # OpenAI's detail: Dify reads around it

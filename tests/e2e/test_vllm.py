@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import jsonschema_rs
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.process import ServerProcess
 from tests.tiny_lora import RECIPES, build_adapter
@@ -72,6 +74,29 @@ def test_auto_picks_vllm_for_a_model_it_supports(server: ServerProcess) -> None:
     r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
                    json={"model": "auto-ok", "messages": QUESTION, "max_tokens": 3, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_vllms_prefix_cache_hits_are_reported_as_cached_tokens(server: ServerProcess) -> None:
+    """vLLM's ``num_cached_tokens`` as ``usage.prompt_tokens_details.cached_tokens``: 0, then a shared prefix."""
+    system = {"role": "system", "content": " ".join(["Notes on vLLM: the quick brown fox jumps over a dog."] * 16)}
+    usages = []
+    for question in ("hello", "what is the capital of France?"):
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "model": "auto-ok", "messages": [system, {"role": "user", "content": question}], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        usages.append(r.json()["usage"])
+    assert usages[0]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert 0 < usages[1]["prompt_tokens_details"]["cached_tokens"] < usages[1]["prompt_tokens"], usages
+    deadline = time.monotonic() + 60  # vLLM's stat logger runs after the step: poll, never race it
+    while (hits := _prefix_hits(server)) < usages[1]["prompt_tokens_details"]["cached_tokens"]:
+        assert time.monotonic() < deadline, f"/metrics counted {hits} prefix-cache hit tokens"
+        time.sleep(0.2)
+
+
+def _prefix_hits(server: ServerProcess) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "inhouse_engine_prefix_cache_hit_tokens_total" and s.labels.get("model") == "auto-ok")
 
 
 def test_auto_falls_back_to_transformers_with_a_warning(server: ServerProcess) -> None:

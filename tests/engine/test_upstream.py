@@ -131,6 +131,35 @@ def test_finish_reasons_and_what_counts_as_a_token() -> None:
     assert counting.counted == 3
 
 
+def _settled(*payloads: dict[str, object]) -> tuple[int, int | None]:
+    """The (prompt, cached) tokens of the usage a Relay settles after these chunks (admission estimate: 9)."""
+    relay, finishing = Relay(), None
+    for payload in payloads:
+        finishing = relay.add(parse_chunk(json.dumps(payload).encode())) or finishing
+    assert finishing is not None
+    usage = relay.settle(finishing, Generation("r", 9, OutputCollector(asyncio.get_running_loop()), lambda _: None))
+    assert usage.usage is not None
+    return usage.usage.prompt_tokens, usage.usage.cached_tokens
+
+
+async def test_an_upstreams_cached_tokens_pass_through_when_they_make_sense() -> None:
+    end = {"choices": [{"delta": {}, "finish_reason": "stop"}]}
+    def usage(cached: object, prompt: int | None = 100) -> dict[str, object]:
+        return {"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": 2,
+                                         "prompt_tokens_details": {"cached_tokens": cached}}}
+    assert _settled(end, usage(64)) == (100, 64)
+    assert _settled(end, usage(0)) == (100, 0)
+    assert _settled(end, usage(100)) == (100, 100)
+    assert _settled({**usage(32), **end}) == (100, 32)  # on the finishing chunk itself
+    assert _settled(end, usage(8, prompt=None)) == (9, 8)  # within the admission estimate
+    for wrong in (101, -1, 1.5, "64", True, None, [64], {"n": 1}):
+        assert _settled(end, usage(wrong)) == (100, None), wrong  # ignored, never a failed answer
+    for details in (None, "x", [1], {}):
+        assert _settled(end, {"choices": [], "usage": {"prompt_tokens": 100, "prompt_tokens_details": details}}) \
+            == (100, None)
+    assert _settled(end) == (9, None)  # no usage at all
+
+
 def test_reasoning_is_either_field_never_both() -> None:
     assert parse_chunk(b'{"choices":[{"delta":{"reasoning_content":"a"}}]}').reasoning == "a"
     assert parse_chunk(b'{"choices":[{"delta":{"reasoning":"b"}}]}').reasoning == "b"

@@ -65,9 +65,9 @@ class _Fed:
         self.collector.put(Delta(text=text, token_count=tokens, finish_reason=finish, usage=usage))
 
 
-def shared_prompt(usages: Sequence[Usage]) -> int:
+def shared_prompt(usages: Sequence[Usage]) -> Sequence[Usage]:
     """Chat: every choice answers the same prompt, counted once."""
-    return usages[0].prompt_tokens
+    return usages[:1]
 
 
 def new_call(*sinks: _Sink, keep_text: bool = False) -> Call:
@@ -202,13 +202,34 @@ async def test_several_choices_open_first_then_interleave_and_share_one_usage() 
     assert finishes[1] == out[-2] and out[-1] == "[DONE]"
 
 
-async def test_prompt_of_decides_how_choices_prompts_add_up() -> None:
+async def test_prompts_of_decides_how_choices_prompts_add_up() -> None:
     feds = [_Fed("p0", prompt_tokens=3), _Fed("p1", prompt_tokens=8)]  # completions: two prompts, n=1
     for fed in feds:
         fed.put("x", finish="stop")
-    out = await drain(stream_events([f.generation for f in feds], lambda us: sum(u.prompt_tokens for u in us),
-                                    True, _Renderer()))
+    out = await drain(stream_events([f.generation for f in feds], lambda us: us, True, _Renderer()))
     assert out[-2]["usage"] == {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
+
+
+async def test_cached_tokens_reach_the_usage_chunk_once_per_prompt() -> None:
+    feds = [_Fed("g0", prompt_tokens=130), _Fed("g1", prompt_tokens=130)]  # chat, n=2: one prompt
+    feds[0].put("a", finish="stop", usage=Usage(130, 1, 128))
+    feds[1].put("b", finish="stop", usage=Usage(130, 1, 128))
+    out = await drain(stream_events([f.generation for f in feds], shared_prompt, True, _Renderer()))
+    assert out[-2] == {"choices": [], "usage": {"prompt_tokens": 130, "completion_tokens": 2, "total_tokens": 132,
+                                                "prompt_tokens_details": {"cached_tokens": 128}}}
+    two = [_Fed("p0", prompt_tokens=70), _Fed("p1", prompt_tokens=5)]  # completions: two prompts
+    two[0].put("a", finish="stop", usage=Usage(70, 1, 64))
+    two[1].put("b", finish="stop", usage=Usage(5, 1, 0))
+    out = await drain(stream_events([f.generation for f in two], lambda us: us, False, _Renderer()))
+    assert out[-2]["usage"]["prompt_tokens_details"] == {"cached_tokens": 64}
+
+
+async def test_cached_tokens_are_left_out_when_an_engine_did_not_count_them() -> None:
+    feds = [_Fed("p0", prompt_tokens=70), _Fed("p1", prompt_tokens=5)]
+    feds[0].put("a", finish="stop", usage=Usage(70, 1, 64))
+    feds[1].put("b", finish="stop", usage=Usage(5, 1))  # e.g. an upstream that did not say
+    out = await drain(stream_events([f.generation for f in feds], lambda us: us, True, _Renderer()))
+    assert out[-2]["usage"] == {"prompt_tokens": 75, "completion_tokens": 2, "total_tokens": 77}
 
 
 async def test_one_choice_failing_ends_the_whole_stream_and_aborts_the_other() -> None:

@@ -117,6 +117,7 @@ class Scheduler:
         tier = self.tiers.place(seq, min(len(seq.prompt_ids) + 1, self.tiers.max_length))
         if self.prefix is not None:
             seq.cached = self.prefix.load(seq.prompt_ids, seq.adapter, tier, seq.slot)
+            seq.prefix_hit = seq.cached
 
     def _give_prefix_the_rest(self) -> None:
         """The prefix cache may hold what the running sequences' charges leave of the budget (it evicts down)."""

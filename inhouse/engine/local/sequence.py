@@ -43,6 +43,7 @@ class Sequence:
     slot: int = -1
     charge: int = 0  # tokens of KV memory it may come to hold, counted against the budget while it runs
     cached: int = 0  # prompt tokens whose keys and values are in the slot (the prefix cache's, earlier chunks')
+    prefix_hit: int = 0  # prompt tokens the prefix cache supplied when it was placed (its usage's cached_tokens)
 
     @property
     def length(self) -> int:
@@ -78,7 +79,8 @@ class Sequence:
                 token_count=1,
                 logprobs=[logprob] if logprob is not None else None,
                 finish_reason=finish,
-                usage=Usage(len(self.prompt_ids), len(self.output_ids)) if finish is not None else None,
+                usage=(Usage(len(self.prompt_ids), len(self.output_ids), self.prefix_hit)
+                       if finish is not None else None),
             )
         )
         if finish is not None:

@@ -123,13 +123,14 @@ async def chat_completions(request: Request) -> Response:
         for i, r in enumerate(results)
     ]
     return json_response(chat_completion(request_id, created, model, choices,
-                                         usage(totals.prompt_tokens, totals.completion_tokens)), headers=headers)
+                                         usage(totals.prompt_tokens, totals.completion_tokens, totals.cached_tokens)),
+                         headers=headers)
 
 
 def _parsers(info: EngineInfo, requests: list[GenerateRequest]) -> list[ChoiceParser | None]:
     return [choice_parser(info, r) for r in requests]
 
 
-def _one_prompt(usages: Sequence[Usage]) -> int:
+def _one_prompt(usages: Sequence[Usage]) -> Sequence[Usage]:
     """Every choice of a chat call answers the same prompt."""
-    return usages[0].prompt_tokens
+    return usages[:1]

@@ -55,8 +55,8 @@ async def completions(request: Request) -> Response:
     created = int(time.time())
     headers = {"x-request-id": request_id, "x-inhouse-deployment": routed.deployment.label}
 
-    def prompt_of(usages: Sequence[Usage]) -> int:  # each prompt's n choices share it
-        return sum(usages[p * body.n].prompt_tokens for p in range(len(prompts)))
+    def prompts_of(usages: Sequence[Usage]) -> Sequence[Usage]:  # each prompt's n choices share it
+        return [usages[p * body.n] for p in range(len(prompts))]
 
     if call is not None:
         call.prompt("\n".join(p for p in prompts if isinstance(p, str)) if call.keep_text else None,
@@ -65,10 +65,10 @@ async def completions(request: Request) -> Response:
               for i in range(len(generations))]
     if body.stream:
         render = _CompletionChunks(request_id, created, model, body.include_usage, echoes)  # type: ignore[arg-type]
-        events = stream_events(generations, prompt_of, body.include_usage, render, call)
+        events = stream_events(generations, prompts_of, body.include_usage, render, call)
         return sse_response(events, ctx.settings.keepalive_seconds, headers)
     results = await collect(generations, request)
-    totals = total_usage([r.usage for r in results if r.usage is not None], prompt_of)
+    totals = total_usage([r.usage for r in results if r.usage is not None], prompts_of)
     if call is not None:
         call.output("".join(r.text for r in results), totals.completion_tokens)
         call.used(totals, results[0].finish_reason)
@@ -82,4 +82,5 @@ async def completions(request: Request) -> Response:
         for i, r in enumerate(results)
     ]
     return json_response(completion(request_id, created, model, choices,
-                                    usage(totals.prompt_tokens, totals.completion_tokens)), headers=headers)
+                                    usage(totals.prompt_tokens, totals.completion_tokens, totals.cached_tokens)),
+                         headers=headers)

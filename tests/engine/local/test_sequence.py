@@ -49,7 +49,7 @@ async def test_a_length_limit_inside_a_character_sends_no_replacement(tokenizer,
         assert [d.finish_reason for d in deltas] == [None] * (limit - 1) + ["length"]
         # the usage travels with the finishing delta, and only with it
         prompt = len(tokenizer("prompt:")["input_ids"])
-        assert [d.usage for d in deltas] == [None] * (limit - 1) + [Usage(prompt, limit)]
+        assert [d.usage for d in deltas] == [None] * (limit - 1) + [Usage(prompt, limit, 0)]
 
 
 async def test_a_stop_token_after_half_a_character_sends_no_replacement(tokenizer) -> None:  # type: ignore[no-untyped-def]
