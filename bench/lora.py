@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -190,11 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for c in checks:
         print(c.line())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"engine": args.engine, "streams": args.streams, "max_tokens": args.max_tokens, "rank": args.rank,
                **result, "checks": [c.to_json() for c in checks]}
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    report.write(args.out, summary)
     return 0 if all(c.passed for c in checks) else 1
 
 

@@ -505,7 +505,7 @@ def _read_yaml(path: Path) -> dict[str, object]:
     return raw
 
 
-_ENGINES = frozenset({"transformers", "vllm", "auto", "fake", "upstream", "sentence-transformers"})
+_ENGINES = frozenset({"transformers", "vllm", "auto", "fake", "upstream", "sentence-transformers", "adapter"})
 
 
 def _describe(exc: ValidationError) -> str:

@@ -141,6 +141,16 @@ def test_an_option_of_another_engine_is_refused_by_name() -> None:
     assert model_spec(name="f", path="/m").engine == "auto"  # the default kind
 
 
+def test_an_option_of_another_engine_on_an_adapter_model_is_refused_by_name(tmp_path: Path) -> None:
+    """An adapter model is its own kind: a stray option is named at its key, not under the ``adapter:`` key."""
+    _adapter_dir(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(write(tmp_path, "models:\n  - {name: b, engine: transformers, path: x}\n"
+                                      "  - {name: s, base: b, adapter: support-v3, kv_cache_gib: 2}\n"))
+    assert "models.1.kv_cache_gib: 'kv_cache_gib' is not an option of engine adapter" in str(refused.value)
+    assert "adapter.kv_cache_gib" not in str(refused.value)
+
+
 def test_tls_files_are_relative_to_the_config_file_and_checked_together(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, """
 tls_cert: certs/server.pem

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from inhouse.config import RoutingSettings
 from inhouse.gateway.registry import Deployment, ModelRegistry
@@ -29,6 +29,13 @@ class HealthProbe(Protocol):
     async def probe(self, timeout: float, kind: str) -> str | None:
         """One check of ``kind`` (``models`` or ``completion``) within ``timeout`` seconds: None when healthy,
         else the reason, in words for the operator."""
+
+
+if TYPE_CHECKING:  # mypy holds the upstream engine to the surface it declares (the engine cannot import this)
+    from inhouse.engine.upstream import UpstreamEngine
+
+    def _upstream_is_probed(engine: UpstreamEngine) -> HealthProbe:
+        return engine
 
 
 class HealthMonitor:
