@@ -60,7 +60,8 @@ class DecodeGroup:
 
 @dataclass(frozen=True, slots=True)
 class BatchLayout:
-    """Where one forward pass reads and writes the cache: a prefill's placements, or a decode's groups."""
+    """Where one forward pass reads and writes the cache: a decode's groups, a prefill's placements, or both in
+    one packed row (the decode rows' tokens first, one each, then the prompts': a fused step)."""
 
     placements: tuple[Placement, ...] = ()
     groups: tuple[DecodeGroup, ...] = ()
@@ -84,15 +85,27 @@ def slot_attention(
     layout: BatchLayout = kwargs["inhouse_batch"]
     layer: int = module.layer_idx  # type: ignore[assignment]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if layout.is_prefill:
-        return _prefill(layout, layer, query, key, value, scale), None
-    if len(layout.groups) == 1:
-        return _decode_group(layout.groups[0], layer, query, key, value, scale), None
+    if not layout.is_prefill:
+        return _decode_rows(layout.groups, layer, query, key, value, scale), None
+    out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
+    if layout.groups:  # a fused step: its first tokens are decode rows, one token each
+        n = layout.groups[-1].end
+        q, k, v = (t[0, :, :n].transpose(0, 1).unsqueeze(2) for t in (query, key, value))  # [n, heads, 1, dim]
+        out[0, :n] = _decode_rows(layout.groups, layer, q, k, v, scale)[:, 0]
+    _prefill(layout, layer, query, key, value, scale, out)
+    return out, None
+
+
+def _decode_rows(groups: tuple[DecodeGroup, ...], layer: int, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode rows ``[rows, heads, 1, head_dim]``, tier by tier → ``[rows, 1, heads, head_dim]``."""
+    if len(groups) == 1:
+        return _decode_group(groups[0], layer, query, key, value, scale)
     out = query.new_empty((query.shape[0], 1, query.shape[1], query.shape[3]))
-    for group in layout.groups:
+    for group in groups:
         rows = slice(group.start, group.end)
         out[rows] = _decode_group(group, layer, query[rows], key[rows], value[rows], scale)
-    return out, None
+    return out
 
 
 def _decode_group(group: DecodeGroup, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -104,13 +117,11 @@ def _decode_group(group: DecodeGroup, layer: int, query: torch.Tensor, key: torc
     return _decode(group.mask, query, keys, values, scale)
 
 
-def _prefill(
-    layout: BatchLayout, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Causal SDPA over each packed sequence of the single row (over its cached prefix too, when it has one)."""
-    _, heads, total, head_dim = query.shape
-    out = query.new_empty((1, total, heads, head_dim))
-    grouped = heads != key.shape[1]
+def _prefill(layout: BatchLayout, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             scale: float, out: torch.Tensor) -> None:
+    """Causal SDPA over each packed sequence of the single row (over its cached prefix too, when it has one),
+    into ``out`` ``[1, tokens, heads, head_dim]``."""
+    grouped = query.shape[1] != key.shape[1]
     for p in layout.placements:
         end = p.start + p.length
         p.cache.write_slot(layer, p.slot, p.offset, key[0, :, p.start : end], value[0, :, p.start : end])
@@ -122,7 +133,6 @@ def _prefill(
                 is_causal=True, scale=scale, enable_gqa=grouped,
             )
         out[:, p.start : end] = part.transpose(1, 2)
-    return out
 
 
 def _after_prefix(p: Placement, layer: int, query: torch.Tensor, scale: float, grouped: bool) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -331,32 +332,42 @@ class LocalEngine:
                 self._finish(seq, scheduler)
 
     def _forward(self, step: Step, runner: ModelRunner, scheduler: Scheduler) -> tuple[list[Sequence], torch.Tensor]:
-        """The step's logits; a batched prefill that fails is retried one prompt at a time, failing only the
-        prompts that fail alone (a decode step runs the model's own tokens: its failure is nobody's fault)."""
+        """The step's sequences whose next token is due, and their logits.  A step with prompts that fails is run
+        again in parts: the decode rows alone (their failure is nobody's fault: it fails them all), then each
+        prompt alone, failing only the prompts that fail alone."""
+        started = time.perf_counter()
         try:
-            if not step.is_prefill:
-                return step.seqs, runner.decode(step.seqs)
-            logits = runner.prefill(step.seqs, step.chunk)
+            logits = runner.run(step.decode, step.prefill, step.chunk)
         except Exception:
-            if not step.is_prefill or len(step.seqs) == 1:
+            if not step.prefill or (not step.decode and len(step.prefill) == 1):
                 raise
-        else:
-            done = scheduler.prefilled(step, step.seqs)  # after a chunk that is not a prompt's last: nobody
-            return done, logits if done else logits[:0]
-        log.warning("batched prefill of %d requests failed for model %s; retrying them one by one",
-                    len(step.seqs), self.spec.name)
-        kept, rows, broken = [], [], []
-        for seq in step.seqs:
+            return self._forward_in_parts(step, runner, scheduler)
+        if scheduler.pace is not None:
+            scheduler.pace.ran(time.perf_counter() - started, len(step.decode), step.prompt_tokens)
+        n = len(step.decode)
+        due = set(map(id, scheduler.prefilled(step, step.prefill)))  # a chunk that is not a prompt's last: nobody
+        rows = [*range(n), *(n + i for i, seq in enumerate(step.prefill) if id(seq) in due)]
+        return [*step.decode, *(seq for seq in step.prefill if id(seq) in due)], logits[rows]
+
+    def _forward_in_parts(self, step: Step, runner: ModelRunner,
+                          scheduler: Scheduler) -> tuple[list[Sequence], torch.Tensor]:
+        log.warning("a step with %d prompts failed for model %s; running them one by one",
+                    len(step.prefill), self.spec.name)
+        seqs, rows = (list(step.decode), [runner.decode(step.decode)]) if step.decode else ([], [])
+        kept, broken = [], []
+        for seq in step.prefill:
             try:
-                rows.append(runner.prefill([seq]))
+                rows.append(runner.prefill([seq], step.chunk))
                 kept.append(seq)
             except Exception:
                 log.exception("the prompt of request %s failed the model", seq.request_id)
                 broken.append(seq)
         for seq in broken:
             self._fail(seq, scheduler, "the model failed on this request's prompt")
-        scheduler.prefilled(step, kept)
-        return kept, (torch.cat(rows) if rows else torch.empty(0))
+        logits = torch.cat(rows) if rows else torch.empty(0)
+        due = set(map(id, scheduler.prefilled(step, kept)))
+        keep = [*range(len(seqs)), *(len(seqs) + i for i, seq in enumerate(kept) if id(seq) in due)]
+        return [*seqs, *(seq for seq in kept if id(seq) in due)], logits[keep]
 
     def _take_inbox(self, scheduler: Scheduler) -> bool:
         """Move new requests and aborts into the scheduler; sleep while idle.  False when closing."""

@@ -59,36 +59,50 @@ class ModelRunner:
         if device.type == "cpu" and tiers.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             _prepack_linears(model)
 
-    @torch.inference_mode()
     def prefill(self, seqs: Seq[RunnableSequence], chunk: int = 0) -> torch.Tensor:
-        """Fill the cache for placed sequences (each in its tier and slot, room reserved); return their
-        next-token logits.
+        """A step of prompts alone (see ``run``)."""
+        return self.run((), seqs, chunk)
 
-        The prompts run packed back to back in one row, so no compute goes to padding.  A sequence whose
-        first ``cached`` prompt positions are already in its slot (the prefix cache's, or earlier chunks') runs
-        only the rest, or only its next ``chunk`` tokens (then the logits are those of the chunk's last token).
-        """
-        ends = [min(s.cached + chunk, len(s.prompt_ids)) if chunk else len(s.prompt_ids) for s in seqs]
-        lengths = [end - s.cached for s, end in zip(seqs, ends, strict=True)]
-        ids = torch.tensor([t for s, end in zip(seqs, ends, strict=True) for t in s.prompt_ids[s.cached : end]],
-                           dtype=torch.long)
-        positions = torch.cat([torch.arange(s.cached, end) for s, end in zip(seqs, ends, strict=True)])
-        starts = [0, *itertools.accumulate(lengths)]
-        layout = BatchLayout(placements=tuple(
-            Placement(self.tiers.tiers[s.tier], s.slot, start, length, s.cached)
-            for s, start, length in zip(seqs, starts[:-1], lengths, strict=True)
-        ))
-        last = torch.tensor(starts[1:]) - 1
-        with self._adapters(seqs, lengths):
-            return self._forward(ids.view(1, -1), positions.view(1, -1), layout, last.to(self.device))[0]
+    def decode(self, seqs: Seq[RunnableSequence]) -> torch.Tensor:
+        """A step of decode rows alone (see ``run``)."""
+        return self.run(seqs, ())
 
     @torch.inference_mode()
-    def decode(self, seqs: Seq[RunnableSequence]) -> torch.Tensor:
-        """One token for each sequence, given tier by tier and, in a tier, from its slot 0 on, the tiers sized for
-        the step (``KVTiers.prepare_decode``); return next-token logits."""
-        write_at = [s.length - 1 for s in seqs]
+    def run(self, decode: Seq[RunnableSequence], prefill: Seq[RunnableSequence], chunk: int = 0) -> torch.Tensor:
+        """One forward pass: a token for each of ``decode`` and the prompts of ``prefill``; return next-token logits,
+        one row each, ``decode``'s then ``prefill``'s.
+
+        ``decode`` comes tier by tier and, in a tier, from its slot 0 on, the tiers sized for the step
+        (``KVTiers.prepare_decode``); ``prefill``'s sequences are placed, room reserved.  The prompts run packed
+        back to back in one row (after the decode rows' tokens, when there are both: one pass reads the weights
+        once for all of them), so no compute goes to padding.  A sequence whose first ``cached`` prompt positions
+        are already in its slot (the prefix cache's, or earlier chunks') runs only the rest, or only its next
+        ``chunk`` tokens (then its logits are those of the chunk's last token).
+        """
+        ends = [min(s.cached + chunk, len(s.prompt_ids)) if chunk else len(s.prompt_ids) for s in prefill]
+        lengths = [end - s.cached for s, end in zip(prefill, ends, strict=True)]
+        n = len(decode)
+        ids = [s.last_token for s in decode]
+        ids += [t for s, end in zip(prefill, ends, strict=True) for t in s.prompt_ids[s.cached : end]]
+        write_at = [s.length - 1 for s in decode]
+        positions = torch.cat([torch.tensor(write_at, dtype=torch.long),
+                               *[torch.arange(s.cached, end) for s, end in zip(prefill, ends, strict=True)]])
+        starts = [n, *(n + c for c in itertools.accumulate(lengths))]
+        layout = BatchLayout(
+            placements=tuple(Placement(self.tiers.tiers[s.tier], s.slot, start, length, s.cached)
+                             for s, start, length in zip(prefill, starts[:-1], lengths, strict=True)),
+            groups=self._groups(decode, write_at),
+        )
+        with self._adapters([*decode, *prefill], [1] * n + lengths):
+            if not prefill:
+                return self._forward(torch.tensor(ids).view(-1, 1), positions.view(-1, 1), layout, 1)[:, -1]
+            keep = torch.tensor([*range(n), *(e - 1 for e in starts[1:])], device=self.device)
+            return self._forward(torch.tensor(ids).view(1, -1), positions.view(1, -1), layout, keep)[0]
+
+    def _groups(self, decode: Seq[RunnableSequence], write_at: list[int]) -> tuple[DecodeGroup, ...]:
+        """The decode rows' tiers: each a run of rows in slots 0.. of one tier."""
         groups, start = [], 0
-        for _, run in itertools.groupby(seqs, key=lambda s: s.tier):
+        for _, run in itertools.groupby(decode, key=lambda s: s.tier):
             members = list(run)
             end = start + len(members)
             cache = self.tiers.tiers[members[0].tier]
@@ -101,10 +115,7 @@ class ModelRunner:
                 kv_length=int(positions.max()) + 1,
             ))
             start = end
-        ids = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long)
-        positions = torch.tensor(write_at, dtype=torch.long)
-        with self._adapters(seqs, [1] * len(seqs)):
-            return self._forward(ids, positions.view(-1, 1), BatchLayout(groups=tuple(groups)), 1)[:, -1]
+        return tuple(groups)
 
     @contextlib.contextmanager
     def _adapters(self, seqs: Seq[RunnableSequence], counts: Seq[int]) -> Iterator[None]:

@@ -1,17 +1,18 @@
-"""Decides what the next engine step runs: a prefill of waiting sequences or a decode of running ones.
+"""Decides what the next engine step runs: a token for every running sequence, and prompt tokens beside them.
 
 Owns the waiting queue, the running list, and admission by memory: a sequence leaves the queue only while the
 KV memory the running ones may come to hold, plus its own (``KVTiers.charge`` of its prompt plus its
 ``max_tokens``), plus the tiers' slack, fits the model's budget; otherwise it waits (first come, first served),
 and nothing is ever cut short for room.  What the running sequences leave of the budget is the prefix cache's.
-Prefill goes first when there is room, bounded by a token budget so one step stays short.  A sequence given a
-slot gets its prompt's longest cached prefix copied in first (when there is a prefix cache), and its prefill then
-runs only the rest.
+A sequence given a slot gets its prompt's longest cached prefix copied in first (when there is a prefix cache),
+and its prefill then runs only the rest.
 
-Chunked prefill (``chunk_tokens`` > 0): a prompt with more than ``chunk_tokens`` tokens left to prefill is
-prefilled alone, ``chunk_tokens`` at a time, and its chunks alternate with decode steps of the sequences already
-running, so its arrival delays their next token by one chunk's time at most; a batch of shorter prompts stays
-within ``chunk_tokens`` too.  One prompt at a time is chunked; it is the tiers' pinned sequence meanwhile.
+Every step decodes every running sequence, and takes waiting prompts into the same forward pass (one read of the
+weights for both).  When nothing is decoding, a step takes up to ``max_prefill_tokens`` prompt tokens.  While
+sequences decode, with chunked prefill on (``chunk_tokens`` > 0), a step takes only what ``Pace`` allows (at most
+``chunk_tokens``): a prompt longer than that is prefilled in chunks, one per step, so its arrival slows the
+running streams' next token by a fraction of a step rather than stalling them for its whole prefill.  One prompt
+at a time is chunked (the tiers' pinned sequence meanwhile); prompts behind it wait for it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from inhouse.engine.local.kv_tiers import KVTiers
+from inhouse.engine.local.pace import Pace
 from inhouse.engine.local.prefix_cache import PrefixCache
 from inhouse.engine.local.sequence import Sequence, SequenceStatus
 
@@ -28,9 +30,17 @@ __all__ = ["Scheduler", "Step"]
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    is_prefill: bool
-    seqs: list[Sequence]
-    chunk: int = 0  # a chunk of a long prompt: prefill this many of its tokens (0: every token left)
+    """One forward pass: a token for each of ``decode``, and the prompts of ``prefill`` (the rest of each, or,
+    for the one prompt being chunked, its next ``chunk`` tokens); ``prompt_tokens`` in all."""
+
+    decode: list[Sequence]
+    prefill: list[Sequence]
+    chunk: int = 0
+    prompt_tokens: int = 0
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [*self.decode, *self.prefill]
 
 
 class Scheduler:
@@ -39,14 +49,14 @@ class Scheduler:
         self.tiers = tiers
         self.prefix = prefix
         self.max_num_seqs = max_num_seqs
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens = max_prefill_tokens  # prompt tokens of a step when nothing decodes
         self.budget_tokens = budget_tokens  # KV memory of the model, in tokens
         self.chunk_tokens = chunk_tokens
+        self.pace = Pace(chunk_tokens) if chunk_tokens else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.charged = 0  # tokens of memory the running sequences may come to hold
         self.chunking: Sequence | None = None  # the prompt being prefilled in chunks
-        self._chunk_ran = False  # the last step was one of its chunks
         self._give_prefix_the_rest()
 
     def add(self, seq: Sequence) -> None:
@@ -63,49 +73,44 @@ class Scheduler:
         return self.charged + self.charge(seq) + self.tiers.slack <= self.budget_tokens
 
     def schedule(self) -> Step | None:
+        """The running sequences' next tokens, and as many prompt tokens beside them as the step may take."""
+        decode = self.tiers.prepare_decode() if self.running else []
+        budget = self._prompt_budget(bool(decode))
         if self.chunking is not None:
-            return self._next_chunk(self.chunking)
-        if self.waiting and len(self.running) < self.max_num_seqs and self.fits(self.waiting[0]):
-            return self._prefill()
-        if self.running:
-            return Step(is_prefill=False, seqs=self.tiers.prepare_decode())
-        return None
+            seq = self.chunking
+            chunk = min(budget, len(seq.prompt_ids) - seq.cached)
+            return Step(decode, [seq], chunk, chunk)
+        prefill, chunk, tokens = self._admit(budget)
+        if not decode and not prefill:
+            return None
+        return Step(decode, prefill, chunk, tokens)
 
-    def _next_chunk(self, seq: Sequence) -> Step:
-        """The next chunk of the long prompt, or, right after one, a decode step of the others."""
-        if self._chunk_ran and len(self.running) > 1:
-            self._chunk_ran = False
-            return Step(is_prefill=False, seqs=self.tiers.prepare_decode())
-        self._chunk_ran = True
-        chunk = min(self.chunk_tokens, len(seq.prompt_ids) - seq.cached)
-        return Step(is_prefill=True, seqs=[seq], chunk=chunk)
+    def _prompt_budget(self, decoding: bool) -> int:
+        """While others decode, what the pace allows (chunking on); otherwise a whole batch of prompts."""
+        if self.pace is None or not decoding:
+            return self.max_prefill_tokens
+        return self.pace.budget()
 
-    def _prefill(self) -> Step:
+    def _admit(self, budget: int) -> tuple[list[Sequence], int, int]:
+        """Waiting prompts that fit in slots, memory and ``budget`` new tokens, placed; or the first chunk of one
+        too long for it (chunking on).  A prompt longer than the budget with chunking off runs alone."""
         batch: list[Sequence] = []
-        longest = new_tokens = 0
+        tokens = 0
         while self.waiting and len(self.running) < self.max_num_seqs and self.fits(self.waiting[0]):
             head = self.waiting[0]
-            candidate = max(longest, len(head.prompt_ids))
-            if batch and candidate * (len(batch) + 1) > self.max_prefill_tokens:
+            new = len(head.prompt_ids) - (self.prefix.match(head.prompt_ids, head.adapter) if self.prefix else 0)
+            if tokens + new > budget and batch:
                 break
-            if self.chunk_tokens:
-                new = len(head.prompt_ids) - (self.prefix.match(head.prompt_ids, head.adapter) if self.prefix else 0)
-                if new > self.chunk_tokens and not batch:
-                    return self._start_chunks()
-                if new > self.chunk_tokens or new_tokens + new > self.chunk_tokens:
-                    break
-                new_tokens += new
-            longest = candidate
-            batch.append(self.waiting.popleft())
-            self._place(batch[-1])
-        return Step(is_prefill=True, seqs=batch)
-
-    def _start_chunks(self) -> Step:
-        seq = self.waiting.popleft()
-        self._place(seq)
-        self.chunking = self.tiers.pinned = seq
-        self._chunk_ran = False
-        return self._next_chunk(seq)
+            self._place(self.waiting.popleft())
+            batch.append(head)
+            new = len(head.prompt_ids) - head.cached
+            if new > budget and self.chunk_tokens:
+                self.chunking = self.tiers.pinned = head
+                return batch, budget, budget
+            tokens += new
+            if tokens >= budget:
+                break
+        return batch, 0, tokens
 
     def _place(self, seq: Sequence) -> None:
         """Into a slot of the tier its prompt needs, with its cached prefix copied in; its charge counted."""

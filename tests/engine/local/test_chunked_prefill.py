@@ -29,40 +29,61 @@ def run(s: Scheduler) -> Step:
     """One step, as the engine runs it: a prefill's sequences then hold what it prefilled."""
     step = s.schedule()
     assert step is not None
-    if step.is_prefill:
-        s.prefilled(step, step.seqs)
+    s.prefilled(step, step.prefill)
     return step
 
 
-def test_a_long_prompt_is_chunked_between_decode_steps_of_the_others() -> None:
+def test_a_long_prompt_is_chunked_beside_the_decode_rows_of_the_others() -> None:
     s = chunked()
     a, b = seq("a", 4), seq("b", 40)
     s.add(a)
-    assert run(s).seqs == [a]
+    assert run(s).prefill == [a]
     s.add(b)
-    steps = [run(s) for _ in range(5)]
-    assert [(st.is_prefill, st.seqs, st.chunk) for st in steps] == [
-        (True, [b], 16), (False, [a], 0), (True, [b], 16), (False, [a], 0), (True, [b], 8)]
-    assert s.tiers.pinned is None  # b is whole: it decodes with the others from now on
-    assert b.cached == 40 and s.chunking is None
+    steps = [run(s) for _ in range(3)]
+    assert [(st.decode, st.prefill, st.chunk) for st in steps] == [([a], [b], 16), ([a], [b], 16), ([a], [b], 8)]
+    assert b.cached == 40 and s.chunking is None and s.tiers.pinned is None
     last = run(s)
-    assert not last.is_prefill and last.seqs == [a, b]  # b decodes with the others now
+    assert last.decode == [a, b] and last.prefill == []  # b decodes with the others now
     assert_slots_compact(s)
 
 
-def test_short_prompts_batch_within_the_chunk_budget_and_wait_for_a_chunked_one() -> None:
+def test_with_nothing_decoding_a_long_prompt_is_prefilled_whole() -> None:
+    s = chunked()
+    long_ = seq("long", 300)
+    s.add(long_)
+    step = run(s)
+    assert (step.decode, step.prefill, step.chunk, step.prompt_tokens) == ([], [long_], 0, 300)
+    assert s.chunking is None
+
+
+def test_the_pace_sets_the_chunk_while_others_decode() -> None:
+    s = Scheduler(tiers(), max_num_seqs=4, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=256)
+    a, b = seq("a", 4), seq("b", 400)
+    s.add(a)
+    run(s)
+    assert s.pace is not None
+    s.pace.ran(0.030, decode_rows=1, prompt_tokens=0)  # a decode step: 30 ms
+    s.pace.ran(0.130, decode_rows=1, prompt_tokens=100)  # 100 prompt tokens added 100 ms: 1 ms each
+    s.add(b)
+    step = run(s)
+    assert step.decode == [a] and step.prefill == [b] and step.chunk == 45  # 1.5 decode steps' time
+
+
+def test_short_prompts_batch_within_the_budget_and_wait_for_a_chunked_one() -> None:
     s = chunked(slots=8)
-    shorts = [seq(f"s{i}", 6) for i in range(3)]
+    first, shorts = seq("first", 3), [seq(f"s{i}", 6) for i in range(3)]
     long_, later = seq("long", 20), seq("later", 3)
+    s.add(first)
+    run(s)  # something decodes from now on: steps take 16 prompt tokens beside it
     for q in (*shorts, long_, later):
         s.add(q)
-    assert run(s).seqs == shorts[:2]  # 12 tokens; a third would make 18 > 16
-    assert run(s).seqs == shorts[2:]  # the long one is next, alone: the batch stops before it
-    first = run(s)
-    assert first.seqs == [long_] and first.chunk == 16
-    assert not run(s).is_prefill  # the others decode between its chunks, and "later" waits
-    assert run(s).seqs == [long_] and list(s.waiting) == [later]
-    assert run(s).seqs == [later]  # the long one is prefilled: a new prompt goes first again
+    assert run(s).prefill == shorts[:2]  # 12 tokens; a third would make 18 > 16
+    assert run(s).prefill == shorts[2:]  # then 6 + 20 > 16: the long one waits for the next step
+    step = run(s)
+    assert step.prefill == [long_] and step.chunk == 16 and list(s.waiting) == [later]
+    step = run(s)
+    assert step.prefill == [long_] and step.chunk == 4 and list(s.waiting) == [later]
+    assert run(s).prefill == [later]  # the long one is prefilled: a new prompt goes first again
 
 
 def test_finishing_during_chunks_keeps_the_chunked_prompt_last() -> None:
@@ -82,7 +103,7 @@ def test_finishing_during_chunks_keeps_the_chunked_prompt_last() -> None:
     assert s.running == [b, c] and b.slot == 0 and c.slot == 1
     assert (cache.keys[0][1, :, :16] == 7.0).all()
     step = run(s)
-    assert not step.is_prefill and step.seqs == [b]
+    assert step.decode == [b] and step.prefill == [c]
     s.finish(c)  # aborted mid-prefill
     assert s.running == [b] and s.chunking is None and s.tiers.pinned is None and c.slot == -1
     assert_slots_compact(s)
@@ -99,8 +120,7 @@ def test_slots_stay_compact_with_chunks_through_random_arrivals_and_departures()
         elif s.has_work():
             step = run(s)
             assert all(q in s.running for q in step.seqs)
-            if not step.is_prefill:
-                assert s.chunking not in step.seqs
+            assert s.chunking not in step.decode
         assert_slots_compact(s)
         chunking = s.chunking
         assert chunking is s.tiers.pinned

@@ -56,17 +56,19 @@ def test_nothing_to_do_is_none() -> None:
     assert s.schedule() is None and not s.has_work()
 
 
-def test_prefill_goes_first_whenever_a_slot_is_free() -> None:
+def test_every_step_decodes_the_running_and_takes_waiting_prompts_beside_them() -> None:
     s = scheduler(slots=3)
     a, b = seq("a"), seq("b")
     s.add(a)
     first = s.schedule()
-    assert first is not None and first.is_prefill and first.seqs == [a] and a.slot == 0
+    assert first is not None and (first.decode, first.prefill) == ([], [a]) and a.slot == 0
+    assert first.prompt_tokens == 4
+    s.prefilled(first, first.prefill)
     decode = s.schedule()
-    assert decode is not None and not decode.is_prefill and decode.seqs == [a]
-    s.add(b)  # a is running, but there is room: b is prefilled before a decodes again
+    assert decode is not None and (decode.decode, decode.prefill) == ([a], [])
+    s.add(b)  # a is running and there is room: b's prompt rides along with a's next token
     second = s.schedule()
-    assert second is not None and second.is_prefill and second.seqs == [b] and b.slot == 1
+    assert second is not None and (second.decode, second.prefill) == ([a], [b]) and second.seqs == [a, b]
     assert s.running == [a, b] and a.slot == 0 and b.slot == 1
 
 
@@ -76,46 +78,37 @@ def test_full_slots_decode_everything_running_and_waiting_waits() -> None:
     for q in seqs:
         s.add(q)
     prefill = s.schedule()
-    assert prefill is not None and prefill.seqs == seqs[:2]  # max_num_seqs bounds the batch
+    assert prefill is not None and prefill.prefill == seqs[:2]  # max_num_seqs bounds the batch
+    s.prefilled(prefill, prefill.prefill)
     step = s.schedule()
-    assert step is not None and not step.is_prefill and step.seqs == seqs[:2]
+    assert step is not None and step.decode == seqs[:2] and step.prefill == []
     assert list(s.waiting) == [seqs[2]] and seqs[2].status is SequenceStatus.WAITING
-    step.seqs.clear()  # the step holds its own list, not the running list
+    step.decode.clear()  # the step holds its own list, not the running list
     assert s.running == seqs[:2]
 
 
-def test_prefill_budget_counts_padded_tokens() -> None:
+def test_the_prompt_budget_counts_new_tokens() -> None:
     s = scheduler(slots=8, budget=40)
     short1, short2, long_ = seq("s1", 10), seq("s2", 10), seq("long", 30)
     for q in (short1, short2, long_):
         s.add(q)
     step = s.schedule()
-    # 10 + 10 real tokens fit; adding the 30-token prompt pads all three to 30 → 90 > 40
-    assert step is not None and step.seqs == [short1, short2]
+    assert step is not None and step.prefill == [short1, short2] and step.prompt_tokens == 20  # 50 > 40
+    s.prefilled(step, step.prefill)
     step = s.schedule()
-    assert step is not None and step.is_prefill and step.seqs == [long_]
+    assert step is not None and step.prefill == [long_] and step.decode == [short1, short2]
 
 
-def test_padding_not_real_tokens_is_what_the_budget_bounds() -> None:
-    s = scheduler(slots=8, budget=40)
-    long_, short = seq("long", 30), seq("short", 5)
-    s.add(long_)
-    s.add(short)
-    step = s.schedule()
-    # 35 real tokens would fit in 40, but left-padded to 30 each the batch is 60
-    assert step is not None and step.seqs == [long_]
-    assert list(s.waiting) == [short]
-
-
-def test_a_prompt_over_the_budget_still_runs_alone() -> None:
+def test_a_prompt_over_the_budget_still_runs_alone_with_chunking_off() -> None:
     s = scheduler(slots=4, budget=16)
     huge, small = seq("huge", 100), seq("small", 2)
     s.add(huge)
     s.add(small)
     step = s.schedule()
-    assert step is not None and step.seqs == [huge]
+    assert step is not None and step.prefill == [huge] and step.chunk == 0 and step.prompt_tokens == 100
+    s.prefilled(step, step.prefill)
     step = s.schedule()
-    assert step is not None and step.seqs == [small]
+    assert step is not None and step.prefill == [small] and step.decode == [huge]
 
 
 def test_batch_fills_up_to_the_budget_exactly() -> None:
@@ -124,7 +117,7 @@ def test_batch_fills_up_to_the_budget_exactly() -> None:
     for q in seqs:
         s.add(q)
     step = s.schedule()
-    assert step is not None and step.seqs == seqs[:4]  # 4 × 10 == 40 is allowed, 5 × 10 is not
+    assert step is not None and step.prefill == seqs[:4]  # 4 × 10 == 40 is allowed, 5 × 10 is not
 
 
 def test_finish_frees_the_slot_and_the_charge() -> None:
@@ -151,13 +144,14 @@ def test_a_sequence_waits_while_its_memory_does_not_fit_and_is_never_cut_short()
     for q in seqs:
         s.add(q)
     step = s.schedule()
-    assert step is not None and step.seqs == seqs[:2]  # slots are free, memory is not
+    assert step is not None and step.prefill == seqs[:2]  # slots are free, memory is not
     assert list(s.waiting) == [seqs[2]] and s.fits(seqs[2]) is False
+    s.prefilled(step, step.prefill)
     step = s.schedule()
-    assert step is not None and not step.is_prefill
+    assert step is not None and not step.prefill
     s.finish(seqs[0])
     step = s.schedule()
-    assert step is not None and step.is_prefill and step.seqs == [seqs[2]]
+    assert step is not None and step.prefill == [seqs[2]] and step.decode == [seqs[1]]
     assert seqs[2].max_tokens == 100  # admitted whole, when there was room
     long_ = seq("long", 300)  # 300 + 100 tokens: the 512 tier's charge, more than what is free
     s.add(long_)
@@ -166,7 +160,7 @@ def test_a_sequence_waits_while_its_memory_does_not_fit_and_is_never_cut_short()
     s.finish(seqs[2])
     assert s.charge(long_) == 512 and s.fits(long_)  # the whole budget: it runs once the others are gone
     step = s.schedule()
-    assert step is not None and step.seqs == [long_]
+    assert step is not None and step.prefill == [long_]
 
 
 def test_the_prefix_cache_gets_what_the_running_sequences_leave() -> None:
@@ -221,8 +215,10 @@ def test_slots_stay_compact_through_random_arrivals_and_departures() -> None:
             s.finish(q)
             assert q.slot == -1 and s.find(q.request_id) is None
         step = s.schedule()
-        if step is not None and step.is_prefill:
-            assert step.seqs == s.running[len(s.running) - len(step.seqs):]
+        if step is not None:
+            assert step.prefill == s.running[len(s.running) - len(step.prefill):]
+            assert not set(step.decode) & set(step.prefill)
+            s.prefilled(step, step.prefill)
         assert_slots_compact(s)
         assert len(s.running) <= 5
         assert set(s.running) | set(s.waiting) == set(live)
