@@ -401,10 +401,19 @@ def _body(request: GenerateRequest, spec: UpstreamSpec) -> dict[str, Any]:
             body["response_format"] = request.response_format
     else:
         body["prompt"] = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
-    optional = {"max_tokens": s.max_tokens, "seed": s.seed, "stop": list(s.stop) or None,
+    optional = {"max_tokens": s.max_tokens, "seed": _int64(s.seed), "stop": list(s.stop) or None,
                 "presence_penalty": s.presence_penalty or None, "frequency_penalty": s.frequency_penalty or None}
     body.update({k: v for k, v in optional.items() if v is not None})
     return body
+
+
+def _int64(seed: int | None) -> int | None:
+    """A seed as upstreams take it: OpenAI's and vLLM's seeds are int64 (and JSON encoders stop at 64 bits), while
+    the edge takes any int64 or uint64 and a call's second choice adds 1; one that does not fit is folded in, as
+    the vLLM engine does."""
+    if seed is None or -(2**63) <= seed < 2**63:
+        return seed
+    return seed % 2**63
 
 
 def _serves(body: bytes, model: str) -> str | None:
