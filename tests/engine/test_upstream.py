@@ -292,6 +292,29 @@ async def test_a_seed_beyond_int64_is_forwarded_within_it(upstream: tuple[_Serve
     assert sent[2:] == [-(2**63), 7]  # a seed that fits is sent as given
 
 
+async def test_what_an_answer_may_use_is_known_before_it_runs(upstream: tuple[_Server, UpstreamEngine]) -> None:
+    """``Generation.max_tokens`` is reserved against the key's token budget: the request's max_tokens, else the
+    deployment's default (forwarded, so the upstream keeps to it), else what its configured window leaves."""
+    server, _ = upstream
+    hi = ({"role": "user", "content": "hi"},)
+    specs = [UpstreamSpec(name="up", base_url=server.url),
+             UpstreamSpec(name="up", base_url=server.url, defaults={"max_tokens": 40}),
+             UpstreamSpec(name="up", base_url=server.url, context_length=1000)]
+    granted = []
+    for spec, asked in [(specs[0], 9), (specs[0], None), (specs[1], None), (specs[1], 9), (specs[2], None)]:
+        engine = UpstreamEngine(spec)
+        await engine.start()
+        try:
+            [generation] = await engine.submit([GenerateRequest("r", SamplingParams(max_tokens=asked), messages=hi)])
+            assert await _read(generation) == "Hi "
+        finally:
+            await engine.close()
+        granted.append(generation.max_tokens)
+    assert granted[:4] == [9, 0, 40, 9]  # 0: unknown, no bound to reserve
+    assert 1000 - 10 < granted[4] < 1000  # the window less the prompt's estimate
+    assert [body.get("max_tokens") for body in server.bodies] == [9, None, 40, 9, None]
+
+
 def test_a_call_the_upstream_gave_no_arguments_gets_an_empty_object() -> None:
     """Dify's agent json.loads a call's joined arguments: "" would not parse."""
     pieces = _relay({"tool_calls": [_call(0, "a", "now")]}, {"tool_calls": [_call(1, "b", "g", '{"x": 1}')]})
