@@ -411,8 +411,9 @@ def _body(request: GenerateRequest, spec: UpstreamSpec) -> dict[str, Any]:
             body["response_format"] = request.response_format
     else:
         body["prompt"] = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
-    optional = {"max_tokens": s.max_tokens or spec.defaults.max_tokens, "seed": _int64(s.seed), "stop": list(s.stop) or None,
-                "presence_penalty": s.presence_penalty or None, "frequency_penalty": s.frequency_penalty or None}
+    optional = {"max_tokens": s.max_tokens or spec.defaults.max_tokens, "seed": _int64(s.seed),
+                "stop": list(s.stop) or None, "presence_penalty": s.presence_penalty or None,
+                "frequency_penalty": s.frequency_penalty or None}
     body.update({k: v for k, v in optional.items() if v is not None})
     return body
 
