@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,14 @@ def parse_time(text: str) -> float:
 
 
 def _future(text: str) -> float:
+    """``--expires``: a finite time in the future, as the admin API requires (nan would mean never)."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if text[:-1].isdigit() and text[-1:] in units:  # --expires 30d: that long from now
         return dt.datetime.now(dt.UTC).timestamp() + int(text[:-1]) * units[text[-1]]
-    return parse_time(text)
+    when = parse_time(text)
+    if not (math.isfinite(when) and when > time.time()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time in the future")
+    return when
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

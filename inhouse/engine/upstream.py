@@ -238,8 +238,9 @@ class UpstreamEngine:
             raise UpstreamUnavailableError(f"upstream {self.spec.deployment_label} took longer than "
                                            f"{self._total_text()} before its first token") from None
         collector: OutputCollector[Delta] = OutputCollector(asyncio.get_running_loop())
-        generation = Generation(request.request_id, _estimate_prompt_tokens(request), collector, self._abort,
-                                request.sampling.max_tokens or 0)
+        prompt_tokens = _estimate_prompt_tokens(request)
+        generation = Generation(request.request_id, prompt_tokens, collector, self._abort,
+                                self._most_tokens(request, prompt_tokens))
         self._running += 1
         task = asyncio.create_task(self._rest(request.request_id, lines, first, relay, collector, deadline))
         task.add_done_callback(functools.partial(self._settle, request.request_id, response, collector, generation,
@@ -346,6 +347,15 @@ class UpstreamEngine:
         else:
             collector.put(relay.settle(outcome, generation))
 
+    def _most_tokens(self, request: GenerateRequest, prompt_tokens: int) -> int:
+        """The most the answer may use (reserved against the key's token budget): max_tokens, the request's or
+        this deployment's default (both forwarded), else what the configured window leaves; 0 when unknown."""
+        asked = request.sampling.max_tokens or self.spec.defaults.max_tokens
+        if asked:
+            return asked
+        window = self.spec.context_length
+        return max(window - prompt_tokens, 0) if window else 0
+
     def _abort(self, request_id: str) -> None:
         task = self._tasks.get(request_id)
         if task is not None:
@@ -401,10 +411,20 @@ def _body(request: GenerateRequest, spec: UpstreamSpec) -> dict[str, Any]:
             body["response_format"] = request.response_format
     else:
         body["prompt"] = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
-    optional = {"max_tokens": s.max_tokens, "seed": s.seed, "stop": list(s.stop) or None,
-                "presence_penalty": s.presence_penalty or None, "frequency_penalty": s.frequency_penalty or None}
+    optional = {"max_tokens": s.max_tokens or spec.defaults.max_tokens, "seed": _int64(s.seed),
+                "stop": list(s.stop) or None, "presence_penalty": s.presence_penalty or None,
+                "frequency_penalty": s.frequency_penalty or None}
     body.update({k: v for k, v in optional.items() if v is not None})
     return body
+
+
+def _int64(seed: int | None) -> int | None:
+    """A seed as upstreams take it: OpenAI's and vLLM's seeds are int64 (and JSON encoders stop at 64 bits), while
+    the edge takes any int64 or uint64 and a call's second choice adds 1; one that does not fit is folded in, as
+    the vLLM engine does."""
+    if seed is None or -(2**63) <= seed < 2**63:
+        return seed
+    return seed % 2**63
 
 
 def _serves(body: bytes, model: str) -> str | None:

@@ -248,7 +248,14 @@ class Swapper:
 
 
 def _changed(spec: ModelSpec, changes: dict[str, Any]) -> ModelSpec:
-    """``spec`` with ``changes`` applied (a new ``path`` resolved; the version label recomputed unless given)."""
+    """``spec`` with ``changes`` applied (a new ``path`` resolved; the version label recomputed unless given).
+    ``changes`` come from an admin body, so a boolean field takes only true or false (a config file's ``"yes"``
+    is not coerced)."""
+    for name, value in changes.items():
+        field = type(spec).model_fields.get(name)
+        if field is not None and field.annotation in (bool, bool | None) and not isinstance(value, bool | None):
+            raise InhouseError(ErrorCode.INVALID_REQUEST, f"{name} must be true or false, not {value!r:.50}",
+                               param=name)
     fields = {**spec.model_dump(), "version": None, **changes}
     path = changes.get("path")
     if isinstance(path, str) and path and not path.startswith("builtin:"):

@@ -4,7 +4,8 @@ Owns creating, listing, revoking and rotating keys, and turning a presented secr
 A secret is ``ih-`` + 43 url-safe characters (32 random bytes); only its SHA-256 and its first
 characters (for recognising it in lists) are stored, and it is printed once, at creation.
 Names are unique among active (not revoked) keys: ``create`` refuses a taken one with
-``KeyNameTakenError``; ``rotate`` revokes the old key and creates its copy in one transaction.
+``KeyNameTakenError``, and a name shaped like a key id (found by id first, it would stand for another key) with
+``KeyNameError``; ``rotate`` revokes the old key and creates its copy in one transaction.
 ``authenticate`` hashes the secret and looks the hash up in a cache that lives ``cache_seconds``
 (2 s by default), so auth costs microseconds and a revoke reaches every replica within that time.
 Blocking calls (database) are the callers' to run in a thread.
@@ -16,6 +17,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -26,20 +28,28 @@ from sqlalchemy import Connection, func, select, text
 from inhouse.storage.database import Database
 from inhouse.storage.schema import api_keys
 
-__all__ = ["ApiKey", "KeyLimits", "KeyNameTakenError", "KeyStore", "hash_secret"]
+__all__ = ["ApiKey", "KeyLimits", "KeyNameError", "KeyNameTakenError", "KeyStore", "hash_secret"]
 
 SECRET_PREFIX = "ih-"
 _CACHE_MAX = 10_000  # distinct secrets remembered; random bad keys must not grow memory without bound
 _NAME_LOCK = 7346296  # PostgreSQL advisory lock space for key names (with hashtext(name) as the second key)
+_ID_SHAPE = re.compile(r"key_[0-9a-f]{12}")  # what _new_row makes ids of
 
 
-class KeyNameTakenError(ValueError):
+class KeyNameError(ValueError):
+    """A name a new key may not have; the message is written for people."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class KeyNameTakenError(KeyNameError):
     """An active key already has this name: names are unique among keys that are not revoked."""
 
     def __init__(self, name: str) -> None:
-        super().__init__(f"the name {name!r} is taken by an active key; revoke or rotate that key, "
+        super().__init__(name, f"the name {name!r} is taken by an active key; revoke or rotate that key, "
                          "or choose another name")
-        self.name = name
 
 
 def hash_secret(secret: str) -> str:
@@ -134,9 +144,12 @@ class KeyStore:
                secret: str | None = None) -> tuple[ApiKey, str]:
         """A new key and its secret (shown once).  ``secret`` adopts a given one (the admin key from env).
 
-        Raises ``KeyNameTakenError`` if an active key has this name, ``ValueError`` for a token budget
-        without a period or an expiry that is not a finite time.
+        Raises ``KeyNameTakenError`` if an active key has this name, ``KeyNameError`` for a name shaped like a
+        key id, ``ValueError`` for a token budget without a period or an expiry that is not a finite time.
         """
+        if _ID_SHAPE.fullmatch(name):
+            raise KeyNameError(name, f"the name {name!r} looks like a key id (key_ and 12 hex digits); "
+                               "keys are found by id first, so choose another name")
         row, secret = _new_row(name, admin, models, limits or KeyLimits(), expires_at, secret)
         with self._db.begin() as conn:
             self._lock_name(conn, name)

@@ -82,7 +82,7 @@ class AccessMiddleware:
         if scope["path"] in self._public or scope["path"].startswith(self._public_prefixes):
             token = bind(_Named(request_id))
             try:
-                await self.app(scope, receive, _with_request_id(send, lambda: request_id))
+                await self._public_route(scope, receive, send, request_id)
             finally:
                 unbind(token)
             return
@@ -107,6 +107,25 @@ class AccessMiddleware:
                 self._drain.leave()
         finally:
             unbind(token)
+
+    async def _public_route(self, scope: Scope, receive: Any, send: Any, request_id: str) -> None:
+        """No key, no audit row; a bug is one traceback and a 500 (with the id), never re-raised, as on the API
+        routes, so the client's keep-alive connection survives it."""
+        sending = _with_request_id(send, lambda: request_id)
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await sending(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            log.exception("unhandled error on %s %s (%s)", scope["method"], scope["path"], request_id)
+            if not started:
+                error = InhouseError(ErrorCode.INTERNAL, "internal server error; see the server log")
+                await error_response(error)(scope, receive, watched)
 
     async def _admitted(self, scope: Scope, receive: Any, send: Any, call: Call) -> None:
         """Authenticate, admit under the key's limits, run the route, end the call, release the limits."""

@@ -89,6 +89,8 @@ def test_a_name_taken_by_an_active_key_is_refused(admin: httpx.Client) -> None:
     first = admin.post("/admin/keys", json={"name": name})
     assert first.status_code == 201
     assert_error(admin.post("/admin/keys", json={"name": name, "admin": True}), 400, "invalid_request", param="name")
+    shaped = admin.post("/admin/keys", json={"name": first.json()["id"]})  # found by id first: it would stand for it
+    assert "looks like a key id" in assert_error(shaped, 400, "invalid_request", param="name")["message"]
     rotated = admin.post(f"/admin/keys/{name}/rotate")  # keeps the name: the old key is revoked with it
     assert rotated.status_code == 201 and rotated.json()["name"] == name
     assert admin.get(f"/admin/keys/{first.json()['id']}").json()["status"] == "revoked"  # by id still works

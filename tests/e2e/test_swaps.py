@@ -275,7 +275,7 @@ def test_the_swap_api_needs_an_admin_key_and_refuses_bad_bodies_in_openai_shape(
     refused = httpx.post(url, json={"path": "/x"}, headers=user, timeout=10)
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_required"
     for body, param in (({"name": "other"}, "name"), ({"canary": 0.1}, None), ({"fake_token_delay": "x"}, None),
-                        ({"path": "/x", "canary": 2.0}, "canary")):
+                        ({"path": "/x", "canary": 2.0}, "canary"), ({"clamp_max_tokens": "yes"}, "clamp_max_tokens")):
         bad = httpx.post(url, json=body, headers=ADMIN, timeout=10)
         assert bad.status_code == 400, bad.text
         error = bad.json()["error"]

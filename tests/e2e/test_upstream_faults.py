@@ -274,6 +274,22 @@ def test_total_timeout_counts_the_wait_for_the_first_token(http: httpx.Client, u
     assert elapsed < 2 + 2
 
 
+def test_extreme_but_valid_values_are_forwarded_as_upstreams_take_them(
+    http: httpx.Client, upstreams: dict[str, Upstream]
+) -> None:
+    """What the edge accepts never fails in the upstream engine: a seed of 2**64 - 1 (and 2**64 for the second
+    choice) reached orjson, which raised (a 500), and vLLM refuses seeds outside int64 (a 400)."""
+    spare = upstreams["spare"]
+    before = len(spare.log())
+    for extra in ({"seed": 2**64 - 1, "n": 2}, {"seed": -(2**63)}, {"top_k": 2**31 - 1, "temperature": 2.0},
+                  {"max_tokens": 2**31 - 1}, {"stop": ["x" * 512] * 16}, {"repetition_penalty": 0.01},
+                  {"stop_token_ids": [0, 2**31 - 1]}, {"logprobs": True, "top_logprobs": 20}):
+        response = http.post("/v1/chat/completions", json={"model": "spare", "messages": HI, **extra})
+        assert response.status_code == 200, (extra, response.text)
+    seeds = [entry["body"].get("seed") for entry in spare.log()[before:]]
+    assert seeds[:3] == [2**63 - 1, 0, -(2**63)], seeds  # folded into int64 as the vLLM engine does
+
+
 def test_no_reader_task_died_unseen(gateway: ServerProcess) -> None:
     """Runs last: whatever the upstream sent, no task exception went unretrieved and nothing spilled a traceback."""
     log = gateway.log_path.read_text(errors="replace")

@@ -3,7 +3,9 @@ arguments are checked, and choices sharing one prompt are tokenized once."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,24 @@ async def test_a_prompt_far_beyond_the_window_is_refused_by_the_bound(tokenizer:
     with pytest.raises(InhouseError) as refused:
         await builder.token_ids_async(completion("你好" * 100_000))
     assert refused.value.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED and "at least" in refused.value.message
+
+
+async def test_a_long_prompt_is_tokenized_off_the_event_loop_and_under_no_shared_lock(tokenizer: object) -> None:
+    """Issue 8: a long prompt tokenized under one lock queued every request behind it.  With the lock held by
+    someone else, a long prompt still gets tokenized, in a worker thread."""
+    builder = PromptBuilder(tokenizer, 600, window=10**9)
+    threads: list[threading.Thread] = []
+    encode = builder._encode
+
+    def recording(text: str, special: bool) -> list[int]:
+        threads.append(threading.current_thread())
+        return encode(text, special)
+
+    builder._encode = recording  # type: ignore[method-assign]
+    with builder._lock:
+        ids = await asyncio.wait_for(builder.token_ids_async(completion("hello world " * 2000)), 20)
+    assert len(ids) >= 2000
+    assert threads and threads[0] is not threading.current_thread()
 
 
 async def test_token_ids_and_stop_token_ids_must_be_in_the_vocabulary(tokenizer: object) -> None:

@@ -197,6 +197,7 @@ class _Server:
         self.runner: web.AppRunner | None = None
         self.url = ""
         self.release = asyncio.Event()  # ends every stall (set before the server stops)
+        self.bodies: list[dict[str, object]] = []  # every request body received, in order
 
     async def start(self) -> _Server:
         app = web.Application()
@@ -210,6 +211,7 @@ class _Server:
         return self
 
     async def answer(self, request: web.Request) -> web.StreamResponse:
+        self.bodies.append(await request.json())
         step = self.script.pop(0) if self.script else [WORD, FINISH]
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -304,6 +306,42 @@ async def test_a_tool_call_or_reasoning_is_a_first_token(upstream: tuple[_Server
     assert [c for d in deltas for c in d.tool_calls or []] == [ToolCallDelta(0, "a", "f", "{}")]
     assert deltas[-1].finish_reason == "tool_calls"
     assert deltas[-1].usage is not None and deltas[-1].usage.completion_tokens == 2  # counted: no usage sent
+
+
+async def test_a_seed_beyond_int64_is_forwarded_within_it(upstream: tuple[_Server, UpstreamEngine]) -> None:
+    """The edge takes seeds up to 2**64 - 1 and the second choice adds 1: JSON encoders and vLLM refuse what
+    does not fit in an int64, so the upstream gets the seed folded into it (as the vLLM engine does)."""
+    server, engine = upstream
+    hi = ({"role": "user", "content": "hi"},)
+    for seed in (2**64 - 1, 2**64, -(2**63), 7):
+        [generation] = await engine.submit([GenerateRequest(f"s{seed}", SamplingParams(seed=seed), messages=hi)])
+        assert await _read(generation) == "Hi "
+    sent = [body["seed"] for body in server.bodies]
+    assert all(isinstance(s, int) and -(2**63) <= s < 2**63 for s in sent), sent
+    assert sent[2:] == [-(2**63), 7]  # a seed that fits is sent as given
+
+
+async def test_what_an_answer_may_use_is_known_before_it_runs(upstream: tuple[_Server, UpstreamEngine]) -> None:
+    """``Generation.max_tokens`` is reserved against the key's token budget: the request's max_tokens, else the
+    deployment's default (forwarded, so the upstream keeps to it), else what its configured window leaves."""
+    server, _ = upstream
+    hi = ({"role": "user", "content": "hi"},)
+    specs = [UpstreamSpec(name="up", base_url=server.url),
+             UpstreamSpec(name="up", base_url=server.url, defaults={"max_tokens": 40}),
+             UpstreamSpec(name="up", base_url=server.url, context_length=1000)]
+    granted = []
+    for spec, asked in [(specs[0], 9), (specs[0], None), (specs[1], None), (specs[1], 9), (specs[2], None)]:
+        engine = UpstreamEngine(spec)
+        await engine.start()
+        try:
+            [generation] = await engine.submit([GenerateRequest("r", SamplingParams(max_tokens=asked), messages=hi)])
+            assert await _read(generation) == "Hi "
+        finally:
+            await engine.close()
+        granted.append(generation.max_tokens)
+    assert granted[:4] == [9, 0, 40, 9]  # 0: unknown, no bound to reserve
+    assert 1000 - 10 < granted[4] < 1000  # the window less the prompt's estimate
+    assert [body.get("max_tokens") for body in server.bodies] == [9, None, 40, 9, None]
 
 
 def test_a_call_the_upstream_gave_no_arguments_gets_an_empty_object() -> None:

@@ -81,6 +81,18 @@ async def test_a_failed_load_or_smoke_check_keeps_the_old_version(parts: tuple[M
     assert swapper.status("chat")["last_swap"]["outcome"] == "failed"
 
 
+@pytest.mark.parametrize("value", ["yes", "true", 1, 0.0, [True]])
+async def test_a_swap_takes_only_true_or_false_for_a_boolean(parts: tuple[ModelRegistry, Swapper],
+                                                             value: object) -> None:
+    """Admin bodies are strict (issue 8): ``"yes"`` is not coerced to true, as it would be in a config file."""
+    registry, swapper = parts
+    with pytest.raises(InhouseError) as refused:
+        await swapper.swap("chat", {"clamp_max_tokens": value, "version": "v2"})
+    assert refused.value.code is ErrorCode.INVALID_REQUEST and refused.value.param == "clamp_max_tokens"
+    assert "true or false" in refused.value.message
+    assert await _ask(registry) == ("v1", "old answer here")
+
+
 async def test_a_canary_that_errors_is_rolled_back(parts: tuple[ModelRegistry, Swapper]) -> None:
     registry, swapper = parts
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import select
 
-from inhouse.keys.store import KeyLimits, KeyNameTakenError, KeyStore
+from inhouse.keys.store import KeyLimits, KeyNameError, KeyNameTakenError, KeyStore
 from inhouse.storage.database import Database
 from inhouse.storage.schema import api_keys
 
@@ -102,6 +102,16 @@ def test_names_are_unique_among_active_keys(store: KeyStore) -> None:
     again, _ = store.create("admin")  # a revoked key's name is free again
     assert store.get("admin") == again and store.get(first.id) is not None  # by id still reaches old keys
     assert [k.id for k in store.list(include_revoked=False)] == [again.id]
+
+
+def test_a_name_shaped_like_a_key_id_is_refused(store: KeyStore) -> None:
+    """Keys are found by id first, so a key named like another key's id would make revoking "it" by name revoke
+    the other key."""
+    other, _ = store.create("svc")
+    for name in (other.id, "key_0123456789ab"):
+        with pytest.raises(KeyNameError, match="looks like a key id"):
+            store.create(name)
+    assert store.create("key_for_ci")[0].name == "key_for_ci"  # not the id shape: fine
 
 
 def test_concurrent_creates_of_one_name_make_one_key(store: KeyStore) -> None:

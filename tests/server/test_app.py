@@ -205,6 +205,21 @@ async def test_every_response_carries_a_request_id(server: Server) -> None:
     assert len(set(ids)) == len(ids)
 
 
+async def test_a_bug_behind_any_route_is_a_500_with_a_request_id(server: Server) -> None:
+    """Public routes too (issue 8): a bug there was re-raised to the server, which dropped the connection, and
+    its 500 had no x-request-id."""
+    engine = server.registry.find("chat")[0].engine
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    engine.stats = broken  # type: ignore[method-assign]
+    for path in ("/health", "/metrics", "/admin/models"):
+        response = await server.client.get(path)  # the transport raises what the app re-raises
+        assert response.status_code == 500 and error_of(response)["code"] == "internal_error", path
+        assert response.headers.get("x-request-id"), path
+
+
 async def test_chat_answers_with_and_without_the_v1_prefix(server: Server) -> None:
     for path in ("/v1/chat/completions", "/chat/completions"):
         response = await server.client.post(path, json=chat())

@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from inhouse.audit.query import search, status_range, verify
 from inhouse.errors import ErrorCode, InhouseError
-from inhouse.keys.store import KeyLimits, KeyNameTakenError, KeyStore
+from inhouse.keys.store import KeyLimits, KeyNameError, KeyStore
 from inhouse.server.body import read_model
 from inhouse.server.call import call_of
 from inhouse.server.context import context_of
@@ -90,7 +90,7 @@ async def create_key(request: Request) -> Response:
     try:
         key, secret = await asyncio.to_thread(keys.create, body.name, admin=body.admin, models=body.models,
                                               limits=limits, expires_at=body.expires_at)
-    except KeyNameTakenError as exc:
+    except KeyNameError as exc:  # taken by an active key, or shaped like a key id
         raise InhouseError(ErrorCode.INVALID_REQUEST, str(exc), param="name") from None
     return json_response({**key.public(), "secret": secret}, status=201)
 
