@@ -137,9 +137,19 @@ def _prefill(layout: BatchLayout, layer: int, query: torch.Tensor, key: torch.Te
 
 def _after_prefix(p: Placement, layer: int, query: torch.Tensor, scale: float, grouped: bool) -> torch.Tensor:
     """A sequence's new tokens (positions ``offset..``) over its slot's keys and values, prefix and new ones
-    alike (the new ones were written before this is called); new token t sees positions ``0..offset + t``."""
+    alike (the new ones were written before this is called); new token t sees positions ``0..offset + t``.
+
+    With more new tokens than cached ones (a long prompt after a short cached prefix), as one causal pass over
+    the whole slot with the prefix's queries left empty: SDPA with a mask computes and masks the whole rectangle,
+    1.4x slower here, while the causal pass wastes fewer queries than there are new ones, and is the very
+    computation a prefill without the prefix cache runs, so the answers stay the same bit for bit.  A short part
+    after a long prefix (a chunk, a new turn) is cheapest with the mask."""
     keys = p.cache.keys[layer][p.slot : p.slot + 1, :, : p.offset + p.length]
     values = p.cache.values[layer][p.slot : p.slot + 1, :, : p.offset + p.length]
+    if p.offset <= p.length:
+        padded = torch.cat([query.new_zeros((1, query.shape[1], p.offset, query.shape[3])), query], dim=2)
+        out = F.scaled_dot_product_attention(padded, keys, values, is_causal=True, scale=scale, enable_gqa=grouped)
+        return out[:, :, p.offset :]
     visible = torch.ones(p.length, p.offset + p.length, dtype=torch.bool, device=query.device).tril(diagonal=p.offset)
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scale, enable_gqa=grouped)
 
