@@ -62,11 +62,14 @@ def test_the_pace_sets_the_chunk_while_others_decode() -> None:
     s.add(a)
     run(s)
     assert s.pace is not None
-    s.pace.ran(0.030, decode_rows=1, prompt_tokens=0)  # a decode step: 30 ms
-    s.pace.ran(0.130, decode_rows=1, prompt_tokens=100)  # 100 prompt tokens added 100 ms: 1 ms each
+    s.pace.ran(0.060, decode_rows=1, prompt_tokens=0)  # a decode step: 60 ms
+    s.pace.ran(0.160, decode_rows=1, prompt_tokens=100)  # 100 prompt tokens added 100 ms: 1 ms each
     s.add(b)
     step = run(s)
-    assert step.decode == [a] and step.prefill == [b] and step.chunk == 45  # 1.5 decode steps' time
+    assert step.decode == [a] and step.prefill == [b] and step.chunk == 90  # 1.5 decode steps' time
+    s.pace.ran(0.010, decode_rows=1, prompt_tokens=0)  # faster decode steps: never below 64 tokens
+    s.pace.ran(0.010, decode_rows=1, prompt_tokens=0)
+    assert s.pace.budget() == 64
 
 
 def test_short_prompts_batch_within_the_budget_and_wait_for_a_chunked_one() -> None:
