@@ -4,8 +4,9 @@ Owns two running averages, measured on the engine thread: the time of a step tha
 prompt token adds to a step.  While sequences are decoding, a step takes at most as many prompt tokens as add
 ``stall`` decode steps' time, so a prompt arriving, short or thousands of tokens long, slows the running streams'
 next token to about ``1 + stall`` times their pace instead of stalling them for its whole prefill.  The budget is
-never below ``least`` tokens (64: a short chat's prompt goes in whole, never chunked) nor above ``most`` (``prefill_chunk_tokens``).  Until a
-step has been timed, a prompt token is taken to cost a millisecond.  Holds no sequences and no model.
+never below ``least`` tokens (64: a short chat's prompt goes in whole, never chunked) nor above ``most``
+(``prefill_chunk_tokens``).  Until a step has been timed, a prompt token is taken to cost a millisecond.  Holds no
+sequences and no model.
 """
 
 from __future__ import annotations
