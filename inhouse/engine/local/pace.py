@@ -4,8 +4,8 @@ Owns two running averages, measured on the engine thread: the time of a step tha
 prompt token adds to a step.  While sequences are decoding, a step takes at most as many prompt tokens as add
 ``stall`` decode steps' time, so a prompt arriving, short or thousands of tokens long, slows the running streams'
 next token to about ``1 + stall`` times their pace instead of stalling them for its whole prefill.  The budget is
-never below ``least`` tokens (64: a short chat's prompt goes in whole, never chunked) nor above ``most``
-(``prefill_chunk_tokens``).  Until a step has been timed, a prompt token is taken to cost a millisecond.  Holds no
+never below ``least`` tokens nor above ``most`` (``prefill_chunk_tokens``); the scheduler lets short prompts in
+whole beyond it.  Until a step has been timed, a prompt token is taken to cost a millisecond.  Holds no
 sequences and no model.
 """
 
@@ -17,7 +17,7 @@ _WEIGHT = 0.2  # of the newest measurement in a running average
 
 
 class Pace:
-    def __init__(self, most: int, least: int = 64, stall: float = 1.5) -> None:
+    def __init__(self, most: int, least: int = 16, stall: float = 1.5) -> None:
         self.most = most
         self.least = min(least, most)
         self.stall = stall

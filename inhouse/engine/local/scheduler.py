@@ -25,7 +25,9 @@ from inhouse.engine.local.pace import Pace
 from inhouse.engine.local.prefix_cache import PrefixCache
 from inhouse.engine.local.sequence import Sequence, SequenceStatus
 
-__all__ = ["Scheduler", "Step"]
+__all__ = ["SHORT", "Scheduler", "Step"]
+
+SHORT = 64  # prompt tokens a step takes whole beside decode rows, whatever the pace allows (short chats)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +82,7 @@ class Scheduler:
             seq = self.chunking
             chunk = min(budget, len(seq.prompt_ids) - seq.cached)
             return Step(decode, [seq], chunk, chunk)
-        prefill, chunk, tokens = self._admit(budget)
+        prefill, chunk, tokens = self._admit(budget, bool(decode))
         if not decode and not prefill:
             return None
         return Step(decode, prefill, chunk, tokens)
@@ -91,24 +93,27 @@ class Scheduler:
             return self.max_prefill_tokens
         return self.pace.budget()
 
-    def _admit(self, budget: int) -> tuple[list[Sequence], int, int]:
-        """Waiting prompts that fit in slots, memory and ``budget`` new tokens, placed; or the first chunk of one
-        too long for it (chunking on).  A prompt longer than the budget with chunking off runs alone."""
+    def _admit(self, budget: int, decoding: bool) -> tuple[list[Sequence], int, int]:
+        """Waiting prompts that fit in slots, memory and ``budget`` new tokens (while others decode, prompts of up
+        to ``SHORT`` tokens together always fit: a short chat goes in whole, never chunked), placed; or the first
+        ``budget``-token chunk of one too long for it (chunking on).  A prompt longer than the budget with chunking
+        off runs alone."""
+        room = max(budget, min(SHORT, self.chunk_tokens)) if decoding else budget
         batch: list[Sequence] = []
         tokens = 0
         while self.waiting and len(self.running) < self.max_num_seqs and self.fits(self.waiting[0]):
             head = self.waiting[0]
             new = len(head.prompt_ids) - (self.prefix.match(head.prompt_ids, head.adapter) if self.prefix else 0)
-            if tokens + new > budget and batch:
+            if tokens + new > room and batch:
                 break
             self._place(self.waiting.popleft())
             batch.append(head)
             new = len(head.prompt_ids) - head.cached
-            if new > budget and self.chunk_tokens:
+            if new > room and self.chunk_tokens:
                 self.chunking = self.tiers.pinned = head
                 return batch, budget, budget
             tokens += new
-            if tokens >= budget:
+            if tokens >= room:
                 break
         return batch, 0, tokens
 

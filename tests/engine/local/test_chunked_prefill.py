@@ -67,9 +67,26 @@ def test_the_pace_sets_the_chunk_while_others_decode() -> None:
     s.add(b)
     step = run(s)
     assert step.decode == [a] and step.prefill == [b] and step.chunk == 90  # 1.5 decode steps' time
-    s.pace.ran(0.010, decode_rows=1, prompt_tokens=0)  # faster decode steps: never below 64 tokens
-    s.pace.ran(0.010, decode_rows=1, prompt_tokens=0)
-    assert s.pace.budget() == 64
+    for _ in range(30):  # much faster decode steps (a running average follows them): never below 16 tokens
+        s.pace.ran(0.001, decode_rows=1, prompt_tokens=0)
+    assert s.pace.budget() == 16
+
+
+def test_short_prompts_go_in_whole_beyond_the_pace_and_a_long_one_in_its_chunks() -> None:
+    s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=256)
+    first = seq("first", 3)
+    s.add(first)
+    run(s)
+    assert s.pace is not None and s.pace.budget() == 16  # no decode step timed yet: the least
+    shorts, long_ = [seq(f"s{i}", 30) for i in range(3)], seq("long", 200)
+    for q in (*shorts, long_):
+        s.add(q)
+    step = run(s)
+    assert step.prefill == shorts[:2] and step.chunk == 0  # 30 + 30 tokens: whole, within the 64 of short prompts
+    step = run(s)
+    assert step.prefill == shorts[2:]  # 30 + 200 > 64: the long one waits for the next step
+    step = run(s)
+    assert step.prefill == [long_] and step.chunk == 16  # and goes in chunks the pace's size
 
 
 def test_short_prompts_batch_within_the_budget_and_wait_for_a_chunked_one() -> None:

@@ -209,8 +209,10 @@ def test_a_lower_limit_evicts_at_once_and_bounds_what_is_kept() -> None:
     assert prefix.held_bytes == 0
 
 
-async def test_a_prefill_from_an_offset_equals_a_whole_one(cached: LocalEngine) -> None:
-    """The runner itself: logits of a prompt whose first block is already in its slot, against the whole prompt."""
+@pytest.mark.parametrize("new_tokens", [30, 200])  # fewer new tokens than cached ones (masked), more (causal)
+async def test_a_prefill_from_an_offset_equals_a_whole_one(cached: LocalEngine, new_tokens: int) -> None:
+    """The runner itself: logits of a prompt whose first block is already in its slot, against the whole prompt,
+    for both ways attention runs after a prefix."""
     from inhouse.engine.local.runner import ModelRunner
 
     assert cached._loaded is not None
@@ -226,7 +228,7 @@ async def test_a_prefill_from_an_offset_equals_a_whole_one(cached: LocalEngine) 
             self.length, self.last_token = len(prompt), prompt[-1]
             self.tier = self.slot = -1
 
-    prompt = ids(BLOCK + 30, seed=5)
+    prompt = ids(BLOCK + new_tokens, seed=5)
     first, second = Row(prompt, 0), Row(prompt, BLOCK)
     cache = tiers.place(first, len(prompt))
     assert tiers.place(second, len(prompt)) is cache and (first.slot, second.slot) == (0, 1)
