@@ -3,31 +3,17 @@ placed, in whole blocks; not the tokens chunked prefill computed after them; 0 w
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from inhouse.config import TransformersSpec
 from inhouse.engine.base import GenerateRequest, SamplingParams, Usage
 from inhouse.engine.local.engine import LocalEngine
 from inhouse.engine.local.prefix_cache import BLOCK
+from tests.engine.local.test_chunked_prefill import ids, start
 
 CHUNK = 32  # smaller than a block: a prompt continuing a cached prefix is still prefilled in several chunks
-
-
-def ids(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 520) for _ in range(n)]
-
-
-async def start(tiny_model_dir: Path, cache_dir: Path, **options: object) -> LocalEngine:
-    spec = TransformersSpec(name="tiny", path=str(tiny_model_dir), dtype="float32", max_num_seqs=4,
-                            **options)  # type: ignore[arg-type]
-    engine = LocalEngine(spec, cache_dir)
-    await engine.start()
-    return engine
 
 
 @pytest.fixture(scope="module")
