@@ -91,8 +91,11 @@ class Load:
             r = client.post("/v1/chat/completions", json=body)
             if r.status_code != 200:
                 return f"HTTP {r.status_code}: {r.text[:300]}"
-            choice = r.json()["choices"][0]
-            return None if choice["finish_reason"] and choice["message"]["content"] else f"incomplete: {choice}"
+            answer = r.json()
+            choice = answer["choices"][0]
+            # a random tiny model sometimes samples its end-of-sequence token first: one token, no text, complete
+            said = choice["message"]["content"] or answer["usage"]["completion_tokens"] >= 1
+            return None if choice["finish_reason"] and said else f"incomplete: {answer}"
         with client.stream("POST", "/v1/chat/completions", json=body) as r:
             raw = r.read().decode()
         if r.status_code != 200:
