@@ -142,7 +142,7 @@ class TransformersSpec(_Weights):
     engine: Literal["transformers"] = "transformers"
     max_loras: int = Field(default=8, ge=1, description="LoRA adapters (models with base: this) resident at once")
     prefix_cache_gib: float = Field(default=1.0, gt=0)  # memory the prefix cache may hold, least recently used out
-    prefill_chunk_tokens: int = Field(default=512, ge=0)  # prompt tokens per prefill step; longer: chunks (0: off)
+    prefill_chunk_tokens: int = Field(default=512, ge=0)  # most prompt tokens beside decoding streams (0: whole)
     # KV memory of this model in GiB, prefix cache included; requests wait while it is full (None: a third of the
     # memory free at start, at most what max_num_seqs full-context sequences need)
     kv_cache_gib: float | None = Field(default=None, gt=0)
@@ -172,7 +172,7 @@ class AutoSpec(VllmSpec):
     engine: Literal["auto"] = "auto"  # type: ignore[assignment]
     # the transformers engine's own options, used when auto falls back to it (docs/engine.md)
     prefix_cache_gib: float = Field(default=1.0, gt=0)  # transformers fallback: memory the prefix cache may hold
-    prefill_chunk_tokens: int = Field(default=512, ge=0)  # transformers fallback: prompt tokens per prefill step
+    prefill_chunk_tokens: int = Field(default=512, ge=0)  # transformers fallback: most prompt tokens beside decoding
 
 
 class SentenceTransformersSpec(_OnDevice):
