@@ -1,18 +1,19 @@
 """The attention function the local engine plugs into transformers models.
 
-Owns reading and writing the slot KV cache during a forward pass.  transformers calls it in place
+Owns reading and writing the KV cache's tiers during a forward pass.  transformers calls it in place
 of SDPA in every attention layer (registered under ``ATTENTION_NAME``); the batch layout for the
 step travels in the ``inhouse_batch`` keyword argument, which transformers passes down unchanged.
 Works for any model whose attention layers use transformers' attention interface (Llama, Mistral,
 Qwen2/3, Phi-3, ...); sliding-window attention is not applied.
 
 Prefill runs causal SDPA over each sequence's own new tokens, and over the prefix already in its slot when
-the prefix cache supplied one (a prefill from an offset).  Decode (one query per sequence) is two
-batched matmuls against the cache window with the query heads grouped per kv head, so grouped-query
+the prefix cache supplied one (a prefill from an offset).  Decode (one query per sequence) is, tier by tier, two
+batched matmuls against the tier's window with the query heads grouped per kv head, so grouped-query
 attention needs no repeated keys, and a float32 softmax in between (transformers' eager attention
 does the same): on CPU this is 5-10 times faster than SDPA, whose kernel is built for many queries
 per sequence.  A lone sequence still decodes with SDPA over exactly its own tokens: for one row it
-costs no more, and a single request's bf16 output stays bit for bit equal to ``model.generate``'s.
+costs no more, and a single request's bf16 output stays bit for bit equal to ``model.generate``'s.  A fused step
+packs both in one row, the decode rows' tokens first.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Runs the model for one scheduler step: a prefill of new sequences or a decode of running ones.
+"""Runs the model for one scheduler step: a token for each running sequence and the prompts beside them, in one pass.
 
 Owns building the tensors of a step (ids, positions, masks) and returning last-position logits, and
 preparing the model once for fast steps: on CPU, the model's bf16 ``nn.Linear`` layers are replaced,
