@@ -309,7 +309,7 @@ class LocalEngine:
         budget = int(getattr(self.spec, "prefix_cache_gib", 1.0) * 2**30)
         lora = self.lora
         identity = f"{self.spec.name}@{self.spec.path}"
-        return PrefixCache(tiers, budget, identity, lora.identity if lora is not None else str)
+        return PrefixCache(tiers.bytes_per_token, budget, identity, lora.identity if lora is not None else str)
 
     def _step(self, step: Step, runner: ModelRunner, sampler: Sampler, scheduler: Scheduler,
               stop_ids: frozenset[int]) -> None:

@@ -22,12 +22,10 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from typing import Any
 
 import torch
 
 from inhouse.engine.local.kv_cache import SlotKVCache
-from inhouse.engine.local.kv_tiers import KVTiers
 
 __all__ = ["BLOCK", "PrefixCache"]
 
@@ -35,15 +33,16 @@ BLOCK = 64  # tokens per block: prefixes are reused in whole blocks
 
 
 class PrefixCache:
-    def __init__(self, tiers: KVTiers[Any], budget_bytes: int, identity: str,
+    def __init__(self, bytes_per_token: int, budget_bytes: int, identity: str,
                  adapter_identity: Callable[[str], str] = str) -> None:
-        """``identity``: the model's; ``adapter_identity(name)``: an adapter's (changes when it is re-registered)."""
+        """``bytes_per_token``: the KV cache's; ``identity``: the model's; ``adapter_identity(name)``: an adapter's
+        (changes when it is re-registered)."""
         self.budget_bytes = budget_bytes
         self.limit_bytes = budget_bytes  # what the running sequences leave of the KV budget (``limit``)
         self._adapter_identity = adapter_identity
         self._root = hashlib.blake2b(identity.encode(), digest_size=16).digest()
         self._blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # least recently used first
-        self.block_bytes = BLOCK * tiers.bytes_per_token
+        self.block_bytes = BLOCK * bytes_per_token
         # counters read by stats() from other threads (plain ints)
         self.hits = 0  # prompt tokens whose KV was copied from here
         self.misses = 0  # prompt tokens looked up and not found (prefilled)

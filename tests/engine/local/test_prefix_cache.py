@@ -141,11 +141,6 @@ async def test_eviction_under_a_tiny_budget_keeps_answers(tiny_model_dir: Path, 
 # ---- the cache alone ---------------------------------------------------------------------------
 
 
-def shape() -> KVTiers[Any]:
-    return KVTiers(num_layers=2, kv_heads=1, head_dim=4, max_length=1024, dtype=torch.float32,
-                   device=torch.device("cpu"))
-
-
 def slot_cache() -> SlotKVCache:
     cache = SlotKVCache(num_layers=2, kv_heads=1, head_dim=4, bound=1024, dtype=torch.float32,
                         device=torch.device("cpu"))
@@ -154,18 +149,18 @@ def slot_cache() -> SlotKVCache:
 
 
 def test_keys_chain_over_blocks_and_never_cover_the_last_token() -> None:
-    prefix = PrefixCache(shape(), 2**20, "m")
+    prefix = PrefixCache(slot_cache().bytes_per_token, 2**20, "m")
     assert len(prefix.keys(list(range(2 * BLOCK)), None)) == 1  # the last token stays out: one whole block
     assert len(prefix.keys(list(range(2 * BLOCK + 1)), None)) == 2
     a, b = prefix.keys([1] * BLOCK + [2] * BLOCK + [3], None), prefix.keys([9] * BLOCK + [2] * BLOCK + [3], None)
     assert a[1] != b[1]  # the same tokens after a different prefix: another key
     assert prefix.keys([1] * (BLOCK + 1), "x") != prefix.keys([1] * (BLOCK + 1), None)
-    assert PrefixCache(shape(), 2**20, "other").keys([1] * (BLOCK + 1), None) != a[:1]
+    assert PrefixCache(slot_cache().bytes_per_token, 2**20, "other").keys([1] * (BLOCK + 1), None) != a[:1]
 
 
 def test_load_copies_what_save_kept_and_lru_drops_leaves_first() -> None:
     cache = slot_cache()
-    prefix = PrefixCache(shape(), 3 * BLOCK * cache.bytes_per_token, "m")
+    prefix = PrefixCache(slot_cache().bytes_per_token, 3 * BLOCK * cache.bytes_per_token, "m")
     cache.reserve(2, 3 * BLOCK + 1)
     with torch.inference_mode():  # the cache's tensors are inference tensors
         for layer in range(2):
@@ -187,14 +182,14 @@ def test_load_copies_what_save_kept_and_lru_drops_leaves_first() -> None:
 
 def test_a_budget_below_one_block_keeps_nothing() -> None:
     cache = slot_cache()
-    prefix = PrefixCache(shape(), BLOCK * cache.bytes_per_token - 1, "m")
+    prefix = PrefixCache(slot_cache().bytes_per_token, BLOCK * cache.bytes_per_token - 1, "m")
     prefix.save(list(range(2 * BLOCK + 1)), None, cache, 0)
     assert prefix.held_bytes == 0 and prefix.load(list(range(2 * BLOCK + 1)), None, cache, 1) == 0
 
 
 def test_a_lower_limit_evicts_at_once_and_bounds_what_is_kept() -> None:
     cache = slot_cache()
-    prefix = PrefixCache(shape(), 2**20, "m")
+    prefix = PrefixCache(slot_cache().bytes_per_token, 2**20, "m")
     cache.reserve(2, 4 * BLOCK + 1)
     prefix.save(list(range(4 * BLOCK + 1)), None, cache, 0)
     assert prefix.held_bytes == 4 * prefix.block_bytes

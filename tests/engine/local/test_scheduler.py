@@ -39,7 +39,7 @@ def tiers() -> KVTiers[Sequence]:
 
 def scheduler(slots: int = 4, budget: int = 1000, memory: int = 10**6, prefix: bool = False) -> Scheduler:
     kv = tiers()
-    cache = PrefixCache(kv, 2**30, "m") if prefix else None
+    cache = PrefixCache(kv.bytes_per_token, 2**30, "m") if prefix else None
     return Scheduler(kv, max_num_seqs=slots, max_prefill_tokens=budget, budget_tokens=memory, prefix=cache)
 
 
