@@ -344,10 +344,7 @@ class LocalEngine:
             return self._forward_in_parts(step, runner, scheduler)
         if scheduler.pace is not None:
             scheduler.pace.ran(time.perf_counter() - started, len(step.decode), step.prompt_tokens)
-        n = len(step.decode)
-        due = set(map(id, scheduler.prefilled(step, step.prefill)))  # a chunk that is not a prompt's last: nobody
-        rows = [*range(n), *(n + i for i, seq in enumerate(step.prefill) if id(seq) in due)]
-        return [*step.decode, *(seq for seq in step.prefill if id(seq) in due)], logits[rows]
+        return _due(step, scheduler, step.decode, step.prefill, logits)
 
     def _forward_in_parts(self, step: Step, runner: ModelRunner,
                           scheduler: Scheduler) -> tuple[list[Sequence], torch.Tensor]:
@@ -364,10 +361,7 @@ class LocalEngine:
                 broken.append(seq)
         for seq in broken:
             self._fail(seq, scheduler, "the model failed on this request's prompt")
-        logits = torch.cat(rows) if rows else torch.empty(0)
-        due = set(map(id, scheduler.prefilled(step, kept)))
-        keep = [*range(len(seqs)), *(len(seqs) + i for i, seq in enumerate(kept) if id(seq) in due)]
-        return [*seqs, *(seq for seq in kept if id(seq) in due)], logits[keep]
+        return _due(step, scheduler, seqs, kept, torch.cat(rows) if rows else torch.empty(0))
 
     def _take_inbox(self, scheduler: Scheduler) -> bool:
         """Move new requests and aborts into the scheduler; sleep while idle.  False when closing."""
@@ -412,6 +406,15 @@ class LocalEngine:
             leftovers, self._admitted, self._inbox = list(self._admitted.values()), {}, []
         for seq in leftovers:
             seq.collector.fail(InhouseError(ErrorCode.MODEL_UNAVAILABLE, f"model {self.spec.name!r} is shutting down"))
+
+
+def _due(step: Step, scheduler: Scheduler, decode: list[Sequence], prefill: list[Sequence],
+         logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+    """Of a step that ran ``decode`` then ``prefill`` (one logits row each), the sequences whose next token is due
+    and their rows: every decode row, and the prompts now whole (a chunk that is not a prompt's last: not yet)."""
+    due = set(map(id, scheduler.prefilled(step, prefill)))
+    rows = [*range(len(decode)), *(len(decode) + i for i, seq in enumerate(prefill) if id(seq) in due)]
+    return [*decode, *(seq for seq in prefill if id(seq) in due)], logits[rows]
 
 
 def _seeded(seed: int | None) -> torch.Generator | None:
