@@ -48,39 +48,73 @@ def test_chinese_stream_equals_blocking(http: httpx.Client) -> None:
     assert any(ord(ch) > 0x2E80 for ch in blocking), "expected non-ASCII output for this prompt"
 
 
-def test_a_length_cut_inside_a_character_sends_no_replacement_character(smol_server: ServerProcess) -> None:
+_CUT_BODY = {"model": SMOL, "messages": [{"role": "user", "content": "请用中文回答：天空为什么是蓝色的？"}],
+             "temperature": 0}
+
+
+def _blocking_cut(c: httpx.Client, max_tokens: int) -> tuple[str, str, int]:
+    r = c.post("/v1/chat/completions", json={**_CUT_BODY, "max_tokens": max_tokens}).json()
+    return r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"]
+
+
+def _pieces(events: list[dict]) -> list[str]:  # type: ignore[type-arg]
+    return [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
+
+
+def test_a_length_cut_inside_a_character_sends_no_replacement_character(http: httpx.Client) -> None:
     """A Chinese character is three bytes, often spread over two or three tokens: many of these limits fall inside a
-    character.  Its started bytes are dropped (usage still counts them), never sent as U+FFFD, streamed or not."""
-    limits = range(16, 32)  # one batch: 32 sequences at once
-    body = {"model": SMOL, "messages": [{"role": "user", "content": "请用中文回答：天空为什么是蓝色的？"}],
-            "temperature": 0}
+    character.  Its started bytes are dropped (usage still counts them), never sent as U+FFFD, streamed or not.
 
-    async def blocking(c: httpx.AsyncClient, max_tokens: int) -> tuple[str, str, int]:
-        r = (await c.post("/v1/chat/completions", json={**body, "max_tokens": max_tokens})).json()
-        return r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"]
-
-    async def streamed(c: httpx.AsyncClient, max_tokens: int) -> tuple[str, str, int]:
-        async with c.stream("POST", "/v1/chat/completions",
-                            json={**body, "max_tokens": max_tokens, "stream": True}) as r:
-            events = [json.loads(line[6:]) async for line in r.aiter_lines() if line.startswith("data: {")]
-        pieces = [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
+    One request at a time, so that each is computed alone and greedy answers to different limits can be compared
+    exactly: under concurrency a row's bf16 arithmetic depends on what shares its step (decoded alone or in a
+    batch), so twins can part at a near-tie, as in vLLM; the next test covers the cut under concurrency."""
+    limits = range(2, 18)
+    blocking_answers = [_blocking_cut(http, m) for m in limits]
+    streamed_answers = []
+    for max_tokens in limits:
+        with http.stream("POST", "/v1/chat/completions",
+                         json={**_CUT_BODY, "max_tokens": max_tokens, "stream": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        pieces = _pieces(events)
         assert all("\ufffd" not in p for p in pieces), pieces
-        return "".join(pieces), events[-1]["choices"][0]["finish_reason"], events[-1]["usage"]["completion_tokens"]
-
-    async def run() -> tuple[list[tuple[str, str, int]], list[tuple[str, str, int]]]:
-        async with httpx.AsyncClient(base_url=smol_server.url, timeout=120) as c:
-            answers = await asyncio.gather(*(blocking(c, m) for m in limits), *(streamed(c, m) for m in limits))
-        return list(answers[: len(limits)]), list(answers[len(limits):])
-
-    blocking_answers, streamed_answers = asyncio.run(run())
+        streamed_answers.append(
+            ("".join(pieces), events[-1]["choices"][0]["finish_reason"], events[-1]["usage"]["completion_tokens"]))
     assert streamed_answers == blocking_answers
     for max_tokens, (text, finish, tokens) in zip(limits, blocking_answers, strict=True):
         assert (finish, tokens) == ("length", max_tokens)
         assert "\ufffd" not in text, (max_tokens, text)
         assert blocking_answers[-1][0].startswith(text), "greedy answers to longer limits extend shorter ones"
     texts = [text for text, _, _ in blocking_answers]
-    assert any(ord(ch) > 0x2E80 for ch in texts[0]), "expected a Chinese answer for this prompt"
+    assert any(ord(ch) > 0x2E80 for ch in texts[-1]), ("expected a Chinese answer for this prompt", texts)
     assert len(set(texts)) < len(texts), "some limits should add no text: they end inside a character"
+
+
+def test_length_cuts_under_concurrency_send_no_replacement_character(smol_server: ServerProcess) -> None:
+    """The same cuts, 32 sequences in one batch: each answer is whole characters only, with the tokens it was
+    charged for, whatever shares its steps."""
+    limits = range(16, 32)
+
+    async def streamed(c: httpx.AsyncClient, max_tokens: int) -> tuple[str, str, int]:
+        async with c.stream("POST", "/v1/chat/completions",
+                            json={**_CUT_BODY, "max_tokens": max_tokens, "stream": True}) as r:
+            events = [json.loads(line[6:]) async for line in r.aiter_lines() if line.startswith("data: {")]
+        pieces = _pieces(events)
+        assert all("\ufffd" not in p for p in pieces), pieces
+        return "".join(pieces), events[-1]["choices"][0]["finish_reason"], events[-1]["usage"]["completion_tokens"]
+
+    async def blocking(c: httpx.AsyncClient, max_tokens: int) -> tuple[str, str, int]:
+        r = (await c.post("/v1/chat/completions", json={**_CUT_BODY, "max_tokens": max_tokens})).json()
+        return r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"]
+
+    async def run() -> list[tuple[str, str, int]]:
+        async with httpx.AsyncClient(base_url=smol_server.url, timeout=120) as c:
+            return list(await asyncio.gather(*(blocking(c, m) for m in limits), *(streamed(c, m) for m in limits)))
+
+    answers = asyncio.run(run())
+    for max_tokens, (text, finish, tokens) in zip([*limits, *limits], answers, strict=True):
+        assert (finish, tokens) == ("length", max_tokens)
+        assert "\ufffd" not in text, (max_tokens, text)
+        assert any(ord(ch) > 0x2E80 for ch in text), "expected a Chinese answer for this prompt"
 
 
 def test_eight_concurrent_streams_share_the_model(smol_server: ServerProcess, http: httpx.Client) -> None:
