@@ -329,7 +329,7 @@ class LocalEngine:
                 self._fail(seq, scheduler, "the model's output could not be decoded")
                 continue
             if finished:
-                self._finish(seq, scheduler)
+                self._finish(seq, scheduler, answered=True)
 
     def _forward(self, step: Step, runner: ModelRunner, scheduler: Scheduler) -> tuple[list[Sequence], torch.Tensor]:
         """The step's sequences whose next token is due, and their logits.  A step with prompts that fails is run
@@ -388,9 +388,9 @@ class LocalEngine:
         self._kv_bytes = scheduler.tiers.allocated_bytes
         self._kv_charged = scheduler.charged
 
-    def _finish(self, seq: Sequence, scheduler: Scheduler) -> None:
+    def _finish(self, seq: Sequence, scheduler: Scheduler, answered: bool = False) -> None:
         self._admitted.pop(id(seq), None)
-        scheduler.finish(seq)
+        scheduler.finish(seq, answered)
         self._gate.release()
 
     def _fail(self, seq: Sequence, scheduler: Scheduler, message: str) -> None:

@@ -5,7 +5,8 @@ into blocks of ``BLOCK`` tokens; block i's key is a digest chained over the key 
 ids, and the chain starts from the model and the adapter identity (a prefix computed under one LoRA adapter is
 never reused for another one or for the bare base).  A block holds copies of its keys and values for every
 layer, ``[layers, 2, kv_heads, BLOCK, head_dim]``, taken from a sequence's slot (in its tier of the KV cache)
-after a prefill and copied back into a new sequence's slot before its prefill, which then computes only the rest.
+after its prefill (and, at a finish with an answer, those of prompt and answer: a chat's next turn resends both)
+and copied back into a new sequence's slot before its prefill, which then computes only the rest.
 Its memory is part of the model's KV budget: it holds at most ``budget_bytes``, and at most what the running
 sequences leave (``limit``), evicting down when they need more.
 
@@ -101,8 +102,8 @@ class PrefixCache:
 
     @torch.inference_mode()
     def save(self, prompt_ids: Seq[int], adapter: str | None, cache: SlotKVCache, slot: int) -> None:
-        """Keep the whole blocks of a prompt just prefilled in ``slot`` of ``cache`` (those not kept yet), within
-        the budget."""
+        """Keep the whole blocks of ``prompt_ids`` (all but the last token in ``slot`` of ``cache``: a prompt just
+        prefilled, or a prompt and its answer) not kept yet, within the budget."""
         if self.block_bytes > min(self.budget_bytes, self.limit_bytes):
             return
         chain = self.keys(prompt_ids, adapter)

@@ -150,8 +150,10 @@ class Scheduler:
             done.append(seq)
         return done
 
-    def finish(self, seq: Sequence) -> None:
-        """Take a sequence out, wherever it is; its slot and its charge are freed."""
+    def finish(self, seq: Sequence, answered: bool = False) -> None:
+        """Take a sequence out, wherever it is; its slot and its charge are freed.  ``answered``: it ended with
+        its answer (a stop or its length), so the prefix cache may keep the whole blocks of its prompt and answer
+        alike: a chat's next turn resends both."""
         seq.status = SequenceStatus.FINISHED
         if seq.tier < 0:
             if seq in self.waiting:
@@ -159,6 +161,9 @@ class Scheduler:
             return
         if seq is self.chunking:
             self.chunking = None
+        elif answered and self.prefix is not None:
+            # every token but the last sampled one went through the model: its keys and values are in the slot
+            self.prefix.save(seq.prompt_ids + seq.output_ids, seq.adapter, self.tiers.cache(seq), seq.slot)
         self.tiers.remove(seq)
         self.running.remove(seq)
         self.charged -= seq.charge

@@ -119,3 +119,26 @@ async def test_chunks_with_the_cache_answer_the_same(checkpoint: Path, cache_dir
         assert await answers(engine, QUESTIONS) == await answers(uncached, QUESTIONS)
     finally:
         await engine.close()
+
+
+async def turn(engine: LocalEngine, messages: list[dict[str, str]]) -> tuple[str, int, int]:
+    """One chat turn: its answer, its prompt's length and how much of the prompt the cache supplied."""
+    [generation] = await engine.submit([GenerateRequest(
+        "turn", SamplingParams(max_tokens=192, temperature=0.0), messages=tuple(messages))])
+    deltas = [delta async for delta in generation]
+    usage = deltas[-1].usage
+    assert usage is not None and usage.cached_tokens is not None
+    return "".join(d.text for d in deltas), usage.prompt_tokens, usage.cached_tokens
+
+
+async def test_a_chats_next_turn_reuses_the_previous_answer(cached: LocalEngine, uncached: LocalEngine) -> None:
+    """The answer's blocks are kept at its finish: the next turn, which resends it, prefills little more than the
+    new question, and answers as without the cache."""
+    messages = [{"role": "user", "content": "Tell me a long story about a robot who delivers parcels in a city."}]
+    first, first_prompt, _ = await turn(cached, messages)
+    assert len(first) > 400, "a short first answer: the test would prove little"
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "What happens next?"}]
+    second, prompt, hit = await turn(cached, messages)
+    assert hit > first_prompt // BLOCK * BLOCK + BLOCK, (first_prompt, prompt, hit)  # into the answer
+    assert prompt - hit < 2 * BLOCK  # the new question and the unaligned tail
+    assert second == (await turn(uncached, messages))[0]

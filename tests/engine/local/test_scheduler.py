@@ -12,7 +12,7 @@ from inhouse.engine.base import Delta, SamplingParams
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
 from inhouse.engine.local.kv_tiers import KVTiers
-from inhouse.engine.local.prefix_cache import PrefixCache
+from inhouse.engine.local.prefix_cache import BLOCK, PrefixCache
 from inhouse.engine.local.scheduler import Scheduler
 from inhouse.engine.local.sequence import Sequence, SequenceStatus
 
@@ -174,6 +174,34 @@ def test_the_prefix_cache_gets_what_the_running_sequences_leave() -> None:
     assert s.prefix.limit_bytes == (10_000 - 512 - s.tiers.slack) * per_token
     s.finish(a)
     assert s.prefix.limit_bytes == (10_000 - s.tiers.slack) * per_token
+
+
+def test_an_answered_sequence_leaves_its_answer_to_the_prefix_cache_for_the_next_turn() -> None:
+    """A chat's next turn resends the answer: the cache keeps the whole blocks of prompt and answer alike (every
+    token but the last sampled one, whose keys were never computed); a request that ends otherwise keeps none."""
+    s = scheduler(prefix=True)
+    assert s.prefix is not None
+    a = seq("a", 100)
+    s.add(a)
+    step = s.schedule()
+    assert step is not None
+    s.tiers.cache(a).reserve(1, 256)  # what the runner's writes would have grown it to
+    s.prefilled(step, [a])
+    assert s.prefix.match([*a.prompt_ids, 0], None) == BLOCK  # the prompt's one whole block
+    a.output_ids = list(range(500, 500 + 93))  # 100 + 92 run = 192: three whole blocks
+    s.finish(a, answered=True)
+    next_turn = a.prompt_ids + a.output_ids + [9, 9, 9]
+    assert s.prefix.match(next_turn, None) == 3 * BLOCK
+    b = seq("b", 100)
+    b.prompt_ids = list(range(2000, 2100))
+    s.add(b)
+    step = s.schedule()
+    assert step is not None
+    s.tiers.cache(b).reserve(1, 256)
+    s.prefilled(step, [b])
+    b.output_ids = list(range(500, 600))
+    s.finish(b)  # cancelled or failed: its answer is not kept
+    assert s.prefix.match(b.prompt_ids + b.output_ids + [9], None) == BLOCK
 
 
 def test_finishing_a_waiting_sequence_takes_it_off_the_queue() -> None:
