@@ -7,12 +7,17 @@ Works for any model whose attention layers use transformers' attention interface
 Qwen2/3, Phi-3, ...); sliding-window attention is not applied.
 
 Prefill runs causal SDPA over each sequence's own new tokens, and over the prefix already in its slot when
-the prefix cache supplied one (a prefill from an offset).  Decode (one query per sequence) is, tier by tier, two
+the prefix cache supplied one (a prefill from an offset); a bf16 sequence of ``BLOCKED_FROM`` tokens or more runs
+in blocks of 64 queries instead (``_in_blocks``: transformers' eager arithmetic, 1.6-1.9x faster than SDPA's
+flash kernel on this CPU, and the same for a token whether or not a cached prefix came before it).
+
+Decode (one query per sequence) is, tier by tier, two
 batched matmuls against the tier's window with the query heads grouped per kv head, so grouped-query
 attention needs no repeated keys, and a float32 softmax in between (transformers' eager attention
 does the same): on CPU this is 5-10 times faster than SDPA, whose kernel is built for many queries
 per sequence.  A lone sequence still decodes with SDPA over exactly its own tokens: for one row it
-costs no more, and a single request's bf16 output stays bit for bit equal to ``model.generate``'s.  A fused step
+costs no more, and a single request's bf16 output stays bit for bit equal to ``model.generate``'s (for prompts
+shorter than ``BLOCKED_FROM``).  A fused step
 packs both in one row, the decode rows' tokens first.
 """
 
@@ -27,9 +32,11 @@ from transformers import AttentionInterface
 
 from inhouse.engine.local.kv_cache import SlotKVCache
 
-__all__ = ["ATTENTION_NAME", "BatchLayout", "DecodeGroup", "Placement", "register"]
+__all__ = ["ATTENTION_NAME", "BLOCKED_FROM", "QUERY_BLOCK", "BatchLayout", "DecodeGroup", "Placement", "register"]
 
 ATTENTION_NAME = "inhouse_slots"
+BLOCKED_FROM = 256  # a bf16 prefill of a sequence this long (cached prefix included) runs ``_in_blocks``
+QUERY_BLOCK = 64  # queries per block there: the prefix cache's block, so a cached prefix ends on a block's edge
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +133,9 @@ def _prefill(layout: BatchLayout, layer: int, query: torch.Tensor, key: torch.Te
     for p in layout.placements:
         end = p.start + p.length
         p.cache.write_slot(layer, p.slot, p.offset, key[0, :, p.start : end], value[0, :, p.start : end])
-        if p.offset:
+        if query.dtype == torch.bfloat16 and p.offset + p.length >= BLOCKED_FROM:
+            part = _in_blocks(p, layer, query[:, :, p.start : end], scale)
+        elif p.offset:
             part = _after_prefix(p, layer, query[:, :, p.start : end], scale, grouped)
         else:
             part = F.scaled_dot_product_attention(
@@ -153,6 +162,38 @@ def _after_prefix(p: Placement, layer: int, query: torch.Tensor, scale: float, g
         return out[:, :, p.offset :]
     visible = torch.ones(p.length, p.offset + p.length, dtype=torch.bool, device=query.device).tril(diagonal=p.offset)
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scale, enable_gqa=grouped)
+
+
+def _in_blocks(p: Placement, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:
+    """A long bf16 prefill's new tokens ``[1, heads, length, head_dim]`` over its slot, in blocks of
+    ``QUERY_BLOCK`` queries at fixed positions (0-63, 64-127, ...): each block's scores against the keys up to
+    its end are one bf16 matmul, scaled and causally masked in place, then a softmax computed in float32 and
+    rounded once to bf16, and one matmul with the values: transformers' eager attention, block by block.
+
+    On this project's CPUs this is 1.6-1.9x faster than PyTorch's flash-attention kernel at 512-3,000 tokens
+    (SmolLM2's shapes: 20 against 34 ms a layer at 2,000), whose float32 score tiles cost more than they save
+    here.  The blocks sit at the same positions whatever the offset, so a prefill after a cached prefix (whose
+    offset is a whole number of 64-token blocks) computes each of its tokens exactly as a whole prefill does."""
+    total = p.offset + p.length
+    keys = p.cache.keys[layer][p.slot, :, :total]  # [kv_heads, total, head_dim]
+    values = p.cache.values[layer][p.slot, :, :total]
+    kv_heads, _, dim = keys.shape
+    group = query.shape[1] // kv_heads  # query head h reads kv head h // group
+    q = query[0].view(kv_heads, group, p.length, dim)
+    out = query.new_empty((kv_heads, group, p.length, dim))
+    hidden = torch.ones(QUERY_BLOCK, QUERY_BLOCK, dtype=torch.bool, device=query.device).triu(1)
+    mask = torch.zeros(hidden.shape, dtype=query.dtype, device=query.device).masked_fill_(hidden, float("-inf"))
+    for start in range(p.offset // QUERY_BLOCK * QUERY_BLOCK, total, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, total)
+        first = max(start, p.offset)  # this block's first new token
+        rows = stop - first
+        block = q[:, :, first - p.offset : stop - p.offset].reshape(kv_heads, group * rows, dim)
+        scores = torch.matmul(block, keys[:, :stop].transpose(1, 2)).view(kv_heads, group, rows, stop)
+        scores[..., first:stop].add_(mask[first - start : stop - start, first - start : stop - start])
+        probs = torch.softmax(scores.view(kv_heads, group * rows, stop).mul_(scale), dim=-1)
+        out[:, :, first - p.offset : stop - p.offset] = torch.matmul(probs, values[:, :stop]).view(
+            kv_heads, group, rows, dim)
+    return out.view(1, kv_heads * group, p.length, dim)
 
 
 def _decode_alone(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:

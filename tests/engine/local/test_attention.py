@@ -1,0 +1,54 @@
+"""The prefill attention of the local engine (``attention._prefill``) on random bf16 tensors: a long prompt's blocked
+attention against PyTorch's SDPA, and a prefill after a cached prefix against a whole one, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from inhouse.engine.local.attention import BLOCKED_FROM, QUERY_BLOCK, BatchLayout, Placement, _prefill
+from inhouse.engine.local.kv_cache import SlotKVCache
+
+HEADS, KV_HEADS, DIM = 9, 3, 64  # SmolLM2's grouped-query shapes
+
+
+def qkv(length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, heads, length, DIM, generator=g).to(torch.bfloat16)  # type: ignore[return-value]
+                 for heads in (HEADS, KV_HEADS, KV_HEADS))
+
+
+def cache(slots: int, length: int) -> SlotKVCache:
+    kv = SlotKVCache(1, KV_HEADS, DIM, bound=1024, dtype=torch.bfloat16, device=torch.device("cpu"))
+    kv.reserve(slots, length)
+    return kv
+
+
+@torch.inference_mode()
+def prefill(kv: SlotKVCache, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
+    """Attention of positions ``offset..`` of the prompt (its keys before ``offset`` already in the slot)."""
+    new = (slice(None), slice(None), slice(offset, None))
+    layout = BatchLayout(placements=(Placement(kv, slot, 0, q.shape[2] - offset, offset),))
+    out = q.new_empty((1, q.shape[2] - offset, HEADS, DIM))
+    _prefill(layout, 0, q[new], k[new], v[new], DIM**-0.5, out)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("length", [BLOCKED_FROM, 300, 700])
+def test_a_long_prompt_attends_as_sdpa_does(length: int) -> None:
+    q, k, v = qkv(length, seed=length)
+    got = prefill(cache(1, length), 0, q, k, v, offset=0)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=DIM**-0.5, enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)  # bf16 scores, as transformers' eager attention
+
+
+@pytest.mark.parametrize("cached", [QUERY_BLOCK, 3 * QUERY_BLOCK, 4 * QUERY_BLOCK])
+def test_after_a_cached_prefix_each_token_is_computed_as_in_a_whole_prefill(cached: int) -> None:
+    q, k, v = qkv(333, seed=cached)
+    kv = cache(2, 333)
+    whole = prefill(kv, 0, q, k, v, offset=0)
+    kv.move(0, 1, cached)  # slot 1 holds the prefix, as the prefix cache leaves it
+    rest = prefill(kv, 1, q, k, v, offset=cached)
+    assert torch.equal(rest, whole[:, :, cached:])
+    assert torch.equal(kv.keys[0][1, :, :333], kv.keys[0][0, :, :333])
