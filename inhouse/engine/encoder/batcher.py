@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, cast
 
+from inhouse.engine.threads import run_in_passing_thread
 from inhouse.errors import ErrorCode, InhouseError
 
 __all__ = ["BatchLimits", "BatchRunner", "BatchStats", "Batched", "Batcher"]
@@ -276,7 +277,7 @@ class Batcher(Generic[I, P, R]):
     def _execute(self, batch: list[_Slot[I, P, R]]) -> None:
         """One forward pass; when it raises, each input again alone, failing only those that fail alone."""
         try:
-            rows: Sequence[R | None] = self._runner.run([_prepared(slot) for slot in batch])
+            rows: Sequence[R | None] = run_in_passing_thread(self._runner.run, [_prepared(slot) for slot in batch])
             if len(rows) != len(batch):
                 raise RuntimeError(f"the runner returned {len(rows)} rows for {len(batch)} inputs")
         except Exception:
@@ -299,7 +300,7 @@ class Batcher(Generic[I, P, R]):
         if slot.job.done:  # its call already failed (an earlier input of it failed alone) or left
             return None
         try:
-            return self._runner.run([_prepared(slot)])[0]
+            return run_in_passing_thread(self._runner.run, [_prepared(slot)])[0]
         except Exception:
             log.exception("model %s: input %d of a request failed the model", self._name, slot.index)
             return None

@@ -10,7 +10,6 @@ serves rerank only.  Batching is the ``Batcher``'s, tokenizing and forward passe
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -35,6 +34,7 @@ from inhouse.engine.base import (
 from inhouse.engine.encoder.batcher import Batcher, BatchLimits, BatchStats
 from inhouse.engine.encoder.loader import LoadedEncoder, Task, detect_task, load_encoder
 from inhouse.engine.encoder.runner import EmbedInput, Encoded, PairInput, PairRunner, TextRunner, too_long
+from inhouse.engine.threads import in_passing_thread
 from inhouse.errors import ErrorCode, InhouseError
 
 __all__ = ["KIND", "EncoderEngine"]
@@ -77,7 +77,7 @@ class EncoderEngine:
 
     async def start(self) -> None:
         try:
-            model = await asyncio.to_thread(self._load)
+            model = await in_passing_thread(self._load)
         except BaseException:
             self._state = EngineState.FAILED
             raise

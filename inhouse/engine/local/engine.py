@@ -43,6 +43,7 @@ from inhouse.engine.local.sampler import Sampler
 from inhouse.engine.local.scheduler import Scheduler, Step
 from inhouse.engine.local.sequence import Sequence, SequenceStatus
 from inhouse.engine.prompt import PromptBuilder
+from inhouse.engine.threads import in_passing_thread
 from inhouse.errors import ErrorCode, InhouseError
 
 __all__ = ["LocalEngine"]
@@ -98,7 +99,7 @@ class LocalEngine:
 
     async def start(self) -> None:
         try:
-            loaded = await asyncio.to_thread(load_model, self.spec, self._cache_dir, register())
+            loaded = await in_passing_thread(load_model, self.spec, self._cache_dir, register())
         except BaseException:
             self._state = EngineState.FAILED
             raise
@@ -110,7 +111,7 @@ class LocalEngine:
             self._state = EngineState.FAILED
             raise
         self.lora = LoraSet(loaded.model, getattr(self.spec, "max_loras", 8), loaded.dtype, loaded.device)
-        self._grammars = await asyncio.to_thread(Grammars, loaded.tokenizer, vocab_size, loaded.stop_ids)
+        self._grammars = await in_passing_thread(Grammars, loaded.tokenizer, vocab_size, loaded.stop_ids)
         self._prompts = PromptBuilder(loaded.tokenizer, vocab_size, loaded.context_length, self.spec.tool_parser,
                                       self.spec.reasoning_parser, can_constrain=self._grammars.available)
         capabilities = self._prompts.capabilities
@@ -217,7 +218,7 @@ class LocalEngine:
         schemas = [answer_schema(r, self._info.tool_parser) for r in requests]
         if grammars is None or all(s is None for s in schemas):
             return [None] * len(requests)
-        return await asyncio.to_thread(lambda: [grammars.constraint(s) for s in schemas])
+        return await in_passing_thread(lambda: [grammars.constraint(s) for s in schemas])
 
     def _check_adapters(self, requests: Seq[GenerateRequest]) -> None:
         names = set(self.lora.names()) if self.lora is not None else set()
@@ -231,7 +232,7 @@ class LocalEngine:
         """Read, check and register a LoRA adapter off the event loop; AdapterError says what does not fit."""
         self._check_ready()
         assert self.lora is not None
-        await asyncio.to_thread(self.lora.register, name, directory)
+        await in_passing_thread(self.lora.register, name, directory)
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter (its requests in flight should have finished: the registry drains them first)."""

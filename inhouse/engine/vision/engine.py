@@ -37,6 +37,7 @@ from inhouse.engine.base import (
 from inhouse.engine.checkpoint import resolve_checkpoint
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.loading import WEIGHTS_LOCK, pick_device, pick_dtype
+from inhouse.engine.threads import in_passing_thread
 from inhouse.engine.vision.batch import compatible_groups, generate_batch
 from inhouse.engine.vision.job import TextStream, VisionJob
 from inhouse.engine.vision.processor import chat_messages, load_processor, model_inputs
@@ -83,7 +84,7 @@ class VisionEngine:
 
     async def start(self) -> None:
         try:
-            await asyncio.to_thread(self._load)
+            await in_passing_thread(self._load)
         except BaseException:
             self._state = EngineState.FAILED
             raise
@@ -156,7 +157,7 @@ class VisionEngine:
             self._arriving += 1
         try:
             for request in requests:
-                text, inputs = await asyncio.to_thread(self._inputs, request)
+                text, inputs = await in_passing_thread(self._inputs, request)
                 sampling = request.sampling.with_defaults(self.spec.defaults)
                 job = VisionJob(request.request_id, text, list(request.images), inputs, sampling, 0,
                                 OutputCollector(loop))
