@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import SMOL
-from tests.e2e.helpers import stream
+from tests.e2e.helpers import parse_sse, stream
 from tests.process import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -52,13 +52,17 @@ _CUT_BODY = {"model": SMOL, "messages": [{"role": "user", "content": "请用中�
              "temperature": 0}
 
 
-def _blocking_cut(c: httpx.Client, max_tokens: int) -> tuple[str, str, int]:
-    r = c.post("/v1/chat/completions", json={**_CUT_BODY, "max_tokens": max_tokens}).json()
-    return r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"]
+def _answer(body: dict) -> tuple[str, str, int]:  # type: ignore[type-arg]
+    """A blocking answer's text, finish and completion tokens."""
+    choice = body["choices"][0]
+    return choice["message"]["content"], choice["finish_reason"], body["usage"]["completion_tokens"]
 
 
-def _pieces(events: list[dict]) -> list[str]:  # type: ignore[type-arg]
-    return [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
+def _streamed(events: list[dict]) -> tuple[str, str, int]:  # type: ignore[type-arg]
+    """A streamed answer's text, finish and completion tokens; no piece of it may be U+FFFD."""
+    pieces = [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
+    assert all("\ufffd" not in p for p in pieces), pieces
+    return "".join(pieces), events[-1]["choices"][0]["finish_reason"], events[-1]["usage"]["completion_tokens"]
 
 
 def test_a_length_cut_inside_a_character_sends_no_replacement_character(http: httpx.Client) -> None:
@@ -69,16 +73,10 @@ def test_a_length_cut_inside_a_character_sends_no_replacement_character(http: ht
     exactly: under concurrency a row's bf16 arithmetic depends on what shares its step (decoded alone or in a
     batch), so twins can part at a near-tie, as in vLLM; the next test covers the cut under concurrency."""
     limits = range(2, 18)
-    blocking_answers = [_blocking_cut(http, m) for m in limits]
-    streamed_answers = []
-    for max_tokens in limits:
-        with http.stream("POST", "/v1/chat/completions",
-                         json={**_CUT_BODY, "max_tokens": max_tokens, "stream": True}) as r:
-            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-        pieces = _pieces(events)
-        assert all("\ufffd" not in p for p in pieces), pieces
-        streamed_answers.append(
-            ("".join(pieces), events[-1]["choices"][0]["finish_reason"], events[-1]["usage"]["completion_tokens"]))
+    blocking_answers = [_answer(http.post("/v1/chat/completions", json={**_CUT_BODY, "max_tokens": m}).json())
+                        for m in limits]
+    streamed_answers = [_streamed(stream(http, "/v1/chat/completions", {**_CUT_BODY, "max_tokens": m}).events)
+                        for m in limits]
     assert streamed_answers == blocking_answers
     for max_tokens, (text, finish, tokens) in zip(limits, blocking_answers, strict=True):
         assert (finish, tokens) == ("length", max_tokens)
@@ -97,14 +95,11 @@ def test_length_cuts_under_concurrency_send_no_replacement_character(smol_server
     async def streamed(c: httpx.AsyncClient, max_tokens: int) -> tuple[str, str, int]:
         async with c.stream("POST", "/v1/chat/completions",
                             json={**_CUT_BODY, "max_tokens": max_tokens, "stream": True}) as r:
-            events = [json.loads(line[6:]) async for line in r.aiter_lines() if line.startswith("data: {")]
-        pieces = _pieces(events)
-        assert all("\ufffd" not in p for p in pieces), pieces
-        return "".join(pieces), events[-1]["choices"][0]["finish_reason"], events[-1]["usage"]["completion_tokens"]
+            events, _, _ = parse_sse(await r.aread())
+        return _streamed(events)
 
     async def blocking(c: httpx.AsyncClient, max_tokens: int) -> tuple[str, str, int]:
-        r = (await c.post("/v1/chat/completions", json={**_CUT_BODY, "max_tokens": max_tokens})).json()
-        return r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"]
+        return _answer((await c.post("/v1/chat/completions", json={**_CUT_BODY, "max_tokens": max_tokens})).json())
 
     async def run() -> list[tuple[str, str, int]]:
         async with httpx.AsyncClient(base_url=smol_server.url, timeout=120) as c:
