@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from inhouse.engine.local.attention import BatchLayout, DecodeGroup, Placement
+from inhouse.engine.local.attention import BLOCKED_FROM, BatchLayout, DecodeGroup, Placement
 from inhouse.engine.local.kv_tiers import KVTiers
 from inhouse.engine.local.lora import AdapterWeights, LoraSet
 
@@ -107,12 +107,14 @@ class ModelRunner:
             end = start + len(members)
             cache = self.tiers.tiers[members[0].tier]
             positions = torch.tensor(write_at[start:end], dtype=torch.long)
+            kv_length = int(positions.max()) + 1
+            masked = len(members) > 1 or kv_length >= BLOCKED_FROM  # a short lone row: SDPA (attention.py)
             assert [s.slot for s in members] == list(range(len(members))), "a tier's decode rows start at slot 0"
             groups.append(DecodeGroup(
                 cache=cache, start=start, end=end,
                 cache_rows=cache.rows_at(torch.arange(len(members)), positions).to(self.device),
-                mask=_decode_mask(positions, cache.capacity).to(self.device) if len(members) > 1 else None,
-                kv_length=int(positions.max()) + 1,
+                mask=_decode_mask(positions, cache.capacity).to(self.device) if masked else None,
+                kv_length=kv_length,
             ))
             start = end
         return tuple(groups)
