@@ -344,7 +344,7 @@ class LocalEngine:
                 raise
             return self._forward_in_parts(step, runner, scheduler)
         if scheduler.pace is not None:
-            scheduler.pace.ran(time.perf_counter() - started, len(step.decode), step.prompt_tokens)
+            scheduler.pace.ran(time.perf_counter() - started, len(step.decode), step.prompt_tokens, step.pairs)
         return _due(step, scheduler, step.decode, step.prefill, logits)
 
     def _forward_in_parts(self, step: Step, runner: ModelRunner,
@@ -355,7 +355,7 @@ class LocalEngine:
         kept, broken = [], []
         for seq in step.prefill:
             try:
-                rows.append(runner.prefill([seq], step.chunk))
+                rows.append(runner.prefill([seq], step.chunk if seq is step.prefill[-1] else 0))
                 kept.append(seq)
             except Exception:
                 log.exception("the prompt of request %s failed the model", seq.request_id)

@@ -76,10 +76,12 @@ class ModelRunner:
         (``KVTiers.prepare_decode``); ``prefill``'s sequences are placed, room reserved.  The prompts run packed
         back to back in one row (after the decode rows' tokens, when there are both: one pass reads the weights
         once for all of them), so no compute goes to padding.  A sequence whose first ``cached`` prompt positions
-        are already in its slot (the prefix cache's, or earlier chunks') runs only the rest, or only its next
-        ``chunk`` tokens (then its logits are those of the chunk's last token).
+        are already in its slot (the prefix cache's, or earlier chunks') runs only the rest; with ``chunk``, the last
+        of ``prefill`` runs only its next ``chunk`` tokens (then its logits are those of the chunk's last token).
         """
-        ends = [min(s.cached + chunk, len(s.prompt_ids)) if chunk else len(s.prompt_ids) for s in prefill]
+        ends = [len(s.prompt_ids) for s in prefill]
+        if chunk:
+            ends[-1] = min(prefill[-1].cached + chunk, ends[-1])
         lengths = [end - s.cached for s, end in zip(prefill, ends, strict=True)]
         n = len(decode)
         ids = [s.last_token for s in decode]

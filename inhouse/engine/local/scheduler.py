@@ -12,7 +12,8 @@ weights for both).  When nothing is decoding, a step takes up to ``max_prefill_t
 sequences decode, with chunked prefill on (``chunk_tokens`` > 0), a step takes only what ``Pace`` allows (at most
 ``chunk_tokens``): a prompt longer than that is prefilled in chunks, one per step, so its arrival slows the
 running streams' next token by a fraction of a step rather than stalling them for its whole prefill.  One prompt
-at a time is chunked (the tiers' pinned sequence meanwhile); prompts behind it wait for it.
+at a time is chunked (the tiers' pinned sequence meanwhile); short prompts (``SHORT`` tokens together) that come
+meanwhile go in whole beside its chunks, longer ones wait for it.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ SHORT = 64  # prompt tokens a step takes whole beside decode rows, whatever the 
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One forward pass: a token for each of ``decode``, and the prompts of ``prefill`` (the rest of each, or,
-    for the one prompt being chunked, its next ``chunk`` tokens); ``prompt_tokens`` in all."""
+    """One forward pass: a token for each of ``decode``, and the prompts of ``prefill`` (the rest of each, and,
+    with ``chunk``, the next ``chunk`` tokens of the last, the prompt being chunked); ``prompt_tokens`` in all."""
 
     decode: list[Sequence]
     prefill: list[Sequence]
     chunk: int = 0
     prompt_tokens: int = 0
+    pairs: float = 0.0  # query-key pairs the prompt tokens' attention reads (``Pace``)
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -77,45 +79,59 @@ class Scheduler:
     def schedule(self) -> Step | None:
         """The running sequences' next tokens, and as many prompt tokens beside them as the step may take."""
         decode = self.tiers.prepare_decode() if self.running else []
-        budget = self._prompt_budget(bool(decode))
-        if self.chunking is not None:
-            seq = self.chunking
-            chunk = min(budget, len(seq.prompt_ids) - seq.cached)
-            return Step(decode, [seq], chunk, chunk)
-        prefill, chunk, tokens = self._admit(budget, bool(decode))
+        if self.chunking is not None:  # its next chunk, and short prompts that came since go in whole beside it
+            shorts, _ = self._admit(0, True, whole_only=True)
+            return self._with_chunk(decode, shorts, self.chunking)
+        prefill, chunking = self._admit(self._prompt_budget(len(decode)), bool(decode))
+        if chunking:
+            return self._with_chunk(decode, prefill[:-1], prefill[-1])
         if not decode and not prefill:
             return None
-        return Step(decode, prefill, chunk, tokens)
+        news = [len(seq.prompt_ids) - seq.cached for seq in prefill]
+        return Step(decode, prefill, 0, sum(news), sum(map(_pairs, prefill, news)))
 
-    def _prompt_budget(self, decoding: bool) -> int:
-        """While others decode, what the pace allows (chunking on); otherwise a whole batch of prompts."""
+    def _prompt_budget(self, decoding: int) -> int:
+        """While ``decoding`` sequences decode, what the pace allows a new prompt (chunking on); otherwise a whole
+        batch of prompts."""
         if self.pace is None or not decoding:
             return self.max_prefill_tokens
-        return self.pace.budget()
+        return self.pace.budget(decoding)
 
-    def _admit(self, budget: int, decoding: bool) -> tuple[list[Sequence], int, int]:
+    def _with_chunk(self, decode: list[Sequence], whole: list[Sequence], seq: Sequence) -> Step:
+        """``whole`` prompts, and the next chunk of ``seq``: as much of it as the pace allows beside them."""
+        news = [len(s.prompt_ids) - s.cached for s in whole]
+        tokens, pairs = sum(news), sum(map(_pairs, whole, news))
+        if self.pace is None or not decode:
+            budget = self.max_prefill_tokens - tokens
+        else:
+            budget = self.pace.budget(len(decode), seq.cached, tokens, pairs)
+        chunk = max(1, min(budget, len(seq.prompt_ids) - seq.cached))
+        return Step(decode, [*whole, seq], chunk, tokens + chunk, pairs + _pairs(seq, chunk))
+
+    def _admit(self, budget: int, decoding: bool, whole_only: bool = False) -> tuple[list[Sequence], bool]:
         """Waiting prompts that fit in slots, memory and ``budget`` new tokens (while others decode, prompts of up
-        to ``SHORT`` tokens together always fit: a short chat goes in whole, never chunked), placed; or the first
-        ``budget``-token chunk of one too long for it (chunking on).  A prompt longer than the budget with chunking
-        off runs alone."""
+        to ``SHORT`` tokens together always fit: a short chat goes in whole, never chunked), placed; or one too long
+        for it, alone, to be chunked (chunking on: then True).  A prompt longer than the budget with chunking off
+        runs alone.  ``whole_only`` (another prompt is being chunked): only those short prompts, first come first
+        served."""
         room = max(budget, min(SHORT, self.chunk_tokens)) if decoding else budget
         batch: list[Sequence] = []
         tokens = 0
         while self.waiting and len(self.running) < self.max_num_seqs and self.fits(self.waiting[0]):
             head = self.waiting[0]
             new = len(head.prompt_ids) - (self.prefix.match(head.prompt_ids, head.adapter) if self.prefix else 0)
-            if tokens + new > room and batch:
+            if tokens + new > room and (batch or whole_only):
                 break
             self._place(self.waiting.popleft())
             batch.append(head)
             new = len(head.prompt_ids) - head.cached
             if new > room and self.chunk_tokens:
                 self.chunking = self.tiers.pinned = head
-                return batch, budget, budget
+                return batch, True
             tokens += new
             if tokens >= room:
                 break
-        return batch, 0, tokens
+        return batch, False
 
     def _place(self, seq: Sequence) -> None:
         """Into a slot of the tier its prompt needs, with its cached prefix copied in; its charge counted."""
@@ -140,7 +156,7 @@ class Scheduler:
         is due), and let the prefix cache keep the blocks of those prompts it does not hold yet."""
         done = []
         for seq in seqs:
-            seq.cached = seq.cached + step.chunk if step.chunk else len(seq.prompt_ids)
+            seq.cached = seq.cached + step.chunk if step.chunk and seq is step.prefill[-1] else len(seq.prompt_ids)
             if seq.cached < len(seq.prompt_ids):
                 continue
             if seq is self.chunking:
@@ -177,3 +193,9 @@ class Scheduler:
             if seq.request_id == request_id:
                 return seq
         return None
+
+
+def _pairs(seq: Sequence, new: int) -> float:
+    """Query-key pairs the attention of ``seq``'s next ``new`` prompt tokens reads (each sees every token before
+    it)."""
+    return new * (seq.cached + new / 2)

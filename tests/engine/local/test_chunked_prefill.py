@@ -15,10 +15,18 @@ import torch
 from inhouse.config import TransformersSpec
 from inhouse.engine.base import GenerateRequest, Generation, SamplingParams
 from inhouse.engine.local.engine import LocalEngine
+from inhouse.engine.local.pace import Pace
 from inhouse.engine.local.scheduler import Scheduler, Step
 from tests.engine.local.test_scheduler import assert_slots_compact, seq, tiers
 
 CHUNK = 64
+
+
+def feed(pace: Pace, decode_rows: int) -> None:
+    """Steps of a model whose decode step takes 20 ms, a prompt token 0.5 ms and a query-key pair 0.2 us."""
+    for n, offset in [(16, 0), (64, 500), (32, 3000), (128, 1000), (16, 2000), (200, 0), (48, 1500)] * 3:
+        pace.ran(0.020, decode_rows, 0)
+        pace.ran(0.020 + 5e-4 * n + 2e-7 * n * (offset + n / 2), decode_rows, n, n * (offset + n / 2))
 
 
 def chunked(slots: int = 4) -> Scheduler:
@@ -57,19 +65,52 @@ def test_with_nothing_decoding_a_long_prompt_is_prefilled_whole() -> None:
 
 
 def test_the_pace_sets_the_chunk_while_others_decode() -> None:
-    s = Scheduler(tiers(), max_num_seqs=4, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=256)
-    a, b = seq("a", 4), seq("b", 400)
+    s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=256)
+    streams, b = [seq(f"a{i}", 4) for i in range(4)], seq("b", 400)
+    for a in streams:
+        s.add(a)
+    run(s)
+    assert s.pace is not None
+    feed(s.pace, decode_rows=4)
+    s.add(b)
+    first = run(s)
+    assert first.decode == streams and first.prefill == [b] and first.chunk == s.pace.budget(4, offset=0)
+    assert 55 <= first.chunk <= 62  # 0.5 ms x 59 + 0.2 us x 59 x 59 / 2: 30 ms, 1.5 decode steps
+    second = run(s)  # further into the prompt, a chunk reads more keys: a smaller one fits
+    assert second.chunk == s.pace.budget(4, offset=first.chunk) < first.chunk
+    assert second.pairs == second.chunk * (first.chunk + second.chunk / 2)
+    for _ in range(30):  # much faster decode steps (a running average follows them): never below 16 tokens
+        s.pace.ran(0.001, decode_rows=4, prompt_tokens=0)
+    assert run(s).chunk == 16
+
+
+def test_one_stream_lets_a_prompt_take_longer_chunks() -> None:
+    s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=512)
+    a, b = seq("a", 4), seq("b", 2000)
     s.add(a)
     run(s)
     assert s.pace is not None
-    s.pace.ran(0.060, decode_rows=1, prompt_tokens=0)  # a decode step: 60 ms
-    s.pace.ran(0.160, decode_rows=1, prompt_tokens=100)  # 100 prompt tokens added 100 ms: 1 ms each
+    feed(s.pace, decode_rows=1)
     s.add(b)
     step = run(s)
-    assert step.decode == [a] and step.prefill == [b] and step.chunk == 90  # 1.5 decode steps' time
-    for _ in range(30):  # much faster decode steps (a running average follows them): never below 16 tokens
-        s.pace.ran(0.001, decode_rows=1, prompt_tokens=0)
-    assert s.pace.budget() == 16
+    assert step.decode == [a] and step.chunk == s.pace.budget(1) > 3 * s.pace.budget(4)
+
+
+def test_short_prompts_beside_a_chunk_take_their_share_of_its_budget() -> None:
+    s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=256)
+    streams, long_, short = [seq(f"a{i}", 4) for i in range(4)], seq("long", 1000), seq("short", 40)
+    for a in streams:
+        s.add(a)
+    run(s)
+    assert s.pace is not None
+    feed(s.pace, decode_rows=4)
+    s.add(long_)
+    run(s)
+    s.add(short)
+    offset = long_.cached
+    step = run(s)
+    assert step.prefill == [short, long_] and step.prompt_tokens == 40 + step.chunk
+    assert step.chunk == s.pace.budget(4, offset, tokens=40, pairs=40 * 20) < s.pace.budget(4, offset)
 
 
 def test_short_prompts_go_in_whole_beyond_the_pace_and_a_long_one_in_its_chunks() -> None:
@@ -77,7 +118,7 @@ def test_short_prompts_go_in_whole_beyond_the_pace_and_a_long_one_in_its_chunks(
     first = seq("first", 3)
     s.add(first)
     run(s)
-    assert s.pace is not None and s.pace.budget() == 16  # no decode step timed yet: the least
+    assert s.pace is not None and s.pace.budget(1) == 16  # no decode step timed yet: the least
     shorts, long_ = [seq(f"s{i}", 30) for i in range(3)], seq("long", 200)
     for q in (*shorts, long_):
         s.add(q)
@@ -89,21 +130,22 @@ def test_short_prompts_go_in_whole_beyond_the_pace_and_a_long_one_in_its_chunks(
     assert step.prefill == [long_] and step.chunk == 16  # and goes in chunks the pace's size
 
 
-def test_short_prompts_batch_within_the_budget_and_wait_for_a_chunked_one() -> None:
+def test_short_prompts_batch_within_the_budget_and_go_beside_a_chunked_one() -> None:
     s = chunked(slots=8)
     first, shorts = seq("first", 3), [seq(f"s{i}", 6) for i in range(3)]
-    long_, later = seq("long", 20), seq("later", 3)
+    long_, later, second = seq("long", 20), seq("later", 3), seq("second", 17)
     s.add(first)
     run(s)  # something decodes from now on: steps take 16 prompt tokens beside it
-    for q in (*shorts, long_, later):
+    for q in (*shorts, long_, later, second):
         s.add(q)
     assert run(s).prefill == shorts[:2]  # 12 tokens; a third would make 18 > 16
     assert run(s).prefill == shorts[2:]  # then 6 + 20 > 16: the long one waits for the next step
     step = run(s)
-    assert step.prefill == [long_] and step.chunk == 16 and list(s.waiting) == [later]
-    step = run(s)
-    assert step.prefill == [long_] and step.chunk == 4 and list(s.waiting) == [later]
-    assert run(s).prefill == [later]  # the long one is prefilled: a new prompt goes first again
+    assert step.prefill == [long_] and step.chunk == 16 and list(s.waiting) == [later, second]
+    step = run(s)  # a short prompt goes in whole beside the chunk; one longer than SHORT's share waits for it
+    assert step.prefill == [later, long_] and step.chunk == 4 and step.prompt_tokens == 7
+    assert later.cached == 3 and long_.cached == 20 and list(s.waiting) == [second]
+    assert run(s).prefill == [second]  # the long one is prefilled: the next prompt goes in
 
 
 def test_finishing_during_chunks_keeps_the_chunked_prompt_last() -> None:
@@ -228,3 +270,29 @@ async def test_chunks_and_the_prefix_cache_together_answer_the_same(whole: Local
     assert chunks.stats().prefix_cache_hit_tokens - hits == 5 * CHUNK  # the whole blocks of the first prompt
     assert first == await answer((await whole.submit([request("c", prompt, 12)]))[0])
     assert again == await answer((await whole.submit([request("d", [*prompt, 7, 8, 9], 12)]))[0])
+
+
+async def test_a_short_prompt_is_answered_while_a_long_one_is_still_in_its_chunks(
+        whole: LocalEngine, chunks: LocalEngine) -> None:
+    """A chat that arrives while someone's long prompt is being chunked goes in whole beside the next chunk; it
+    does not wait for the whole long prompt (a Dify user's next question behind another user's documents)."""
+    short, long_, quick = ids(10, seed=4), ids(7 * CHUNK, seed=5), ids(12, seed=6)
+    [generation] = await chunks.submit([request("stream", short, 40)])
+    stream = aiter(generation)
+    await anext(stream)  # it decodes, so the long prompt goes in chunks
+    firsts: list[str] = []
+
+    async def read(name: str, generation: Generation) -> str:
+        text = ""
+        async for delta in generation:
+            if not text and delta.text:
+                firsts.append(name)
+            text += delta.text
+        return text
+
+    [late] = await chunks.submit([request("late", long_, 8)])
+    [soon] = await chunks.submit([request("quick", quick, 8)])
+    texts = await asyncio.gather(read("late", late), read("quick", soon), answer(generation))
+    assert firsts == ["quick", "late"]
+    assert texts[0] == await answer((await whole.submit([request("late2", long_, 8)]))[0])
+    assert texts[1] == await answer((await whole.submit([request("quick2", quick, 8)]))[0])

@@ -1,0 +1,64 @@
+"""The pace of chunked prefill (``Pace``): what it learns a prompt token and a query-key pair cost from the steps it
+is told about, and the prompt tokens it then lets a step take beside the decoding streams."""
+
+from __future__ import annotations
+
+import pytest
+
+from inhouse.engine.local.pace import Pace
+
+DECODE, TOKEN, PAIR = 0.020, 5e-4, 2e-7  # a made-up model: seconds a decode step, a prompt token, a pair
+
+
+def pairs(n: int, offset: int) -> float:
+    return n * (offset + n / 2)
+
+
+def excess(n: int, offset: int) -> float:
+    return TOKEN * n + PAIR * pairs(n, offset)
+
+
+def fed(most: int = 4096) -> Pace:
+    pace = Pace(most)
+    for n, offset in [(16, 0), (64, 500), (32, 3000), (128, 1000), (16, 2000), (200, 0), (48, 1500)] * 3:
+        pace.ran(DECODE, 4, 0)
+        pace.ran(DECODE + excess(n, offset), 4, n, pairs(n, offset))
+    return pace
+
+
+def test_it_learns_what_a_token_and_a_pair_add_to_a_step() -> None:
+    pace = fed()
+    assert pace.decode_s == pytest.approx(DECODE)
+    assert pace.token_s == pytest.approx(TOKEN, rel=0.02)
+    assert pace.pair_s == pytest.approx(PAIR, rel=0.05)
+
+
+@pytest.mark.parametrize("offset", [0, 1000, 3000])
+def test_a_chunk_adds_what_the_stall_allows_however_far_into_its_prompt(offset: int) -> None:
+    pace = fed()
+    n = pace.budget(4, offset)
+    assert excess(n, offset) <= 1.5 * DECODE * 1.02 < excess(n + 1, offset) * 1.02
+    assert pace.budget(4, 3000) < pace.budget(4, 1000) < pace.budget(4, 0)  # far in, each token reads more keys
+
+
+def test_fewer_streams_share_a_longer_stall() -> None:
+    """The stall is sized for four streams; fewer are held longer (one: 4 x 1.5 decode steps), more not less."""
+    pace = fed()
+    budgets = [pace.budget(streams) for streams in (8, 4, 3, 2, 1)]
+    assert budgets[0] == budgets[1] < budgets[2] < budgets[3] < budgets[4]
+    assert excess(budgets[4], 0) <= 6 * DECODE * 1.02 < excess(budgets[4] + 1, 0) * 1.02
+
+
+def test_prompt_tokens_already_in_the_step_leave_less_and_the_budget_keeps_its_bounds() -> None:
+    pace = fed(most=100)
+    assert pace.budget(4, 500, tokens=40, pairs=pairs(40, 0)) < pace.budget(4, 500)
+    assert pace.budget(4, 500, tokens=400, pairs=pairs(400, 0)) == 16  # nothing left: the least, to go on
+    assert pace.budget(1) == 100  # never above the chunk size
+
+
+def test_before_a_decode_step_is_timed_it_takes_the_least_and_prompts_alone_teach_it_nothing() -> None:
+    pace = Pace(512)
+    assert pace.budget(1) == 16
+    pace.ran(1.0, 0, 2000, pairs(2000, 0))  # a prompt alone pays the weights' read too: not a prompt's excess
+    pace.ran(DECODE, 4, 0)
+    assert (pace.token_s, pace.pair_s) == (1e-3, 1e-6)
