@@ -1,11 +1,12 @@
 """How long the local engine's steps take, and so how many prompt tokens a step may add to its decode rows.
 
 Owns a model of a step's time, fitted on the engine thread from the steps it runs: a step that only decodes takes
-``decode_s`` (a running average); prompt tokens beside its decode rows add ``token_s`` each (the model's layers)
-and ``pair_s`` for each query-key pair their attention reads (every earlier token of their prompt).  The second
-term is what makes a chunk far into a long prompt expensive whatever its size: at 3,000 tokens in, its attention
-costs a small model as much as its layers.  The two costs are a least-squares fit over the recent steps, pulled
-towards a millisecond a token and a microsecond a pair until steps tell them apart.
+``decode_s`` (a running average); prompts beside its decode rows add ``fixed_s`` (whatever any prompt costs a
+step), ``token_s`` for each prompt token (the model's layers) and ``pair_s`` for each query-key pair their
+attention reads (every earlier token of their prompt).  The pair term is what makes a chunk far into a long
+prompt expensive whatever its size: at 3,000 tokens in, its attention costs a small model as much as its
+layers.  The three costs are a least-squares fit over the recent steps (none below 0), pulled towards nothing
+fixed, a millisecond a token and a microsecond a pair until steps tell them apart.
 
 While sequences are decoding, a step takes at most as many prompt tokens as add ``stall`` decode steps' time, so a
 prompt arriving, short or thousands of tokens long, slows the running streams' next token to about ``1 + stall``
@@ -28,8 +29,8 @@ __all__ = ["Pace"]
 
 _WEIGHT = 0.2  # of the newest decode step in the running average
 _FORGET = 0.9  # each step's weight in the fit, against the one before it
-_PRIOR = (1e-3, 1e-3)  # seconds a prompt token, seconds a thousand query-key pairs, before steps tell
-_PRIOR_WEIGHT = 50.0  # the prior counts as this many squared tokens (a step of 7 tokens)
+_PRIOR = (0.0, 1e-3, 1e-3)  # seconds fixed, a prompt token, a thousand query-key pairs, before steps tell
+_PRIOR_WEIGHT = (0.1, 5.0, 5.0)  # the prior weighs as a tenth of a step (of 2 tokens, 2 kpairs): steps soon outweigh it
 
 
 class Pace:
@@ -39,8 +40,9 @@ class Pace:
         self.stall = stall
         self.share = share
         self.decode_s: float | None = None  # a step with decode rows only
-        self.token_s, self.pair_s = _PRIOR[0], _PRIOR[1] / 1000  # what a prompt token, a pair add to a step
-        self._sums = [0.0] * 5  # decayed sums of tokens², tokens·kpairs, kpairs², tokens·excess, kpairs·excess
+        self.fixed_s, self.token_s, self.pair_s = _PRIOR[0], _PRIOR[1], _PRIOR[2] / 1000  # what prompts add
+        self._xx = [[0.0] * 3 for _ in range(3)]  # decayed sums of x·xᵀ and x·excess, x = (1, tokens, kpairs)
+        self._xy = [0.0] * 3
 
     def ran(self, seconds: float, decode_rows: int, prompt_tokens: int, pairs: float = 0.0) -> None:
         """A step took ``seconds`` for ``decode_rows`` rows and ``prompt_tokens`` prompt tokens whose attention read
@@ -51,35 +53,64 @@ class Pace:
             return
         if not decode_rows or self.decode_s is None:
             return  # a prompt alone pays the weights' read a decode step pays: not what a prompt adds to one
-        excess, k = max(seconds - self.decode_s, 0.0), pairs / 1000
-        new = (prompt_tokens**2, prompt_tokens * k, k * k, prompt_tokens * excess, k * excess)
-        self._sums = [_FORGET * old + x for old, x in zip(self._sums, new, strict=True)]
-        self.token_s, kpair_s = _fit(*self._sums)
+        x, excess = (1.0, float(prompt_tokens), pairs / 1000), max(seconds - self.decode_s, 0.0)
+        for i in range(3):
+            self._xy[i] = _FORGET * self._xy[i] + x[i] * excess
+            for j in range(3):
+                self._xx[i][j] = _FORGET * self._xx[i][j] + x[i] * x[j]
+        self.fixed_s, self.token_s, kpair_s = _fit(self._xx, self._xy)
         self.pair_s = kpair_s / 1000
 
     def budget(self, streams: int, offset: int = 0, tokens: int = 0, pairs: float = 0.0) -> int:
         """Prompt tokens the next step may add to a prompt whose first ``offset`` tokens are in the cache, beside
-        ``streams`` decode rows and ``tokens`` prompt tokens already in it (``pairs`` pairs)."""
+        ``streams`` decode rows and ``tokens`` prompt tokens already in it (``pairs`` pairs).  With prompt tokens
+        already in it, 0 when they leave no room for ``least`` more (once a step has been timed); otherwise never below
+        ``least``, so a lone prompt goes on."""
         if self.decode_s is None:
             return self.least
         allowed = self.stall * max(1.0, self.share / max(streams, 1)) * self.decode_s
-        left = allowed - self.token_s * tokens - self.pair_s * pairs
-        if left <= 0:
-            return self.least
+        left = allowed - self.fixed_s - self.token_s * tokens - self.pair_s * pairs
         # n tokens at offset o add token_s·n + pair_s·(n·o + n²/2): the largest n within what is left
         linear, half = self.token_s + self.pair_s * offset, self.pair_s / 2
-        fits = left / linear if half <= 0 else (math.sqrt(linear**2 + 4 * half * left) - linear) / (2 * half)
-        return max(self.least, min(self.most, int(fits)))
+        if left <= 0:
+            fits = 0
+        elif half <= 0:
+            fits = int(left / max(linear, 1e-12))
+        else:
+            fits = int((math.sqrt(linear**2 + 4 * half * left) - linear) / (2 * half))
+        if tokens and fits < self.least:
+            return 0
+        return max(self.least, min(self.most, fits))
 
 
-def _fit(tt: float, tk: float, kk: float, ty: float, ky: float) -> tuple[float, float]:
-    """Least squares of excess ≈ token_s·tokens + kpair_s·kpairs, with the prior's weight; neither cost below 0."""
-    tt, kk = tt + _PRIOR_WEIGHT, kk + _PRIOR_WEIGHT
-    ty, ky = ty + _PRIOR_WEIGHT * _PRIOR[0], ky + _PRIOR_WEIGHT * _PRIOR[1]
-    det = tt * kk - tk * tk
-    token_s, kpair_s = (ty * kk - ky * tk) / det, (ky * tt - ty * tk) / det
-    if kpair_s < 0:
-        return max(ty / tt, 0.0), 0.0
-    if token_s < 0:
-        return 0.0, max(ky / kk, 0.0)
-    return token_s, kpair_s
+def _fit(xx: list[list[float]], xy: list[float]) -> tuple[float, float, float]:
+    """Least squares of excess ≈ fixed_s + token_s·tokens + kpair_s·kpairs with the prior's weight, a cost that
+    comes out below 0 left out and the rest fitted again."""
+    free = [0, 1, 2]
+    while True:
+        a = [[xx[i][j] + (_PRIOR_WEIGHT[i] if i == j else 0.0) for j in free] for i in free]
+        b = [xy[i] + _PRIOR_WEIGHT[i] * _PRIOR[i] for i in free]
+        solved = _solve(a, b)
+        if all(c >= 0 for c in solved) or len(free) == 1:
+            out = [0.0, 0.0, 0.0]
+            for i, c in zip(free, solved, strict=True):
+                out[i] = max(c, 0.0)
+            return out[0], out[1], out[2]
+        free = [i for i, c in zip(free, solved, strict=True) if c >= 0] or free[:1]
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """``a``·x = ``b`` by Gaussian elimination (``a`` small, symmetric, positive definite: the prior makes it so)."""
+    n = len(b)
+    m = [[*row, rhs] for row, rhs in zip(a, b, strict=True)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            for c in range(col, n + 1):
+                m[r][c] -= f * m[col][c]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
+    return x

@@ -13,7 +13,7 @@ sequences decode, with chunked prefill on (``chunk_tokens`` > 0), a step takes o
 ``chunk_tokens``): a prompt longer than that is prefilled in chunks, one per step, so its arrival slows the
 running streams' next token by a fraction of a step rather than stalling them for its whole prefill.  One prompt
 at a time is chunked (the tiers' pinned sequence meanwhile); short prompts (``SHORT`` tokens together) that come
-meanwhile go in whole beside its chunks, longer ones wait for it.
+meanwhile go in whole beside its chunks (the chunk skips a step they fill), longer ones wait for it.
 """
 
 from __future__ import annotations
@@ -102,10 +102,12 @@ class Scheduler:
         news = [len(s.prompt_ids) - s.cached for s in whole]
         tokens, pairs = sum(news), sum(map(_pairs, whole, news))
         if self.pace is None or not decode:
-            budget = self.max_prefill_tokens - tokens
+            budget = max(1, self.max_prefill_tokens - tokens)
         else:
             budget = self.pace.budget(len(decode), seq.cached, tokens, pairs)
-        chunk = max(1, min(budget, len(seq.prompt_ids) - seq.cached))
+        if not budget:  # the short prompts took the step's time: the chunk waits for the next step
+            return Step(decode, whole, 0, tokens, pairs)
+        chunk = min(budget, len(seq.prompt_ids) - seq.cached)
         return Step(decode, [*whole, seq], chunk, tokens + chunk, pairs + _pairs(seq, chunk))
 
     def _admit(self, budget: int, decoding: bool, whole_only: bool = False) -> tuple[list[Sequence], bool]:

@@ -23,7 +23,7 @@ CHUNK = 64
 
 
 def feed(pace: Pace, decode_rows: int) -> None:
-    """Steps of a model whose decode step takes 20 ms, a prompt token 0.5 ms and a query-key pair 0.2 us."""
+    """Steps of a model whose decode step takes 20 ms, a prompt token 0.5 ms and a query-key pair 0.2 us more."""
     for n, offset in [(16, 0), (64, 500), (32, 3000), (128, 1000), (16, 2000), (200, 0), (48, 1500)] * 3:
         pace.ran(0.020, decode_rows, 0)
         pace.ran(0.020 + 5e-4 * n + 2e-7 * n * (offset + n / 2), decode_rows, n, n * (offset + n / 2))
@@ -111,6 +111,24 @@ def test_short_prompts_beside_a_chunk_take_their_share_of_its_budget() -> None:
     step = run(s)
     assert step.prefill == [short, long_] and step.prompt_tokens == 40 + step.chunk
     assert step.chunk == s.pace.budget(4, offset, tokens=40, pairs=40 * 20) < s.pace.budget(4, offset)
+
+
+def test_a_chunk_waits_a_step_that_short_prompts_fill() -> None:
+    s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=256)
+    streams, long_, short = [seq(f"a{i}", 4) for i in range(4)], seq("long", 1000), seq("short", 60)
+    for a in streams:
+        s.add(a)
+    run(s)
+    assert s.pace is not None
+    feed(s.pace, decode_rows=4)
+    s.add(long_)
+    run(s)
+    offset = long_.cached
+    s.add(short)
+    step = run(s)  # 60 tokens add 30 ms, the whole stall: no room for 16 more
+    assert step.prefill == [short] and step.chunk == 0 and long_.cached == offset and s.chunking is long_
+    step = run(s)
+    assert step.prefill == [long_] and step.chunk == s.pace.budget(4, offset) and long_.cached > offset
 
 
 def test_short_prompts_go_in_whole_beyond_the_pace_and_a_long_one_in_its_chunks() -> None:

@@ -7,7 +7,8 @@ import pytest
 
 from inhouse.engine.local.pace import Pace
 
-DECODE, TOKEN, PAIR = 0.020, 5e-4, 2e-7  # a made-up model: seconds a decode step, a prompt token, a pair
+# a made-up model: seconds a decode step, any prompt beside it, a prompt token, a query-key pair
+DECODE, FIXED, TOKEN, PAIR = 0.020, 0.004, 5e-4, 2e-7
 
 
 def pairs(n: int, offset: int) -> float:
@@ -15,7 +16,7 @@ def pairs(n: int, offset: int) -> float:
 
 
 def excess(n: int, offset: int) -> float:
-    return TOKEN * n + PAIR * pairs(n, offset)
+    return FIXED + TOKEN * n + PAIR * pairs(n, offset)
 
 
 def fed(most: int = 4096) -> Pace:
@@ -26,11 +27,20 @@ def fed(most: int = 4096) -> Pace:
     return pace
 
 
-def test_it_learns_what_a_token_and_a_pair_add_to_a_step() -> None:
+def test_it_learns_what_a_prompt_a_token_and_a_pair_add_to_a_step() -> None:
     pace = fed()
     assert pace.decode_s == pytest.approx(DECODE)
-    assert pace.token_s == pytest.approx(TOKEN, rel=0.02)
+    assert pace.fixed_s == pytest.approx(FIXED, rel=0.1)
+    assert pace.token_s == pytest.approx(TOKEN, rel=0.05)
     assert pace.pair_s == pytest.approx(PAIR, rel=0.05)
+
+
+def test_no_cost_comes_out_below_zero() -> None:
+    pace = Pace(512)
+    for n in (16, 64, 256, 16, 64, 256):  # steps that cost less the more tokens they take: noise, not a model
+        pace.ran(DECODE, 4, 0)
+        pace.ran(DECODE + 0.05 - 1e-4 * n, 4, n, pairs(n, 0))
+    assert min(pace.fixed_s, pace.token_s, pace.pair_s) >= 0 and pace.fixed_s > 0.01
 
 
 @pytest.mark.parametrize("offset", [0, 1000, 3000])
@@ -51,8 +61,9 @@ def test_fewer_streams_share_a_longer_stall() -> None:
 
 def test_prompt_tokens_already_in_the_step_leave_less_and_the_budget_keeps_its_bounds() -> None:
     pace = fed(most=100)
-    assert pace.budget(4, 500, tokens=40, pairs=pairs(40, 0)) < pace.budget(4, 500)
-    assert pace.budget(4, 500, tokens=400, pairs=pairs(400, 0)) == 16  # nothing left: the least, to go on
+    assert pace.budget(4, 500, tokens=20, pairs=pairs(20, 0)) < pace.budget(4, 500)
+    assert pace.budget(4, 500, tokens=60, pairs=pairs(60, 0)) == 0  # no room left beside them: the chunk waits
+    assert pace.budget(4, 50_000) == 16  # alone, however far in, it goes on by the least
     assert pace.budget(1) == 100  # never above the chunk size
 
 
@@ -61,4 +72,4 @@ def test_before_a_decode_step_is_timed_it_takes_the_least_and_prompts_alone_teac
     assert pace.budget(1) == 16
     pace.ran(1.0, 0, 2000, pairs(2000, 0))  # a prompt alone pays the weights' read too: not a prompt's excess
     pace.ran(DECODE, 4, 0)
-    assert (pace.token_s, pace.pair_s) == (1e-3, 1e-6)
+    assert (pace.fixed_s, pace.token_s, pace.pair_s) == (0.0, 1e-3, 1e-6)
