@@ -51,12 +51,14 @@ def test_a_chunk_adds_what_the_stall_allows_however_far_into_its_prompt(offset: 
     assert pace.budget(4, 3000) < pace.budget(4, 1000) < pace.budget(4, 0)  # far in, each token reads more keys
 
 
-def test_fewer_streams_share_a_longer_stall() -> None:
-    """The stall is sized for four streams; fewer are held longer (one: 4 x 1.5 decode steps), more not less."""
+def test_the_streams_share_the_stall() -> None:
+    """Six decode steps' time in all, never less than 1.5 each: one stream may be held 6, two 3, three 2."""
     pace = fed()
     budgets = [pace.budget(streams) for streams in (8, 4, 3, 2, 1)]
     assert budgets[0] == budgets[1] < budgets[2] < budgets[3] < budgets[4]
-    assert excess(budgets[4], 0) <= 6 * DECODE * 1.02 < excess(budgets[4] + 1, 0) * 1.02
+    for streams, stall in ((8, 1.5), (3, 2.0), (2, 3.0), (1, 6.0)):
+        n = pace.budget(streams)
+        assert excess(n, 0) <= stall * DECODE * 1.02 < excess(n + 1, 0) * 1.02
 
 
 def test_prompt_tokens_already_in_the_step_leave_less_and_the_budget_keeps_its_bounds() -> None:
