@@ -17,6 +17,7 @@ from inhouse.engine.base import GenerateRequest, Generation, SamplingParams
 from inhouse.engine.local.engine import LocalEngine
 from inhouse.engine.local.pace import Pace
 from inhouse.engine.local.scheduler import Scheduler, Step
+from inhouse.engine.local.sequence import Sequence
 from tests.engine.local.test_scheduler import assert_slots_compact, seq, tiers
 
 CHUNK = 64
@@ -64,63 +65,55 @@ def test_with_nothing_decoding_a_long_prompt_is_prefilled_whole() -> None:
     assert s.chunking is None
 
 
-def test_the_pace_sets_the_chunk_while_others_decode() -> None:
-    s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=256)
-    streams, b = [seq(f"a{i}", 4) for i in range(4)], seq("b", 400)
-    for a in streams:
+def paced(streams: int, chunk_tokens: int = 256) -> tuple[Scheduler, Pace, list[Sequence]]:
+    """A scheduler whose ``streams`` short sequences decode, its pace fed by ``feed``."""
+    s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=chunk_tokens)
+    running = [seq(f"a{i}", 4) for i in range(streams)]
+    for a in running:
         s.add(a)
     run(s)
     assert s.pace is not None
-    feed(s.pace, decode_rows=4)
+    feed(s.pace, decode_rows=streams)
+    return s, s.pace, running
+
+
+def test_the_pace_sets_the_chunk_while_others_decode() -> None:
+    s, pace, streams = paced(4)
+    b = seq("b", 400)
     s.add(b)
     first = run(s)
-    assert first.decode == streams and first.prefill == [b] and first.chunk == s.pace.budget(4, offset=0)
+    assert first.decode == streams and first.prefill == [b] and first.chunk == pace.budget(4, offset=0)
     assert 55 <= first.chunk <= 62  # 0.5 ms x 59 + 0.2 us x 59 x 59 / 2: 30 ms, 1.5 decode steps
     second = run(s)  # further into the prompt, a chunk reads more keys: a smaller one fits
-    assert second.chunk == s.pace.budget(4, offset=first.chunk) < first.chunk
+    assert second.chunk == pace.budget(4, offset=first.chunk) < first.chunk
     assert second.pairs == second.chunk * (first.chunk + second.chunk / 2)
     for _ in range(30):  # much faster decode steps (a running average follows them): never below 16 tokens
-        s.pace.ran(0.001, decode_rows=4, prompt_tokens=0)
+        pace.ran(0.001, decode_rows=4, prompt_tokens=0)
     assert run(s).chunk == 16
 
 
 def test_one_stream_lets_a_prompt_take_longer_chunks() -> None:
-    s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=512)
-    a, b = seq("a", 4), seq("b", 2000)
-    s.add(a)
-    run(s)
-    assert s.pace is not None
-    feed(s.pace, decode_rows=1)
-    s.add(b)
+    s, pace, [a] = paced(1, chunk_tokens=512)
+    s.add(seq("b", 2000))
     step = run(s)
-    assert step.decode == [a] and step.chunk == s.pace.budget(1) > 3 * s.pace.budget(4)
+    assert step.decode == [a] and step.chunk == pace.budget(1) > 3 * pace.budget(4)
 
 
 def test_short_prompts_beside_a_chunk_take_their_share_of_its_budget() -> None:
-    s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=256)
-    streams, long_, short = [seq(f"a{i}", 4) for i in range(4)], seq("long", 1000), seq("short", 40)
-    for a in streams:
-        s.add(a)
-    run(s)
-    assert s.pace is not None
-    feed(s.pace, decode_rows=4)
+    s, pace, _ = paced(4)
+    long_, short = seq("long", 1000), seq("short", 40)
     s.add(long_)
     run(s)
     s.add(short)
     offset = long_.cached
     step = run(s)
     assert step.prefill == [short, long_] and step.prompt_tokens == 40 + step.chunk
-    assert step.chunk == s.pace.budget(4, offset, tokens=40, pairs=40 * 20) < s.pace.budget(4, offset)
+    assert step.chunk == pace.budget(4, offset, tokens=40, pairs=40 * 20) < pace.budget(4, offset)
 
 
 def test_a_chunk_waits_a_step_that_short_prompts_fill() -> None:
-    s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=256)
-    streams, long_, short = [seq(f"a{i}", 4) for i in range(4)], seq("long", 1000), seq("short", 60)
-    for a in streams:
-        s.add(a)
-    run(s)
-    assert s.pace is not None
-    feed(s.pace, decode_rows=4)
+    s, pace, _ = paced(4)
+    long_, short = seq("long", 1000), seq("short", 60)
     s.add(long_)
     run(s)
     offset = long_.cached
@@ -128,7 +121,7 @@ def test_a_chunk_waits_a_step_that_short_prompts_fill() -> None:
     step = run(s)  # 60 tokens add 30 ms, the whole stall: no room for 16 more
     assert step.prefill == [short] and step.chunk == 0 and long_.cached == offset and s.chunking is long_
     step = run(s)  # the short one decodes now too: five streams
-    assert step.prefill == [long_] and step.chunk == s.pace.budget(5, offset) == s.pace.budget(4, offset)
+    assert step.prefill == [long_] and step.chunk == pace.budget(5, offset) == pace.budget(4, offset)
     assert long_.cached > offset
 
 
