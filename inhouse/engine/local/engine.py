@@ -355,7 +355,7 @@ class LocalEngine:
         kept, broken = [], []
         for seq in step.prefill:
             try:
-                rows.append(runner.prefill([seq], step.chunk if seq is step.prefill[-1] else 0))
+                rows.append(runner.prefill([seq], step.chunk_of(seq)))
                 kept.append(seq)
             except Exception:
                 log.exception("the prompt of request %s failed the model", seq.request_id)

@@ -46,6 +46,10 @@ class Step:
     def seqs(self) -> list[Sequence]:
         return [*self.decode, *self.prefill]
 
+    def chunk_of(self, seq: Sequence) -> int:
+        """The tokens of ``seq``'s prompt this step runs when it is the prompt being chunked (the last); 0: the rest."""
+        return self.chunk if self.prefill and seq is self.prefill[-1] else 0
+
 
 class Scheduler:
     def __init__(self, tiers: KVTiers[Sequence], max_num_seqs: int, max_prefill_tokens: int, budget_tokens: int,
@@ -87,8 +91,7 @@ class Scheduler:
             return self._with_chunk(decode, prefill[:-1], prefill[-1])
         if not decode and not prefill:
             return None
-        news = [len(seq.prompt_ids) - seq.cached for seq in prefill]
-        return Step(decode, prefill, 0, sum(news), sum(map(_pairs, prefill, news)))
+        return Step(decode, prefill, 0, *_whole(prefill))
 
     def _prompt_budget(self, decoding: int) -> int:
         """While ``decoding`` sequences decode, what the pace allows a new prompt (chunking on); otherwise a whole
@@ -99,8 +102,7 @@ class Scheduler:
 
     def _with_chunk(self, decode: list[Sequence], whole: list[Sequence], seq: Sequence) -> Step:
         """``whole`` prompts, and the next chunk of ``seq``: as much of it as the pace allows beside them."""
-        news = [len(s.prompt_ids) - s.cached for s in whole]
-        tokens, pairs = sum(news), sum(map(_pairs, whole, news))
+        tokens, pairs = _whole(whole)
         if self.pace is None or not decode:
             budget = max(1, self.max_prefill_tokens - tokens)
         else:
@@ -158,7 +160,7 @@ class Scheduler:
         is due), and let the prefix cache keep the blocks of those prompts it does not hold yet."""
         done = []
         for seq in seqs:
-            seq.cached = seq.cached + step.chunk if step.chunk and seq is step.prefill[-1] else len(seq.prompt_ids)
+            seq.cached = seq.cached + step.chunk_of(seq) if step.chunk_of(seq) else len(seq.prompt_ids)
             if seq.cached < len(seq.prompt_ids):
                 continue
             if seq is self.chunking:
@@ -195,6 +197,12 @@ class Scheduler:
             if seq.request_id == request_id:
                 return seq
         return None
+
+
+def _whole(seqs: list[Sequence]) -> tuple[int, float]:
+    """The prompt tokens and query-key pairs of the rest of each of ``seqs``' prompts."""
+    news = [len(seq.prompt_ids) - seq.cached for seq in seqs]
+    return sum(news), sum(map(_pairs, seqs, news))
 
 
 def _pairs(seq: Sequence, new: int) -> float:

@@ -19,11 +19,16 @@ def excess(n: int, offset: int) -> float:
     return FIXED + TOKEN * n + PAIR * pairs(n, offset)
 
 
+def feed(pace: Pace, decode_rows: int = 4) -> None:
+    """Tell ``pace`` of steps of the made-up model, at several chunk sizes and offsets."""
+    for n, offset in [(16, 0), (64, 500), (32, 3000), (128, 1000), (16, 2000), (200, 0), (48, 1500)] * 3:
+        pace.ran(DECODE, decode_rows, 0)
+        pace.ran(DECODE + excess(n, offset), decode_rows, n, pairs(n, offset))
+
+
 def fed(most: int = 4096) -> Pace:
     pace = Pace(most)
-    for n, offset in [(16, 0), (64, 500), (32, 3000), (128, 1000), (16, 2000), (200, 0), (48, 1500)] * 3:
-        pace.ran(DECODE, 4, 0)
-        pace.ran(DECODE + excess(n, offset), 4, n, pairs(n, offset))
+    feed(pace)
     return pace
 
 
