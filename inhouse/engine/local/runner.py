@@ -1,9 +1,8 @@
 """Runs the model for one scheduler step: a token for each running sequence and the prompts beside them, in one pass.
 
 Owns building the tensors of a step (ids, positions, masks) and returning last-position logits, and
-preparing the model once for fast steps: on CPU, the model's bf16 ``nn.Linear`` layers are replaced,
-in place, by ones whose weight oneDNN reordered into its blocked layout up front rather than on every
-call (the same results bit for bit, a third less time in the linear layers; inference on CPU only).
+preparing the model once for fast steps: on CPU, a bf16 model's linear layers are packed for oneDNN and
+sibling projections stacked into one matmul (``linears.py``: the same results bit for bit).
 Knows nothing about sampling, stopping or requests.
 """
 
@@ -19,6 +18,7 @@ import torch
 
 from inhouse.engine.local.attention import BLOCKED_FROM, BatchLayout, DecodeGroup, Placement
 from inhouse.engine.local.kv_tiers import KVTiers
+from inhouse.engine.local.linears import fast_linears
 from inhouse.engine.local.lora import AdapterWeights, LoraSet
 
 __all__ = ["ModelRunner", "RunnableSequence"]
@@ -57,7 +57,7 @@ class ModelRunner:
         self.device = device
         self.lora = lora
         if device.type == "cpu" and tiers.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            _prepack_linears(model)
+            fast_linears(model)
 
     def prefill(self, seqs: Seq[RunnableSequence], chunk: int = 0) -> torch.Tensor:
         """A step of prompts alone (see ``run``)."""
@@ -163,24 +163,3 @@ def _decode_mask(positions: torch.Tensor, capacity: int) -> torch.Tensor:
     """Additive float32 ``[n, 1, 1, capacity]``: row i sees cache positions ``0..positions[i]``."""
     hidden = torch.arange(capacity).view(1, 1, 1, -1) > positions.view(-1, 1, 1, 1)
     return torch.zeros(hidden.shape, dtype=torch.float32).masked_fill_(hidden, float("-inf"))
-
-
-class _PackedLinear(torch.nn.Module):
-    """A bf16 ``nn.Linear`` whose weight oneDNN reordered once rather than on every call (no autograd)."""
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # type: ignore[no-any-return]
-
-
-def _prepack_linears(model: torch.nn.Module) -> None:
-    """Swap every plain bf16 ``nn.Linear`` of ``model`` for a ``_PackedLinear`` (idempotent)."""
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16:
-                setattr(parent, name, _PackedLinear(child))
