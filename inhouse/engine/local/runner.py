@@ -2,7 +2,8 @@
 
 Owns building the tensors of a step (ids, positions, masks) and returning last-position logits, and
 preparing the model once for fast steps: on CPU, a bf16 model's linear layers are packed for oneDNN and
-sibling projections stacked into one matmul (``linears.py``: the same results bit for bit).
+sibling projections stacked into one matmul (``linears.py``), and a Llama-family model's forward runs written
+out (``decoder.py``); both give the same results bit for bit.
 Knows nothing about sampling, stopping or requests.
 """
 
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from inhouse.engine.local.attention import BLOCKED_FROM, BatchLayout, DecodeGroup, Placement
+from inhouse.engine.local.decoder import DirectForward
 from inhouse.engine.local.kv_tiers import KVTiers
 from inhouse.engine.local.linears import fast_linears
 from inhouse.engine.local.lora import AdapterWeights, LoraSet
@@ -56,6 +58,7 @@ class ModelRunner:
         self.tiers = tiers
         self.device = device
         self.lora = lora
+        self.direct = DirectForward.for_model(model)  # None: the model's own forward
         if device.type == "cpu" and tiers.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             fast_linears(model)
 
@@ -148,13 +151,11 @@ class ModelRunner:
         self, ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout, keep: int | torch.Tensor
     ) -> torch.Tensor:
         """Float32 logits ``[rows, kept, vocab]`` at the last ``keep`` positions, or at the ``keep`` indices."""
-        out = self.model(
-            input_ids=ids.to(self.device),
-            position_ids=positions.to(self.device),
-            use_cache=False,
-            logits_to_keep=keep,
-            inhouse_batch=layout,
-        )
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        if self.direct is not None:
+            return self.direct(ids, positions, layout, keep).float()
+        out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep,
+                         inhouse_batch=layout)
         logits: torch.Tensor = out.logits
         return logits.float()
 
