@@ -117,6 +117,13 @@ def test_every_log_line_is_json_with_levels_and_loggers(server: ServerProcess) -
     assert any(line["logger"].startswith("uvicorn") for line in lines)
 
 
+def test_the_server_sets_the_allocator_before_loading_models(server: ServerProcess) -> None:
+    messages = [line["msg"] for line in log_lines(server)]
+    said = next(i for i, m in enumerate(messages) if m.startswith("memory allocator: "))
+    assert messages[said] == "memory allocator: blocks under 32 MiB from the heap, 128 MiB of free heap kept"
+    assert said < next(i for i, m in enumerate(messages) if "loaded" in m)
+
+
 def test_admin_models_shows_each_models_state(server: ServerProcess) -> None:
     with admin_client(server) as admin:
         body = admin.get("/admin/models").json()
