@@ -8,7 +8,8 @@ A sequence given a slot gets its prompt's longest cached prefix copied in first 
 and its prefill then runs only the rest.
 
 Every step decodes every running sequence, and takes waiting prompts into the same forward pass (one read of the
-weights for both).  When nothing is decoding, a step takes up to ``max_prefill_tokens`` prompt tokens.  While
+weights for both).  When nothing is decoding, a step takes up to ``max_prefill_tokens`` prompt tokens, but a
+prompt already being chunked goes on ``chunk_tokens`` at a time (short prompts that arrive go in beside).  While
 sequences decode, with chunked prefill on (``chunk_tokens`` > 0), a step takes only what ``Pace`` allows (at most
 ``chunk_tokens``): a prompt longer than that is prefilled in chunks, one per step, so its arrival slows the
 running streams' next token by a fraction of a step rather than stalling them for its whole prefill.  One prompt
@@ -104,7 +105,9 @@ class Scheduler:
         """``whole`` prompts, and the next chunk of ``seq``: as much of it as the pace allows beside them."""
         tokens, pairs = _whole(whole)
         if self.pace is None or not decode:
-            budget = max(1, self.max_prefill_tokens - tokens)
+            # nothing decodes (the streams all finished): its next ``chunk_tokens``, not its whole rest, so a chat
+            # that arrives meanwhile waits for one chunk rather than for seconds of prefill
+            budget = max(1, min(self.chunk_tokens, self.max_prefill_tokens) - tokens)
         else:
             budget = self.pace.budget(len(decode), seq.cached, tokens, pairs)
         if not budget:  # the short prompts took the step's time: the chunk waits for the next step

@@ -119,6 +119,25 @@ def test_a_chunk_waits_a_step_that_short_prompts_fill() -> None:
     assert long_.cached > offset
 
 
+def test_when_the_streams_all_finish_a_chunked_prompt_goes_on_by_its_chunk_size_not_its_whole_rest() -> None:
+    """Taking the rest whole (seconds of prefill) made the streams' next chats wait for all of it: in the mixed
+    workload their TTFT p50 went to 1.4 s in a run where the six streams finished together."""
+    s, _, streams = paced(2, chunk_tokens=64)
+    long_ = seq("long", 480)
+    s.add(long_)
+    first = run(s)
+    assert first.decode == streams and first.prefill == [long_] and 0 < first.chunk <= 64
+    for a in streams:
+        s.finish(a, answered=True)
+    alone = run(s)
+    assert (alone.decode, alone.prefill, alone.chunk) == ([], [long_], 64)
+    late = seq("late", 20)
+    s.add(late)
+    beside = run(s)
+    assert (beside.decode, beside.prefill, beside.chunk) == ([], [late, long_], 64 - 20)
+    assert long_.cached == first.chunk + 64 + 44 and s.chunking is long_
+
+
 def test_short_prompts_go_in_whole_beyond_the_pace_and_a_long_one_in_its_chunks() -> None:
     s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=256)
     first = seq("first", 3)
