@@ -5,7 +5,7 @@ of megabytes in every layer: the stacked q/k/v and gate/up products, the float32
 attention scores.  By default glibc serves an allocation that big with a fresh ``mmap`` and gives it back with
 ``munmap``, or trims the heap's top as soon as a few such blocks are free.  So every step pays the kernel to
 hand out zeroed pages again: a page fault per 4 KiB, the first time each page is touched.  Measured on SmolLM2
-bf16, a 2,000-token prefill took 1.24-1.42 s with the defaults and 1.04-1.16 s with blocks below 32 MiB taken
+bf16, a 2,000-token prefill took 1.20-1.44 s with the defaults and 1.04-1.16 s with blocks below 32 MiB taken
 from the heap and up to 128 MiB of free heap kept.  Peak RSS stayed the same within the run-to-run spread.
 
 It is the gist of what vLLM's CPU backend gets by preloading tcmalloc.  It is skipped when the C library is not
