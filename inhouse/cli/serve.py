@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format)
     from inhouse.engine.allocator import keep_freed_memory
 
-    logging.getLogger("inhouse").info("memory allocator: %s", keep_freed_memory())  # before any weights load
+    logging.getLogger("inhouse").info("memory allocator: %s", keep_freed_memory(os.environ))  # before any weights load
     from inhouse.engine.progress import quiet_library_bars
 
     quiet_library_bars()  # off a terminal; the conversion and load say their steps as log lines

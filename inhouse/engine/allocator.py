@@ -16,7 +16,6 @@ an operator's own tuning wins.  ``INHOUSE_MALLOC_TUNING=0`` turns it off.
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 from collections.abc import Mapping
 
@@ -27,9 +26,9 @@ TRIM_THRESHOLD = 128 * 2**20  # free memory the heap keeps at its top before giv
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 
 
-def keep_freed_memory(environ: Mapping[str, str] | None = None) -> str:
-    """Set glibc's thresholds for this process; return what was done, for the start-up log."""
-    env = os.environ if environ is None else environ
+def keep_freed_memory(env: Mapping[str, str]) -> str:
+    """Set glibc's thresholds for this process unless ``env`` (the process's environment, read by the CLI) says
+    otherwise; return what was done, for the start-up log."""
     if env.get("INHOUSE_MALLOC_TUNING", "1") == "0":
         return "off (INHOUSE_MALLOC_TUNING=0)"
     if "MALLOC_MMAP_THRESHOLD_" in env or "MALLOC_TRIM_THRESHOLD_" in env:
