@@ -1,6 +1,7 @@
 """The Llama family's forward written out (``inhouse.engine.local.decoder``) against the model's own ``forward``,
-through the runner: a fused step of two prompts (one long enough for the blocked prefill) and the decode steps
-after it give the same logits bit for bit, in bf16 (packed, stacked linears) and float32."""
+through the runner: a step of two prompts (one long enough for the blocked prefill), a fused step (decode rows and
+a third prompt in one row) and decode steps give the same logits bit for bit, in bf16 (packed, stacked linears)
+and float32."""
 
 from __future__ import annotations
 
@@ -42,20 +43,26 @@ def _model(kind: str, dtype: torch.dtype) -> Any:
     return model.to(dtype).eval()
 
 
-def _steps(runner: ModelRunner, dtype: torch.dtype) -> list[torch.Tensor]:
-    """A fused step's logits for two prompts, then three decode steps' (each sequence appends its argmax)."""
+def _steps(runner: ModelRunner) -> list[torch.Tensor]:
+    """Logits of a step of two prompts packed in one row, a fused step (their decode rows and a third prompt), then
+    two decode steps of all three; each sequence appends its argmax."""
     tiers = runner.tiers
-    short, long_ = seq("short", 40), seq("long", BLOCKED_FROM + 44)
+    short, long_, late = seq("short", 40), seq("long", BLOCKED_FROM + 44), seq("late", 30)
     for s in (short, long_):
         tiers.place(s, s.length)
     logits = [runner.prefill([short, long_])]
     running: list[Sequence] = [short, long_]
-    for _ in range(3):
+    for fused in (True, False, False):
         for s, row in zip(running, logits[-1], strict=True):
             s.cached = len(s.prompt_ids)
             s.output_ids.append(int(row.argmax()))
         running = tiers.prepare_decode()
-        logits.append(runner.decode(running))
+        if fused:
+            tiers.place(late, late.length)
+            logits.append(runner.run(running, [late]))
+            running = [*running, late]
+        else:
+            logits.append(runner.decode(running))
     return logits
 
 
@@ -68,8 +75,8 @@ def test_the_written_out_forward_gives_the_models_own_logits(kind: str, dtype: t
     direct, own = runners
     assert direct.direct is not None
     own.direct = None  # the model's own forward
-    got, want = _steps(direct, dtype), _steps(own, dtype)
-    assert [g.shape[0] for g in got] == [2, 2, 2, 2]
+    got, want = _steps(direct), _steps(own)
+    assert [g.shape[0] for g in got] == [2, 3, 3, 3]
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
