@@ -24,7 +24,7 @@ def step():  # as a layer of a prefill: several temporaries of megabytes alive a
     del held
 step()  # torch and the first pages are warm
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(STEPS):
+for _ in range(int(sys.argv[2])):
     step()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -33,7 +33,7 @@ PAGES = 4 * (16 << 20) // 4096  # of one step's four tensors
 
 
 def _page_faults(mode: str) -> int:
-    done = subprocess.run([sys.executable, "-c", CYCLES.replace("STEPS", str(STEPS)), mode], cwd=REPO,
+    done = subprocess.run([sys.executable, "-c", CYCLES, mode, str(STEPS)], cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=True)
     return int(done.stdout.strip())
 

@@ -104,11 +104,12 @@ class Scheduler:
     def _with_chunk(self, decode: list[Sequence], whole: list[Sequence], seq: Sequence) -> Step:
         """``whole`` prompts, and the next chunk of ``seq``: as much of it as the pace allows beside them."""
         tokens, pairs = _whole(whole)
-        if self.pace is None or not decode:
+        if not decode:
             # nothing decodes (the streams all finished): its next ``chunk_tokens``, not its whole rest, so a chat
             # that arrives meanwhile waits for one chunk rather than for seconds of prefill
             budget = max(1, min(self.chunk_tokens, self.max_prefill_tokens) - tokens)
         else:
+            assert self.pace is not None, "a prompt is chunked only with chunked prefill on, which has a pace"
             budget = self.pace.budget(len(decode), seq.cached, tokens, pairs)
         if not budget:  # the short prompts took the step's time: the chunk waits for the next step
             return Step(decode, whole, 0, tokens, pairs)
@@ -163,7 +164,8 @@ class Scheduler:
         is due), and let the prefix cache keep the blocks of those prompts it does not hold yet."""
         done = []
         for seq in seqs:
-            seq.cached = seq.cached + step.chunk_of(seq) if step.chunk_of(seq) else len(seq.prompt_ids)
+            chunk = step.chunk_of(seq)
+            seq.cached = seq.cached + chunk if chunk else len(seq.prompt_ids)
             if seq.cached < len(seq.prompt_ids):
                 continue
             if seq is self.chunking:
