@@ -53,12 +53,13 @@ def test_bytes_per_token_counts_keys_and_values_of_every_layer() -> None:
 
 @pytest.mark.parametrize(("length", "capacity"), [
     (1, 128), (128, 128),  # within what is there: nothing changes
+    (100, 128),  # 100 + 25 (a quarter, when that is less than 32) = 125 → 128
     (129, 256),  # 129 + 32 = 161 → 256
-    (205, 256),  # 205 + 51 = 256 exactly
-    (206, 384),  # 206 + 51 = 257: a quarter ahead crosses into the next granule
-    (1000, 1280),  # 1000 + 250 = 1250 → 1280
+    (224, 256),  # 224 + 32 = 256 exactly
+    (225, 384),  # 225 + 32 = 257: the room ahead crosses into the next granule
+    (1000, 1152),  # 1000 + 32 = 1032 → 1152: a decode step reads the whole capacity, so little more than needed
 ])
-def test_reserve_grows_a_quarter_ahead_in_multiples_of_128(length: int, capacity: int) -> None:
+def test_reserve_grows_32_tokens_ahead_in_multiples_of_128(length: int, capacity: int) -> None:
     kv = cache()
     kv.reserve(3, length)
     assert kv.capacity == capacity and kv.capacity % 128 == 0
@@ -79,12 +80,12 @@ def test_reserve_never_shrinks() -> None:
     kv = cache()
     kv.reserve(3, 1000)
     kv.reserve(1, 10)
-    assert (kv.rows, kv.capacity) == (3, 1280)
+    assert (kv.rows, kv.capacity) == (3, 1152)
 
 
 def test_growth_stops_at_the_bound_unless_more_is_needed() -> None:
     kv = cache(bound=300)
-    kv.reserve(3, 260)  # a quarter ahead would be 384; the tier never holds more than 300
+    kv.reserve(3, 260)  # 32 ahead would be 384; the tier never holds more than 300
     assert kv.capacity == 300
     kv.reserve(3, 300)
     assert kv.capacity == 300
@@ -92,14 +93,14 @@ def test_growth_stops_at_the_bound_unless_more_is_needed() -> None:
     assert kv.capacity == 350
 
 
-def test_fit_gives_capacity_back_when_under_half_is_used() -> None:
+def test_fit_gives_capacity_back_once_two_granules_are_spare() -> None:
     kv = cache()
     kv.reserve(3, 1000)
-    assert kv.capacity == 1280
-    kv.fit(3, 600)  # 1280 ≤ 2 × 600 + 128: keep it
-    assert kv.capacity == 1280
-    kv.fit(3, 500)  # 1280 > 2 × 500 + 128: shrink to what 500 needs, a quarter ahead
-    assert kv.capacity == 640
+    assert kv.capacity == 1152
+    kv.fit(3, 865)  # 865 needs 1024 (865 + 32 → 1024): 128 spare, not worth a copy
+    assert kv.capacity == 1152
+    kv.fit(3, 864)  # 864 needs 896: 256 spare, given back
+    assert kv.capacity == 896
     kv.fit(3, 10)
     assert kv.capacity == 128
 
@@ -117,7 +118,7 @@ def test_fit_gives_rows_back_when_a_whole_group_is_free() -> None:
 
 def test_fit_grows_like_reserve() -> None:
     kv = cache()
-    kv.fit(3, 206)
+    kv.fit(3, 225)
     assert kv.capacity == 384
 
 
@@ -125,7 +126,7 @@ def test_fit_near_the_minimum_does_not_thrash() -> None:
     kv = cache()
     kv.reserve(3, 129)
     assert kv.capacity == 256
-    kv.fit(3, 1)  # 256 is not more than max(2, 128) + 128: no reallocation for a granule's difference
+    kv.fit(3, 1)  # 1 needs 128: one granule spare is kept, no reallocation for it
     assert kv.capacity == 256
 
 
@@ -144,7 +145,7 @@ def test_contents_survive_growing() -> None:
     fill_slot(kv, 0, 128, base=1.0)
     fill_slot(kv, 2, 50, base=500.0)
     kv.reserve(5, 700)
-    assert (kv.rows, kv.capacity) == (5, 896)
+    assert (kv.rows, kv.capacity) == (5, 768)
     assert_slot_holds(kv, 0, 128, base=1.0)
     assert_slot_holds(kv, 2, 50, base=500.0)
     assert all((t[:, :, 128:] == 0).all() and (t[3:] == 0).all() for t in kv.keys + kv.values)

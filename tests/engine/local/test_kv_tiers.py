@@ -75,8 +75,8 @@ def test_memory_follows_the_tokens_held_not_the_longest_sequence() -> None:
         kv.place(s, s.length + 1)
     assert long_.tier == kv.tier_for(3001) and {s.tier for s in short} == {0}
     held = kv.allocated_bytes // kv.bytes_per_token
-    # 16 rows (15 short, in groups of 8) × 128, and one row of 3,750 rounded up: not 16 × 3,750
-    assert held == 16 * 128 + 3840
+    # 16 rows (15 short, in groups of 8) × 128, and one row of 3,001 + 32 rounded up: not 16 × 3,072
+    assert held == 16 * 128 + 3072
     assert held < 16 * 3000 / 5
     rows = kv.prepare_decode()
     assert rows == [*short, long_]  # tier by tier, slot by slot
