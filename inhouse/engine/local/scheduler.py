@@ -16,11 +16,11 @@ running streams' next token by a fraction of a step rather than stalling them fo
 at a time is chunked (the tiers' pinned sequence meanwhile); short prompts (``SHORT`` tokens together) that come
 meanwhile go in whole beside its chunks (the chunk skips a step they fill), longer ones wait for it.
 
-A chunk that is not the prompt's last ends on a block of the attention's queries (``QUERY_BLOCK``, 64 tokens)
-when it is two blocks long or more, and on a multiple of ``ALIGN`` (16) when shorter.  Attention reads the keys
-up to a block's end once for all of the block's new queries, so a chunk that ends inside a block makes the next
-one read that block's keys again: a 16-token chunk at offset 3,000 (straddling a block's edge) took 17.6 ms of
-attention over 30 layers, one at 3,008 took 13.1.
+A chunk of a prompt with more than a few chunks left ends on a block of the attention's queries
+(``QUERY_BLOCK``, 64 tokens) when it is two blocks long or more, and on a multiple of ``ALIGN`` (16) when
+shorter.  Attention reads the keys up to a block's end once for all of the block's new queries, so a chunk that
+ends inside a block makes the next one read that block's keys again: a 16-token chunk at offset 3,000
+(straddling a block's edge) took 17.6 ms of attention over 30 layers, one at 3,008 took 13.1.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ __all__ = ["ALIGN", "SHORT", "Scheduler", "Step"]
 
 SHORT = 64  # prompt tokens a step takes whole beside decode rows, whatever the pace allows (short chats)
 ALIGN = 16  # a chunk shorter than a query block ends on a multiple of this (a divisor of QUERY_BLOCK)
+_UNCUT = 4  # a prompt's last chunks, as many as this, are not cut to a block
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,8 +227,10 @@ def _pairs(seq: Sequence, new: int) -> float:
 
 def _aligned(cached: int, chunk: int, length: int) -> int:
     """``chunk`` tokens from ``cached`` of a ``length``-token prompt, cut to end on a query block (on a multiple of
-    ``ALIGN`` when shorter than two) unless they are its last, or the cut would leave none."""
-    if cached + chunk >= length:
+    ``ALIGN`` when shorter than two) unless the prompt has no more than ``_UNCUT`` such chunks left (a cut could
+    then cost it a step of its own: a chat's next turn, 100-200 new tokens, goes on as the pace allows), or the cut
+    would leave none."""
+    if length - cached <= _UNCUT * chunk:
         return chunk
     unit = QUERY_BLOCK if chunk >= 2 * QUERY_BLOCK else ALIGN  # a block's cut costs a shorter chunk at most half
     end = (cached + chunk) // unit * unit

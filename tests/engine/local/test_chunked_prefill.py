@@ -337,6 +337,8 @@ async def test_a_short_prompt_is_answered_while_a_long_one_is_still_in_its_chunk
     (3008, 16, 16),  # already ends on one
     (3000, 5, 5),  # the cut would leave nothing: as it is
     (990, 10, 10),  # the prompt's last tokens: as they are
+    (800, 90, 90),  # 200 left, no more than four such chunks: a cut could add a step, so none
+    (800, 40, 32),  # 200 left is five 40-token chunks: cut
 ])
 def test_a_chunk_ends_on_a_query_block_or_a_multiple_of_16(cached: int, chunk: int, want: int) -> None:
     """Attention reads the keys up to a block's end once for all its new queries: a chunk ending inside a block
@@ -344,13 +346,16 @@ def test_a_chunk_ends_on_a_query_block_or_a_multiple_of_16(cached: int, chunk: i
     assert _aligned(cached, chunk, 1000 if cached < 1000 else 4000) == want
 
 
-def test_beside_decoding_streams_chunks_start_and_end_on_multiples_of_16() -> None:
+def test_beside_decoding_streams_chunks_end_on_multiples_of_16_until_the_last_few() -> None:
     s, _, streams = paced(6)
     long_ = seq("long", 1000)
     s.add(long_)
-    ends = []
+    chunks = []
     while s.chunking is long_ or long_.cached == 0:
+        left = 1000 - long_.cached
         step = run(s)
         assert step.decode == streams and step.prefill == [long_]
-        ends.append(long_.cached)
-    assert len(ends) > 5 and all(end % ALIGN == 0 for end in ends[:-1]) and ends[-1] == 1000
+        chunks.append((left, step.chunk, long_.cached))
+    assert len(chunks) > 5 and chunks[-1][2] == 1000
+    assert all(end % ALIGN == 0 for left, chunk, end in chunks if left > 4 * chunk)
+    assert sum(left > 4 * chunk for left, chunk, _ in chunks) > len(chunks) // 2
