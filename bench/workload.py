@@ -16,6 +16,7 @@ lines, the JSON).  The prompts live in ``workload_texts.py``, the workloads and 
 
     python bench/workload.py                          # the issue's sizes (an hour or more on 2 cores)
     python bench/workload.py --sizes reduced          # about 15 minutes for 3-4 contenders on 2 cores
+    python bench/workload.py --sizes medium           # reduced's shapes, three times the samples
     python bench/workload.py --smoke                  # inhouse alone, tiny sizes: does everything answer?
     python bench/workload.py --only inhouse,vllm --workloads knowledge,cold
 """

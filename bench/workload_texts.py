@@ -52,6 +52,11 @@ SIZES = {
     "reduced": Sizes(context_tokens=(1000, 2000), topics=4, rag_requests=6, rag_concurrency=2, max_tokens=32,
                      conversations=4, turns=3, mixed_streams=6, stream_tokens=48, mixed_long=2,
                      knowledge_max_tokens=8, cold_repeats=2),
+    # reduced's shapes with three times its samples (RAG requests and topics, multi-turn conversations, long
+    # prompts): at reduced sizes the targets' medians are over 6-12 requests and flipped from run to run
+    "medium": Sizes(context_tokens=(1000, 2000), topics=12, rag_requests=18, rag_concurrency=2, max_tokens=32,
+                    conversations=8, turns=3, mixed_streams=6, stream_tokens=48, mixed_long=6,
+                    knowledge_max_tokens=8, cold_repeats=4),
     "smoke": Sizes(system_tokens=60, chunk_tokens=60, context_tokens=(150, 300), topics=2, rag_requests=2,
                    rag_concurrency=2, max_tokens=4, conversations=2, turns=2, mixed_streams=2, stream_tokens=4,
                    mixed_long=1, long_tokens=300, knowledge_tokens=300, knowledge_questions=2,

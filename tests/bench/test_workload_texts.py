@@ -30,3 +30,16 @@ def test_workload_messages_are_seeded_per_variant(tiny_model_dir: Path) -> None:
     [message] = long_prompt(texts, "long-0")
     assert message["content"].startswith(nonce("long-0"))
     assert message["content"].endswith("Summarise the document above.")
+
+
+def test_medium_is_reduced_with_three_times_the_samples() -> None:
+    """The same shapes (prompt lengths, answer lengths, concurrency of RAG and the streams), so a medium run
+    measures what a reduced one does, over more requests."""
+    reduced, medium = SIZES["reduced"], SIZES["medium"]
+    shapes = ("system_tokens", "chunk_tokens", "context_tokens", "rag_concurrency", "max_tokens", "turns",
+              "mixed_streams", "stream_tokens", "long_tokens", "knowledge_tokens", "knowledge_max_tokens",
+              "cold_tokens")
+    assert all(getattr(medium, name) == getattr(reduced, name) for name in shapes)
+    samples = ("rag_requests", "topics", "conversations", "mixed_long")
+    assert all(getattr(medium, name) >= 2 * getattr(reduced, name) for name in samples)
+    assert medium.rag_requests / medium.topics == reduced.rag_requests / reduced.topics  # the same share of repeats
