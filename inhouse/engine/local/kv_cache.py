@@ -79,9 +79,9 @@ class SlotKVCache:
             self.clear()
             return
         want_rows = self._rows_for(rows) if rows > self.rows or self.rows - rows >= self.row_group else self.rows
-        want_capacity = self.capacity
-        if length > self.capacity or self.capacity >= self._capacity_for(length) + 2 * _GRANULE:
-            want_capacity = self._capacity_for(length)
+        want_capacity = self._capacity_for(length)
+        if length <= self.capacity < want_capacity + 2 * _GRANULE:
+            want_capacity = self.capacity  # it fits, and less than two granules are spare: not worth a copy
         if (want_rows, want_capacity) != (self.rows, self.capacity):
             self._resize(want_rows, want_capacity)
 
@@ -100,23 +100,25 @@ class SlotKVCache:
     @torch.inference_mode()
     def _resize(self, rows: int, capacity: int) -> None:
         keep_rows, keep = min(self.rows, rows), min(self.capacity, capacity)
-        if not keep_rows or not keep:
-            keep_rows = keep = 0
-        self.keys = [self._alloc(rows, capacity, layer, self.keys, keep_rows, keep) for layer in range(self.num_layers)]
-        self.values = [self._alloc(rows, capacity, layer, self.values, keep_rows, keep)
-                       for layer in range(self.num_layers)]
+        self.keys = self._moved(self.keys, rows, capacity, keep_rows, keep)
+        self.values = self._moved(self.values, rows, capacity, keep_rows, keep)
         self.rows, self.capacity = rows, capacity
 
-    def _alloc(self, rows: int, capacity: int, layer: int, old: list[torch.Tensor], keep_rows: int,
-               keep: int) -> torch.Tensor:
-        """A layer's new tensor: ``old``'s first ``keep_rows`` slots × ``keep`` positions copied, zeros elsewhere
-        (each byte written once: the kept part is not zeroed first)."""
-        new = torch.empty((rows, self.kv_heads, capacity, self.head_dim), dtype=self.dtype, device=self.device)
-        if keep_rows:
-            new[:keep_rows, :, :keep].copy_(old[layer][:keep_rows, :, :keep])
-            new[:keep_rows, :, keep:].zero_()
-        new[keep_rows:].zero_()
-        return new
+    def _moved(self, old: list[torch.Tensor], rows: int, capacity: int, keep_rows: int,
+               keep: int) -> list[torch.Tensor]:
+        """Each layer's new tensor: ``old``'s first ``keep_rows`` slots × ``keep`` positions copied (none when
+        ``old`` is empty), zeros elsewhere; each byte is written once, the kept part not zeroed first."""
+        if not old or not keep:
+            keep_rows = 0
+        layers = []
+        for layer in range(self.num_layers):
+            new = torch.empty((rows, self.kv_heads, capacity, self.head_dim), dtype=self.dtype, device=self.device)
+            if keep_rows:
+                new[:keep_rows, :, :keep].copy_(old[layer][:keep_rows, :, :keep])
+                new[:keep_rows, :, keep:].zero_()
+            new[keep_rows:].zero_()
+            layers.append(new)
+        return layers
 
     # ---- contents --------------------------------------------------------------------------
 
