@@ -8,15 +8,20 @@ prompt expensive whatever its size: at 3,000 tokens in, its attention costs a sm
 layers.  The three costs are a least-squares fit over the recent steps (none below 0), pulled towards nothing
 fixed, a millisecond a token and a microsecond a pair until steps tell them apart.
 
-While sequences are decoding, a step takes at most as many prompt tokens as fit the time it may hold the running
-streams back, so a prompt arriving, short or thousands of tokens long, slows their next token by a fraction of
-a step instead of stalling them for its whole prefill.  That delay is paid by every decoding stream, once per
-step, so it is a total shared among them: ``total`` decode steps' time in all, but never less than ``stall`` each
-(one stream: 6 decode steps; two: 3; three: 2; four or more: 1.5).  With one or two streams running (a RAG app's
-few users), small chunks would make the prompt and the streams take turns instead of decoding together, which
-costs both of them throughput; with many, each stream's next token stays within about ``1 + stall`` times its
-pace.  A lower ``stall`` than 1.5 did not lower the streams' inter-token p99 in the workload benchmark (1.2: 70
-against 72 ms, the tail being the steps' own spread), and nearly doubled a long prompt's time to first token.
+While three or more sequences are decoding, a step takes at most as many prompt tokens as fit the time it may
+hold the running streams back, so a prompt arriving, short or thousands of tokens long, slows their next token by a
+fraction of a step instead of stalling them for its whole prefill.  That delay is paid by every decoding stream,
+once per step, so it is a total shared among them: ``total`` decode steps' time in all, but never less than
+``stall`` each (three streams: 2 decode steps; four or more: 1.5).  Each stream's next token then stays within
+about ``1 + stall`` times its pace.  A lower ``stall`` than 1.5 did not lower the streams' inter-token p99 in the
+workload benchmark (1.2: 70 against 72 ms, the tail being the steps' own spread), and nearly doubled a long
+prompt's time to first token.
+
+With ``few`` streams or fewer (one or two: a RAG app's few users), a step takes a whole ``most``-token chunk: they
+wait one chunk's time, the bound chunked prefill promises, and no more.  Small chunks beside them paid a step's
+fixed cost again and again: the prompt took longer to its first token, and the engine to its answers.  Medium
+RAG in the closed loop (two users, the same server, two interleaved pairs of runs): 28.4 and 24.1 s against
+32.5 and 29.6 s, time to first token p50 853 and 731 ms against 1,284 and 1,361, in 32 chunk steps against 70-80.
 
 The budget is never below ``least`` tokens nor above ``most`` (``prefill_chunk_tokens``).  Holds no sequences and
 no model.
@@ -35,9 +40,10 @@ _PRIOR_WEIGHT = (0.1, 5.0, 5.0)  # the prior weighs as a tenth of a step (of 2 t
 
 
 class Pace:
-    def __init__(self, most: int, least: int = 16, stall: float = 1.5, total: float = 6.0) -> None:
+    def __init__(self, most: int, least: int = 16, stall: float = 1.5, total: float = 6.0, few: int = 2) -> None:
         self.most = most
         self.least = min(least, most)
+        self.few = few  # streams that may wait a whole chunk's time
         self.stall = stall  # decode steps' time a step may hold each stream back, at least
         self.total = total  # ... and all of them together, when that is more
         self.decode_s: float | None = None  # a step with decode rows only
@@ -66,22 +72,29 @@ class Pace:
         """Prompt tokens the next step may add to a prompt whose first ``offset`` tokens are in the cache, beside
         ``streams`` decode rows and ``tokens`` prompt tokens already in it (``pairs`` pairs).  With prompt tokens
         already in it, 0 when they leave no room for ``least`` more (once a step has been timed); otherwise never below
-        ``least``, so a lone prompt goes on."""
-        if self.decode_s is None:
+        ``least``, so a lone prompt goes on.  With ``few`` streams or fewer: ``most``, less what is already in it."""
+        if streams <= self.few:
+            fits = self.most - tokens
+        elif self.decode_s is None:
             return self.least
-        allowed = max(self.stall, self.total / max(streams, 1)) * self.decode_s
+        else:
+            fits = self._fits(streams, offset, tokens, pairs)
+        if tokens and fits < self.least:
+            return 0
+        return max(self.least, min(self.most, fits))
+
+    def _fits(self, streams: int, offset: int, tokens: int, pairs: float) -> int:
+        """The prompt tokens that fit the time the step may hold ``streams`` streams back (decode steps timed)."""
+        assert self.decode_s is not None
+        allowed = max(self.stall, self.total / streams) * self.decode_s
         left = allowed - self.fixed_s - self.token_s * tokens - self.pair_s * pairs
         # n tokens at offset o add token_s·n + pair_s·(n·o + n²/2): the largest n within what is left
         linear, half = self.token_s + self.pair_s * offset, self.pair_s / 2
         if left <= 0:
-            fits = 0
-        elif half <= 0:
-            fits = int(left / max(linear, 1e-12))
-        else:
-            fits = int((math.sqrt(linear**2 + 4 * half * left) - linear) / (2 * half))
-        if tokens and fits < self.least:
             return 0
-        return max(self.least, min(self.most, fits))
+        if half <= 0:
+            return int(left / max(linear, 1e-12))
+        return int((math.sqrt(linear**2 + 4 * half * left) - linear) / (2 * half))
 
 
 def _fit(xx: list[list[float]], xy: list[float]) -> tuple[float, float, float]:

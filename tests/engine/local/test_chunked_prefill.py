@@ -88,12 +88,15 @@ def test_the_pace_sets_the_chunk_while_others_decode() -> None:
     assert run(s).chunk == 16
 
 
-def test_one_stream_lets_a_prompt_take_longer_chunks() -> None:
-    s, pace, [a] = paced(1, chunk_tokens=512)
-    s.add(seq("b", 2000))
+@pytest.mark.parametrize("streams", [1, 2])
+def test_one_or_two_streams_wait_for_a_whole_chunk(streams: int) -> None:
+    """A RAG app's few users: the prompt goes in chunks of the configured size, not of the pace's shared stall."""
+    s, pace, running = paced(streams, chunk_tokens=512)
+    b = seq("b", 2000)
+    s.add(b)
     step = run(s)
-    assert step.decode == [a] and step.chunk == _aligned(0, pace.budget(1), 2000) > 3 * pace.budget(4)
-    assert step.chunk % 64 == 0  # two query blocks or more: it ends on one
+    assert step.decode == running and step.chunk == 512 > 3 * pace.budget(3)
+    assert run(s).chunk == 512 and b.cached == 1024
 
 
 def test_short_prompts_beside_a_chunk_take_their_share_of_its_budget() -> None:
@@ -146,10 +149,10 @@ def test_when_the_streams_all_finish_a_chunked_prompt_goes_on_by_its_chunk_size_
 
 def test_short_prompts_go_in_whole_beyond_the_pace_and_a_long_one_in_its_chunks() -> None:
     s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=256)
-    first = seq("first", 3)
-    s.add(first)
+    for i in range(3):  # three streams (one or two would wait for a whole chunk)
+        s.add(seq(f"first{i}", 3))
     run(s)
-    assert s.pace is not None and s.pace.budget(1) == 16  # no decode step timed yet: the least
+    assert s.pace is not None and s.pace.budget(3) == 16  # no decode step timed yet: the least
     shorts, long_ = [seq(f"s{i}", 30) for i in range(3)], seq("long", 200)
     for q in (*shorts, long_):
         s.add(q)

@@ -57,13 +57,26 @@ def test_a_chunk_adds_what_the_stall_allows_however_far_into_its_prompt(offset: 
 
 
 def test_the_streams_share_the_stall() -> None:
-    """Six decode steps' time in all, never less than 1.5 each: one stream may be held 6, two 3, three 2."""
+    """Six decode steps' time in all, never less than 1.5 each: three streams may be held 2, four or more 1.5."""
     pace = fed()
-    budgets = [pace.budget(streams) for streams in (8, 4, 3, 2, 1)]
-    assert budgets[0] == budgets[1] < budgets[2] < budgets[3] < budgets[4]
-    for streams, stall in ((8, 1.5), (3, 2.0), (2, 3.0), (1, 6.0)):
+    budgets = [pace.budget(streams) for streams in (8, 4, 3)]
+    assert budgets[0] == budgets[1] < budgets[2]
+    for streams, stall in ((8, 1.5), (4, 1.5), (3, 2.0)):
         n = pace.budget(streams)
         assert excess(n, 0) <= stall * DECODE * 1.02 < excess(n + 1, 0) * 1.02
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_one_or_two_streams_wait_a_whole_chunk(streams: int) -> None:
+    """A RAG app's few users: a chunk of ``most`` tokens, whatever it costs them and however far in (six decode
+    steps' time would have allowed a fraction of it), less what prompts already in the step take."""
+    pace = fed(most=512)
+    assert pace.budget(streams, 3000) == pace.budget(streams) == 512
+    assert excess(512, 3000) > 6 * DECODE  # more than the shared stall would have let them wait
+    assert pace.budget(streams, 3000, tokens=100, pairs=pairs(100, 0)) == 412
+    assert pace.budget(streams, 0, tokens=500, pairs=pairs(500, 0)) == 0  # no room for the least: the chunk waits
+    assert Pace(512).budget(streams) == 512  # no step timed yet: the same
+    assert pace.budget(3) < 512
 
 
 def test_prompt_tokens_already_in_the_step_leave_less_and_the_budget_keeps_its_bounds() -> None:
@@ -71,12 +84,12 @@ def test_prompt_tokens_already_in_the_step_leave_less_and_the_budget_keeps_its_b
     assert pace.budget(4, 500, tokens=20, pairs=pairs(20, 0)) < pace.budget(4, 500)
     assert pace.budget(4, 500, tokens=60, pairs=pairs(60, 0)) == 0  # no room left beside them: the chunk waits
     assert pace.budget(4, 50_000) == 16  # alone, however far in, it goes on by the least
-    assert pace.budget(1) == 100  # never above the chunk size
+    assert fed(most=60).budget(3) == 60  # never above the chunk size
 
 
 def test_before_a_decode_step_is_timed_it_takes_the_least_and_prompts_alone_teach_it_nothing() -> None:
     pace = Pace(512)
-    assert pace.budget(1) == 16
+    assert pace.budget(3) == 16
     pace.ran(1.0, 0, 2000, pairs(2000, 0))  # a prompt alone pays the weights' read too: not a prompt's excess
     pace.ran(DECODE, 4, 0)
     assert (pace.fixed_s, pace.token_s, pace.pair_s) == (0.0, 1e-3, 1e-6)
