@@ -71,9 +71,10 @@ class Pace:
 
     def budget(self, streams: int, offset: int = 0, tokens: int = 0, pairs: float = 0.0) -> int:
         """Prompt tokens the next step may add to a prompt whose first ``offset`` tokens are in the cache, beside
-        ``streams`` decode rows and ``tokens`` prompt tokens already in it (``pairs`` pairs).  With prompt tokens
-        already in it, 0 when they leave no room for ``least`` more (once a step has been timed); otherwise never below
-        ``least``, so a lone prompt goes on.  With ``few`` streams or fewer: ``most``, less what is already in it."""
+        ``streams`` decode rows and ``tokens`` prompt tokens already in it (``pairs`` pairs): with ``few`` streams or
+        fewer, ``most`` less those tokens; with more, what fits their shared stall, or ``least`` whatever is in the
+        step until a decode step has been timed.  Otherwise 0 when tokens already in it leave no room for ``least``
+        more, and never below ``least`` when none are, so a lone prompt goes on."""
         if streams <= self.few:
             fits = self.most - tokens
         elif self.decode_s is None:
