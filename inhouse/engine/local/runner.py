@@ -22,6 +22,7 @@ from inhouse.engine.local.decoder import DirectForward
 from inhouse.engine.local.kv_tiers import KVTiers
 from inhouse.engine.local.linears import fast_linears
 from inhouse.engine.local.lora import AdapterWeights, LoraSet
+from inhouse.engine.local.prefill_kernel import PrefillKernel
 
 __all__ = ["ModelRunner", "RunnableSequence"]
 
@@ -53,11 +54,12 @@ class RunnableSequence(Protocol):
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, tiers: KVTiers[Any], device: torch.device,
-                 lora: LoraSet | None = None) -> None:
+                 lora: LoraSet | None = None, kernel: PrefillKernel | None = None) -> None:
         self.model = model
         self.tiers = tiers
         self.device = device
         self.lora = lora
+        self.kernel = kernel  # long bf16 prompts' attention, compiled (None: PyTorch's)
         self.direct = DirectForward.for_model(model)  # None: the model's own forward
         if device.type == "cpu" and tiers.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             fast_linears(model)
@@ -97,6 +99,7 @@ class ModelRunner:
             placements=tuple(Placement(self.tiers.tiers[s.tier], s.slot, start, length, s.cached)
                              for s, start, length in zip(prefill, starts[:-1], lengths, strict=True)),
             groups=self._groups(decode, write_at),
+            kernel=self.kernel,
         )
         with self._adapters([*decode, *prefill], [1] * n + lengths):
             if not prefill:

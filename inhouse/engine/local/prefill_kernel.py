@@ -1,0 +1,131 @@
+"""The compiled prefill attention kernel for CPUs with AVX512-BF16: building it, loading it, calling it.
+
+Owns ``PrefillKernel``.  The C source beside this file (``prefill_kernel.c``, which says how it computes) is
+compiled with the machine's C compiler the first time a model loads, into a directory of this user's (mode 0700,
+under the system's temporary directory, named by the source's and the flags' hash), and loaded with ``ctypes``;
+later loads reuse the file.  Nothing is downloaded and no build step is needed at install time.
+
+``PrefillKernel.load`` returns None, with the reason, when the kernel cannot run here: not Linux on x86-64, a
+CPU without AVX512-BF16, no C compiler (``cc``), or a failed build.  The engine then runs its
+PyTorch attention (``attention._in_blocks``) instead, which computes the same thing 2-2.5x slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["PrefillKernel"]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_suffix(".c")
+_FLAGS = ("-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fPIC",
+          "-shared", "-fopenmp")
+_LONG, _INT = ctypes.c_long, ctypes.c_int
+
+
+class PrefillKernel:
+    """A causal bf16 attention of a prompt's new tokens over its slot's keys and values (see the C source)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._run = library.prefill_attention
+        self._run.restype = _INT
+        self._run.argtypes = [ctypes.c_void_p, _LONG, _LONG, ctypes.c_void_p, ctypes.c_void_p, _LONG, _LONG,
+                              ctypes.c_void_p, _LONG, _LONG, _INT, _INT, _INT, _INT, _INT, ctypes.c_float, _INT,
+                              ctypes.c_void_p, _LONG]
+        self._scratch_bytes = library.prefill_scratch_bytes
+        self._scratch_bytes.restype = _LONG
+        self._scratch_bytes.argtypes = [_INT, _INT, _INT, _INT]
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+    @classmethod
+    def load(cls, compiler: str | None = None) -> tuple[PrefillKernel | None, str]:
+        """The kernel, built if needed (by ``compiler``, default ``cc``), or None and why it cannot run here."""
+        if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+            return None, f"not on {platform.system()} {platform.machine()}"
+        if not _cpu_has("avx512_bf16"):
+            return None, "the CPU has no AVX512-BF16"
+        compiler = compiler or shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            return None, "no C compiler (cc) to build it"
+        try:
+            return cls(ctypes.CDLL(str(_build(compiler)))), "built"
+        except (OSError, subprocess.SubprocessError) as exc:
+            return None, f"its build failed ({type(exc).__name__})"
+
+    @staticmethod
+    def takes(query: torch.Tensor, keys: torch.Tensor) -> bool:
+        """Whether the kernel computes this attention (else the caller runs PyTorch's): bf16 on CPU, a head size
+        that is a multiple of 64 up to 256, whole query groups per kv head."""
+        return (query.dtype == keys.dtype == torch.bfloat16 and query.device.type == keys.device.type == "cpu"
+                and query.shape[-1] % 64 == 0 and query.shape[-1] <= 256 and query.shape[0] % keys.shape[0] == 0)
+
+    def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: int, scale: float,
+                 out: torch.Tensor) -> None:
+        """``query`` ``[heads, length, head_dim]`` (positions ``offset..``) over ``keys`` and ``values``
+        ``[kv_heads, ≥ offset + length, head_dim]`` into ``out`` ``[length, heads, head_dim]``; any strides with
+        the head dimension contiguous."""
+        heads, length, dim = query.shape
+        kv_heads = keys.shape[0]
+        if not (query.stride(2) == keys.stride(2) == values.stride(2) == out.stride(2) == 1
+                and keys.stride() == values.stride() and out.shape == (length, heads, dim)
+                and keys.shape[1] >= offset + length and values.shape == keys.shape):
+            raise ValueError("prefill kernel: unexpected tensor layout")
+        threads = torch.get_num_threads()
+        need = self._scratch_bytes(kv_heads, offset + length, dim, threads)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.uint8)
+        status = self._run(query.data_ptr(), query.stride(0), query.stride(1), keys.data_ptr(), values.data_ptr(),
+                           keys.stride(0), keys.stride(1), out.data_ptr(), out.stride(1), out.stride(0),
+                           heads, kv_heads, length, offset, dim, scale, threads,
+                           self._scratch.data_ptr(), self._scratch.numel())
+        if status != 0:
+            raise ValueError("prefill kernel: arguments refused")
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("flags") and flag in line.split() for line in text.splitlines())
+
+
+def _build(compiler: str) -> Path:
+    """The shared library for this source and these flags, compiled once per user and machine."""
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
+    folder = _own_folder(Path(tempfile.gettempdir()) / f"inhouse-kernels-{os.getuid()}")
+    built = folder / f"prefill-{digest}.so"
+    if built.exists():
+        return built
+    partial = folder / f".prefill-{digest}-{os.getpid()}.so"
+    subprocess.run([compiler, *_FLAGS, "-o", str(partial), str(_SOURCE)], check=True, capture_output=True,
+                   timeout=120)
+    os.replace(partial, built)  # atomic: a concurrent build of the same source writes the same bytes
+    log.info("built the prefill attention kernel: %s", built)
+    return built
+
+
+def _own_folder(folder: Path) -> Path:
+    """``folder``, made if missing, when it is this user's alone; otherwise a fresh private one (a shared temporary
+    directory must not let another user plant the library this process loads)."""
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077:
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="inhouse-kernels-"))
