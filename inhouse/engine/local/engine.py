@@ -345,6 +345,7 @@ class LocalEngine:
                 continue
             if finished:
                 self._finish(seq, scheduler, answered=True)
+        scheduler.save_prefixes()
 
     def _forward(self, step: Step, runner: ModelRunner, scheduler: Scheduler) -> tuple[list[Sequence], torch.Tensor]:
         """The step's sequences whose next token is due, and their logits.  A step with prompts that fails is run

@@ -75,6 +75,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.charged = 0  # tokens of memory the running sequences may come to hold
         self.chunking: Sequence | None = None  # the prompt being prefilled in chunks
+        self.unsaved: list[Sequence] = []  # prompts whole this step, for the prefix cache after the hand-off
         self._give_prefix_the_rest()
 
     def add(self, seq: Sequence) -> None:
@@ -170,7 +171,7 @@ class Scheduler:
 
     def prefilled(self, step: Step, seqs: list[Sequence]) -> list[Sequence]:
         """``seqs`` of a prefill step ran; return those whose whole prompt is in their slot now (their next token
-        is due), and let the prefix cache keep the blocks of those prompts it does not hold yet."""
+        is due).  The prefix cache gets their blocks at ``save_prefixes``, after the hand-off."""
         done = []
         for seq in seqs:
             chunk = step.chunk_of(seq)
@@ -180,9 +181,17 @@ class Scheduler:
             if seq is self.chunking:
                 self.chunking = self.tiers.pinned = None
             if self.prefix is not None:
-                self.prefix.save(seq.prompt_ids, seq.adapter, self.tiers.cache(seq), seq.slot)
+                self.unsaved.append(seq)
             done.append(seq)
         return done
+
+    def save_prefixes(self) -> None:
+        """Let the prefix cache keep the blocks of the prompts that became whole this step, once their first tokens
+        are handed out: copying a long prompt's blocks took 45-65 ms, which its first token no longer waits for."""
+        if self.prefix is not None:
+            for seq in self.unsaved:
+                self.prefix.save(seq.prompt_ids, seq.adapter, self.tiers.cache(seq), seq.slot)
+        self.unsaved.clear()
 
     def finish(self, seq: Sequence, answered: bool = False) -> None:
         """Take a sequence out, wherever it is; its slot and its charge are freed.  ``answered``: it ended with
@@ -193,6 +202,10 @@ class Scheduler:
             if seq in self.waiting:
                 self.waiting.remove(seq)
             return
+        if seq in self.unsaved:  # whole this step and finished at its first token: saved now, while it is placed
+            self.unsaved.remove(seq)
+            if not answered and self.prefix is not None:
+                self.prefix.save(seq.prompt_ids, seq.adapter, self.tiers.cache(seq), seq.slot)
         if seq is self.chunking:
             self.chunking = None
         elif answered and self.prefix is not None:

@@ -138,6 +138,33 @@ async def test_eviction_under_a_tiny_budget_keeps_answers(tiny_model_dir: Path, 
         await engine.close()
 
 
+async def test_a_prompts_blocks_are_kept_after_its_first_token_is_handed_out(
+        cached: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copying a long prompt's blocks into the cache took 45-65 ms; its first token does not wait for it.  A prompt
+    answered at its first token (max_tokens 1) is still kept, as its whole answer."""
+    prefix = cached._prefix
+    assert prefix is not None
+    kept: list[tuple[int, int]] = []  # (tokens saved, output tokens the request had by then)
+    save = prefix.save
+
+    def recording(tokens: list[int], *args: Any) -> None:
+        outputs = [len(s.output_ids) for s in cached._admitted.values() if s.prompt_ids == tokens[: len(s.prompt_ids)]]
+        kept.append((len(tokens), max(outputs, default=-1)))
+        save(tokens, *args)
+
+    monkeypatch.setattr(prefix, "save", recording)
+    prompt = ids(2 * BLOCK + 7, seed=40)
+    await answers(cached, [prompt])
+    assert kept[0] == (len(prompt), 1)  # the prompt, once its first token was out
+    one = ids(2 * BLOCK + 3, seed=41)
+    generation = (await cached.submit([GenerateRequest("one", SamplingParams(max_tokens=1, temperature=0.0),
+                                                       prompt=tuple(one))]))[0]
+    await answer(generation)
+    hits = cached.stats().prefix_cache_hit_tokens
+    await answers(cached, [one])
+    assert cached.stats().prefix_cache_hit_tokens == hits + 2 * BLOCK
+
+
 # ---- the cache alone ---------------------------------------------------------------------------
 
 

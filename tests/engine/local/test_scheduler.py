@@ -187,6 +187,8 @@ def test_an_answered_sequence_leaves_its_answer_to_the_prefix_cache_for_the_next
     assert step is not None
     s.tiers.cache(a).reserve(1, 256)  # what the runner's writes would have grown it to
     s.prefilled(step, [a])
+    assert s.prefix.match([*a.prompt_ids, 0], None) == 0  # kept once its first token is handed out:
+    s.save_prefixes()
     assert s.prefix.match([*a.prompt_ids, 0], None) == BLOCK  # the prompt's one whole block
     a.output_ids = list(range(500, 500 + 93))  # 100 + 92 run = 192: three whole blocks
     s.finish(a, answered=True)
