@@ -67,7 +67,7 @@ class SlotKVCache:
     def reserve(self, rows: int, length: int) -> None:
         """Hold at least ``rows`` slots of ``length`` tokens, keeping what is stored."""
         if rows > self.rows or length > self.capacity:
-            self._resize(max(self.rows, self._rows_for(rows)), max(self.capacity, self._capacity_for(length)))
+            self._resize(max(self.rows, self.rows_for(rows)), max(self.capacity, self._capacity_for(length)))
 
     def fit(self, rows: int, length: int) -> None:
         """Reserve ``rows`` × ``length``, and give back what is not needed (rows, capacity, or all when 0 rows).
@@ -78,7 +78,7 @@ class SlotKVCache:
         if rows == 0:
             self.clear()
             return
-        want_rows = self._rows_for(rows) if rows > self.rows or self.rows - rows >= self.row_group else self.rows
+        want_rows = self.rows_for(rows) if rows > self.rows or self.rows - rows >= self.row_group else self.rows
         want_capacity = self._capacity_for(length)
         if length <= self.capacity < want_capacity + 2 * _GRANULE:
             want_capacity = self.capacity  # it fits, and less than two granules are spare: not worth a copy
@@ -90,7 +90,8 @@ class SlotKVCache:
         self.rows = self.capacity = 0
         self.keys, self.values = [], []
 
-    def _rows_for(self, rows: int) -> int:
+    def rows_for(self, rows: int) -> int:
+        """The rows ``rows`` sequences take: rounded up to the row group."""
         return _round_up(rows, self.row_group)
 
     def _capacity_for(self, length: int) -> int:

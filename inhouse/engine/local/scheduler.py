@@ -3,7 +3,8 @@
 Owns the waiting queue, the running list, and admission by memory: a sequence leaves the queue only while the
 KV memory the running ones may come to hold, plus its own (``KVTiers.charge`` of its prompt plus its
 ``max_tokens``), plus the tiers' slack, fits the model's budget; otherwise it waits (first come, first served),
-and nothing is ever cut short for room.  What the running sequences leave of the budget is the prefix cache's.
+and nothing is ever cut short for room.  What the running sequences leave of the budget is the prefix cache's,
+and what that leaves may hold the tiers' spare rows (``KVTiers.keep_spare``).
 A sequence given a slot gets its prompt's longest cached prefix copied in first (when there is a prefix cache),
 and its prefill then runs only the rest.
 
@@ -164,10 +165,13 @@ class Scheduler:
             seq.prefix_hit = seq.cached
 
     def _give_prefix_the_rest(self) -> None:
-        """The prefix cache may hold what the running sequences' charges leave of the budget (it evicts down)."""
+        """The prefix cache may hold what the running sequences' charges leave of the budget (it evicts down); the
+        tiers' spare rows, what is left after the prefix cache's whole budget (so a spare never costs it a block)."""
+        room = self.budget_tokens - self.charged - self.tiers.slack
         if self.prefix is not None:
-            room = self.budget_tokens - self.charged - self.tiers.slack
             self.prefix.limit(max(0, room) * self.tiers.bytes_per_token)
+            room -= -(-self.prefix.budget_bytes // self.tiers.bytes_per_token)
+        self.tiers.keep_spare(max(0, room))
 
     def prefilled(self, step: Step, seqs: list[Sequence]) -> list[Sequence]:
         """``seqs`` of a prefill step ran; return those whose whole prompt is in their slot now (their next token

@@ -136,9 +136,50 @@ def test_the_pinned_prompt_stays_last_of_its_tier() -> None:
     assert_compact(kv)
 
 
+def test_a_departure_leaves_a_spare_row_the_next_arrival_takes_without_a_copy() -> None:
+    kv = tiers()
+    kv.keep_spare(10_000)
+    a, b = Seq(1000.0, [1] * 2100), Seq(2000.0, [1] * 2200)  # both in the last tier (row group 1)
+    for s in (a, b):
+        kv.place(s, s.length + 1)
+        write(kv, s, s.length)
+    tier = kv.tiers[a.tier]
+    kv.remove(a)  # b moves into slot 0; the tier keeps its second row
+    assert tier.rows == 2 and kv.spare_tokens == tier.capacity
+    assert_holds(kv, b)
+    kv.prepare_decode()  # a decode step keeps the spare too
+    assert tier.rows == 2
+    storage = tier.keys[0].data_ptr()
+    c = Seq(3000.0, [1] * 2150)
+    kv.place(c, c.length + 1)
+    assert c.slot == 1 and tier.keys[0].data_ptr() == storage  # the spare row, not a new tier
+    assert kv.spare_tokens == 0
+
+
+def test_spares_stay_within_their_room() -> None:
+    kv = tiers()
+    a, b, c = Seq(1000.0, [1] * 2100), Seq(2000.0, [1] * 2200), Seq(3000.0, [1] * 100)
+    for s in (a, b, c):
+        kv.place(s, s.length + 1)
+    kv.remove(a)  # no room for spares (the default): the row is given back, as before spares
+    assert kv.tiers[b.tier].rows == 1 and kv.spare_tokens == 0
+    kv.keep_spare(10_000)
+    kv.remove(c)  # the small tier keeps its row group (8 rows of 256), now empty
+    assert kv.tiers[0].rows == 8 and kv.spare_tokens == 8 * kv.tiers[0].capacity
+    kv.keep_spare(100)  # less room: given back at once
+    assert kv.tiers[0].rows == 0 and kv.spare_tokens == 0
+
+
 def test_random_arrivals_growth_and_departures_keep_keys_slots_and_the_charge_bound() -> None:
+    for spare_room in (0, 1500):
+        walk(spare_room)
+
+
+def walk(spare_room: int) -> None:
     rng = random.Random(7)
     kv = tiers(max_length=2048)
+    kv.keep_spare(spare_room)
+    spared = 0  # steps that ended with a spare row kept
     running: list[Seq] = []
     most = {}  # each running sequence's most tokens: its charge
     for step in range(300):
@@ -161,7 +202,10 @@ def test_random_arrivals_growth_and_departures_keep_keys_slots_and_the_charge_bo
             assert_holds(kv, s)
         assert_compact(kv)
         charged = sum(kv.charge(m) for m in most.values())
-        assert kv.allocated_bytes <= (charged + kv.slack) * kv.bytes_per_token
+        assert kv.spare_tokens <= spare_room
+        spared += kv.spare_tokens > 0
+        assert kv.allocated_bytes <= (charged + kv.slack + spare_room) * kv.bytes_per_token
+    assert (spared > 50) == (spare_room > 0)
     for s in list(running):
         kv.remove(s)
     kv.shrink()

@@ -176,6 +176,31 @@ def test_the_prefix_cache_gets_what_the_running_sequences_leave() -> None:
     assert s.prefix.limit_bytes == (10_000 - s.tiers.slack) * per_token
 
 
+def test_spare_rows_get_what_the_prefix_cache_budget_leaves() -> None:
+    """Spare rows (``KVTiers.keep_spare``) come after the prefix cache's whole budget, so they never cost it a block;
+    with none left, none are kept."""
+    kv = tiers()
+    per_token = kv.bytes_per_token
+    cache = PrefixCache(per_token, 2_000 * per_token, "m")
+    s = Scheduler(kv, max_num_seqs=8, max_prefill_tokens=1000, budget_tokens=20_000, prefix=cache)
+    assert kv.spare_room == 20_000 - kv.slack - 2_000
+    a = seq("a", 300)
+    s.add(a)
+    s.schedule()
+    assert kv.spare_room == 20_000 - kv.slack - 2_000 - 512
+    s.finish(a)
+    assert kv.spare_room == 20_000 - kv.slack - 2_000
+    assert kv.tiers[1].rows > 0 and kv.spare_tokens > 0  # a's rows stayed for the next arrival
+    tight = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=1000, budget_tokens=kv.slack + 2_500,
+                      prefix=PrefixCache(per_token, 2_000 * per_token, "m"))
+    b = seq("b", 300)
+    tight.add(b)
+    tight.schedule()
+    assert tight.tiers.spare_room == 0
+    tight.finish(b)
+    assert tight.tiers.spare_tokens == 0 and tight.tiers.allocated_bytes == 0  # 2,500 - 2,000 < b's 512
+
+
 def test_an_answered_sequence_leaves_its_answer_to_the_prefix_cache_for_the_next_turn() -> None:
     """A chat's next turn resends the answer: the cache keeps the whole blocks of prompt and answer alike (every
     token but the last sampled one, whose keys were never computed); a request that ends otherwise keeps none."""
