@@ -33,6 +33,7 @@ _SOURCE = Path(__file__).with_suffix(".c")
 _FLAGS = ("-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fPIC",
           "-shared", "-fopenmp")
 _LONG, _INT = ctypes.c_long, ctypes.c_int
+_MOST_THREADS = 256  # the C file's MAX_THREADS
 
 
 class PrefillKernel:
@@ -82,7 +83,7 @@ class PrefillKernel:
                 and keys.stride() == values.stride() and out.shape == (length, heads, dim)
                 and keys.shape[1] >= offset + length and values.shape == keys.shape):
             raise ValueError("prefill kernel: unexpected tensor layout")
-        threads = torch.get_num_threads()
+        threads = min(torch.get_num_threads(), _MOST_THREADS)
         need = self._scratch_bytes(kv_heads, offset + length, dim, threads)
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.uint8)
