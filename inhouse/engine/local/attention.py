@@ -40,7 +40,7 @@ from inhouse.engine.local.prefill_kernel import PrefillKernel
 __all__ = ["ATTENTION_NAME", "BLOCKED_FROM", "QUERY_BLOCK", "BatchLayout", "DecodeGroup", "Placement", "register"]
 
 ATTENTION_NAME = "inhouse_slots"
-BLOCKED_FROM = 256  # a bf16 prefill of a sequence this long (cached prefix included) runs ``_in_blocks``
+BLOCKED_FROM = 256  # a bf16 prefill this long (cached prefix included) runs the kernel or ``_in_blocks``
 QUERY_BLOCK = 64  # queries per block there: the prefix cache's block, so a cached prefix ends on a block's edge
 
 
