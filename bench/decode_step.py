@@ -1,8 +1,8 @@
 """Decode-step benchmark: the local engine's ModelRunner against HF ``model.generate`` in one process.
 
 Owns one measurement of the model step itself, with no scheduler, sampler or HTTP: for each batch size it
-prefills B chat prompts (about 30-60 tokens each) into a SlotKVCache and runs greedy decode steps, timing the
-prefill and every step; in the same run, and alternating with it, HF ``model.generate`` on a separately
+prefills B chat prompts (about 30-60 tokens each) into the engine's KV tiers and runs greedy decode steps, timing
+the prefill and every step; in the same run, and alternating with it, HF ``model.generate`` on a separately
 loaded stock model (sdpa, the same batch left-padded, ``min_new_tokens = max_new_tokens``) is timed the same
 way as the "raw loop" reference.  Each timed run also records how many cores other processes used meanwhile,
 since a busy 2-core machine distorts everything.
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import machine, report  # noqa: E402
 from inhouse.config import TransformersSpec  # noqa: E402
 from inhouse.engine.local.attention import register  # noqa: E402
-from inhouse.engine.local.kv_cache import SlotKVCache  # noqa: E402
+from inhouse.engine.local.kv_tiers import KVTiers  # noqa: E402
 from inhouse.engine.local.loader import LoadedModel, load_model  # noqa: E402
 from inhouse.engine.local.runner import ModelRunner  # noqa: E402
 
@@ -91,10 +91,15 @@ QUESTIONS: tuple[str, ...] = (
 
 @dataclass(eq=False)
 class _Row:
-    """What ModelRunner reads of a sequence: its prompt, its outputs so far, its length, its last token."""
+    """What ModelRunner and KVTiers read of a sequence: its prompt, its outputs so far, its length, its last token,
+    its tier and slot; no cached prefix, no adapter."""
 
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
+    tier: int = -1
+    slot: int = -1
+    cached: int = 0
+    adapter: str | None = None
 
     @property
     def length(self) -> int:
@@ -137,10 +142,10 @@ class Models:
     pad_id: int
 
 
-def load(dtype: Literal["bfloat16", "float32"]) -> Models:
-    spec = TransformersSpec(name="bench", path=MODEL_PATH, dtype=dtype)
-    ours = load_model(spec, ROOT / ".cache", register())
-    stock = load_model(spec, ROOT / ".cache", "sdpa").model
+def load(dtype: Literal["bfloat16", "float32"], model: str = MODEL_PATH, cache_dir: Path = ROOT / ".cache") -> Models:
+    spec = TransformersSpec(name="bench", path=model, dtype=dtype)
+    ours = load_model(spec, cache_dir, register())
+    stock = load_model(spec, cache_dir, "sdpa").model
     return Models(ours, stock, int(ours.tokenizer.pad_token_id))
 
 
@@ -150,35 +155,42 @@ def prompts(tokenizer: Any, count: int) -> list[list[int]]:
             for c in chats]
 
 
-def new_runner(loaded: LoadedModel, slots: int) -> ModelRunner:
+def new_runner(loaded: LoadedModel) -> ModelRunner:
+    """The engine's runner over KV tiers as the engine builds them (no LoRA; the prompts here are too short for
+    the compiled prefill kernel)."""
     config = loaded.model.config
-    cache = SlotKVCache(
+    tiers: KVTiers[_Row] = KVTiers(
         num_layers=config.num_hidden_layers,
-        num_slots=slots,
         kv_heads=config.num_key_value_heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         max_length=loaded.context_length,
         dtype=loaded.dtype,
         device=loaded.device,
     )
-    return ModelRunner(loaded.model, cache, loaded.device)
+    return ModelRunner(loaded.model, tiers, loaded.device)
 
 
 # ---------------------------------------------------------------------------------------------- contenders
 
 
 def run_ours(runner: ModelRunner, batch: list[list[int]], steps: int) -> Timing:
-    """Greedy-decode ``steps`` tokens per row with the engine's runner (prefill gives the first token)."""
+    """Greedy-decode ``steps`` tokens per row with the engine's runner (prefill gives the first token); each step
+    sizes the tiers first, as the scheduler does, and is timed with that."""
     rows = [_Row(list(ids)) for ids in batch]
     start = time.perf_counter()
+    for row in rows:
+        runner.tiers.place(row, len(row.prompt_ids) + 1)
     logits = runner.prefill(rows, 0)
     _append_argmax(rows, logits)
     prefill = time.perf_counter() - start
     step_s = []
     for _ in range(steps - 1):
         start = time.perf_counter()
-        _append_argmax(rows, runner.decode(rows))
+        running = runner.tiers.prepare_decode()
+        _append_argmax(running, runner.decode(running))
         step_s.append(time.perf_counter() - start)
+    for row in rows:
+        runner.tiers.remove(row)
     return Timing(prefill, step_s, [r.output_ids for r in rows])
 
 
@@ -225,7 +237,7 @@ class SpeedRow:
 
 def measure_speed(models: Models, sizes: list[int], steps: int, repeats: int, quiet_s: float) -> list[SpeedRow]:
     """Alternate ours and generate per batch size and repeat, so both see the same machine noise."""
-    runner = new_runner(models.ours, max(sizes))
+    runner = new_runner(models.ours)
     contenders: dict[str, Callable[[list[list[int]], int], Timing]] = {
         "inhouse": lambda batch, n: run_ours(runner, batch, n),
         "generate": lambda batch, n: run_generate(models.stock, models.pad_id, batch, n),
@@ -242,7 +254,7 @@ def measure_speed(models: Models, sizes: list[int], steps: int, repeats: int, qu
                 before = machine.cpu_snapshot()
                 timing = run(batch, steps)
                 samples[name].append((timing, machine.others_cores(before, machine.cpu_snapshot()) or 0.0))
-            runner.cache.shrink()
+            runner.tiers.shrink()
         rows += [_summarize(name, size, runs) for name, runs in samples.items()]
     return rows
 
@@ -276,9 +288,9 @@ def check_exact(models: Models, size: int, tokens: int) -> list[CheckRow]:
     """
     batch = prompts(models.ours.tokenizer, size)
     alone = [run_generate(models.stock, models.pad_id, [ids], tokens, to_the_end=False).tokens[0] for ids in batch]
-    lone = new_runner(models.ours, 1)
+    lone = new_runner(models.ours)
     candidates = {
-        "inhouse": run_ours(new_runner(models.ours, size), batch, tokens).tokens,
+        "inhouse": run_ours(new_runner(models.ours), batch, tokens).tokens,
         "inhouse-alone": [run_ours(lone, [ids], tokens).tokens[0] for ids in batch],
         "generate-batched": run_generate(models.stock, models.pad_id, batch, tokens, to_the_end=False).tokens,
     }
@@ -322,6 +334,8 @@ def print_checks(rows: list[CheckRow]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=MODEL_PATH, help="the model's path (default: the embedded SmolLM2)")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache", help="inhouse cache (converted checkpoint)")
     parser.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
     parser.add_argument("--steps", type=int, default=128, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender and batch size")
@@ -339,13 +353,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
 
-    speed = measure_speed(load("bfloat16"), sizes, args.steps, args.repeats, args.wait_quiet)
+    models = load("bfloat16", args.model, args.cache_dir)
+    speed = measure_speed(models, sizes, args.steps, args.repeats, args.wait_quiet)
     print_speed(speed, args.smoke)
     checks: list[CheckRow] = []
     if not args.no_check:
         dtypes: tuple[Literal["bfloat16", "float32"], ...] = ("bfloat16", "float32")
         for dtype in dtypes:
-            checks += check_exact(load(dtype), max(sizes), args.check_tokens)
+            checks += check_exact(load(dtype, args.model, args.cache_dir), max(sizes), args.check_tokens)
         print_checks(checks)
 
     report.write(report.out_path("decode_step", args.out, args.smoke), {
