@@ -134,13 +134,15 @@ class SlotKVCache:
 
     @torch.inference_mode()
     def read(self, slot: int, start: int, length: int) -> torch.Tensor:
-        """A copy of positions ``start..start+length`` of ``slot``, ``[layers, 2, kv_heads, length, head_dim]``."""
-        out = torch.empty((self.num_layers, 2, self.kv_heads, length, self.head_dim),
-                          dtype=self.dtype, device=self.device)
-        for layer in range(self.num_layers):
-            out[layer, 0].copy_(self.keys[layer][slot, :, start : start + length])
-            out[layer, 1].copy_(self.values[layer][slot, :, start : start + length])
-        return out
+        """A copy of positions ``start..start+length`` of ``slot``, ``[layers, 2, kv_heads, length, head_dim]``.
+
+        One ``stack`` of every layer's keys and values: the prefix cache reads a prompt block by block, and with a
+        copy per layer and per block (60 for SmolLM2) a 3,000-token prompt's 47 blocks took 40-60 ms, against
+        11-17 ms this way (in isolation)."""
+        end = start + length
+        parts = [part for keys, values in zip(self.keys, self.values, strict=True)
+                 for part in (keys[slot, :, start:end], values[slot, :, start:end])]
+        return torch.stack(parts).view(self.num_layers, 2, self.kv_heads, length, self.head_dim)
 
     @torch.inference_mode()
     def load(self, held: torch.Tensor, slot: int, start: int) -> None:

@@ -2,7 +2,8 @@
 reference, the same bits for a token whatever prefix came before it and however many threads ran, and the
 engine's layout using it; and how it is built (a private folder, reused; a failed build turns it off).
 
-These tests need a CPU with AVX512-BF16 (this project's machines and CI have it) and run nowhere else."""
+The tests that run the kernel need a CPU with AVX512-BF16 (this project's machines and CI have it) and are skipped
+elsewhere; those of its build and of when it is used run on any x86-64 Linux machine with a C compiler."""
 
 from __future__ import annotations
 
@@ -19,12 +20,11 @@ from inhouse.engine.local.attention import BatchLayout, Placement, _prefill
 from inhouse.engine.local.kv_cache import SlotKVCache
 from inhouse.engine.local.prefill_kernel import PrefillKernel
 
-if not prefill_kernel._cpu_has("avx512_bf16"):
-    pytest.skip("the prefill kernel needs a CPU with AVX512-BF16", allow_module_level=True)
-
 
 @pytest.fixture(scope="module")
 def kernel() -> PrefillKernel:
+    if not prefill_kernel._cpu_has("avx512_bf16"):
+        pytest.skip("the prefill kernel runs only on a CPU with AVX512-BF16")
     built, why = PrefillKernel.load()
     assert built is not None, why
     return built
@@ -131,8 +131,7 @@ def test_a_strided_output_is_refused(kernel: PrefillKernel) -> None:
         kernel(q, k, v, 0, 0.125, out)
 
 
-def test_it_is_built_once_into_a_private_folder(kernel: PrefillKernel, monkeypatch: pytest.MonkeyPatch,
-                                                tmp_path: Path) -> None:
+def test_it_is_built_once_into_a_private_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(prefill_kernel.tempfile, "tempdir", str(tmp_path))
     compiler = "cc"
     first = prefill_kernel._build(compiler)
@@ -152,5 +151,13 @@ def test_a_folder_others_can_write_is_not_used(monkeypatch: pytest.MonkeyPatch, 
 
 def test_a_failed_build_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(prefill_kernel.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(prefill_kernel, "_cpu_has", lambda flag: True)
     built, why = PrefillKernel.load(compiler=str(tmp_path / "no-such-compiler"))
     assert built is None and "build failed" in why
+
+
+def test_a_cpu_without_avx512_bf16_gets_no_kernel_and_is_told_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prefill_kernel, "_cpu_has", lambda flag: False)
+    monkeypatch.setattr(prefill_kernel.platform, "machine", lambda: "x86_64")
+    built, why = PrefillKernel.load()
+    assert built is None and why == "the CPU has no AVX512-BF16"
