@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import machine, report  # noqa: E402
 from inhouse.config import TransformersSpec  # noqa: E402
 from inhouse.engine.local.attention import register  # noqa: E402
+from inhouse.engine.local.attention_kernel import AttentionKernel  # noqa: E402
 from inhouse.engine.local.kv_tiers import KVTiers  # noqa: E402
 from inhouse.engine.local.loader import LoadedModel, load_model  # noqa: E402
 from inhouse.engine.local.runner import ModelRunner  # noqa: E402
@@ -156,8 +157,8 @@ def prompts(tokenizer: Any, count: int) -> list[list[int]]:
 
 
 def new_runner(loaded: LoadedModel) -> ModelRunner:
-    """The engine's runner over KV tiers as the engine builds them (no LoRA; the prompts here are too short for
-    the compiled prefill kernel)."""
+    """The engine's runner over KV tiers as the engine builds them, with the compiled attention where it runs
+    (bf16 on a CPU with AVX512-BF16), as the engine does; no LoRA."""
     config = loaded.model.config
     tiers: KVTiers[_Row] = KVTiers(
         num_layers=config.num_hidden_layers,
@@ -167,7 +168,8 @@ def new_runner(loaded: LoadedModel) -> ModelRunner:
         dtype=loaded.dtype,
         device=loaded.device,
     )
-    return ModelRunner(loaded.model, tiers, loaded.device)
+    kernel = AttentionKernel.load()[0] if loaded.dtype == torch.bfloat16 and loaded.device.type == "cpu" else None
+    return ModelRunner(loaded.model, tiers, loaded.device, kernel=kernel)
 
 
 # ---------------------------------------------------------------------------------------------- contenders

@@ -143,9 +143,9 @@ class TransformersSpec(_Weights):
     max_loras: int = Field(default=8, ge=1, description="LoRA adapters (models with base: this) resident at once")
     prefix_cache_gib: float = Field(default=1.0, gt=0)  # memory the prefix cache may hold, least recently used out
     prefill_chunk_tokens: int = Field(default=512, ge=0)  # most prompt tokens beside decoding streams (0: whole)
-    # a bf16 model on CPU: long prompts' attention by a kernel compiled here (AVX512-BF16 and a C compiler needed;
-    # else, or false, PyTorch's, 2-2.5x slower; docs/engine.md)
-    prefill_kernel: bool = True
+    # a bf16 model on CPU: attention by kernels compiled here, for long prompts and for decode rows (AVX512-BF16 and
+    # a C compiler needed; else, or false, PyTorch's; docs/engine.md)
+    attention_kernel: bool = True
     # KV memory of this model in GiB, prefix cache included; requests wait while it is full (None: a third of the
     # memory free at start, at most what max_num_seqs full-context sequences need)
     kv_cache_gib: float | None = Field(default=None, gt=0)
@@ -176,7 +176,7 @@ class AutoSpec(VllmSpec):
     # the transformers engine's own options, used when auto falls back to it (docs/engine.md)
     prefix_cache_gib: float = Field(default=1.0, gt=0)  # transformers fallback: memory the prefix cache may hold
     prefill_chunk_tokens: int = Field(default=512, ge=0)  # transformers fallback: most prompt tokens beside decoding
-    prefill_kernel: bool = True  # transformers fallback: the compiled prefill attention where it can run
+    attention_kernel: bool = True  # transformers fallback: the compiled attention kernels where they can run
 
 
 class SentenceTransformersSpec(_OnDevice):

@@ -2,7 +2,7 @@
 # Makes sure PostgreSQL and Redis server binaries are installed (Debian packages), for the test suite,
 # which starts its own throwaway servers on loopback, and promtool (Debian's prometheus package), which
 # checks deploy/prometheus, and Chromium (Debian's chromium, with a CJK font for the Chinese UI) for the web
-# console's browser tests, and a C compiler (gcc), which builds the CPU prefill attention kernel the tests check.
+# console's browser tests, and a C compiler (gcc), which builds the CPU attention kernels the tests check.
 # Idempotent: installs nothing when all are there.
 set -euo pipefail
 

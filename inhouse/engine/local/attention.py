@@ -8,7 +8,7 @@ Qwen2/3, Phi-3, ...); sliding-window attention is not applied.
 
 Prefill runs causal SDPA over each sequence's own new tokens, and over the prefix already in its slot when
 the prefix cache supplied one (a prefill from an offset).  A bf16 sequence of ``BLOCKED_FROM`` tokens or more
-runs the compiled kernel instead where the layout carries one (``prefill_kernel.py``: CPUs with AVX512-BF16,
+runs the compiled kernel instead where the layout carries one (``attention_kernel.py``: CPUs with AVX512-BF16,
 2-2.5x faster than ``_in_blocks`` at 1,000-3,000 tokens), else in blocks of 64 queries (``_in_blocks``:
 transformers' eager arithmetic, 1.6-1.9x faster than SDPA's flash kernel on this CPU).  Both give a token the
 same result whether or not a cached prefix came before it.
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from transformers import AttentionInterface
 
+from inhouse.engine.local.attention_kernel import AttentionKernel
 from inhouse.engine.local.kv_cache import SlotKVCache
-from inhouse.engine.local.prefill_kernel import PrefillKernel
 
 __all__ = ["ATTENTION_NAME", "BLOCKED_FROM", "QUERY_BLOCK", "BatchLayout", "DecodeGroup", "Placement", "register"]
 
@@ -69,6 +69,7 @@ class DecodeGroup:
     cache_rows: torch.Tensor
     mask: torch.Tensor | None
     kv_length: int
+    lengths: torch.Tensor | None = None  # int32 [rows]: positions each row reads (the compiled decode's, on CPU)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +79,7 @@ class BatchLayout:
 
     placements: tuple[Placement, ...] = ()
     groups: tuple[DecodeGroup, ...] = ()
-    kernel: PrefillKernel | None = None  # the compiled prefill attention, where it runs (prefill_kernel.py)
+    kernel: AttentionKernel | None = None  # the compiled attention, where it runs (attention_kernel.py)
 
     @property
     def is_prefill(self) -> bool:
@@ -100,34 +101,39 @@ def slot_attention(
     layer: int = module.layer_idx  # type: ignore[assignment]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if not layout.is_prefill:
-        return _decode_rows(layout.groups, layer, query, key, value, scale), None
+        return _decode_rows(layout, layer, query, key, value, scale), None
     out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
     if layout.groups:  # a fused step: its first tokens are decode rows, one token each
         n = layout.groups[-1].end
         q, k, v = (t[0, :, :n].transpose(0, 1).unsqueeze(2) for t in (query, key, value))  # [n, heads, 1, dim]
-        out[0, :n] = _decode_rows(layout.groups, layer, q, k, v, scale)[:, 0]
+        out[0, :n] = _decode_rows(layout, layer, q, k, v, scale)[:, 0]
     _prefill(layout, layer, query, key, value, scale, out)
     return out, None
 
 
-def _decode_rows(groups: tuple[DecodeGroup, ...], layer: int, query: torch.Tensor, key: torch.Tensor,
+def _decode_rows(layout: BatchLayout, layer: int, query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, scale: float) -> torch.Tensor:
     """Decode rows ``[rows, heads, 1, head_dim]``, tier by tier → ``[rows, 1, heads, head_dim]``."""
+    groups = layout.groups
     if len(groups) == 1:
-        return _decode_group(groups[0], layer, query, key, value, scale)
+        return _decode_group(groups[0], layout.kernel, layer, query, key, value, scale)
     out = query.new_empty((query.shape[0], 1, query.shape[1], query.shape[3]))
     for group in groups:
         rows = slice(group.start, group.end)
-        out[rows] = _decode_group(group, layer, query[rows], key[rows], value[rows], scale)
+        out[rows] = _decode_group(group, layout.kernel, layer, query[rows], key[rows], value[rows], scale)
     return out
 
 
-def _decode_group(group: DecodeGroup, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  scale: float) -> torch.Tensor:
+def _decode_group(group: DecodeGroup, kernel: AttentionKernel | None, layer: int, query: torch.Tensor,
+                  key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     group.cache.write(layer, group.cache_rows, key.transpose(1, 2), value.transpose(1, 2))
     keys, values = group.cache.window(layer, query.shape[0])
     if group.mask is None:
         return _decode_alone(query, keys[:, :, : group.kv_length], values[:, :, : group.kv_length], scale)
+    if kernel is not None and group.lengths is not None and kernel.takes_decode(query, keys):
+        out = query.new_empty((query.shape[0], 1, query.shape[1], query.shape[3]))
+        kernel.decode(query, keys, values, group.lengths, scale, out)
+        return out
     return _decode(group.mask, query, keys, values, scale)
 
 
@@ -142,7 +148,7 @@ def _prefill(layout: BatchLayout, layer: int, query: torch.Tensor, key: torch.Te
         if query.dtype == torch.bfloat16 and p.offset + p.length >= BLOCKED_FROM:
             keys, values = p.cache.keys[layer][p.slot], p.cache.values[layer][p.slot]
             if layout.kernel is not None and layout.kernel.takes(query[0], keys):
-                layout.kernel(query[0, :, p.start : end], keys, values, p.offset, scale, out[0, p.start : end])
+                layout.kernel.prefill(query[0, :, p.start : end], keys, values, p.offset, scale, out[0, p.start : end])
                 continue
             part = _in_blocks(p, layer, query[:, :, p.start : end], scale)
         elif p.offset:

@@ -31,13 +31,13 @@ from inhouse.engine.base import (
 )
 from inhouse.engine.collector import OutputCollector
 from inhouse.engine.local.attention import register
+from inhouse.engine.local.attention_kernel import AttentionKernel
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
 from inhouse.engine.local.grammar import Constraint, Grammars, apply_constraints
 from inhouse.engine.local.kv_budget import kv_budget_tokens
 from inhouse.engine.local.kv_tiers import KVTiers
 from inhouse.engine.local.loader import LoadedModel, load_model
 from inhouse.engine.local.lora import LoraSet
-from inhouse.engine.local.prefill_kernel import PrefillKernel
 from inhouse.engine.local.prefix_cache import PrefixCache
 from inhouse.engine.local.runner import ModelRunner
 from inhouse.engine.local.sampler import Sampler
@@ -75,7 +75,7 @@ class LocalEngine:
         self._tiers: KVTiers[Sequence] | None = None  # the engine thread's, once loaded
         self._budget_tokens = 0  # KV memory of the model, in tokens (kv_budget.py)
         self._prefix: PrefixCache | None = None  # the engine thread's; stats() reads its counters
-        self._kernel: PrefillKernel | None = None  # the compiled prefill attention, when it runs here
+        self._kernel: AttentionKernel | None = None  # the compiled attention, when it runs here
         self._thread: threading.Thread | None = None
         self._closing = False
         self._loaded: LoadedModel | None = None
@@ -113,7 +113,7 @@ class LocalEngine:
             self._state = EngineState.FAILED
             raise
         self.lora = LoraSet(loaded.model, getattr(self.spec, "max_loras", 8), loaded.dtype, loaded.device)
-        self._kernel = await in_passing_thread(self._prefill_kernel, loaded)
+        self._kernel = await in_passing_thread(self._attention_kernel, loaded)
         self._grammars = await in_passing_thread(Grammars, loaded.tokenizer, vocab_size, loaded.stop_ids)
         self._prompts = PromptBuilder(loaded.tokenizer, vocab_size, loaded.context_length, self.spec.tool_parser,
                                       self.spec.reasoning_parser, can_constrain=self._grammars.available)
@@ -306,15 +306,15 @@ class LocalEngine:
         log.info("model %s: KV memory %.2f GiB (%d tokens)", self.spec.name,
                  self._budget_tokens * self._tiers.bytes_per_token / 2**30, self._budget_tokens)
 
-    def _prefill_kernel(self, loaded: LoadedModel) -> PrefillKernel | None:
-        """The compiled prefill attention for a bf16 model on CPU (None: off in the config, or it cannot run here)."""
-        wanted = getattr(self.spec, "prefill_kernel", True)
+    def _attention_kernel(self, loaded: LoadedModel) -> AttentionKernel | None:
+        """The compiled attention for a bf16 model on CPU (None: off in the config, or it cannot run here)."""
+        wanted = getattr(self.spec, "attention_kernel", True)
         if not wanted or loaded.device.type != "cpu" or loaded.dtype != torch.bfloat16:
             return None
-        kernel, why = PrefillKernel.load()
+        kernel, why = AttentionKernel.load()
         if kernel is None:
-            log.warning("model %s: the compiled prefill attention cannot run here (%s); long prompts use PyTorch's, "
-                        "2-2.5x slower", self.spec.name, why)
+            log.warning("model %s: the compiled attention cannot run here (%s); PyTorch's is used, 2-2.5x slower on "
+                        "long prompts and up to 4x on decode steps", self.spec.name, why)
         return kernel
 
     def _prefix_cache(self, tiers: KVTiers[Sequence]) -> PrefixCache | None:

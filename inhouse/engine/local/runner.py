@@ -18,11 +18,11 @@ from typing import Any, Protocol
 import torch
 
 from inhouse.engine.local.attention import BLOCKED_FROM, BatchLayout, DecodeGroup, Placement
+from inhouse.engine.local.attention_kernel import AttentionKernel
 from inhouse.engine.local.decoder import DirectForward
 from inhouse.engine.local.kv_tiers import KVTiers
 from inhouse.engine.local.linears import fast_linears
 from inhouse.engine.local.lora import AdapterWeights, LoraSet
-from inhouse.engine.local.prefill_kernel import PrefillKernel
 
 __all__ = ["ModelRunner", "RunnableSequence"]
 
@@ -54,12 +54,12 @@ class RunnableSequence(Protocol):
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, tiers: KVTiers[Any], device: torch.device,
-                 lora: LoraSet | None = None, kernel: PrefillKernel | None = None) -> None:
+                 lora: LoraSet | None = None, kernel: AttentionKernel | None = None) -> None:
         self.model = model
         self.tiers = tiers
         self.device = device
         self.lora = lora
-        self.kernel = kernel  # long bf16 prompts' attention, compiled (None: PyTorch's)
+        self.kernel = kernel  # bf16 attention, compiled, for long prompts and decode rows (None: PyTorch's)
         self.direct = DirectForward.for_model(model)  # None: the model's own forward
         if device.type == "cpu" and tiers.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             fast_linears(model)
@@ -123,6 +123,7 @@ class ModelRunner:
                 cache_rows=cache.rows_at(torch.arange(len(members)), positions).to(self.device),
                 mask=_decode_mask(positions, cache.capacity).to(self.device) if masked else None,
                 kv_length=kv_length,
+                lengths=(positions + 1).to(torch.int32) if masked and self.kernel is not None else None,
             ))
             start = end
         return tuple(groups)

@@ -78,7 +78,7 @@ def test_a_lone_long_sequence_decodes_the_batched_way_as_sdpa_would(length: int)
     group = DecodeGroup(kv, 0, 1, kv.rows_at(torch.tensor([0]), position), _decode_mask(position, kv.capacity),
                         length)
     new = (slice(None), slice(None), slice(length - 1, length))
-    got = _decode_group(group, 0, q[new], k[new].transpose(1, 2), v[new].transpose(1, 2), DIM**-0.5)
+    got = _decode_group(group, None, 0, q[new], k[new].transpose(1, 2), v[new].transpose(1, 2), DIM**-0.5)
     want = F.scaled_dot_product_attention(q[new], k, v, scale=DIM**-0.5, enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
 

@@ -1,7 +1,8 @@
-/* A long bf16 prompt's causal attention over its slot, on CPUs with AVX512-BF16 (prefill_kernel.py builds, loads
- * and calls this file).
+/* bf16 attention over the KV cache's slots on CPUs with AVX512-BF16 (attention_kernel.py builds, loads and calls
+ * this file): ``prefill_attention``, a long prompt's causal attention over its slot, and ``decode_attention``, a
+ * decode step's rows of one tier (further down).
  *
- * Query rows are taken six at a time: the ``group`` query heads that share a kv head, position after position.
+ * Prefill.  Query rows are taken six at a time: the ``group`` query heads that share a kv head, position after position.
  * For each six, the scores against every key up to the last row's position are one pass of ``vdpbf16ps`` (bf16
  * pairs multiplied and summed into float32), kept in float32; the softmax runs over exactly each row's visible keys
  * (its own position and before) in float32; the probabilities are rounded to bf16 and multiplied with the values by
@@ -223,6 +224,112 @@ int prefill_attention(const uint16_t *q, long q_head, long q_token, const uint16
 #pragma omp single
         j.threads = team; /* the team may be smaller than asked */
         attend(&j, index);
+    }
+    return 0;
+}
+
+/* ---- decode rows: one new query token per sequence, each over its own slot's first lengths[row] positions ----
+ *
+ * A decode step's rows of one tier, each (row, kv head) one item: the ``group`` query heads that share the kv
+ * head are scored against the row's keys 0..lengths[row]-1 only (not the tier's whole capacity, which PyTorch's
+ * batched matmuls must read), in float32 (bf16 widened exactly, fused multiply-adds), with q pre-scaled; a float32
+ * softmax; the values summed with float32 probabilities; one rounding to bf16 at the end.  Keys and values are
+ * read in place, once per item, for all of its query heads. */
+
+#define MAX_GROUP 16
+#define MAX_CHUNKS 16 /* head_dim / 16 */
+
+static inline __m512 widen(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+typedef struct {
+    const uint16_t *q, *k, *v;
+    uint16_t *out;
+    const int32_t *lengths;
+    long q_row, q_head, kv_row, kv_head, kv_token, out_row, out_head; /* strides, in elements */
+    int rows, heads, kv_heads, dim, stride; /* stride: floats of scratch per query head */
+    float scale;
+    float *scratch;                          /* per thread: group * stride floats */
+} DecodeJob;
+
+static void decode_item(const DecodeJob *j, int row, int h, float *scores) {
+    int group = j->heads / j->kv_heads, chunks = j->dim / 16, length = j->lengths[row];
+    const uint16_t *k = j->k + row * j->kv_row + h * j->kv_head, *v = j->v + row * j->kv_row + h * j->kv_head;
+    __m512 q[MAX_GROUP][MAX_CHUNKS], scale = _mm512_set1_ps(j->scale);
+    for (int g = 0; g < group; g++)
+        for (int c = 0; c < chunks; c++)
+            q[g][c] = _mm512_mul_ps(widen(j->q + row * j->q_row + (h * group + g) * j->q_head + 16 * c), scale);
+    float top[MAX_GROUP];
+    for (int g = 0; g < group; g++) top[g] = -INFINITY;
+    for (int t = 0; t < length; t++) {
+        const uint16_t *kt = k + t * j->kv_token;
+        __m512 key[MAX_CHUNKS];
+        for (int c = 0; c < chunks; c++) key[c] = widen(kt + 16 * c);
+        for (int g = 0; g < group; g++) {
+            __m512 acc = _mm512_mul_ps(q[g][0], key[0]);
+            for (int c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(q[g][c], key[c], acc);
+            float s = _mm512_reduce_add_ps(acc);
+            scores[g * j->stride + t] = s;
+            top[g] = s > top[g] ? s : top[g];
+        }
+    }
+    float inverse[MAX_GROUP];
+    for (int g = 0; g < group; g++) {
+        float *s = scores + g * j->stride;
+        __m512 top_g = _mm512_set1_ps(top[g]), sum = _mm512_setzero_ps();
+        for (int t = 0; t < length; t += 16) {
+            __mmask16 in = length - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (length - t)) - 1);
+            __m512 e = _mm512_maskz_mov_ps(in, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, s + t), top_g)));
+            sum = _mm512_add_ps(sum, e);
+            _mm512_mask_storeu_ps(s + t, in, e);
+        }
+        inverse[g] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    __m512 acc[MAX_GROUP][MAX_CHUNKS];
+    for (int g = 0; g < group; g++)
+        for (int c = 0; c < chunks; c++) acc[g][c] = _mm512_setzero_ps();
+    for (int t = 0; t < length; t++) {
+        const uint16_t *vt = v + t * j->kv_token;
+        __m512 value[MAX_CHUNKS];
+        for (int c = 0; c < chunks; c++) value[c] = widen(vt + 16 * c);
+        for (int g = 0; g < group; g++) {
+            __m512 p = _mm512_set1_ps(scores[g * j->stride + t]);
+            for (int c = 0; c < chunks; c++) acc[g][c] = _mm512_fmadd_ps(p, value[c], acc[g][c]);
+        }
+    }
+    for (int g = 0; g < group; g++) {
+        uint16_t *o = j->out + row * j->out_row + (h * group + g) * j->out_head;
+        __m512 inv = _mm512_set1_ps(inverse[g]);
+        for (int c = 0; c < chunks; c++)
+            _mm256_storeu_si256((__m256i *)(o + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], inv)));
+    }
+}
+
+long decode_scratch_bytes(int heads, int kv_heads, int capacity, int threads) {
+    return (long)threads * (heads / kv_heads) * ((capacity + 15) / 16 * 16) * 4 + 64;
+}
+
+/* 0, or -1 for arguments this kernel does not take (the caller checks them first) */
+int decode_attention(const uint16_t *q, long q_row, long q_head, const uint16_t *k, const uint16_t *v, long kv_row,
+                     long kv_head, long kv_token, uint16_t *out, long out_row, long out_head, const int32_t *lengths,
+                     int rows, int heads, int kv_heads, int dim, int capacity, float scale, int threads,
+                     char *scratch, long scratch_bytes) {
+    if (dim % 16 || dim / 16 > MAX_CHUNKS || kv_heads < 1 || heads % kv_heads || heads / kv_heads > MAX_GROUP ||
+        rows < 1 || threads < 1 || threads > MAX_THREADS ||
+        scratch_bytes < decode_scratch_bytes(heads, kv_heads, capacity, threads))
+        return -1;
+    for (int r = 0; r < rows; r++)
+        if (lengths[r] < 1 || lengths[r] > capacity) return -1;
+    int stride = (capacity + 15) / 16 * 16;
+    DecodeJob j = {q, k, v, out, lengths, q_row, q_head, kv_row, kv_head, kv_token, out_row, out_head, rows, heads,
+                   kv_heads, dim, stride, scale, (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63)};
+    long items = (long)rows * kv_heads;
+#pragma omp parallel num_threads(threads)
+    {
+        int index = omp_get_thread_num(), team = omp_get_num_threads();
+        float *mine = j.scratch + (long)index * (heads / kv_heads) * stride;
+        for (long item = index; item < items; item += team) decode_item(&j, (int)(item / kv_heads), (int)(item % kv_heads), mine);
     }
     return 0;
 }

@@ -1,13 +1,16 @@
-"""The compiled prefill attention kernel for CPUs with AVX512-BF16: building it, loading it, calling it.
+"""The compiled attention kernels for CPUs with AVX512-BF16: building them, loading them, calling them.
 
-Owns ``PrefillKernel``.  The C source beside this file (``prefill_kernel.c``, which says how it computes) is
-compiled with the machine's C compiler the first time a model loads, into a directory of this user's (mode 0700,
-under the system's temporary directory, named by the source's and the flags' hash), and loaded with ``ctypes``;
-later loads reuse the file.  Nothing is downloaded and no build step is needed at install time.
+Owns ``AttentionKernel``: ``prefill`` (a long prompt's causal attention over its slot) and ``decode`` (a decode
+step's rows of one tier, each over its own slot's positions).  The C source beside this file
+(``attention_kernel.c``, which says how each computes) is compiled with the machine's C compiler the first time a
+model loads, into a directory of this user's (mode 0700, under the system's temporary directory, named by the
+source's and the flags' hash), and loaded with ``ctypes``; later loads reuse the file.  Nothing is downloaded and
+no build step is needed at install time.
 
-``PrefillKernel.load`` returns None, with the reason, when the kernel cannot run here: not Linux on x86-64, a
-CPU without AVX512-BF16, no C compiler (``cc``), or a failed build.  The engine then runs its
-PyTorch attention (``attention._in_blocks``) instead, which computes the same thing 2-2.5x slower.
+``AttentionKernel.load`` returns None, with the reason, when the kernels cannot run here: not Linux on x86-64, a
+CPU without AVX512-BF16, no C compiler (``cc``), or a failed build.  The engine then runs its PyTorch attention
+(``attention._in_blocks`` for prompts, ``attention._decode`` for decode rows) instead, which computes the same
+thing more slowly.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PrefillKernel"]
+__all__ = ["AttentionKernel"]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,8 @@ _LONG, _INT = ctypes.c_long, ctypes.c_int
 _MOST_THREADS = 256  # the C file's MAX_THREADS
 
 
-class PrefillKernel:
-    """A causal bf16 attention of a prompt's new tokens over its slot's keys and values (see the C source)."""
+class AttentionKernel:
+    """bf16 attention over slots of the KV cache, for a prompt's new tokens or for decode rows (see the C source)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._run = library.prefill_attention
@@ -48,10 +51,18 @@ class PrefillKernel:
         self._scratch_bytes = library.prefill_scratch_bytes
         self._scratch_bytes.restype = _LONG
         self._scratch_bytes.argtypes = [_INT, _INT, _INT, _INT]
+        self._decode = library.decode_attention
+        self._decode.restype = _INT
+        self._decode.argtypes = [ctypes.c_void_p, _LONG, _LONG, ctypes.c_void_p, ctypes.c_void_p, _LONG, _LONG, _LONG,
+                                 ctypes.c_void_p, _LONG, _LONG, ctypes.c_void_p, _INT, _INT, _INT, _INT, _INT,
+                                 ctypes.c_float, _INT, ctypes.c_void_p, _LONG]
+        self._decode_scratch_bytes = library.decode_scratch_bytes
+        self._decode_scratch_bytes.restype = _LONG
+        self._decode_scratch_bytes.argtypes = [_INT, _INT, _INT, _INT]
         self._scratch = torch.empty(0, dtype=torch.uint8)
 
     @classmethod
-    def load(cls, compiler: str | None = None) -> tuple[PrefillKernel | None, str]:
+    def load(cls, compiler: str | None = None) -> tuple[AttentionKernel | None, str]:
         """The kernel, built if needed (by ``compiler``, default ``cc``), or None and why it cannot run here."""
         if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
             return None, f"not on {platform.system()} {platform.machine()}"
@@ -72,8 +83,17 @@ class PrefillKernel:
         return (query.dtype == keys.dtype == torch.bfloat16 and query.device.type == keys.device.type == "cpu"
                 and query.shape[-1] % 64 == 0 and query.shape[-1] <= 256 and query.shape[0] % keys.shape[0] == 0)
 
-    def __call__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: int, scale: float,
-                 out: torch.Tensor) -> None:
+    @staticmethod
+    def takes_decode(query: torch.Tensor, keys: torch.Tensor) -> bool:
+        """Whether ``decode`` computes these rows: as ``takes``, for ``[rows, heads, 1, head_dim]`` queries over
+        ``[rows, kv_heads, capacity, head_dim]`` keys, at most 16 query heads per kv head."""
+        heads, kv_heads = query.shape[1], keys.shape[1]
+        return (query.dtype == keys.dtype == torch.bfloat16 and query.device.type == keys.device.type == "cpu"
+                and query.shape[-1] % 64 == 0 and query.shape[-1] <= 256 and heads % kv_heads == 0
+                and heads // kv_heads <= 16)
+
+    def prefill(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: int, scale: float,
+                out: torch.Tensor) -> None:
         """``query`` ``[heads, length, head_dim]`` (positions ``offset..``) over ``keys`` and ``values``
         ``[kv_heads, ≥ offset + length, head_dim]`` into ``out`` ``[length, heads, head_dim]``; any strides with
         the head dimension contiguous."""
@@ -94,6 +114,29 @@ class PrefillKernel:
         if status != 0:
             raise ValueError("prefill kernel: arguments refused")
 
+    def decode(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float,
+               out: torch.Tensor) -> None:
+        """Decode rows: ``query`` ``[rows, heads, 1, head_dim]`` (row i: slot i's next token) over the first
+        ``lengths[i]`` positions of slot i of ``keys`` and ``values`` ``[≥ rows, kv_heads, capacity, head_dim]``
+        (a tier's tensors for one layer, the new tokens' keys and values already written), into ``out``
+        ``[rows, 1, heads, head_dim]``.  ``lengths``: int32 on CPU, each in ``1..capacity``."""
+        rows, heads, _, dim = query.shape
+        kv_heads, capacity = keys.shape[1], keys.shape[2]
+        if not (query.stride(3) == keys.stride(3) == out.stride(3) == 1 and keys.stride() == values.stride()
+                and keys.shape == values.shape and keys.shape[0] >= rows and out.shape == (rows, 1, heads, dim)
+                and lengths.dtype == torch.int32 and lengths.is_contiguous() and lengths.shape == (rows,)):
+            raise ValueError("decode kernel: unexpected tensor layout")
+        threads = min(torch.get_num_threads(), _MOST_THREADS)
+        need = self._decode_scratch_bytes(heads, kv_heads, capacity, threads)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.uint8)
+        status = self._decode(query.data_ptr(), query.stride(0), query.stride(1), keys.data_ptr(), values.data_ptr(),
+                              keys.stride(0), keys.stride(1), keys.stride(2), out.data_ptr(), out.stride(0),
+                              out.stride(2), lengths.data_ptr(), rows, heads, kv_heads, dim, capacity, scale, threads,
+                              self._scratch.data_ptr(), self._scratch.numel())
+        if status != 0:
+            raise ValueError("decode kernel: arguments refused")
+
 
 def _cpu_has(flag: str) -> bool:
     try:
@@ -108,14 +151,14 @@ def _build(compiler: str) -> Path:
     source = _SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
     folder = _own_folder(Path(tempfile.gettempdir()) / f"inhouse-kernels-{os.getuid()}")
-    built = folder / f"prefill-{digest}.so"
+    built = folder / f"attention-{digest}.so"
     if built.exists():
         return built
-    partial = folder / f".prefill-{digest}-{os.getpid()}.so"
+    partial = folder / f".attention-{digest}-{os.getpid()}.so"
     subprocess.run([compiler, *_FLAGS, "-o", str(partial), str(_SOURCE)], check=True, capture_output=True,
                    timeout=120)
     os.replace(partial, built)  # atomic: a concurrent build of the same source writes the same bytes
-    log.info("built the prefill attention kernel: %s", built)
+    log.info("built the attention kernels: %s", built)
     return built
 
 
