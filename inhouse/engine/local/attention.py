@@ -13,15 +13,16 @@ runs the compiled kernel instead where the layout carries one (``attention_kerne
 transformers' eager arithmetic, 1.6-1.9x faster than SDPA's flash kernel on this CPU).  Both give a token the
 same result whether or not a cached prefix came before it.
 
-Decode (one query per sequence) is, tier by tier, two
-batched matmuls against the tier's window with the query heads grouped per kv head, so grouped-query
-attention needs no repeated keys, and a float32 softmax in between (transformers' eager attention
-does the same): on CPU this is 5-10 times faster than SDPA, whose kernel is built for many queries
-per sequence.  A lone sequence shorter than ``BLOCKED_FROM`` still decodes with SDPA over exactly its own
-tokens: that short, it costs no more, and a single request's bf16 output stays bit for bit equal to
-``model.generate``'s.  From ``BLOCKED_FROM`` tokens on, a lone row takes the batched way too: SDPA's one-query
-decode reads keys at a seventh of the speed (0.84 against 0.11 ms a layer at 2,000 tokens), which made a lone
-long chat's every token twice as slow.  A fused step packs both in one row, the decode rows' tokens first.
+Decode (one query per sequence) runs, tier by tier, the compiled decode kernel where the layout carries one
+(each row over its own positions only; ``attention_kernel.py``, 10-11% off a step of 8-32 rows), else two batched
+matmuls against the tier's window with the query heads grouped per kv head, so grouped-query attention needs no
+repeated keys, and a float32 softmax in between (transformers' eager attention does the same): on CPU this is 5-10
+times faster than SDPA, whose kernel is built for many queries per sequence.  A lone sequence shorter than
+``BLOCKED_FROM`` still decodes with SDPA over exactly its own tokens: that short, it costs no more, and a single
+request's bf16 output stays bit for bit equal to ``model.generate``'s.  From ``BLOCKED_FROM`` tokens on, a lone
+row takes the batched way too: SDPA's one-query decode reads keys at a seventh of the speed (0.84 against 0.11 ms
+a layer at 2,000 tokens), which made a lone long chat's every token twice as slow.  A fused step packs both in one
+row, the decode rows' tokens first.
 """
 
 from __future__ import annotations
