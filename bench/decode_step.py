@@ -159,15 +159,7 @@ def prompts(tokenizer: Any, count: int) -> list[list[int]]:
 def new_runner(loaded: LoadedModel) -> ModelRunner:
     """The engine's runner over KV tiers as the engine builds them, with the compiled attention where it runs
     (bf16 on a CPU with AVX512-BF16), as the engine does; no LoRA."""
-    config = loaded.model.config
-    tiers: KVTiers[_Row] = KVTiers(
-        num_layers=config.num_hidden_layers,
-        kv_heads=config.num_key_value_heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        max_length=loaded.context_length,
-        dtype=loaded.dtype,
-        device=loaded.device,
-    )
+    tiers: KVTiers[_Row] = KVTiers.for_model(loaded)
     kernel = AttentionKernel.load()[0] if loaded.dtype == torch.bfloat16 and loaded.device.type == "cpu" else None
     return ModelRunner(loaded.model, tiers, loaded.device, kernel=kernel)
 

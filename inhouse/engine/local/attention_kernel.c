@@ -2,11 +2,11 @@
  * this file): ``prefill_attention``, a long prompt's causal attention over its slot, and ``decode_attention``, a
  * decode step's rows of one tier (further down).
  *
- * Prefill.  Query rows are taken six at a time: the ``group`` query heads that share a kv head, position after position.
- * For each six, the scores against every key up to the last row's position are one pass of ``vdpbf16ps`` (bf16
- * pairs multiplied and summed into float32), kept in float32; the softmax runs over exactly each row's visible keys
- * (its own position and before) in float32; the probabilities are rounded to bf16 and multiplied with the values by
- * ``vdpbf16ps`` again, and the sum scaled by the softmax's 1/sum once at the end.  The scores stay in a row's
+ * Prefill.  Query rows are taken six at a time: the ``group`` query heads that share a kv head, position after
+ * position.  For each six, the scores against every key up to the last row's position are one pass of
+ * ``vdpbf16ps`` (bf16 pairs multiplied and summed into float32), kept in float32; the softmax runs over exactly
+ * each row's visible keys (its own position and before) in float32; the probabilities are rounded to bf16 and
+ * multiplied with the values by ``vdpbf16ps`` again, and the sum scaled by the softmax's 1/sum once at the end.  The scores stay in a row's
  * scratch (its six rows × keys, in L2) instead of going to memory between three separate operations.
  *
  * Each row's result depends only on its position and the keys and values up to it: keys past a row's position
@@ -329,7 +329,8 @@ int decode_attention(const uint16_t *q, long q_row, long q_head, const uint16_t 
     {
         int index = omp_get_thread_num(), team = omp_get_num_threads();
         float *mine = j.scratch + (long)index * (heads / kv_heads) * stride;
-        for (long item = index; item < items; item += team) decode_item(&j, (int)(item / kv_heads), (int)(item % kv_heads), mine);
+        for (long item = index; item < items; item += team)
+            decode_item(&j, (int)(item / kv_heads), (int)(item % kv_heads), mine);
     }
     return 0;
 }

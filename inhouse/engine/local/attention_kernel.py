@@ -78,19 +78,16 @@ class AttentionKernel:
 
     @staticmethod
     def takes(query: torch.Tensor, keys: torch.Tensor) -> bool:
-        """Whether the kernel computes this attention (else the caller runs PyTorch's): bf16 on CPU, a head size
-        that is a multiple of 64 up to 256, whole query groups per kv head."""
-        return (query.dtype == keys.dtype == torch.bfloat16 and query.device.type == keys.device.type == "cpu"
-                and query.shape[-1] % 64 == 0 and query.shape[-1] <= 256 and query.shape[0] % keys.shape[0] == 0)
+        """Whether ``prefill`` computes this attention (else the caller runs PyTorch's): ``[heads, length,
+        head_dim]`` queries over ``[kv_heads, keys, head_dim]`` keys (see ``_computes``)."""
+        return _computes(query, keys, query.shape[0], keys.shape[0])
 
     @staticmethod
     def takes_decode(query: torch.Tensor, keys: torch.Tensor) -> bool:
-        """Whether ``decode`` computes these rows: as ``takes``, for ``[rows, heads, 1, head_dim]`` queries over
-        ``[rows, kv_heads, capacity, head_dim]`` keys, at most 16 query heads per kv head."""
-        heads, kv_heads = query.shape[1], keys.shape[1]
-        return (query.dtype == keys.dtype == torch.bfloat16 and query.device.type == keys.device.type == "cpu"
-                and query.shape[-1] % 64 == 0 and query.shape[-1] <= 256 and heads % kv_heads == 0
-                and heads // kv_heads <= 16)
+        """Whether ``decode`` computes these rows: ``[rows, heads, 1, head_dim]`` queries over ``[rows, kv_heads,
+        capacity, head_dim]`` keys (see ``_computes``), at most 16 query heads per kv head (the C file's
+        MAX_GROUP)."""
+        return _computes(query, keys, query.shape[1], keys.shape[1]) and query.shape[1] // keys.shape[1] <= 16
 
     def prefill(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: int, scale: float,
                 out: torch.Tensor) -> None:
@@ -136,6 +133,13 @@ class AttentionKernel:
                               self._scratch.data_ptr(), self._scratch.numel())
         if status != 0:
             raise ValueError("decode kernel: arguments refused")
+
+
+def _computes(query: torch.Tensor, keys: torch.Tensor, heads: int, kv_heads: int) -> bool:
+    """What both kernels take: bf16 on CPU, a head size that is a multiple of 64 up to 256, whole query groups per
+    kv head."""
+    return (query.dtype == keys.dtype == torch.bfloat16 and query.device.type == keys.device.type == "cpu"
+            and query.shape[-1] % 64 == 0 and query.shape[-1] <= 256 and heads % kv_heads == 0)
 
 
 def _cpu_has(flag: str) -> bool:

@@ -291,16 +291,7 @@ class LocalEngine:
 
     def _plan_memory(self, loaded: LoadedModel) -> None:
         """The KV tiers and the model's KV budget (ModelLoadError when it cannot hold one full context)."""
-        config = loaded.model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self._tiers = KVTiers(
-            num_layers=config.num_hidden_layers,
-            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            head_dim=head_dim,
-            max_length=loaded.context_length,
-            dtype=loaded.dtype,
-            device=loaded.device,
-        )
+        self._tiers = KVTiers.for_model(loaded)
         self._budget_tokens = kv_budget_tokens(self.spec.name, getattr(self.spec, "kv_cache_gib", None), self._tiers,
                                                self.spec.max_num_seqs, str(loaded.device))
         log.info("model %s: KV memory %.2f GiB (%d tokens)", self.spec.name,
@@ -313,8 +304,8 @@ class LocalEngine:
             return None
         kernel, why = AttentionKernel.load()
         if kernel is None:
-            log.warning("model %s: the compiled attention cannot run here (%s); PyTorch's is used, 2-2.5x slower on "
-                        "long prompts and up to 4x on decode steps", self.spec.name, why)
+            log.warning("model %s: the compiled attention cannot run here (%s); PyTorch's is used: long prompts' "
+                        "attention 2-2.5x slower, decode steps about 10%%", self.spec.name, why)
         return kernel
 
     def _prefix_cache(self, tiers: KVTiers[Sequence]) -> PrefixCache | None:

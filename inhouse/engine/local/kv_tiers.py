@@ -27,11 +27,14 @@ decode step runs each tier's first slots.
 
 from __future__ import annotations
 
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import torch
 
 from inhouse.engine.local.kv_cache import SlotKVCache
+
+if TYPE_CHECKING:
+    from inhouse.engine.local.loader import LoadedModel
 
 __all__ = ["KVTiers", "Placed"]
 
@@ -76,6 +79,19 @@ class KVTiers(Generic[P]):
         self.dtype, self.device = dtype, device
         self.slack = sum((t.row_group - 1) * t.bound for t in self.tiers)  # tokens the row groups may add
         self.spare_room = 0  # tokens the tiers may hold in spare rows (``keep_spare``)
+
+    @classmethod
+    def for_model(cls, loaded: LoadedModel) -> KVTiers[P]:
+        """The tiers for a loaded decoder: its layers, kv heads and head size, its context, dtype and device."""
+        config = loaded.model.config
+        return cls(
+            num_layers=config.num_hidden_layers,
+            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            max_length=loaded.context_length,
+            dtype=loaded.dtype,
+            device=loaded.device,
+        )
 
     @property
     def bytes_per_token(self) -> int:
