@@ -6,8 +6,9 @@
  * position.  For each six, the scores against every key up to the last row's position are one pass of
  * ``vdpbf16ps`` (bf16 pairs multiplied and summed into float32), kept in float32; the softmax runs over exactly
  * each row's visible keys (its own position and before) in float32; the probabilities are rounded to bf16 and
- * multiplied with the values by ``vdpbf16ps`` again, and the sum scaled by the softmax's 1/sum once at the end.  The scores stay in a row's
- * scratch (its six rows × keys, in L2) instead of going to memory between three separate operations.
+ * multiplied with the values by ``vdpbf16ps`` again, and the sum scaled by the softmax's 1/sum once at the end.
+ * The scores stay in a row's scratch (its six rows × keys, in L2) instead of going to memory between three
+ * separate operations.
  *
  * Each row's result depends only on its position and the keys and values up to it: keys past a row's position
  * contribute an exact 0 to its sums, and every sum runs over keys in the same order, so a token's output is the
