@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["AttentionKernel"]
+__all__ = ["AttentionKernel", "cpu_has"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class AttentionKernel:
         """The kernel, built if needed (by ``compiler``, default ``cc``), or None and why it cannot run here."""
         if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
             return None, f"not on {platform.system()} {platform.machine()}"
-        if not _cpu_has("avx512_bf16"):
+        if not cpu_has("avx512_bf16"):
             return None, "the CPU has no AVX512-BF16"
         compiler = compiler or shutil.which("cc") or shutil.which("gcc")
         if compiler is None:
@@ -142,7 +142,8 @@ def _computes(query: torch.Tensor, keys: torch.Tensor, heads: int, kv_heads: int
             and query.shape[-1] % 64 == 0 and query.shape[-1] <= 256 and heads % kv_heads == 0)
 
 
-def _cpu_has(flag: str) -> bool:
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists ``flag`` (False where there is none to read)."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:

@@ -30,7 +30,7 @@ from inhouse.engine.base import (
     SamplingParams,
 )
 from inhouse.engine.collector import OutputCollector
-from inhouse.engine.local.attention import register
+from inhouse.engine.local.attention import prefers_flash, register
 from inhouse.engine.local.attention_kernel import AttentionKernel
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
 from inhouse.engine.local.grammar import Constraint, Grammars, apply_constraints
@@ -76,6 +76,7 @@ class LocalEngine:
         self._budget_tokens = 0  # KV memory of the model, in tokens (kv_budget.py)
         self._prefix: PrefixCache | None = None  # the engine thread's; stats() reads its counters
         self._kernel: AttentionKernel | None = None  # the compiled attention, when it runs here
+        self._flash = False  # long prompts' attention by PyTorch's flash attention (a CPU with AMX: attention.py)
         self._thread: threading.Thread | None = None
         self._closing = False
         self._loaded: LoadedModel | None = None
@@ -113,6 +114,10 @@ class LocalEngine:
             self._state = EngineState.FAILED
             raise
         self.lora = LoraSet(loaded.model, getattr(self.spec, "max_loras", 8), loaded.dtype, loaded.device)
+        self._flash = prefers_flash(loaded.device, loaded.dtype)
+        if self._flash:
+            log.info("model %s: long prompts' attention by PyTorch's flash attention (the CPU has AMX)",
+                     self.spec.name)
         self._kernel = await in_passing_thread(self._attention_kernel, loaded)
         self._grammars = await in_passing_thread(Grammars, loaded.tokenizer, vocab_size, loaded.stop_ids)
         self._prompts = PromptBuilder(loaded.tokenizer, vocab_size, loaded.context_length, self.spec.tool_parser,
@@ -266,7 +271,7 @@ class LocalEngine:
     def _loop(self, loaded: LoadedModel) -> None:
         tiers, budget = self._tiers, self._budget_tokens
         assert tiers is not None
-        runner = ModelRunner(loaded.model, tiers, loaded.device, self.lora, self._kernel)
+        runner = ModelRunner(loaded.model, tiers, loaded.device, self.lora, self._kernel, self._flash)
         tokenizer = loaded.tokenizer
         sampler = Sampler(lambda t: tokenizer.decode([t]), loaded.stop_ids)
         self._prefix = self._prefix_cache(tiers)
@@ -304,8 +309,9 @@ class LocalEngine:
             return None
         kernel, why = AttentionKernel.load()
         if kernel is None:
-            log.warning("model %s: the compiled attention cannot run here (%s); PyTorch's is used: long prompts' "
-                        "attention 2-2.5x slower, decode steps about 10%%", self.spec.name, why)
+            slower = "decode steps ~10%" if self._flash else "long prompts' attention 2-2.5x and decode steps ~10%"
+            log.warning("model %s: the compiled attention cannot run here (%s); PyTorch's is used (%s slower)",
+                        self.spec.name, why, slower)
         return kernel
 
     def _prefix_cache(self, tiers: KVTiers[Sequence]) -> PrefixCache | None:

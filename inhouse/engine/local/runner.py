@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from inhouse.engine.local.attention import BLOCKED_FROM, BatchLayout, DecodeGroup, Placement
+from inhouse.engine.local.attention import BLOCKED_FROM, BatchLayout, DecodeGroup, Placement, flash_masks
 from inhouse.engine.local.attention_kernel import AttentionKernel
 from inhouse.engine.local.decoder import DirectForward
 from inhouse.engine.local.kv_tiers import KVTiers
@@ -54,12 +54,13 @@ class RunnableSequence(Protocol):
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, tiers: KVTiers[Any], device: torch.device,
-                 lora: LoraSet | None = None, kernel: AttentionKernel | None = None) -> None:
+                 lora: LoraSet | None = None, kernel: AttentionKernel | None = None, flash: bool = False) -> None:
         self.model = model
         self.tiers = tiers
         self.device = device
         self.lora = lora
         self.kernel = kernel  # bf16 attention, compiled, for long prompts and decode rows (None: PyTorch's)
+        self.flash = flash and tiers.dtype == torch.bfloat16  # long prompts by flash attention (``prefers_flash``)
         self.direct = DirectForward.for_model(model)  # None: the model's own forward
         if device.type == "cpu" and tiers.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             fast_linears(model)
@@ -96,8 +97,8 @@ class ModelRunner:
                                *[torch.arange(s.cached, end) for s, end in zip(prefill, ends, strict=True)]])
         starts = [n, *(n + c for c in itertools.accumulate(lengths))]
         layout = BatchLayout(
-            placements=tuple(Placement(self.tiers.tiers[s.tier], s.slot, start, length, s.cached)
-                             for s, start, length in zip(prefill, starts[:-1], lengths, strict=True)),
+            placements=tuple(self._placement(s, start, length) for s, start, length in zip(prefill, starts[:-1],
+                                                                                          lengths, strict=True)),
             groups=self._groups(decode, write_at),
             kernel=self.kernel,
         )
@@ -106,6 +107,14 @@ class ModelRunner:
                 return self._forward(torch.tensor(ids).view(-1, 1), positions.view(-1, 1), layout, 1)[:, -1]
             keep = torch.tensor([*range(n), *(e - 1 for e in starts[1:])], device=self.device)
             return self._forward(torch.tensor(ids).view(1, -1), positions.view(1, -1), layout, keep)[0]
+
+    def _placement(self, seq: RunnableSequence, start: int, length: int) -> Placement:
+        """Where a prompt's ``length`` new tokens go, with the flash way's masks when it takes them."""
+        cache = self.tiers.tiers[seq.tier]
+        masks: tuple[torch.Tensor, ...] = ()
+        if self.flash and seq.cached + length >= BLOCKED_FROM:
+            masks = flash_masks(seq.cached, length, cache.capacity, self.tiers.dtype, self.device)
+        return Placement(cache, seq.slot, start, length, seq.cached, masks)
 
     def _groups(self, decode: Seq[RunnableSequence], write_at: list[int]) -> tuple[DecodeGroup, ...]:
         """The decode rows' tiers: each a run of rows in slots 0.. of one tier."""

@@ -26,7 +26,7 @@ from inhouse.engine.local.kv_cache import SlotKVCache
 
 @pytest.fixture(scope="module")
 def kernel() -> AttentionKernel:
-    if not attention_kernel._cpu_has("avx512_bf16"):
+    if not attention_kernel.cpu_has("avx512_bf16"):
         pytest.skip("the prefill kernel runs only on a CPU with AVX512-BF16")
     built, why = AttentionKernel.load()
     assert built is not None, why
@@ -154,13 +154,13 @@ def test_a_folder_others_can_write_is_not_used(monkeypatch: pytest.MonkeyPatch, 
 
 def test_a_failed_build_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(attention_kernel.tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(attention_kernel, "_cpu_has", lambda flag: True)
+    monkeypatch.setattr(attention_kernel, "cpu_has", lambda flag: True)
     built, why = AttentionKernel.load(compiler=str(tmp_path / "no-such-compiler"))
     assert built is None and "build failed" in why
 
 
 def test_a_cpu_without_avx512_bf16_gets_no_kernel_and_is_told_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention_kernel, "_cpu_has", lambda flag: False)
+    monkeypatch.setattr(attention_kernel, "cpu_has", lambda flag: False)
     monkeypatch.setattr(attention_kernel.platform, "machine", lambda: "x86_64")
     built, why = AttentionKernel.load()
     assert built is None and why == "the CPU has no AVX512-BF16"

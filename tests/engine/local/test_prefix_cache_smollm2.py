@@ -1,6 +1,14 @@
 """The prefix cache on the real SmolLM2-135M-Instruct (bf16, the embedded default): the same greedy answers with
 the cache as without it, for a knowledge-assistant context asked several questions, one after the other and all
-at once, for an adapter over the same context, and under a budget that forces evictions."""
+at once, for an adapter over the same context, and under a budget that forces evictions.
+
+"The same" is token for token, except after a near-tie.  On a CPU with AMX, oneDNN's bf16 matmuls give a row
+bits that depend on how many rows the call has (it picks its algorithm by the shape: 9-32 rows or 783-1,486 rows
+round a 1,536 × 576 projection otherwise than 2,000 do), so a prompt whose first blocks came from the cache, its
+new tokens a shorter matmul, may round a logit otherwise.  Without AMX those matmuls give each row the same bits
+whatever the call, and the answers are equal.  So two answers must agree token for token up to the first one that
+differs, and there the answer without the cache must have had its two best tokens within ``TIE`` of each other,
+the other answer taking the second: a wrong cached block makes an answer leave a clear choice, and fails."""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from inhouse.config import TransformersSpec
-from inhouse.engine.base import GenerateRequest, Generation, SamplingParams
+from inhouse.engine.base import GenerateRequest, Generation, SamplingParams, TokenLogprob
 from inhouse.engine.checkpoint import resolve_checkpoint
 from inhouse.engine.local.engine import LocalEngine
 from inhouse.engine.local.prefix_cache import BLOCK
@@ -20,6 +28,7 @@ from tests.tiny_lora import AdapterRecipe, build_adapter
 pytestmark = pytest.mark.slow
 
 TOKENS = 16
+TIE = 0.5  # nats between the best two tokens: bf16 logits of SmolLM2's size are 0.125 apart at the least
 ADAPTER = AdapterRecipe("smol-qv", 8, 16, ("q_proj", "v_proj"), 11)
 CONTEXT = ("You are the support assistant of Acme Logistics. Answer only from the context.\n\nContext:\n" + " ".join(
     f"Passage {i}: parcels from warehouse {i % 7} leave at {6 + i % 9}:00 and delays are reported within "
@@ -61,35 +70,57 @@ async def uncached(checkpoint: Path, cache_dir: Path, adapter: Path) -> AsyncIte
     await engine.close()
 
 
+Answer = list[TokenLogprob]  # a greedy answer's tokens, each with its two best candidates
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=True, top_logprobs=2)
+
+
 def request(i: int, question: str, adapter: str | None) -> GenerateRequest:
     messages = ({"role": "system", "content": CONTEXT}, {"role": "user", "content": question})
-    return GenerateRequest(f"q{i}", SamplingParams(max_tokens=TOKENS, temperature=0.0), messages=messages,
-                           adapter=adapter)
+    return GenerateRequest(f"q{i}", greedy(TOKENS), messages=messages, adapter=adapter)
 
 
-async def answer(generation: Generation) -> str:
-    return "".join([delta.text async for delta in generation])
+async def answer(generation: Generation) -> Answer:
+    return [logprob async for delta in generation for logprob in delta.logprobs or ()]
 
 
 async def answers(engine: LocalEngine, questions: tuple[str, ...], adapter: str | None = None,
-                  together: bool = False) -> list[str]:
+                  together: bool = False) -> list[Answer]:
     if together:
         generations = await engine.submit([request(i, q, adapter) for i, q in enumerate(questions)])
         return list(await asyncio.gather(*(answer(g) for g in generations)))
     return [await answer((await engine.submit([request(i, q, adapter)]))[0]) for i, q in enumerate(questions)]
 
 
+def same(got: list[Answer], want: list[Answer]) -> bool:
+    """Each answer of ``got`` is its ``want``'s, token for token until a near-tie of ``want``'s (module doc)."""
+    assert len(got) == len(want)
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine, "an empty answer: nothing to compare"
+        for a, b in zip(mine, theirs, strict=False):
+            if a.token == b.token:
+                continue
+            assert len(b.top) == 2 and a.token == b.top[1][0], (a, b)  # it took the reference's second choice
+            assert b.top[0][1] - b.top[1][1] < TIE, (a, b)  # ... which was nearly as good
+            break
+        else:
+            assert len(mine) == len(theirs), "one answer stopped where the other went on"
+    return True
+
+
 async def test_questions_over_one_context_answer_the_same_and_hit(cached: LocalEngine,
                                                                   uncached: LocalEngine) -> None:
     hits = cached.stats().prefix_cache_hit_tokens
     got = await answers(cached, QUESTIONS + QUESTIONS[:1])  # the first question again at the end
-    assert got == await answers(uncached, QUESTIONS + QUESTIONS[:1])
-    assert got[0] == got[-1]
+    assert same(got, await answers(uncached, QUESTIONS + QUESTIONS[:1]))
+    assert same(got[-1:], got[:1])
     assert cached.stats().prefix_cache_hit_tokens - hits >= len(QUESTIONS) * 4 * BLOCK  # the context: 5+ blocks
 
 
 async def test_questions_at_once_answer_the_same(cached: LocalEngine, uncached: LocalEngine) -> None:
-    assert await answers(cached, QUESTIONS, together=True) == await answers(uncached, QUESTIONS, together=True)
+    assert same(await answers(cached, QUESTIONS, together=True), await answers(uncached, QUESTIONS, together=True))
 
 
 async def test_an_adapter_over_the_base_context_answers_as_without_the_cache(cached: LocalEngine,
@@ -98,7 +129,7 @@ async def test_an_adapter_over_the_base_context_answers_as_without_the_cache(cac
     hits = cached.stats().prefix_cache_hit_tokens
     got = await answers(cached, QUESTIONS[:1], ADAPTER.name)
     assert cached.stats().prefix_cache_hit_tokens == hits
-    assert got == await answers(uncached, QUESTIONS[:1], ADAPTER.name)
+    assert same(got, await answers(uncached, QUESTIONS[:1], ADAPTER.name))
 
 
 async def test_evictions_keep_the_answers(checkpoint: Path, cache_dir: Path, adapter: Path,
@@ -107,7 +138,7 @@ async def test_evictions_keep_the_answers(checkpoint: Path, cache_dir: Path, ada
     try:
         got = await answers(engine, QUESTIONS) + await answers(engine, QUESTIONS, ADAPTER.name)
         assert engine.stats().prefix_cache_evictions > 0
-        assert got == await answers(uncached, QUESTIONS) + await answers(uncached, QUESTIONS, ADAPTER.name)
+        assert same(got, await answers(uncached, QUESTIONS) + await answers(uncached, QUESTIONS, ADAPTER.name))
     finally:
         await engine.close()
 
@@ -116,19 +147,18 @@ async def test_chunks_with_the_cache_answer_the_same(checkpoint: Path, cache_dir
                                                     uncached: LocalEngine) -> None:
     engine = await start(checkpoint, cache_dir, adapter, prefill_chunk_tokens=BLOCK)  # the context: 5+ chunks
     try:
-        assert await answers(engine, QUESTIONS) == await answers(uncached, QUESTIONS)
+        assert same(await answers(engine, QUESTIONS), await answers(uncached, QUESTIONS))
     finally:
         await engine.close()
 
 
-async def turn(engine: LocalEngine, messages: list[dict[str, str]]) -> tuple[str, int, int]:
+async def turn(engine: LocalEngine, messages: list[dict[str, str]]) -> tuple[Answer, int, int]:
     """One chat turn: its answer, its prompt's length and how much of the prompt the cache supplied."""
-    [generation] = await engine.submit([GenerateRequest(
-        "turn", SamplingParams(max_tokens=192, temperature=0.0), messages=tuple(messages))])
+    [generation] = await engine.submit([GenerateRequest("turn", greedy(192), messages=tuple(messages))])
     deltas = [delta async for delta in generation]
     usage = deltas[-1].usage
     assert usage is not None and usage.cached_tokens is not None
-    return "".join(d.text for d in deltas), usage.prompt_tokens, usage.cached_tokens
+    return [lp for d in deltas for lp in d.logprobs or ()], usage.prompt_tokens, usage.cached_tokens
 
 
 async def test_a_chats_next_turn_reuses_the_previous_answer(cached: LocalEngine, uncached: LocalEngine) -> None:
@@ -136,9 +166,10 @@ async def test_a_chats_next_turn_reuses_the_previous_answer(cached: LocalEngine,
     new question, and answers as without the cache."""
     messages = [{"role": "user", "content": "Tell me a long story about a robot who delivers parcels in a city."}]
     first, first_prompt, _ = await turn(cached, messages)
-    assert len(first) > 400, "a short first answer: the test would prove little"
-    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "What happens next?"}]
+    text = "".join(t.token for t in first)
+    assert len(text) > 400, "a short first answer: the test would prove little"
+    messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "What happens next?"}]
     second, prompt, hit = await turn(cached, messages)
     assert hit > first_prompt // BLOCK * BLOCK + BLOCK, (first_prompt, prompt, hit)  # into the answer
     assert prompt - hit < 2 * BLOCK  # the new question and the unaligned tail
-    assert second == (await turn(uncached, messages))[0]
+    assert same([second], [(await turn(uncached, messages))[0]])
