@@ -30,6 +30,7 @@ from inhouse.engine.base import (
     SamplingParams,
 )
 from inhouse.engine.collector import OutputCollector
+from inhouse.engine.local.allocator import keep_freed_memory, release_freed_memory
 from inhouse.engine.local.attention import prefers_flash, register
 from inhouse.engine.local.attention_kernel import AttentionKernel
 from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -101,6 +102,7 @@ class LocalEngine:
         return self._thread is None or self._closing or self._thread.is_alive()
 
     async def start(self) -> None:
+        keep_freed_memory()  # for the engine's steps (allocator.py); given back while it is idle
         try:
             loaded = await in_passing_thread(load_model, self.spec, self._cache_dir, register())
         except BaseException:
@@ -377,10 +379,14 @@ class LocalEngine:
         return _due(step, scheduler, seqs, kept, torch.cat(rows) if rows else torch.empty(0))
 
     def _take_inbox(self, scheduler: Scheduler) -> bool:
-        """Move new requests and aborts into the scheduler; sleep while idle.  False when closing."""
+        """Move new requests and aborts into the scheduler; sleep while idle (after ``_IDLE_WAIT_SECONDS`` of it,
+        the memory the work left free goes back to the system).  False when closing."""
+        released = False
         with self._lock:
             while not (self._inbox or self._aborted or self._closing or scheduler.has_work()):
-                self._wakeup.wait(_IDLE_WAIT_SECONDS)
+                if not self._wakeup.wait(_IDLE_WAIT_SECONDS) and not released:
+                    release_freed_memory()
+                    released = True
             if self._closing:
                 return False
             inbox, self._inbox = self._inbox, []
