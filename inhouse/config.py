@@ -143,8 +143,8 @@ class TransformersSpec(_Weights):
     max_loras: int = Field(default=8, ge=1, description="LoRA adapters (models with base: this) resident at once")
     prefix_cache_gib: float = Field(default=1.0, gt=0)  # memory the prefix cache may hold, least recently used out
     prefill_chunk_tokens: int = Field(default=512, ge=0)  # most prompt tokens beside decoding streams (0: whole)
-    # a bf16 model on CPU: attention by kernels compiled here, for long prompts and for decode rows (AVX512-BF16 and
-    # a C compiler needed; else, or false, PyTorch's; docs/engine.md)
+    # a bf16 model on CPU: attention by kernels compiled here, for decode rows and (no AMX) long prompts (AVX512-BF16
+    # and a C compiler needed; else, or false, PyTorch's; with AMX, long prompts by PyTorch's flash; docs/engine.md)
     attention_kernel: bool = True
     # KV memory of this model in GiB, prefix cache included; requests wait while it is full (None: a third of the
     # memory free at start, at most what max_num_seqs full-context sequences need)
