@@ -64,10 +64,12 @@ class SlotKVCache:
 
     # ---- size ------------------------------------------------------------------------------
 
-    def reserve(self, rows: int, length: int) -> None:
-        """Hold at least ``rows`` slots of ``length`` tokens, keeping what is stored."""
+    def reserve(self, rows: int, length: int, empty: bool = False) -> None:
+        """Hold at least ``rows`` slots of ``length`` tokens, keeping what is stored (``empty``: nothing stored is
+        worth keeping, no slot holds a sequence yet: nothing is copied, which for a lone long prompt arriving in a
+        tier sized for a shorter one was a copy of its spare row, 20-50 MB)."""
         if rows > self.rows or length > self.capacity:
-            self._resize(max(self.rows, self.rows_for(rows)), max(self.capacity, self._capacity_for(length)))
+            self._resize(max(self.rows, self.rows_for(rows)), max(self.capacity, self._capacity_for(length)), empty)
 
     def fit(self, rows: int, length: int) -> None:
         """Reserve ``rows`` × ``length``, and give back what is not needed (rows, capacity, or all when 0 rows).
@@ -99,8 +101,8 @@ class SlotKVCache:
         return min(ahead, max(self.bound, length))
 
     @torch.inference_mode()
-    def _resize(self, rows: int, capacity: int) -> None:
-        keep_rows, keep = min(self.rows, rows), min(self.capacity, capacity)
+    def _resize(self, rows: int, capacity: int, empty: bool = False) -> None:
+        keep_rows, keep = (0 if empty else min(self.rows, rows)), min(self.capacity, capacity)
         self.keys = self._moved(self.keys, rows, capacity, keep_rows, keep)
         self.values = self._moved(self.values, rows, capacity, keep_rows, keep)
         self.rows, self.capacity = rows, capacity

@@ -141,7 +141,7 @@ class KVTiers(Generic[P]):
         k = self.tier_for(length)
         self._append(seq, k)
         tier = self.tiers[k]
-        tier.reserve(len(self.members[k]), length)
+        tier.reserve(len(self.members[k]), length, empty=len(self.members[k]) == 1)  # seq alone: nothing to keep
         return tier
 
     def remove(self, seq: P) -> None:

@@ -210,3 +210,26 @@ def walk(spare_room: int) -> None:
         kv.remove(s)
     kv.shrink()
     assert kv.allocated_bytes == 0
+
+
+def test_a_lone_arrival_that_grows_a_tier_copies_none_of_what_left_it() -> None:
+    """The spare row a finished sequence left holds nothing worth keeping: a longer prompt arriving alone gets the
+    grown tier zeroed, with no copy of the old row (for a long prompt, 20-50 MB a time); beside another sequence,
+    that one's keys are copied as before."""
+    kv = tiers()
+    kv.keep_spare(10_000)
+    gone = Seq(1000.0, list(range(1030)))  # the 2,048 tier
+    kv.place(gone, gone.length + 1)
+    write(kv, gone, gone.length)
+    kv.remove(gone)
+    tier = kv.tiers[gone_tier := kv.tier_for(1031)]
+    assert tier.rows == 1 and tier.capacity < 1500  # its row kept as the spare
+    alone = Seq(2000.0, list(range(1500)))
+    kv.place(alone, alone.length + 1)
+    assert alone.tier == gone_tier and tier.capacity >= 1501
+    assert all(not t.any() for t in tier.keys + tier.values)  # zeros: the spare's old keys were not copied
+    write(kv, alone, alone.length)
+    beside = Seq(3000.0, list(range(1900)))
+    kv.place(beside, beside.length + 1)
+    assert beside.tier == gone_tier
+    assert_holds(kv, alone)  # a sequence's keys survive a growth beside it
