@@ -59,14 +59,16 @@ def test_with_nothing_decoding_a_long_prompt_is_prefilled_whole() -> None:
     assert s.chunking is None
 
 
-def paced(streams: int, chunk_tokens: int = 256) -> tuple[Scheduler, Pace, list[Sequence]]:
-    """A scheduler whose ``streams`` short sequences decode, its pace fed by ``feed``."""
+def paced(streams: int, chunk_tokens: int = 256, wait: float = 0.0) -> tuple[Scheduler, Pace, list[Sequence]]:
+    """A scheduler whose ``streams`` short sequences decode, its pace fed by ``feed``; one or two streams wait
+    ``wait`` seconds for a chunk (0: less than any chunk takes, so a chunk is ``chunk_tokens``)."""
     s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=chunk_tokens)
     running = [seq(f"a{i}", 4) for i in range(streams)]
     for a in running:
         s.add(a)
     run(s)
     assert s.pace is not None
+    s.pace.wait = wait
     feed(s.pace, decode_rows=streams)
     return s, s.pace, running
 
@@ -97,6 +99,15 @@ def test_one_or_two_streams_wait_for_a_whole_chunk(streams: int) -> None:
     step = run(s)
     assert step.decode == running and step.chunk == 512 > 3 * pace.budget(3)
     assert run(s).chunk == 512 and b.cached == 1024
+
+
+def test_one_stream_on_a_fast_machine_waits_as_long_for_a_bigger_chunk() -> None:
+    """Where the pace says more than ``chunk_tokens`` fit the few streams' wait, the chunk is what fits."""
+    s, pace, running = paced(1, chunk_tokens=256, wait=0.4)
+    b = seq("b", 2000)
+    s.add(b)
+    step = run(s)
+    assert step.decode == running and 256 < step.chunk <= pace.budget(1) <= 2 * 256
 
 
 def test_short_prompts_beside_a_chunk_take_their_share_of_its_budget() -> None:

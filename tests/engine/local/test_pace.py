@@ -71,12 +71,26 @@ def test_one_or_two_streams_wait_a_whole_chunk(streams: int) -> None:
     """A RAG app's few users: a chunk of ``most`` tokens, whatever it costs them and however far in (six decode
     steps' time would have allowed a fraction of it), less what prompts already in the step take."""
     pace = fed(most=512)
+    pace.wait = 0.1  # 512 tokens take longer than that here
     assert pace.budget(streams, 3000) == pace.budget(streams) == 512
     assert excess(512, 3000) > 6 * DECODE  # more than the shared stall would have let them wait
     assert pace.budget(streams, 3000, tokens=100, pairs=pairs(100, 0)) == 412
     assert pace.budget(streams, 0, tokens=500, pairs=pairs(500, 0)) == 0  # no room for the least: the chunk waits
     assert Pace(512).budget(streams) == 512  # no step timed yet: the same
     assert pace.budget(3) < 512
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_on_a_fast_machine_few_streams_wait_as_long_for_a_bigger_chunk(streams: int) -> None:
+    """Where more than ``most`` tokens fit ``wait`` seconds of a step, the chunk is what fits (up to twice ``most``);
+    far into a prompt, where fewer fit, still ``most``."""
+    pace = fed(most=512)  # wait: 0.4 s
+    pace.most = 400  # what fits the wait (~660) stays under twice it
+    n = pace.budget(streams)
+    assert n > 512 and DECODE + excess(n, 0) == pytest.approx(0.4, abs=0.005)  # the wait, filled
+    assert pace.budget(streams, 3000) == 400
+    assert pace.budget(streams, 0, tokens=100, pairs=pairs(100, 0)) < n
+    assert fed(most=128).budget(streams) == 2 * 128
 
 
 def test_prompt_tokens_already_in_the_step_leave_less_and_the_budget_keeps_its_bounds() -> None:
