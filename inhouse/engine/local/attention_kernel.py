@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["AttentionKernel", "cpu_has"]
+from inhouse.engine.cpu import cpu_has
+
+__all__ = ["AttentionKernel"]
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +142,6 @@ def _computes(query: torch.Tensor, keys: torch.Tensor, heads: int, kv_heads: int
     kv head."""
     return (query.dtype == keys.dtype == torch.bfloat16 and query.device.type == keys.device.type == "cpu"
             and query.shape[-1] % 64 == 0 and query.shape[-1] <= 256 and heads % kv_heads == 0)
-
-
-def cpu_has(flag: str) -> bool:
-    """Whether /proc/cpuinfo lists ``flag`` (False where there is none to read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    return any(line.startswith("flags") and flag in line.split() for line in text.splitlines())
 
 
 def _build(compiler: str) -> Path:
