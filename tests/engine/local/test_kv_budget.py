@@ -15,6 +15,7 @@ from inhouse.engine.base import GenerateRequest, ModelLoadError, SamplingParams
 from inhouse.engine.local.engine import LocalEngine
 from inhouse.engine.local.kv_budget import kv_budget_tokens
 from inhouse.engine.local.kv_tiers import KVTiers
+from tests.gateway.test_registry import until
 
 GIB = 2**30
 
@@ -86,16 +87,9 @@ async def test_requests_wait_for_memory_and_all_finish_whole(tiny_model_dir: Pat
         watcher.cancel()
         assert counts == [60] * 6  # nobody cut short
         assert most_running == 2  # slots for 8, memory for 2
-        for _ in range(500):  # the engine thread publishes its counters after the step that finished them
-            if engine.stats().running == 0:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: engine.stats().running == 0)  # published after the step that finished them
         assert engine.stats().kv_cache_usage == 0.0
-        for _ in range(500):  # the tiers are given back after two seconds idle
-            if engine.stats().kv_cache_bytes == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert engine.stats().kv_cache_bytes == 0
+        await until(lambda: engine.stats().kv_cache_bytes == 0)  # the tiers go back after two seconds idle
     finally:
         await engine.close()
 
@@ -112,15 +106,8 @@ async def test_the_tiers_outlive_a_request_and_go_back_once_the_engine_is_idle(t
         [generation] = await engine.submit([GenerateRequest("a", SamplingParams(max_tokens=8, temperature=0.0),
                                                             prompt="hello " * 40)])
         assert sum([d.token_count async for d in generation]) == 8
-        for _ in range(100):
-            if engine.stats().running == 0:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: engine.stats().running == 0, within=1.0)
         assert engine.stats().kv_cache_bytes > 0  # finished, and its tier kept
-        for _ in range(500):
-            if engine.stats().kv_cache_bytes == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert engine.stats().kv_cache_bytes == 0
+        await until(lambda: engine.stats().kv_cache_bytes == 0)
     finally:
         await engine.close()
