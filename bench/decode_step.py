@@ -45,6 +45,7 @@ from inhouse.config import TransformersSpec  # noqa: E402
 from inhouse.engine.local.attention import register  # noqa: E402
 from inhouse.engine.local.attention_kernel import AttentionKernel  # noqa: E402
 from inhouse.engine.local.kv_tiers import KVTiers  # noqa: E402
+from inhouse.engine.local.linear_kernel import LinearKernel  # noqa: E402
 from inhouse.engine.local.loader import LoadedModel, load_model  # noqa: E402
 from inhouse.engine.local.runner import ModelRunner  # noqa: E402
 
@@ -156,12 +157,14 @@ def prompts(tokenizer: Any, count: int) -> list[list[int]]:
             for c in chats]
 
 
-def new_runner(loaded: LoadedModel) -> ModelRunner:
+def new_runner(loaded: LoadedModel, linear: bool = True) -> ModelRunner:
     """The engine's runner over KV tiers as the engine builds them, with the compiled attention where it runs
-    (bf16 on a CPU with AVX512-BF16), as the engine does; no LoRA."""
+    (bf16 on a CPU with AVX512-BF16) and, unless ``linear`` is False, the compiled linear layers where they run (no
+    AMX too), as the engine does; no LoRA."""
     tiers: KVTiers[_Row] = KVTiers.for_model(loaded)
     kernel = AttentionKernel.load()[0] if loaded.dtype == torch.bfloat16 and loaded.device.type == "cpu" else None
-    return ModelRunner(loaded.model, tiers, loaded.device, kernel=kernel)
+    linear_kernel = LinearKernel.load()[0] if linear and loaded.dtype == torch.bfloat16 else None
+    return ModelRunner(loaded.model, tiers, loaded.device, kernel=kernel, linear_kernel=linear_kernel)
 
 
 # ---------------------------------------------------------------------------------------------- contenders

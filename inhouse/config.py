@@ -146,6 +146,9 @@ class TransformersSpec(_Weights):
     # a bf16 model on CPU: attention by kernels compiled here, for decode rows and (no AMX) long prompts (AVX512-BF16
     # and a C compiler needed; else, or false, PyTorch's; with AMX, long prompts by PyTorch's flash; docs/engine.md)
     attention_kernel: bool = True
+    # a bf16 model on a CPU with AVX512-BF16 and no AMX: linear layers by a kernel compiled here, decode steps'
+    # linears faster than oneDNN's (false, or another CPU: oneDNN's; docs/engine.md)
+    linear_kernel: bool = True
     # KV memory of this model in GiB, prefix cache included; requests wait while it is full (None: a third of the
     # memory free at start, at most what max_num_seqs full-context sequences need)
     kv_cache_gib: float | None = Field(default=None, gt=0)
@@ -177,6 +180,7 @@ class AutoSpec(VllmSpec):
     prefix_cache_gib: float = Field(default=1.0, gt=0)  # transformers fallback: memory the prefix cache may hold
     prefill_chunk_tokens: int = Field(default=512, ge=0)  # transformers fallback: most prompt tokens beside decoding
     attention_kernel: bool = True  # transformers fallback: the compiled attention kernels where they can run
+    linear_kernel: bool = True  # transformers fallback: the compiled linear layers where they run
 
 
 class SentenceTransformersSpec(_OnDevice):

@@ -2,10 +2,8 @@
 
 Owns ``AttentionKernel``: ``prefill`` (a long prompt's causal attention over its slot) and ``decode`` (a decode
 step's rows of one tier, each over its own slot's positions).  The C source beside this file
-(``attention_kernel.c``, which says how each computes) is compiled with the machine's C compiler the first time a
-model loads, into a directory of this user's (mode 0700, under the system's temporary directory, named by the
-source's and the flags' hash), and loaded with ``ctypes``; later loads reuse the file.  Nothing is downloaded and
-no build step is needed at install time.
+(``attention_kernel.c``, which says how each computes) is compiled on this machine the first time a model loads
+(``compiled.py``) and loaded with ``ctypes``.
 
 ``AttentionKernel.load`` returns None, with the reason, when the kernels cannot run here: not Linux on x86-64, a
 CPU without AVX512-BF16, no C compiler (``cc``), or a failed build.  The engine then runs its PyTorch attention
@@ -16,27 +14,19 @@ thing more slowly.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
 import platform
 import shutil
-import stat
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from inhouse.engine.cpu import cpu_has
+from inhouse.engine.local.compiled import build
 
 __all__ = ["AttentionKernel"]
 
-log = logging.getLogger(__name__)
-
 _SOURCE = Path(__file__).with_suffix(".c")
-_FLAGS = ("-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fPIC",
-          "-shared", "-fopenmp")
 _LONG, _INT = ctypes.c_long, ctypes.c_int
 _MOST_THREADS = 256  # the C file's MAX_THREADS
 
@@ -74,7 +64,7 @@ class AttentionKernel:
         if compiler is None:
             return None, "no C compiler (cc) to build it"
         try:
-            return cls(ctypes.CDLL(str(_build(compiler)))), "built"
+            return cls(ctypes.CDLL(str(build(_SOURCE, "attention", compiler)))), "built"
         except (OSError, subprocess.SubprocessError) as exc:
             return None, f"its build failed ({type(exc).__name__})"
 
@@ -142,32 +132,3 @@ def _computes(query: torch.Tensor, keys: torch.Tensor, heads: int, kv_heads: int
     kv head."""
     return (query.dtype == keys.dtype == torch.bfloat16 and query.device.type == keys.device.type == "cpu"
             and query.shape[-1] % 64 == 0 and query.shape[-1] <= 256 and heads % kv_heads == 0)
-
-
-def _build(compiler: str) -> Path:
-    """The shared library for this source and these flags, compiled once per user and machine."""
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
-    folder = _own_folder(Path(tempfile.gettempdir()) / f"inhouse-kernels-{os.getuid()}")
-    built = folder / f"attention-{digest}.so"
-    if built.exists():
-        return built
-    partial = folder / f".attention-{digest}-{os.getpid()}.so"
-    subprocess.run([compiler, *_FLAGS, "-o", str(partial), str(_SOURCE)], check=True, capture_output=True,
-                   timeout=120)
-    os.replace(partial, built)  # atomic: a concurrent build of the same source writes the same bytes
-    log.info("built the attention kernels: %s", built)
-    return built
-
-
-def _own_folder(folder: Path) -> Path:
-    """``folder``, made if missing, when it is this user's alone; otherwise a fresh private one (a shared temporary
-    directory must not let another user plant the library this process loads)."""
-    try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        info = folder.lstat()
-        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077:
-            return folder
-    except OSError:
-        pass
-    return Path(tempfile.mkdtemp(prefix="inhouse-kernels-"))

@@ -37,6 +37,7 @@ from inhouse.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
 from inhouse.engine.local.grammar import Constraint, Grammars, apply_constraints
 from inhouse.engine.local.kv_budget import kv_budget_tokens
 from inhouse.engine.local.kv_tiers import KVTiers
+from inhouse.engine.local.linear_kernel import LinearKernel
 from inhouse.engine.local.loader import LoadedModel, load_model
 from inhouse.engine.local.lora import LoraSet
 from inhouse.engine.local.prefix_cache import PrefixCache
@@ -78,6 +79,7 @@ class LocalEngine:
         self._budget_tokens = 0  # KV memory of the model, in tokens (kv_budget.py)
         self._prefix: PrefixCache | None = None  # the engine thread's; stats() reads its counters
         self._kernel: AttentionKernel | None = None  # the compiled attention, when it runs here
+        self._linear_kernel: LinearKernel | None = None  # the compiled linear layers, when they run here
         self._flash = False  # long prompts' attention by PyTorch's flash attention (a CPU with AMX: attention.py)
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -122,6 +124,7 @@ class LocalEngine:
             log.info("model %s: long prompts' attention by PyTorch's flash attention (the CPU has AMX)",
                      self.spec.name)
         self._kernel = await in_passing_thread(self._attention_kernel, loaded)
+        self._linear_kernel = await in_passing_thread(self._linear_layers, loaded)
         self._grammars = await in_passing_thread(Grammars, loaded.tokenizer, vocab_size, loaded.stop_ids)
         self._prompts = PromptBuilder(loaded.tokenizer, vocab_size, loaded.context_length, self.spec.tool_parser,
                                       self.spec.reasoning_parser, can_constrain=self._grammars.available)
@@ -274,7 +277,8 @@ class LocalEngine:
     def _loop(self, loaded: LoadedModel) -> None:
         tiers, budget = self._tiers, self._budget_tokens
         assert tiers is not None
-        runner = ModelRunner(loaded.model, tiers, loaded.device, self.lora, self._kernel, self._flash)
+        runner = ModelRunner(loaded.model, tiers, loaded.device, self.lora, self._kernel, self._flash,
+                             self._linear_kernel)
         tokenizer = loaded.tokenizer
         sampler = Sampler(lambda t: tokenizer.decode([t]), loaded.stop_ids)
         self._prefix = self._prefix_cache(tiers)
@@ -314,6 +318,18 @@ class LocalEngine:
             slower = "decode steps ~10%" if self._flash else "long prompts' attention 2-2.5x and decode steps ~10%"
             log.warning("model %s: the compiled attention cannot run here (%s); PyTorch's is used (%s slower)",
                         self.spec.name, why, slower)
+        return kernel
+
+    def _linear_layers(self, loaded: LoadedModel) -> LinearKernel | None:
+        """The compiled linear layers for a bf16 model on CPU (None: off in the config, or not for this CPU)."""
+        wanted = getattr(self.spec, "linear_kernel", True)
+        if not wanted or loaded.device.type != "cpu" or loaded.dtype != torch.bfloat16:
+            return None
+        kernel, why = LinearKernel.load()
+        if kernel is None:
+            log.info("model %s: linear layers by oneDNN (the compiled ones do not run here: %s)", self.spec.name, why)
+        else:
+            log.info("model %s: linear layers by the compiled kernel (AVX512-BF16, no AMX)", self.spec.name)
         return kernel
 
     def _prefix_cache(self, tiers: KVTiers[Sequence]) -> PrefixCache | None:

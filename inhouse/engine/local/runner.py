@@ -21,6 +21,7 @@ from inhouse.engine.local.attention import BLOCKED_FROM, BatchLayout, DecodeGrou
 from inhouse.engine.local.attention_kernel import AttentionKernel
 from inhouse.engine.local.decoder import DirectForward
 from inhouse.engine.local.kv_tiers import KVTiers
+from inhouse.engine.local.linear_kernel import LinearKernel
 from inhouse.engine.local.linears import fast_linears
 from inhouse.engine.local.lora import AdapterWeights, LoraSet
 
@@ -54,7 +55,8 @@ class RunnableSequence(Protocol):
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, tiers: KVTiers[Any], device: torch.device,
-                 lora: LoraSet | None = None, kernel: AttentionKernel | None = None, flash: bool = False) -> None:
+                 lora: LoraSet | None = None, kernel: AttentionKernel | None = None, flash: bool = False,
+                 linear_kernel: LinearKernel | None = None) -> None:
         self.model = model
         self.tiers = tiers
         self.device = device
@@ -63,7 +65,7 @@ class ModelRunner:
         self.flash = flash and tiers.dtype == torch.bfloat16  # long prompts by flash attention (``prefers_flash``)
         self.direct = DirectForward.for_model(model)  # None: the model's own forward
         if device.type == "cpu" and tiers.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            fast_linears(model)
+            fast_linears(model, linear_kernel)  # the compiled linear layers where they run, else oneDNN's
 
     def prefill(self, seqs: Seq[RunnableSequence], chunk: int = 0) -> torch.Tensor:
         """A step of prompts alone (see ``run``)."""

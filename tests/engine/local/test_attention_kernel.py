@@ -1,16 +1,14 @@
 """The compiled attention (``attention_kernel.py`` and its C source) on random bf16 tensors.  Prefill: against a
 float32 reference, the same bits for a token whatever prefix came before it and however many threads ran, and the
 engine's layout using it.  Decode rows: against a float64 reference over each row's own positions, none past them
-read, the same bits for a row whatever rows share its step, and the engine's layout using it.  How it is built: a
-private folder, reused; a failed build turns it off.
+read, the same bits for a row whatever rows share its step, and the engine's layout using it.  A failed build turns it
+off (how it is built: test_compiled.py).
 
 The tests that run the kernel need a CPU with AVX512-BF16 (this project's machines and CI have it) and are skipped
 elsewhere; those of its build and of when it is used run on any x86-64 Linux machine with a C compiler."""
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from inhouse.engine.local import attention_kernel
+from inhouse.engine.local import attention_kernel, compiled
 from inhouse.engine.local.attention import BatchLayout, DecodeGroup, Placement, _prefill, slot_attention
 from inhouse.engine.local.attention_kernel import AttentionKernel
 from inhouse.engine.local.kv_cache import SlotKVCache
@@ -134,26 +132,8 @@ def test_a_strided_output_is_refused(kernel: AttentionKernel) -> None:
         kernel.prefill(q, k, v, 0, 0.125, out)
 
 
-def test_it_is_built_once_into_a_private_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(attention_kernel.tempfile, "tempdir", str(tmp_path))
-    compiler = "cc"
-    first = attention_kernel._build(compiler)
-    assert first.parent == tmp_path / f"inhouse-kernels-{os.getuid()}"
-    assert stat.S_IMODE(first.parent.stat().st_mode) == 0o700
-    built_at = first.stat().st_mtime_ns
-    assert attention_kernel._build(compiler) == first and first.stat().st_mtime_ns == built_at  # reused
-
-
-def test_a_folder_others_can_write_is_not_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    shared = tmp_path / f"inhouse-kernels-{os.getuid()}"
-    shared.mkdir(mode=0o777)
-    shared.chmod(0o777)
-    chosen = attention_kernel._own_folder(shared)
-    assert chosen != shared and stat.S_IMODE(chosen.stat().st_mode) == 0o700
-
-
 def test_a_failed_build_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(attention_kernel.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(compiled.tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(attention_kernel, "cpu_has", lambda flag: True)
     built, why = AttentionKernel.load(compiler=str(tmp_path / "no-such-compiler"))
     assert built is None and "build failed" in why

@@ -2,7 +2,8 @@
 equal PEFT's own ``PeftModel.generate`` for each adapter alone (bf16), and with two adapters and the base batched
 (float32: in bf16 a batched row is rounded differently from a lone ``generate`` whatever its adapter, base rows
 too, and near-ties in SmolLM2's bf16 logits then flip; the engine promises bit-equality in bf16 for a lone
-sequence only, see inhouse/engine/local/attention.py)."""
+sequence only, see inhouse/engine/local/attention.py).  The engine here multiplies with oneDNN (``linear_kernel:
+false``), as PEFT's ``generate`` does: the compiled linear kernel's bits are its own (test_linears.py)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def adapters(checkpoint: Path, cache_dir: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 async def engine(checkpoint: Path, cache_dir: Path, adapters: dict[str, Path]) -> AsyncIterator[LocalEngine]:
-    spec = TransformersSpec(name="smol", path=str(checkpoint), dtype="bfloat16", max_num_seqs=4)
+    spec = TransformersSpec(name="smol", path=str(checkpoint), dtype="bfloat16", max_num_seqs=4, linear_kernel=False)
     engine = LocalEngine(spec, cache_dir)
     await engine.start()
     for name, path in adapters.items():
