@@ -79,9 +79,9 @@ def test_it_takes_only_what_its_layout_holds(kernel: LinearKernel) -> None:
     assert not LinearKernel.takes(torch.empty(64, 128))  # float32
     with pytest.raises(ValueError, match="does not take"):
         kernel.pack(torch.empty(300, 128, dtype=torch.bfloat16))
+    packed = kernel.pack(torch.empty(64, 128, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="input"):
-        kernel.forward(torch.empty(2, 64, dtype=torch.bfloat16), kernel.pack(torch.empty(64, 128, dtype=torch.bfloat16)),
-                       None)
+        kernel.forward(torch.empty(2, 64, dtype=torch.bfloat16), packed, None)
 
 
 def test_a_cpu_with_amx_keeps_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
