@@ -1,17 +1,23 @@
 """The compiled linear layer (``linear_kernel.py`` and its C source) on random bf16 tensors: each output is the
 exact product rounded once to bf16 (within a bf16 step), with or without a bias, for 1 to hundreds of rows and
 strided inputs; a row's bits do not depend on the rows beside it nor on the threads; it takes only the shapes its
-layout holds, and stays off on a CPU with AMX.
+layout holds, and stays off on a CPU with AMX; the engine runs a bf16 model's linear layers by it unless its config
+says ``linear_kernel: false``.
 
 The tests that run the kernel need a CPU with AVX512-BF16 and no AMX, and are skipped elsewhere (this session's
 machine and CI have one; an AMX machine runs oneDNN, as ``test_linears.py`` checks there)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from inhouse.config import TransformersSpec
+from inhouse.engine.base import GenerateRequest, SamplingParams
 from inhouse.engine.local import linear_kernel
+from inhouse.engine.local.engine import LocalEngine
 from inhouse.engine.local.linear_kernel import LinearKernel
 
 
@@ -96,3 +102,22 @@ def test_a_cpu_without_avx512_bf16_gets_no_kernel(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(linear_kernel.platform, "machine", lambda: "x86_64")
     built, why = LinearKernel.load()
     assert built is None and why == "the CPU has no AVX512-BF16"
+
+
+@pytest.mark.parametrize("wanted", [True, False])
+async def test_the_engine_multiplies_by_it_unless_its_config_says_not_to(kernel: LinearKernel, tiny_model_dir: Path,
+                                                                         cache_dir: Path, wanted: bool) -> None:
+    spec = TransformersSpec(name="tiny", path=str(tiny_model_dir), dtype="bfloat16", linear_kernel=wanted)
+    engine = LocalEngine(spec, cache_dir)
+    await engine.start()
+    try:
+        sampling = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        [generation] = await engine.submit([GenerateRequest("k", sampling, prompt=(1, 2, 3, 4, 5))])
+        deltas = [delta async for delta in generation]
+        assert deltas[-1].usage is not None and deltas[-1].usage.completion_tokens == 4
+        assert engine._loaded is not None
+        mlp = engine._loaded.model.model.layers[0].mlp  # rewritten by the engine's runner (linears.py)
+        assert (mlp.down_proj.matmul.kernel is not None) is wanted
+        assert (mlp.gate_proj.group.matmul.kernel is not None) is wanted
+    finally:
+        await engine.close()
