@@ -4,9 +4,10 @@ Owns ``LinearKernel``: ``pack`` lays a bf16 weight out once for it, ``forward`` 
 layout (the C source beside this file, ``linear_kernel.c``, says how).  On such a CPU a decode step's linear
 layers are mostly the time it takes to read their weights, and oneDNN's brgemm read them 1.2-1.6x slower for the
 1-16 rows of a decode step (SmolLM2's shapes, this project's 2-core machines); at a prompt's hundreds or thousands
-of rows both run at the same rate, within 10%.  So where it runs it computes every row count, and the model keeps
-one copy of each weight (``linears.py``).  Each output is one float32 sum in order, rounded once: a row's bits do
-not depend on the rows beside it (oneDNN's do not either on such a CPU, but they are not these bits).
+of rows both run at the same rate, within a few percent.  So where it runs it computes every row count, and the
+model keeps one copy of each weight (``linears.py``).  Each output is one float32 sum in order, rounded once: a
+row's bits do not depend on the rows beside it (oneDNN's do not either on such a CPU, but they are not these
+bits).
 
 ``LinearKernel.load`` returns None, with the reason, when it should not or cannot run: not Linux on x86-64, a CPU
 without AVX512-BF16, one with AMX (oneDNN's AMX matmuls are 8-10x faster there at a prompt's rows), no C compiler,

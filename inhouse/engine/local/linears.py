@@ -21,8 +21,9 @@ in place between two siblings' calls would go unseen; the decoders this targets 
 
 Where the compiled linear kernel runs (``linear_kernel.py``: a CPU with AVX512-BF16 and no AMX), both hold its
 layout of the weight instead of oneDNN's and call it for every row count (oneDNN took 1.2-1.6x as long at a
-decode step's rows, the same within 10% at a prompt's).  Its bits are its own (one float32 sum in order per output),
-so a model rewritten with it gives logits close to the model's own, not equal; rows still never affect each other.
+decode step's rows, the same within a few percent at a prompt's).  Its bits are its own (one float32 sum in order
+per output), so a model rewritten with it gives logits close to the model's own, not equal; rows still never
+affect each other.
 """
 
 from __future__ import annotations

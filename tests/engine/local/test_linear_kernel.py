@@ -43,13 +43,15 @@ def _within_a_bf16_step(got: torch.Tensor, exact: torch.Tensor) -> None:
     assert bool(((got.double() - exact).abs() <= step).all()), float((got.double() - exact).abs().max())
 
 
-@pytest.mark.parametrize("rows", [1, 5, 8, 9, 17, 300])
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 17, 53, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_each_output_is_the_exact_product_rounded_to_bf16(kernel: LinearKernel, rows: int, with_bias: bool) -> None:
-    x, w, bias = _case(rows, 96, 130, seed=rows)
+@pytest.mark.parametrize("outputs", [96, 128])  # 128: from 48 rows on, six rows by 64 columns at a time
+def test_each_output_is_the_exact_product_rounded_to_bf16(kernel: LinearKernel, rows: int, with_bias: bool,
+                                                          outputs: int) -> None:
+    x, w, bias = _case(rows, outputs, 130, seed=rows)
     got = kernel.forward(x, kernel.pack(w), bias.float() if with_bias else None)
     exact = x.double() @ w.double().T + (bias.double() if with_bias else 0)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, 96)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, outputs)
     _within_a_bf16_step(got, exact)
 
 
@@ -64,10 +66,10 @@ def test_leading_dimensions_and_strided_rows_are_kept(kernel: LinearKernel) -> N
 
 
 def test_a_row_has_the_same_bits_whatever_rows_share_the_call_and_however_many_threads(kernel: LinearKernel) -> None:
-    x, w, bias = _case(37, 128, 576, seed=5)
+    x, w, bias = _case(53, 128, 576, seed=5)  # 48 rows six by 64 columns, the last 5 eight by 32: the same bits
     packed, b = kernel.pack(w), bias.float()
     together = kernel.forward(x, packed, b)
-    for i in (0, 7, 8, 36):
+    for i in (0, 7, 8, 36, 47, 48, 52):
         assert torch.equal(kernel.forward(x[i : i + 1], packed, b)[0], together[i])
     assert torch.equal(kernel.forward(x[3:20], packed, b), together[3:20])
     threads = torch.get_num_threads()
