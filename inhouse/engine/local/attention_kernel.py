@@ -14,15 +14,11 @@ thing more slowly.
 from __future__ import annotations
 
 import ctypes
-import platform
-import shutil
-import subprocess
 from pathlib import Path
 
 import torch
 
-from inhouse.engine.cpu import cpu_has
-from inhouse.engine.local.compiled import build
+from inhouse.engine.local.compiled import load
 
 __all__ = ["AttentionKernel"]
 
@@ -56,17 +52,8 @@ class AttentionKernel:
     @classmethod
     def load(cls, compiler: str | None = None) -> tuple[AttentionKernel | None, str]:
         """The kernel, built if needed (by ``compiler``, default ``cc``), or None and why it cannot run here."""
-        if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-            return None, f"not on {platform.system()} {platform.machine()}"
-        if not cpu_has("avx512_bf16"):
-            return None, "the CPU has no AVX512-BF16"
-        compiler = compiler or shutil.which("cc") or shutil.which("gcc")
-        if compiler is None:
-            return None, "no C compiler (cc) to build it"
-        try:
-            return cls(ctypes.CDLL(str(build(_SOURCE, "attention", compiler)))), "built"
-        except (OSError, subprocess.SubprocessError) as exc:
-            return None, f"its build failed ({type(exc).__name__})"
+        library, why = load(_SOURCE, "attention", compiler)
+        return (cls(library) if library is not None else None), why
 
     @staticmethod
     def takes(query: torch.Tensor, keys: torch.Tensor) -> bool:

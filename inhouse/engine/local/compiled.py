@@ -1,29 +1,51 @@
 """The engine's C files, compiled on this machine: building each once, where no other user can replace it.
 
-Owns ``build``: a C source beside the engine's modules (``attention_kernel.c``, ``linear_kernel.c``) is compiled
-with the machine's C compiler the first time a model loads, into a directory of this user's (mode 0700, under the
-system's temporary directory), named by the source's, the compiler's and the flags' hash; later loads reuse the
-file.  Nothing is downloaded and no build step is needed at install time.  The kernels' own modules say when they
-run and load the library with ``ctypes``.
+Owns ``load`` and ``build``: a C source beside the engine's modules (``attention_kernel.c``,
+``linear_kernel.c``) is compiled with the machine's C compiler the first time a model loads, into a directory of
+this user's (mode 0700, under the system's temporary directory), named by the source's, the compiler's and the
+flags' hash; later loads reuse the file.  Nothing is downloaded and no build step is needed at install time.
+``load`` says why a library cannot run here (not Linux on x86-64, no AVX512-BF16, no C compiler, a failed build);
+the kernels' own modules add what else decides whether they run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
+import platform
+import shutil
 import stat
 import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["AVX512_BF16_FLAGS", "build", "own_folder"]
+from inhouse.engine.cpu import cpu_has
+
+__all__ = ["AVX512_BF16_FLAGS", "build", "load", "own_folder"]
 
 log = logging.getLogger(__name__)
 
 # what both kernels are compiled with: AVX512-BF16 instructions, and OpenMP, which binds to PyTorch's libgomp
 AVX512_BF16_FLAGS = ("-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fPIC",
                      "-shared", "-fopenmp")
+
+
+def load(source: Path, name: str, compiler: str | None = None) -> tuple[ctypes.CDLL | None, str]:
+    """The library of ``source``, built if needed (by ``compiler``, default ``cc``) and loaded, or None and why it
+    cannot run here."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"not on {platform.system()} {platform.machine()}"
+    if not cpu_has("avx512_bf16"):
+        return None, "the CPU has no AVX512-BF16"
+    compiler = compiler or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler (cc) to build it"
+    try:
+        return ctypes.CDLL(str(build(source, name, compiler))), "built"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"its build failed ({type(exc).__name__})"
 
 
 def build(source: Path, name: str, compiler: str, flags: tuple[str, ...] = AVX512_BF16_FLAGS) -> Path:

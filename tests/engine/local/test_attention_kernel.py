@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from inhouse.engine.local import attention_kernel, compiled
+from inhouse.engine.local import compiled
 from inhouse.engine.local.attention import BatchLayout, DecodeGroup, Placement, _prefill, slot_attention
 from inhouse.engine.local.attention_kernel import AttentionKernel
 from inhouse.engine.local.kv_cache import SlotKVCache
@@ -24,7 +24,7 @@ from inhouse.engine.local.kv_cache import SlotKVCache
 
 @pytest.fixture(scope="module")
 def kernel() -> AttentionKernel:
-    if not attention_kernel.cpu_has("avx512_bf16"):
+    if not compiled.cpu_has("avx512_bf16"):
         pytest.skip("the prefill kernel runs only on a CPU with AVX512-BF16")
     built, why = AttentionKernel.load()
     assert built is not None, why
@@ -134,14 +134,14 @@ def test_a_strided_output_is_refused(kernel: AttentionKernel) -> None:
 
 def test_a_failed_build_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(compiled.tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(attention_kernel, "cpu_has", lambda flag: True)
+    monkeypatch.setattr(compiled, "cpu_has", lambda flag: True)
     built, why = AttentionKernel.load(compiler=str(tmp_path / "no-such-compiler"))
     assert built is None and "build failed" in why
 
 
 def test_a_cpu_without_avx512_bf16_gets_no_kernel_and_is_told_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention_kernel, "cpu_has", lambda flag: False)
-    monkeypatch.setattr(attention_kernel.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(compiled, "cpu_has", lambda flag: False)
+    monkeypatch.setattr(compiled.platform, "machine", lambda: "x86_64")
     built, why = AttentionKernel.load()
     assert built is None and why == "the CPU has no AVX512-BF16"
 

@@ -16,7 +16,7 @@ import torch
 
 from inhouse.config import TransformersSpec
 from inhouse.engine.base import GenerateRequest, SamplingParams
-from inhouse.engine.local import linear_kernel
+from inhouse.engine.local import compiled, linear_kernel
 from inhouse.engine.local.engine import LocalEngine
 from inhouse.engine.local.linear_kernel import LinearKernel
 
@@ -94,14 +94,14 @@ def test_it_takes_only_what_its_layout_holds(kernel: LinearKernel) -> None:
 
 def test_a_cpu_with_amx_keeps_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(linear_kernel, "cpu_has", lambda flag: True)
-    monkeypatch.setattr(linear_kernel.platform, "machine", lambda: "x86_64")
     built, why = LinearKernel.load()
     assert built is None and "AMX" in why
 
 
 def test_a_cpu_without_avx512_bf16_gets_no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(linear_kernel, "cpu_has", lambda flag: False)
-    monkeypatch.setattr(linear_kernel.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(compiled, "cpu_has", lambda flag: False)
+    monkeypatch.setattr(compiled.platform, "machine", lambda: "x86_64")
     built, why = LinearKernel.load()
     assert built is None and why == "the CPU has no AVX512-BF16"
 
