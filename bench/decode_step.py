@@ -177,7 +177,7 @@ def run_ours(runner: ModelRunner, batch: list[list[int]], steps: int) -> Timing:
     start = time.perf_counter()
     for row in rows:
         runner.tiers.place(row, len(row.prompt_ids) + 1)
-    logits = runner.prefill(rows, 0)
+    logits = runner.prefill(rows)
     _append_argmax(rows, logits)
     prefill = time.perf_counter() - start
     step_s = []

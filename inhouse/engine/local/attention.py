@@ -43,7 +43,7 @@ import torch.nn.functional as F  # noqa: N812
 from transformers import AttentionInterface
 
 from inhouse.engine.cpu import cpu_has
-from inhouse.engine.local.attention_kernel import AttentionKernel
+from inhouse.engine.local.attention_kernel import AttentionKernel, PackedPrompt
 from inhouse.engine.local.kv_cache import SlotKVCache
 
 __all__ = ["ATTENTION_NAME", "BLOCKED_FROM", "FLASH_BLOCK", "QUERY_BLOCK", "BatchLayout", "DecodeGroup", "Placement",
@@ -66,6 +66,7 @@ class Placement:
     length: int
     offset: int
     masks: tuple[torch.Tensor, ...] = ()  # the flash way's, one per block of queries (``flash_masks``); () if not
+    kept: PackedPrompt | None = None  # the kernel's packed keys and values of the prompt, kept between its chunks
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +163,8 @@ def _prefill(layout: BatchLayout, layer: int, query: torch.Tensor, key: torch.Te
         elif query.dtype == torch.bfloat16 and p.offset + p.length >= BLOCKED_FROM:
             keys, values = p.cache.keys[layer][p.slot], p.cache.values[layer][p.slot]
             if layout.kernel is not None and layout.kernel.takes(query[0], keys):
-                layout.kernel.prefill(query[0, :, p.start : end], keys, values, p.offset, scale, out[0, p.start : end])
+                layout.kernel.prefill(query[0, :, p.start : end], keys, values, p.offset, scale, out[0, p.start : end],
+                                      p.kept.layer(layer) if p.kept is not None else None)
                 continue
             part = _in_blocks(p, layer, query[:, :, p.start : end], scale)
         elif p.offset:

@@ -14,7 +14,9 @@
  * contribute an exact 0 to its sums, and every sum runs over keys in the same order, so a token's output is the
  * same bit for bit whatever prefix was computed before it (the prefix cache's property) and whatever rows share
  * its six.  Keys and values are first repacked per kv head into the pair layout ``vdpbf16ps`` reads: keys as
- * [keys/16][head_dim/2][16][2], values as [keys/2][head_dim][2].
+ * [keys/16][head_dim/2][16][2], values as [keys/2][head_dim][2].  The caller may keep a prompt's packed keys and
+ * values between its chunks (``packed_k``, ``packed_v``, the first ``packed`` keys already in them): then only the
+ * keys from the last partial group of 16 on are packed again, not every key before the chunk.
  *
  * Work is split over ``threads`` OpenMP threads, six rows of one kv head at a time, interleaved so each thread gets
  * early (short) and late (long) rows alike.  Loaded into a process that has PyTorch, this library binds to PyTorch's
@@ -36,7 +38,9 @@ typedef struct {
     long q_head, q_token, kv_head, kv_token, out_head, out_token; /* strides, in elements */
     int heads, kv_heads, length, offset, dim, padded;             /* padded: keys rounded up to 64 */
     float scale;
-    uint16_t *packed_k, *packed_v;                                /* [kv_heads][padded * dim] each */
+    uint16_t *packed_k, *packed_v;                                /* [kv_heads][packed_head] each */
+    long packed_head;                                             /* elements per kv head, >= padded * dim */
+    int packed;                                                   /* keys already packed (earlier chunks) */
     char *rows_scratch;                                           /* per thread: float scores, bf16 probs */
     int threads;
 } Job;
@@ -66,18 +70,19 @@ static inline __mmask16 visible(int key, int pos) {
     return seen >= 16 ? (__mmask16)0xffff : (seen <= 0 ? (__mmask16)0 : (__mmask16)((1u << seen) - 1));
 }
 
+/* keys and values of kv head h from the group holding key ``packed`` on (0: all), zeros past the prompt's end */
 static void repack(const Job *j, int h) {
     int dim = j->dim, pairs = dim / 2, total = j->offset + j->length;
     const uint16_t *k = j->k + h * j->kv_head, *v = j->v + h * j->kv_head;
-    uint32_t *pk = (uint32_t *)(j->packed_k + (long)h * j->padded * dim);
-    uint16_t *pv = j->packed_v + (long)h * j->padded * dim;
-    for (int key = 0; key < j->padded; key += 16)
+    uint32_t *pk = (uint32_t *)(j->packed_k + (long)h * j->packed_head);
+    uint16_t *pv = j->packed_v + (long)h * j->packed_head;
+    for (int key = j->packed / 16 * 16; key < j->padded; key += 16)
         for (int d = 0; d < pairs; d++) {
             uint32_t *dst = pk + ((long)(key / 16) * pairs + d) * 16;
             for (int i = 0; i < 16; i++)
                 dst[i] = key + i < total ? ((const uint32_t *)(k + (key + i) * j->kv_token))[d] : 0;
         }
-    for (int key = 0; key < j->padded; key += 2) {
+    for (int key = j->packed / 2 * 2; key < j->padded; key += 2) {
         uint16_t *dst = pv + (long)key * dim;
         const uint16_t *a = v + key * j->kv_token, *b = a + j->kv_token;
         for (int d = 0; d < dim; d++) {
@@ -99,7 +104,7 @@ static void rows(const Job *j, int h, int first, int count, float *scores, uint1
         last = pos[i] > last ? pos[i] : last;
     }
     int keys = (last + 1 + 15) / 16 * 16;
-    const uint32_t *pk = (const uint32_t *)(j->packed_k + (long)h * j->padded * dim);
+    const uint32_t *pk = (const uint32_t *)(j->packed_k + (long)h * j->packed_head);
     __m512 scale = _mm512_set1_ps(j->scale), top[ROWS];
     for (int i = 0; i < ROWS; i++) top[i] = _mm512_set1_ps(-INFINITY);
 
@@ -156,7 +161,7 @@ static void rows(const Job *j, int h, int first, int count, float *scores, uint1
     }
 
     /* out = probs v / sum, 64 dims at a time */
-    const uint16_t *pv = j->packed_v + (long)h * j->padded * dim;
+    const uint16_t *pv = j->packed_v + (long)h * j->packed_head;
     for (int d0 = 0; d0 < dim; d0 += 64) {
         __m512 acc[ROWS][4];
         const uint32_t *p[ROWS];
@@ -204,19 +209,28 @@ long prefill_scratch_bytes(int kv_heads, int total, int dim, int threads) {
     return 2 * (long)kv_heads * padded * dim * 2 + threads * rows_scratch_bytes((int)padded) + 64;
 }
 
-/* 0, or -1 for arguments this kernel does not take (the caller checks them first) */
+/* 0, or -1 for arguments this kernel does not take (the caller checks them first).  ``packed_k`` and ``packed_v``
+ * NULL: keys and values are packed into the scratch; else into them (``packed_head`` elements per kv head, room
+ * for the keys up to offset + length rounded up to 64), whose first ``packed`` keys an earlier call packed. */
 int prefill_attention(const uint16_t *q, long q_head, long q_token, const uint16_t *k, const uint16_t *v, long kv_head,
                       long kv_token, uint16_t *out, long out_head, long out_token, int heads, int kv_heads, int length,
-                      int offset, int dim, float scale, int threads, char *scratch, long scratch_bytes) {
+                      int offset, int dim, float scale, int threads, char *scratch, long scratch_bytes,
+                      uint16_t *packed_k, uint16_t *packed_v, long packed_head, int packed) {
+    int padded = (offset + length + 63) / 64 * 64;
     if (dim % 64 || dim > 256 || kv_heads < 1 || heads % kv_heads || length < 1 || offset < 0 || threads < 1 ||
-        threads > MAX_THREADS || scratch_bytes < prefill_scratch_bytes(kv_heads, offset + length, dim, threads))
+        threads > MAX_THREADS || scratch_bytes < prefill_scratch_bytes(kv_heads, offset + length, dim, threads) ||
+        (packed_k != NULL && (packed_v == NULL || packed_head < (long)padded * dim || packed < 0 || packed > offset)))
         return -1;
     Job j = {q, k, v, out, q_head, q_token, kv_head, kv_token, out_head, out_token, heads, kv_heads, length, offset,
-             dim, (offset + length + 63) / 64 * 64, scale, NULL, NULL, NULL, threads};
+             dim, padded, scale, packed_k, packed_v, packed_head, packed, NULL, threads};
     char *at = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-    j.packed_k = (uint16_t *)at;
-    j.packed_v = j.packed_k + (long)kv_heads * j.padded * dim;
-    j.rows_scratch = (char *)(j.packed_v + (long)kv_heads * j.padded * dim);
+    if (packed_k == NULL) {
+        j.packed_k = (uint16_t *)at;
+        j.packed_v = j.packed_k + (long)kv_heads * padded * dim;
+        j.packed_head = (long)padded * dim;
+        j.packed = 0;
+    }
+    j.rows_scratch = (char *)((uint16_t *)at + 2 * (long)kv_heads * padded * dim);
 #pragma omp parallel num_threads(threads)
     {
         int index = omp_get_thread_num(), team = omp_get_num_threads();

@@ -368,7 +368,7 @@ class LocalEngine:
         prompt alone, failing only the prompts that fail alone."""
         started = time.perf_counter()
         try:
-            logits = runner.run(step.decode, step.prefill, step.chunk)
+            logits = runner.run(step.decode, step.prefill, step.chunks)
         except Exception:
             if not step.prefill or (not step.decode and len(step.prefill) == 1):
                 raise
@@ -385,7 +385,7 @@ class LocalEngine:
         kept, broken = [], []
         for seq in step.prefill:
             try:
-                rows.append(runner.prefill([seq], step.chunk_of(seq)))
+                rows.append(runner.prefill([seq], [step.chunk_of(seq)]))
                 kept.append(seq)
             except Exception:
                 log.exception("the prompt of request %s failed the model", seq.request_id)

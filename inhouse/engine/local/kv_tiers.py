@@ -21,7 +21,7 @@ sequences' charges, the slack and the prefix cache's whole budget are counted), 
 that at once.
 
 In a tier, sequences occupy slots ``0..n-1``; when one leaves, the last moves into its hole.  The ``pinned``
-sequence (a prompt being prefilled in chunks, which decodes nothing yet) is always the last of its tier, so a
+sequences (prompts being prefilled in chunks, which decode nothing yet) are always the last of their tier, so a
 decode step runs each tier's first slots.
 """
 
@@ -74,7 +74,7 @@ class KVTiers(Generic[P]):
         self.tiers = [SlotKVCache(num_layers, kv_heads, head_dim, b, dtype, device, max(1, _GROUP_TOKENS // b))
                       for b in self.bounds]
         self.members: list[list[P]] = [[] for _ in self.bounds]
-        self.pinned: P | None = None
+        self.pinned: list[P] = []  # prompts being prefilled in chunks (``pin``): the last slots of their tiers
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.slack = sum((t.row_group - 1) * t.bound for t in self.tiers)  # tokens the row groups may add
@@ -144,59 +144,92 @@ class KVTiers(Generic[P]):
         tier.reserve(len(self.members[k]), length, empty=len(self.members[k]) == 1)  # seq alone: nothing to keep
         return tier
 
+    def pin(self, seq: P) -> None:
+        """Keep ``seq``, just placed (before its tier's pinned ones), out of decode steps while its prompt is
+        prefilled in chunks, among the last slots of its tier, until ``unpin``."""
+        assert seq.slot == len(self.members[seq.tier]) - 1 - self._pinned_count(seq.tier), "placed before them"
+        self.pinned.append(seq)
+
+    def unpin(self, seq: P) -> None:
+        """``seq``'s prompt is whole: it decodes from the next step on, from the first of its tier's pinned slots
+        (trading slots, keys and values with the pinned one there, if that is another)."""
+        if not self._is_pinned(seq):
+            return
+        members, tier = self.members[seq.tier], self.tiers[seq.tier]
+        first = members[len(members) - self._pinned_count(seq.tier)]
+        self.pinned = [s for s in self.pinned if s is not seq]
+        if first is not seq:
+            held = tier.read(seq.slot, 0, seq.cached)
+            tier.move(first.slot, seq.slot, first.cached)
+            tier.load(held, first.slot, 0)
+            seq.slot, first.slot = first.slot, seq.slot
+            members[seq.slot], members[first.slot] = seq, first
+
+    def _is_pinned(self, seq: P) -> bool:
+        return any(s is seq for s in self.pinned)
+
+    def _pinned_count(self, k: int) -> int:
+        return sum(s.tier == k for s in self.pinned)
+
     def remove(self, seq: P) -> None:
-        """Take ``seq`` out of its tier; the tier's last sequence moves into its slot (the last but the pinned one
-        when the pinned is there: that one moves down a slot and stays last).  One free row group stays as the
-        tier's spare while ``spare_room`` allows; more are given back."""
+        """Take ``seq`` out of its tier: the tier's last decoding sequence moves into its slot, and the last pinned
+        one into that one's (a pinned ``seq``'s: the last pinned one).  One free row group stays as the tier's
+        spare while ``spare_room`` allows; more are given back."""
         if seq.tier < 0:
             return
         k, members, tier = seq.tier, self.members[seq.tier], self.tiers[seq.tier]
-        if seq is self.pinned:
-            self.pinned = None
-        pinned = members.pop() if self.pinned is not None and self.pinned.tier == k else None
-        last = members.pop()
-        if last is not seq:
-            tier.move(last.slot, seq.slot, last.length)
-            last.slot = seq.slot
-            members[seq.slot] = last
-        if pinned is not None:
-            tier.move(pinned.slot, len(members), pinned.cached)
-            pinned.slot = len(members)
-            members.append(pinned)
+        pinned = self._pinned_count(k)
+        hole = seq.slot
+        if self._is_pinned(seq):
+            self.pinned = [s for s in self.pinned if s is not seq]
+        else:
+            self._fill(k, hole, len(members) - pinned - 1)
+            hole = len(members) - pinned - 1
+        self._fill(k, hole, len(members) - 1)
+        members.pop()
         seq.tier = seq.slot = -1
         if self._spare_rows(k) > tier.row_group:  # one group is kept, room permitting
             tier.fit(len(members) + tier.row_group, tier.capacity)
         self._trim_spares()
 
-    def _append(self, seq: P, k: int) -> None:
-        """Into the next free slot of tier k (before the pinned sequence, which moves up one slot)."""
-        members, tier = self.members[k], self.tiers[k]
-        pinned = self.pinned if self.pinned is not None and self.pinned.tier == k else None
-        seq.tier = k
-        if pinned is None:
-            seq.slot = len(members)
-            members.append(seq)
+    def _fill(self, k: int, hole: int, src: int) -> None:
+        """Move tier ``k``'s sequence at slot ``src`` into slot ``hole`` (which is leaving), with what it holds."""
+        if src == hole:
             return
-        tier.reserve(len(members) + 1, pinned.cached)
-        tier.move(pinned.slot, len(members), pinned.cached)
-        seq.slot, members[pinned.slot] = pinned.slot, seq
-        pinned.slot = len(members)
-        members.append(pinned)
+        members = self.members[k]
+        moved = members[src]
+        self.tiers[k].move(src, hole, moved.cached if self._is_pinned(moved) else moved.length)
+        moved.slot = hole
+        members[hole] = moved
+
+    def _append(self, seq: P, k: int) -> None:
+        """Into the next free slot of tier k, before its pinned sequences (the first of them moves to the end)."""
+        members, tier = self.members[k], self.tiers[k]
+        pinned = self._pinned_count(k)
+        seq.tier = k
+        members.append(seq)
+        seq.slot = len(members) - 1
+        if pinned:
+            first = members[len(members) - 1 - pinned]
+            tier.reserve(len(members), first.cached)
+            tier.move(first.slot, seq.slot, first.cached)
+            first.slot, seq.slot = seq.slot, first.slot
+            members[first.slot], members[seq.slot] = first, seq
 
     # ---- a decode step -----------------------------------------------------------------------
 
     def prepare_decode(self) -> list[P]:
         """Move up a tier every sequence whose next token would not fit its own, size every tier for the step,
-        and return the sequences it runs, in its order: tier by tier, slot by slot (the pinned one left out)."""
+        and return the sequences it runs, in its order: tier by tier, slot by slot (the pinned ones left out)."""
         for members, bound in zip(self.members, self.bounds, strict=True):
-            for seq in [s for s in members if s is not self.pinned and s.length > bound]:
+            for seq in [s for s in members if not self._is_pinned(s) and s.length > bound]:
                 self._move_up(seq)
         rows: list[P] = []
         for k, (members, tier) in enumerate(zip(self.members, self.tiers, strict=True)):
             if members:
                 keep = len(members) + min(self._spare_rows(k), tier.row_group)  # its spare, if it has one
-                tier.fit(keep, max(len(s.prompt_ids) if s is self.pinned else s.length for s in members))
-                rows.extend(s for s in members if s is not self.pinned)
+                tier.fit(keep, max(len(s.prompt_ids) if self._is_pinned(s) else s.length for s in members))
+                rows.extend(s for s in members if not self._is_pinned(s))
         self._trim_spares()  # a tier that grew its capacity grew its spare too
         return rows
 

@@ -12,10 +12,21 @@ While three or more sequences are decoding, a step takes at most as many prompt 
 hold the running streams back, so a prompt arriving, short or thousands of tokens long, slows their next token by a
 fraction of a step instead of stalling them for its whole prefill.  That delay is paid by every decoding stream,
 once per step, so it is a total shared among them: ``total`` decode steps' time in all, but never less than
-``stall`` each (three streams: 2 decode steps; four or more: 1.5).  Each stream's next token then stays within
-about ``1 + stall`` times its pace.  A lower ``stall`` than 1.5 did not lower the streams' inter-token p99 in the
-workload benchmark (1.2: 70 against 72 ms, the tail being the steps' own spread), and nearly doubled a long
-prompt's time to first token.
+``stall`` each (three streams: 2 decode steps; four: 1.5; five: 1.2; six or more: 1).  Each stream's next token
+then stays within about ``1 + stall`` times its pace, at the median: the steps' own spread (a decode step's p99 was
+1.6x its median on a 2-core machine, the client on it too) comes on top, so the floor is 1, not the 1.5 it was.  In
+the mixed workload's open loop (six streams, 3,000-token prompts arriving), 1.5 gave chunk steps of 2.2x a decode
+step at the median and 3.8x at their p99, the streams' inter-token p99 at 3.13-3.42x their p50; 1 gave 2.0x and
+3.3x, the p99 at 2.55x, for a long prompt's first token 16-18% later (9.5 s against 8.0-8.2).  (Before chunks kept
+their packed keys, ``attention_kernel.PackedPrompt``, a lower floor only shrank chunks already at ``least``: 1.2
+gave 70 against 72 ms and nearly doubled that wait.)
+
+Prompts waiting for their first token are held back too, a whole step each: when more of them wait than streams
+decode, a step takes what it takes beside few streams (a ``most``-token chunk), the waiting being the majority.  A
+burst of 28 chats arriving beside three streams (the engine benchmark's 32 users starting together) otherwise went
+in 16 tokens a step, four steps a chat, the last answered 5-8 s later (TTFT p99 at c = 32: 5.2-8.1 s against
+vLLM's 1.6 s); its steps left no decode-only step to time, so the pace kept the decode step of three rows (25 ms)
+against the 55 ms those steps took, and took the difference for the prompts' cost.
 
 With ``few`` streams or fewer (one or two: a RAG app's few users), a step takes a whole ``most``-token chunk: they
 wait one chunk's time, the bound chunked prefill promises, and no more.  Small chunks beside them paid a step's
@@ -45,7 +56,7 @@ _PRIOR_WEIGHT = (0.1, 5.0, 5.0)  # the prior weighs as a tenth of a step (of 2 t
 
 
 class Pace:
-    def __init__(self, most: int, least: int = 16, stall: float = 1.5, total: float = 6.0, few: int = 2,
+    def __init__(self, most: int, least: int = 16, stall: float = 1.0, total: float = 6.0, few: int = 2,
                  wait: float = 0.4) -> None:
         self.most = most
         self.least = min(least, most)
@@ -75,26 +86,32 @@ class Pace:
         self.fixed_s, self.token_s, kpair_s = _fit(self._xx, self._xy)
         self.pair_s = kpair_s / 1000
 
-    def budget(self, streams: int, offset: int = 0, tokens: int = 0, pairs: float = 0.0) -> int:
+    def budget(self, streams: int, offset: int = 0, tokens: int = 0, pairs: float = 0.0, waiting: int = 0) -> int:
         """Prompt tokens the next step may add to a prompt whose first ``offset`` tokens are in the cache, beside
-        ``streams`` decode rows and ``tokens`` prompt tokens already in it (``pairs`` pairs): with ``few`` streams or
-        fewer, ``most`` less those tokens, or what fits ``wait`` when that is more (up to twice ``most``);
-        with more, what fits their shared stall, or ``least`` whatever is in the step until a decode step has been
-        timed.  Otherwise 0 when tokens already in it leave no room for ``least`` more, and never below ``least``
-        when none are, so a lone prompt goes on."""
-        cap = self.most
-        if streams <= self.few:
+        ``streams`` decode rows and ``tokens`` prompt tokens already in it (``pairs`` pairs), ``waiting`` prompts
+        not yet at their first token: what fits (``room``), but 0 when tokens already in it leave no room for
+        ``least`` more, and never below ``least`` when none are, so a lone prompt goes on."""
+        room = self.room(streams, offset, tokens, pairs, waiting)
+        if tokens:
+            return room if room >= self.least else 0
+        return max(self.least, room)
+
+    def room(self, streams: int, offset: int = 0, tokens: int = 0, pairs: float = 0.0, waiting: int = 0) -> int:
+        """The prompt tokens that fit (at least 0; see ``budget``): with ``few`` streams or fewer, ``most`` less
+        those already in the step, or what fits ``wait`` when that is more (up to twice ``most``); with more, what
+        fits their shared stall, up to ``most`` in all, or ``least`` in all until a decode step has been timed; but
+        as with few streams when more prompts wait for their first token than streams decode (``waiting``)."""
+        cap = self.most - tokens
+        if streams <= self.few or waiting > streams:
             fits = self.most - tokens
             if self.decode_s is not None:  # a fast machine may take more in the same wait
                 fits = max(fits, self._fits_in(self.wait - self.decode_s, offset, tokens, pairs))
                 cap = 2 * self.most - tokens
         elif self.decode_s is None:
-            return self.least
+            fits = self.least - tokens
         else:
             fits = self._fits(streams, offset, tokens, pairs)
-        if tokens and fits < self.least:
-            return 0
-        return max(self.least, min(cap, fits))
+        return max(0, min(cap, fits))
 
     def _fits(self, streams: int, offset: int, tokens: int, pairs: float) -> int:
         """The prompt tokens that fit the time the step may hold ``streams`` streams back (decode steps timed)."""

@@ -3,8 +3,9 @@
 Owns building the tensors of a step (ids, positions, masks) and returning last-position logits, and
 preparing the model once for fast steps: on CPU, a bf16 model's linear layers are packed for oneDNN and
 sibling projections stacked into one matmul (``linears.py``), and a Llama-family model's forward runs written
-out (``decoder.py``); both give the same results bit for bit.
-Knows nothing about sampling, stopping or requests.
+out (``decoder.py``); both give the same results bit for bit.  Keeps a chunked prompt's keys and values packed for
+the compiled prefill kernel between its chunks (``attention_kernel.PackedPrompt``), and lets go of them once it is
+whole.  Knows nothing about sampling, stopping or requests.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from inhouse.engine.local.attention import BLOCKED_FROM, BatchLayout, DecodeGroup, Placement, flash_masks
-from inhouse.engine.local.attention_kernel import AttentionKernel
+from inhouse.engine.local.attention_kernel import AttentionKernel, PackedPrompt
 from inhouse.engine.local.decoder import DirectForward
 from inhouse.engine.local.kv_tiers import KVTiers
 from inhouse.engine.local.linear_kernel import LinearKernel
@@ -26,6 +27,8 @@ from inhouse.engine.local.linears import fast_linears
 from inhouse.engine.local.lora import AdapterWeights, LoraSet
 
 __all__ = ["ModelRunner", "RunnableSequence"]
+
+_KEEP_BYTES = 512 << 20  # the most a chunked prompt's packed keys and values may take (its slot's size), else none
 
 
 class RunnableSequence(Protocol):
@@ -64,19 +67,20 @@ class ModelRunner:
         self.kernel = kernel  # bf16 attention, compiled, for long prompts and decode rows (None: PyTorch's)
         self.flash = flash and tiers.dtype == torch.bfloat16  # long prompts by flash attention (``prefers_flash``)
         self.direct = DirectForward.for_model(model)  # None: the model's own forward
+        self._kept: dict[int, tuple[RunnableSequence, PackedPrompt]] = {}  # chunked prompts' packed keys (``_keep``)
         if device.type == "cpu" and tiers.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             fast_linears(model, linear_kernel)  # the compiled linear layers where they run, else oneDNN's
 
-    def prefill(self, seqs: Seq[RunnableSequence], chunk: int = 0) -> torch.Tensor:
+    def prefill(self, seqs: Seq[RunnableSequence], chunks: Seq[int] = ()) -> torch.Tensor:
         """A step of prompts alone (see ``run``)."""
-        return self.run((), seqs, chunk)
+        return self.run((), seqs, chunks)
 
     def decode(self, seqs: Seq[RunnableSequence]) -> torch.Tensor:
         """A step of decode rows alone (see ``run``)."""
         return self.run(seqs, ())
 
     @torch.inference_mode()
-    def run(self, decode: Seq[RunnableSequence], prefill: Seq[RunnableSequence], chunk: int = 0) -> torch.Tensor:
+    def run(self, decode: Seq[RunnableSequence], prefill: Seq[RunnableSequence], chunks: Seq[int] = ()) -> torch.Tensor:
         """One forward pass: a token for each of ``decode`` and the prompts of ``prefill``; return next-token logits,
         one row each, ``decode``'s then ``prefill``'s.
 
@@ -84,12 +88,13 @@ class ModelRunner:
         (``KVTiers.prepare_decode``); ``prefill``'s sequences are placed, room reserved.  The prompts run packed
         back to back in one row (after the decode rows' tokens, when there are both: one pass reads the weights
         once for all of them), so no compute goes to padding.  A sequence whose first ``cached`` prompt positions
-        are already in its slot (the prefix cache's, or earlier chunks') runs only the rest; with ``chunk``, the last
-        of ``prefill`` runs only its next ``chunk`` tokens (then its logits are those of the chunk's last token).
+        are already in its slot (the prefix cache's, or earlier chunks') runs only the rest; with ``chunks``, each
+        of ``prefill`` runs only its next ``chunks[i]`` tokens (then its logits are those of the chunk's last token).
         """
+        self._forget_whole()
         ends = [len(s.prompt_ids) for s in prefill]
-        if chunk:
-            ends[-1] = min(prefill[-1].cached + chunk, ends[-1])
+        if chunks:
+            ends = [min(s.cached + chunk, end) for s, chunk, end in zip(prefill, chunks, ends, strict=True)]
         lengths = [end - s.cached for s, end in zip(prefill, ends, strict=True)]
         n = len(decode)
         ids = [s.last_token for s in decode]
@@ -111,12 +116,34 @@ class ModelRunner:
             return self._forward(torch.tensor(ids).view(1, -1), positions.view(1, -1), layout, keep)[0]
 
     def _placement(self, seq: RunnableSequence, start: int, length: int) -> Placement:
-        """Where a prompt's ``length`` new tokens go, with the flash way's masks when it takes them."""
+        """Where a prompt's ``length`` new tokens go, with the flash way's masks when it takes them, or the
+        compiled kernel's packed keys of its earlier chunks when it is chunked (``_keep``)."""
         cache = self.tiers.tiers[seq.tier]
         masks: tuple[torch.Tensor, ...] = ()
         if self.flash and seq.cached + length >= BLOCKED_FROM:
             masks = flash_masks(seq.cached, length, cache.capacity, self.tiers.dtype, self.device)
-        return Placement(cache, seq.slot, start, length, seq.cached, masks)
+        return Placement(cache, seq.slot, start, length, seq.cached, masks, self._keep(seq, length))
+
+    def _keep(self, seq: RunnableSequence, length: int) -> PackedPrompt | None:
+        """The packed keys and values of ``seq``'s prompt, kept while it is chunked, for the compiled prefill kernel
+        (which then packs only each chunk's own keys); None for a prompt that goes in whole, where the kernel does
+        not run, or one whose packed copy would pass ``_KEEP_BYTES``."""
+        kept = self._kept.get(id(seq))
+        if kept is not None:
+            return kept[1]
+        tiers, total = self.tiers, len(seq.prompt_ids)
+        if (self.kernel is None or self.flash or tiers.dtype != torch.bfloat16 or seq.cached + length >= total
+                or PackedPrompt.nbytes(total, tiers.kv_heads, tiers.head_dim, tiers.num_layers) > _KEEP_BYTES):
+            return None
+        packed = PackedPrompt(total, tiers.kv_heads, tiers.head_dim)
+        self._kept[id(seq)] = (seq, packed)
+        return packed
+
+    def _forget_whole(self) -> None:
+        """Let go of the packed keys of prompts that are whole now, finished or taken out."""
+        for key, (seq, _) in list(self._kept.items()):
+            if seq.tier < 0 or seq.cached >= len(seq.prompt_ids):
+                del self._kept[key]
 
     def _groups(self, decode: Seq[RunnableSequence], write_at: list[int]) -> tuple[DecodeGroup, ...]:
         """The decode rows' tiers: each a run of rows in slots 0.. of one tier."""

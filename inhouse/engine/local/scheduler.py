@@ -8,14 +8,23 @@ and what that leaves may hold the tiers' spare rows (``KVTiers.keep_spare``).
 A sequence given a slot gets its prompt's longest cached prefix copied in first (when there is a prefix cache),
 and its prefill then runs only the rest.
 
-Every step decodes every running sequence, and takes waiting prompts into the same forward pass (one read of the
-weights for both).  When nothing is decoding, a step takes up to ``max_prefill_tokens`` prompt tokens, but a
-prompt already being chunked goes on ``chunk_tokens`` at a time (short prompts that arrive go in beside).  While
-sequences decode, with chunked prefill on (``chunk_tokens`` > 0), a step takes only what ``Pace`` allows (at most
-``chunk_tokens``): a prompt longer than that is prefilled in chunks, one per step, so its arrival slows the
-running streams' next token by a fraction of a step rather than stalling them for its whole prefill.  One prompt
-at a time is chunked (the tiers' pinned sequence meanwhile); short prompts (``SHORT`` tokens together) that come
-meanwhile go in whole beside its chunks (the chunk skips a step they fill), longer ones wait for it.
+Every step decodes every running sequence, and takes prompt tokens into the same forward pass (one read of the
+weights for both).  When nothing is decoding, a step takes up to ``max_prefill_tokens`` prompt tokens, but a prompt
+being chunked goes on ``chunk_tokens`` at a time.  While sequences decode, with chunked prefill on (``chunk_tokens``
+> 0), a step takes only the prompt tokens ``Pace`` allows (at most ``chunk_tokens``), and a prompt that does not fit
+what is left of them is prefilled in chunks over the next steps: its arrival slows the running streams' next token
+by a fraction of a step rather than stalling them for its whole prefill.  Short prompts too: a chat's 40-60 tokens
+taken whole beside six streams made that step 3x a decode step's time (73 ms against 22 on a CPU without AMX, at
+SmolLM2's size), and such steps, one per arrival, set the streams' inter-token p99.  But a short prompt with others
+waiting behind it (a burst) goes in whole, the first of a step: cut, it only kept them waiting longer (the engine
+benchmark's 32 users starting together: TTFT p99 5.2 s, 2.7 s whole).
+
+A step takes prompt tokens in this order: short prompts being chunked (``SHORT`` tokens or fewer to go), the
+waiting prompts (first come, first served), then the long prompt being chunked.  One long prompt is chunked at a
+time (a longer one that does not fit waits for it); short ones are chunked beside it, as many as the steps take
+(each pinned among the last slots of its KV tier, ``KVTiers.pin``, while it decodes nothing).  So a chat that
+arrives while a 3,000-token prompt is prefilled goes ahead of its chunks: the chunk shrinks, or skips a step the
+chat fills; and a burst of chats fills every step's budget to the token, the last of them cut.
 
 A chunk of a prompt with more than a few chunks left ends on a block of the attention's queries
 (``QUERY_BLOCK``, 64 tokens) when it is two blocks long or more, and on a multiple of ``ALIGN`` (16) when
@@ -37,29 +46,54 @@ from inhouse.engine.local.sequence import Sequence, SequenceStatus
 
 __all__ = ["ALIGN", "SHORT", "Scheduler", "Step"]
 
-SHORT = 64  # prompt tokens a step takes whole beside decode rows, whatever the pace allows (short chats)
+SHORT = 64  # a prompt with this many tokens to go or fewer goes ahead of a long one's chunks, and beside them
 ALIGN = 16  # a chunk shorter than a query block ends on a multiple of this (a divisor of QUERY_BLOCK)
 _UNCUT = 4  # a prompt's last chunks, as many as this, are not cut to a block
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One forward pass: a token for each of ``decode``, and the prompts of ``prefill`` (the rest of each, and,
-    with ``chunk``, the next ``chunk`` tokens of the last, the prompt being chunked); ``prompt_tokens`` in all."""
+    """One forward pass: a token for each of ``decode``, and the next ``chunks[i]`` tokens of ``prefill[i]``'s prompt
+    (its whole rest, or a chunk of it); ``pairs``: the query-key pairs their attention reads (``Pace``)."""
 
     decode: list[Sequence]
     prefill: list[Sequence]
-    chunk: int = 0
-    prompt_tokens: int = 0
-    pairs: float = 0.0  # query-key pairs the prompt tokens' attention reads (``Pace``)
+    chunks: list[int]
+    pairs: float = 0.0
 
     @property
     def seqs(self) -> list[Sequence]:
         return [*self.decode, *self.prefill]
 
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.chunks)
+
     def chunk_of(self, seq: Sequence) -> int:
-        """The tokens of ``seq``'s prompt this step runs when it is the prompt being chunked (the last); 0: the rest."""
-        return self.chunk if self.prefill and seq is self.prefill[-1] else 0
+        """The tokens of ``seq``'s prompt this step runs."""
+        return next(chunk for s, chunk in zip(self.prefill, self.chunks, strict=True) if s is seq)
+
+
+class _Fill:
+    """The step being filled: its decode rows, and the prompt tokens taken beside them so far."""
+
+    def __init__(self, decode: list[Sequence]) -> None:
+        self.decode = decode
+        self.prefill: list[Sequence] = []
+        self.chunks: list[int] = []
+        self.pairs = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.chunks)
+
+    def take(self, seq: Sequence, chunk: int) -> None:
+        self.prefill.append(seq)
+        self.chunks.append(chunk)
+        self.pairs += _pairs(seq, chunk)
+
+    def step(self) -> Step:
+        return Step(self.decode, self.prefill, self.chunks, self.pairs)
 
 
 class Scheduler:
@@ -75,7 +109,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.charged = 0  # tokens of memory the running sequences may come to hold
-        self.chunking: Sequence | None = None  # the prompt being prefilled in chunks
+        self.chunking: list[Sequence] = []  # prompts being prefilled in chunks (pinned in their tiers)
         self.unsaved: list[Sequence] = []  # prompts whole this step, for the prefix cache after the hand-off
         self._give_prefix_the_rest()
 
@@ -93,64 +127,66 @@ class Scheduler:
         return self.charged + self.charge(seq) + self.tiers.slack <= self.budget_tokens
 
     def schedule(self) -> Step | None:
-        """The running sequences' next tokens, and as many prompt tokens beside them as the step may take."""
-        decode = self.tiers.prepare_decode() if self.running else []
-        if self.chunking is not None:  # its next chunk, and short prompts that came since go in whole beside it
-            shorts, _ = self._admit(0, True, whole_only=True)
-            return self._with_chunk(decode, shorts, self.chunking)
-        prefill, chunking = self._admit(self._prompt_budget(len(decode)), bool(decode))
-        if chunking:
-            return self._with_chunk(decode, prefill[:-1], prefill[-1])
-        if not decode and not prefill:
+        """The running sequences' next tokens, and as many prompt tokens beside them as the step may take: short
+        prompts being chunked first, then waiting ones, then the long one being chunked."""
+        fill = _Fill(self.tiers.prepare_decode() if self.running else [])
+        going = sorted(self.chunking, key=_rest)
+        for seq in going:
+            if _rest(seq) <= SHORT:
+                self._go_on(fill, seq)
+        self._admit(fill)
+        for seq in going:
+            if _rest(seq) > SHORT:
+                self._go_on(fill, seq)
+        if not fill.decode and not fill.prefill:
             return None
-        return Step(decode, prefill, 0, *_whole(prefill))
+        return fill.step()
 
-    def _prompt_budget(self, decoding: int) -> int:
-        """While ``decoding`` sequences decode, what the pace allows a new prompt (chunking on); otherwise a whole
-        batch of prompts."""
-        if self.pace is None or not decoding:
-            return self.max_prefill_tokens
-        return self.pace.budget(decoding)
+    def _room(self, fill: _Fill, offset: int, chunk: bool) -> int:
+        """Prompt tokens ``fill`` may still take of a prompt whose first ``offset`` tokens are in the cache: while
+        sequences decode, what the pace allows (chunking on: its ``budget`` for a ``chunk``, or for a whole prompt
+        the first in the step; for a later whole one, the ``room`` left, however little); otherwise up to
+        ``max_prefill_tokens`` in all, or, for a ``chunk``, ``chunk_tokens``."""
+        if fill.decode and self.pace is not None:
+            ask = self.pace.budget if chunk or not fill.tokens else self.pace.room
+            return ask(len(fill.decode), offset, fill.tokens, fill.pairs, len(self.waiting) + len(self.chunking))
+        most = min(self.chunk_tokens, self.max_prefill_tokens) if chunk else self.max_prefill_tokens
+        return max(0, most - fill.tokens)
 
-    def _with_chunk(self, decode: list[Sequence], whole: list[Sequence], seq: Sequence) -> Step:
-        """``whole`` prompts, and the next chunk of ``seq``: as much of it as the pace allows beside them."""
-        tokens, pairs = _whole(whole)
-        if not decode:
-            # nothing decodes (the streams all finished): its next ``chunk_tokens``, not its whole rest, so a chat
-            # that arrives meanwhile waits for one chunk rather than for seconds of prefill
-            budget = max(1, min(self.chunk_tokens, self.max_prefill_tokens) - tokens)
-        else:
-            assert self.pace is not None, "a prompt is chunked only with chunked prefill on, which has a pace"
-            budget = self.pace.budget(len(decode), seq.cached, tokens, pairs)
-        if not budget:  # the short prompts took the step's time: the chunk waits for the next step
-            return Step(decode, whole, 0, tokens, pairs)
-        chunk = _aligned(seq.cached, min(budget, len(seq.prompt_ids) - seq.cached), len(seq.prompt_ids))
-        return Step(decode, [*whole, seq], chunk, tokens + chunk, pairs + _pairs(seq, chunk))
+    def _go_on(self, fill: _Fill, seq: Sequence) -> None:
+        """The next chunk of ``seq``'s prompt, as much as ``fill`` has room for (none: it waits a step)."""
+        room = self._room(fill, seq.cached, chunk=True)
+        if room > 0:
+            fill.take(seq, _aligned(seq.cached, min(room, _rest(seq)), len(seq.prompt_ids)))
 
-    def _admit(self, budget: int, decoding: bool, whole_only: bool = False) -> tuple[list[Sequence], bool]:
-        """Waiting prompts that fit in slots, memory and ``budget`` new tokens (while others decode, prompts of up
-        to ``SHORT`` tokens together always fit: a short chat goes in whole, never chunked), placed; or one too long
-        for it, alone, to be chunked (chunking on: then True).  A prompt longer than the budget with chunking off
-        runs alone.  ``whole_only`` (another prompt is being chunked): only those short prompts, first come first
-        served."""
-        room = max(budget, min(SHORT, self.chunk_tokens)) if decoding else budget
-        batch: list[Sequence] = []
-        tokens = 0
+    def _admit(self, fill: _Fill) -> None:
+        """Waiting prompts that fit in slots, memory and ``fill``'s room, placed and taken whole, first come first
+        served (the step's first, if short with others behind it, whatever the room); then the next one, if it does
+        not fit whole, placed and chunked (chunking on) when it may be: a short one, or a long one while no other
+        is.  With chunking off, a prompt longer than the room runs alone beside the decode rows."""
         while self.waiting and len(self.running) < self.max_num_seqs and self.fits(self.waiting[0]):
             head = self.waiting[0]
-            new = len(head.prompt_ids) - (self.prefix.match(head.prompt_ids, head.adapter) if self.prefix else 0)
-            if tokens + new > room and (batch or whole_only):
-                break
+            offset = self.prefix.match(head.prompt_ids, head.adapter) if self.prefix else 0
+            new = len(head.prompt_ids) - offset
+            queued = new <= SHORT and not fill.prefill and len(self.waiting) > 1  # a short one with others behind
+            if new > self._room(fill, offset, chunk=False) and not queued:
+                if self.chunk_tokens and self._may_chunk(new, self._room(fill, offset, chunk=True)):
+                    self._place(self.waiting.popleft())
+                    self.chunking.append(head)
+                    self.tiers.pin(head)
+                    self._go_on(fill, head)
+                elif not self.chunk_tokens and not fill.prefill:
+                    self._place(self.waiting.popleft())
+                    fill.take(head, _rest(head))
+                return
             self._place(self.waiting.popleft())
-            batch.append(head)
-            new = len(head.prompt_ids) - head.cached
-            if new > room and self.chunk_tokens:
-                self.chunking = self.tiers.pinned = head
-                return batch, True
-            tokens += new
-            if tokens >= room:
-                break
-        return batch, False
+            fill.take(head, _rest(head))
+
+    def _may_chunk(self, new: int, room: int) -> bool:
+        """``seq`` (``new`` tokens to prefill) may start its chunks this step: room for ``ALIGN`` tokens of it at
+        least (a 6-token chat is not cut in two: it waits a step), and it is short or no long prompt is being
+        chunked."""
+        return room >= ALIGN and (new <= SHORT or not any(_rest(s) > SHORT for s in self.chunking))
 
     def _place(self, seq: Sequence) -> None:
         """Into a slot of the tier its prompt needs, with its cached prefix copied in; its charge counted."""
@@ -178,12 +214,12 @@ class Scheduler:
         is due).  The prefix cache gets their blocks at ``save_prefixes``, after the hand-off."""
         done = []
         for seq in seqs:
-            chunk = step.chunk_of(seq)
-            seq.cached = seq.cached + chunk if chunk else len(seq.prompt_ids)
+            seq.cached += step.chunk_of(seq)
             if seq.cached < len(seq.prompt_ids):
                 continue
-            if seq is self.chunking:
-                self.chunking = self.tiers.pinned = None
+            if seq in self.chunking:
+                self.chunking.remove(seq)
+                self.tiers.unpin(seq)
             if self.prefix is not None:
                 self.unsaved.append(seq)
             done.append(seq)
@@ -210,8 +246,8 @@ class Scheduler:
             self.unsaved.remove(seq)
             if not answered and self.prefix is not None:
                 self.prefix.save(seq.prompt_ids, seq.adapter, self.tiers.cache(seq), seq.slot)
-        if seq is self.chunking:
-            self.chunking = None
+        if seq in self.chunking:  # (a Sequence compares by identity)
+            self.chunking.remove(seq)
         elif answered and self.prefix is not None:
             # every token but the last sampled one went through the model: its keys and values are in the slot
             self.prefix.save(seq.prompt_ids + seq.output_ids, seq.adapter, self.tiers.cache(seq), seq.slot)
@@ -230,10 +266,9 @@ class Scheduler:
         return None
 
 
-def _whole(seqs: list[Sequence]) -> tuple[int, float]:
-    """The prompt tokens and query-key pairs of the rest of each of ``seqs``' prompts."""
-    news = [len(seq.prompt_ids) - seq.cached for seq in seqs]
-    return sum(news), sum(map(_pairs, seqs, news))
+def _rest(seq: Sequence) -> int:
+    """The tokens of ``seq``'s prompt not yet in its slot."""
+    return len(seq.prompt_ids) - seq.cached
 
 
 def _pairs(seq: Sequence, new: int) -> float:

@@ -15,11 +15,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from inhouse.engine.local import compiled
-from inhouse.engine.local.attention import BatchLayout, DecodeGroup, Placement, _prefill, slot_attention
-from inhouse.engine.local.attention_kernel import AttentionKernel
+from inhouse.engine.local.attention import BatchLayout, DecodeGroup, Placement, _prefill, register, slot_attention
+from inhouse.engine.local.attention_kernel import AttentionKernel, PackedPrompt
 from inhouse.engine.local.kv_cache import SlotKVCache
+from inhouse.engine.local.kv_tiers import KVTiers
+from inhouse.engine.local.runner import ModelRunner
+from tests.engine.local.test_scheduler import seq
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +87,63 @@ def test_a_token_gets_the_same_bits_whatever_came_before(kernel: AttentionKernel
     assert torch.equal(run(kernel, q, k, v, offset, 0.125), whole[offset:])
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (8, 2, 128)])
+def test_chunks_that_keep_their_packed_keys_give_the_whole_prefills_bits(kernel: AttentionKernel, heads: int,
+                                                                          kv_heads: int, dim: int) -> None:
+    """A prompt in chunks of 1-200 tokens, ending inside groups of 16 and of 64 keys, each packing only its own
+    keys into the kept layout: every token as the whole prefill computes it."""
+    q, k, v = tensors(heads, kv_heads, 900, dim, seed=dim)
+    whole = run(kernel, q, k, v, 0, dim**-0.5)
+    kept = PackedPrompt(900, kv_heads, dim).layer(0)
+    kept.keys.fill_(float("nan"))  # nothing it has not packed may be read
+    kept.values.fill_(float("nan"))
+    offset, parts = 0, []
+    for chunk in [1, 15, 16, 50, 64, 3, 200, 151, 400]:
+        out = torch.empty(chunk, heads, dim, dtype=torch.bfloat16)
+        kernel.prefill(q[:, offset : offset + chunk], k, v, offset, dim**-0.5, out, kept)
+        parts.append(out)
+        offset += chunk
+        assert kept.done == offset
+    assert offset == 900 and torch.equal(torch.cat(parts), whole)
+    assert not kept.keys.view(kv_heads, -1)[:, : 900 * dim].isnan().any()
+
+
+def test_a_chunk_reads_the_earlier_keys_from_the_kept_packing_not_the_cache(kernel: AttentionKernel) -> None:
+    q, k, v = tensors(9, 3, 600, 64, seed=8)
+    whole = run(kernel, q, k, v, 0, 0.125)
+    kept = PackedPrompt(600, 3, 64).layer(0)
+    kernel.prefill(q[:, :500], k, v, 0, 0.125, torch.empty(500, 9, 64, dtype=torch.bfloat16), kept)
+    k[:, :496], v[:, :496] = 0.0, 0.0  # what a chunk that packed every key again would read
+    out = torch.empty(100, 9, 64, dtype=torch.bfloat16)
+    kernel.prefill(q[:, 500:], k, v, 500, 0.125, out, kept)
+    assert torch.equal(out, whole[500:])
+
+
+def test_a_chunk_run_again_packs_its_own_keys_again(kernel: AttentionKernel) -> None:
+    """A step that failed and runs again (in parts) finds its chunk's keys packed already: they are packed anew
+    from the cache, whose values for them the second run writes."""
+    q, k, v = tensors(9, 3, 300, 64, seed=5)
+    whole = run(kernel, q, k, v, 0, 0.125)
+    kept = PackedPrompt(300, 3, 64).layer(0)
+    first = torch.empty(200, 9, 64, dtype=torch.bfloat16)
+    kernel.prefill(q[:, :200], k, v, 0, 0.125, first, kept)
+    stale = k.clone()
+    k[:, 200:260] = 0.0  # the first try's keys for the chunk (its step failed after packing them)
+    out = torch.empty(60, 9, 64, dtype=torch.bfloat16)
+    kernel.prefill(q[:, 200:260], k, v, 200, 0.125, out, kept)
+    assert kept.done == 260
+    k.copy_(stale)  # the second try writes the right ones
+    kernel.prefill(q[:, 200:260], k, v, 200, 0.125, out, kept)
+    assert torch.equal(out, whole[200:260])
+
+
+def test_kept_packing_too_small_for_the_keys_is_refused(kernel: AttentionKernel) -> None:
+    q, k, v = tensors(9, 3, 300, 64, seed=6)
+    kept = PackedPrompt(100, 3, 64).layer(0)  # room for 128 keys
+    with pytest.raises(ValueError, match="refused"):
+        kernel.prefill(q[:, 100:200], k, v, 100, 0.125, torch.empty(100, 9, 64, dtype=torch.bfloat16), kept)
+
+
 def test_the_thread_count_changes_no_bit(kernel: AttentionKernel, threads: None) -> None:
     q, k, v = tensors(9, 3, 600, 64, seed=7)
     torch.set_num_threads(2)
@@ -115,6 +176,40 @@ def test_the_engine_layout_runs_it_for_long_bf16_prompts(kernel: AttentionKernel
     assert torch.equal(outs[0], alone)
     assert not torch.equal(outs[0], outs[1])  # PyTorch's blocks round differently: the kernel did run
     assert (outs[0].float() - outs[1].float()).abs().max() < 0.05
+
+
+def test_the_runner_keeps_a_chunked_prompts_packing_until_it_is_whole(kernel: AttentionKernel) -> None:
+    """A bf16 prompt in chunks: the runner keeps its packed keys between them and forgets them once it is whole
+    (or taken out), and its last chunk's logits are the whole prefill's, bit for bit."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    config._attn_implementation = register()
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    chunked, whole = (ModelRunner(model, KVTiers(num_layers=2, kv_heads=2, head_dim=64, max_length=1024,
+                                                 dtype=torch.bfloat16, device=torch.device("cpu")),
+                                  torch.device("cpu"), kernel=kernel) for _ in range(2))
+    prompt, dropped, same = seq("p", 700), seq("dropped", 500), seq("p", 700)
+    whole.tiers.place(same, 701)
+    want = whole.prefill([same])
+    assert whole._kept == {}  # a prompt in whole keeps nothing
+    for s in (prompt, dropped):
+        chunked.tiers.place(s, len(s.prompt_ids) + 1)
+    chunked.prefill([dropped], [300])
+    dropped.cached = 300
+    for chunk in (300, 100, 16):
+        chunked.prefill([prompt], [chunk])
+        prompt.cached += chunk
+    assert set(chunked._kept) == {id(prompt), id(dropped)}
+    chunked.tiers.remove(dropped)  # aborted mid-chunks
+    got = chunked.prefill([prompt], [284])
+    assert set(chunked._kept) == {id(prompt)}
+    prompt.cached = 700
+    assert torch.equal(got, want)
+    late = seq("late", 20)
+    chunked.tiers.place(late, 21)
+    chunked.prefill([late])  # the next step: the whole prompt's packing is let go
+    assert chunked._kept == {}
 
 
 def test_it_takes_bf16_on_cpu_with_whole_head_groups() -> None:

@@ -16,7 +16,7 @@ from inhouse.config import TransformersSpec
 from inhouse.engine.base import GenerateRequest, Generation, SamplingParams
 from inhouse.engine.local.engine import LocalEngine
 from inhouse.engine.local.pace import Pace
-from inhouse.engine.local.scheduler import ALIGN, Scheduler, Step, _aligned
+from inhouse.engine.local.scheduler import ALIGN, SHORT, Scheduler, Step, _aligned
 from inhouse.engine.local.sequence import Sequence
 from tests.engine.local.test_pace import DECODE, excess, feed
 from tests.engine.local.test_scheduler import assert_slots_compact, seq, tiers
@@ -43,8 +43,9 @@ def test_a_long_prompt_is_chunked_beside_the_decode_rows_of_the_others() -> None
     assert run(s).prefill == [a]
     s.add(b)
     steps = [run(s) for _ in range(3)]
-    assert [(st.decode, st.prefill, st.chunk) for st in steps] == [([a], [b], 16), ([a], [b], 16), ([a], [b], 8)]
-    assert b.cached == 40 and s.chunking is None and s.tiers.pinned is None
+    assert [(st.decode, st.prefill, st.chunks) for st in steps] == [([a], [b], [16]), ([a], [b], [16]),
+                                                                    ([a], [b], [8])]
+    assert b.cached == 40 and s.chunking == [] and s.tiers.pinned == []
     last = run(s)
     assert last.decode == [a, b] and last.prefill == []  # b decodes with the others now
     assert_slots_compact(s)
@@ -55,8 +56,8 @@ def test_with_nothing_decoding_a_long_prompt_is_prefilled_whole() -> None:
     long_ = seq("long", 300)
     s.add(long_)
     step = run(s)
-    assert (step.decode, step.prefill, step.chunk, step.prompt_tokens) == ([], [long_], 0, 300)
-    assert s.chunking is None
+    assert (step.decode, step.prefill, step.chunks, step.prompt_tokens) == ([], [long_], [300], 300)
+    assert s.chunking == []
 
 
 def paced(streams: int, chunk_tokens: int = 256, wait: float = 0.0) -> tuple[Scheduler, Pace, list[Sequence]]:
@@ -78,16 +79,17 @@ def test_the_pace_sets_the_chunk_while_others_decode() -> None:
     b = seq("b", 400)
     s.add(b)
     first = run(s)
-    assert first.decode == streams and first.prefill == [b] and first.chunk == _aligned(0, pace.budget(6), 400)
-    assert first.chunk % ALIGN == 0  # cut to a multiple of 16 (shorter than a query block)
-    assert excess(first.chunk, 0) <= 1.5 * DECODE * 1.02 < excess(first.chunk + ALIGN, 0) * 1.02  # 1.5 decode steps
+    [chunk] = first.chunks
+    assert first.decode == streams and first.prefill == [b] and chunk == _aligned(0, pace.budget(6), 400)
+    assert chunk % ALIGN == 0  # cut to a multiple of 16 (shorter than a query block)
+    assert excess(chunk, 0) <= DECODE * 1.02 < excess(chunk + ALIGN, 0) * 1.02  # a decode step's time (six streams)
     second = run(s)  # further into the prompt, a chunk reads more keys: a smaller one fits
-    assert pace.budget(6, offset=first.chunk) < pace.budget(6, offset=0)
-    assert second.chunk == _aligned(first.chunk, pace.budget(6, offset=first.chunk), 400) <= first.chunk
-    assert second.pairs == second.chunk * (first.chunk + second.chunk / 2)
+    assert pace.budget(6, offset=chunk) < pace.budget(6, offset=0)
+    assert second.chunks == [_aligned(chunk, pace.budget(6, offset=chunk), 400)] and second.chunks[0] <= chunk
+    assert second.pairs == second.chunks[0] * (chunk + second.chunks[0] / 2)
     for _ in range(30):  # much faster decode steps (a running average follows them): never below 16 tokens
         pace.ran(0.001, decode_rows=6, prompt_tokens=0)
-    assert run(s).chunk == 16
+    assert run(s).chunks == [16]
 
 
 @pytest.mark.parametrize("streams", [1, 2])
@@ -97,8 +99,8 @@ def test_one_or_two_streams_wait_for_a_whole_chunk(streams: int) -> None:
     b = seq("b", 2000)
     s.add(b)
     step = run(s)
-    assert step.decode == running and step.chunk == 512 > 3 * pace.budget(3)
-    assert run(s).chunk == 512 and b.cached == 1024
+    assert step.decode == running and step.chunks == [512] and 3 * pace.budget(3) < 512
+    assert run(s).chunks == [512] and b.cached == 1024
 
 
 def test_one_stream_on_a_fast_machine_waits_as_long_for_a_bigger_chunk() -> None:
@@ -107,7 +109,7 @@ def test_one_stream_on_a_fast_machine_waits_as_long_for_a_bigger_chunk() -> None
     b = seq("b", 2000)
     s.add(b)
     step = run(s)
-    assert step.decode == running and 256 < step.chunk <= pace.budget(1) <= 2 * 256
+    assert step.decode == running and 256 < step.chunks[0] <= pace.budget(1) <= 2 * 256
 
 
 def test_short_prompts_beside_a_chunk_take_their_share_of_its_budget() -> None:
@@ -118,24 +120,47 @@ def test_short_prompts_beside_a_chunk_take_their_share_of_its_budget() -> None:
     s.add(short)
     offset = long_.cached
     step = run(s)
-    assert step.prefill == [short, long_] and step.prompt_tokens == 20 + step.chunk
-    assert step.chunk == _aligned(offset, pace.budget(4, offset, tokens=20, pairs=20 * 10), 1000)
+    assert step.prefill == [short, long_] and step.chunks[0] == 20  # the short one first, whole
+    assert step.chunks[1] == _aligned(offset, pace.budget(4, offset, tokens=20, pairs=20 * 10), 1000)
     assert pace.budget(4, offset, tokens=20, pairs=20 * 10) < pace.budget(4, offset)
 
 
-def test_a_chunk_waits_a_step_that_short_prompts_fill() -> None:
-    s, pace, _ = paced(6)
+def test_a_short_prompt_over_the_pace_is_chunked_too_and_goes_ahead_of_a_long_ones_chunks() -> None:
+    """A chat taken whole beside six streams made its step 3x a decode step (73 ms against 22 on a CPU without
+    AMX), and those steps, one per arrival, set the streams' inter-token p99."""
+    s, pace, streams = paced(6)
     long_, short = seq("long", 1000), seq("short", 60)
     s.add(long_)
     run(s)
-    offset = long_.cached
     s.add(short)
-    step = run(s)  # 60 tokens add 34 ms, more than six streams' stall (30 ms): no room for 16 more
-    assert step.prefill == [short] and step.chunk == 0 and long_.cached == offset and s.chunking is long_
-    step = run(s)  # the short one decodes now too: seven streams
-    assert pace.budget(7, offset) == pace.budget(6, offset)  # 1.5 decode steps each
-    assert step.prefill == [long_] and step.chunk == _aligned(offset, pace.budget(7, offset), 1000)
-    assert long_.cached > offset
+    offset, first = long_.cached, pace.budget(6)
+    assert first < 60  # 60 tokens add 34 ms, more than six streams' stall (20 ms)
+    step = run(s)
+    beside = pace.budget(6, offset, tokens=first, pairs=first * first / 2)
+    assert step.prefill == [short, long_][: 1 + bool(beside)] and step.chunks[0] == first
+    assert s.chunking == [long_, short] and s.tiers.pinned == [long_, short]  # each pinned in its own tier
+    offset = long_.cached
+    step = run(s)  # the short one's rest first, then what is left for the long one
+    rest = 60 - first
+    beside = pace.budget(6, offset, tokens=rest, pairs=rest * (first + rest / 2))
+    assert step.prefill == [short, long_][: 1 + bool(beside)]
+    assert step.chunks == [rest, _aligned(offset, beside, 1000)][: 1 + bool(beside)]
+    assert short.cached == 60 and s.chunking == [long_] and s.tiers.pinned == [long_]
+    step = run(s)
+    assert step.decode == [*streams, short] and step.prefill == [long_]  # it decodes: seven streams
+
+
+def test_a_short_prompt_with_others_waiting_behind_it_goes_in_whole() -> None:
+    """A queue of chats (a burst): each step takes the first whole, as cutting it would only make those behind it
+    wait longer; the last, alone, is cut to the pace."""
+    s, pace, _ = paced(6)
+    shorts = [seq(f"s{i}", 60) for i in range(2)]
+    for q in shorts:
+        s.add(q)
+    assert pace.budget(6, waiting=2) < 60
+    assert run(s).prefill == shorts[:1]  # whole: one waits behind it (and no room is left beside it)
+    step = run(s)
+    assert step.prefill == shorts[1:] and step.chunks == [pace.budget(7, waiting=1)] and shorts[1].cached < 60
 
 
 def test_when_the_streams_all_finish_a_chunked_prompt_goes_on_by_its_chunk_size_not_its_whole_rest() -> None:
@@ -145,20 +170,20 @@ def test_when_the_streams_all_finish_a_chunked_prompt_goes_on_by_its_chunk_size_
     long_ = seq("long", 480)
     s.add(long_)
     first = run(s)
-    assert first.decode == streams and first.prefill == [long_] and 0 < first.chunk <= 64
+    assert first.decode == streams and first.prefill == [long_] and 0 < first.chunks[0] <= 64
     for a in streams:
         s.finish(a, answered=True)
     alone = run(s)
-    assert (alone.decode, alone.prefill, alone.chunk) == ([], [long_], 64)
+    assert (alone.decode, alone.prefill, alone.chunks) == ([], [long_], [64])
     late = seq("late", 20)
     s.add(late)
     offset = long_.cached
     beside = run(s)
-    assert (beside.decode, beside.prefill, beside.chunk) == ([], [late, long_], _aligned(offset, 64 - 20, 480))
-    assert long_.cached == first.chunk + 64 + beside.chunk and s.chunking is long_
+    assert (beside.decode, beside.prefill, beside.chunks) == ([], [late, long_], [20, _aligned(offset, 64 - 20, 480)])
+    assert long_.cached == first.chunks[0] + 64 + beside.chunks[1] and s.chunking == [long_]
 
 
-def test_short_prompts_go_in_whole_beyond_the_pace_and_a_long_one_in_its_chunks() -> None:
+def test_queued_short_prompts_go_in_whole_one_a_step_and_a_long_one_after_them_in_chunks() -> None:
     s = Scheduler(tiers(), max_num_seqs=8, max_prefill_tokens=4096, budget_tokens=10**6, chunk_tokens=256)
     for i in range(3):  # three streams (one or two would wait for a whole chunk)
         s.add(seq(f"first{i}", 3))
@@ -167,30 +192,30 @@ def test_short_prompts_go_in_whole_beyond_the_pace_and_a_long_one_in_its_chunks(
     shorts, long_ = [seq(f"s{i}", 30) for i in range(3)], seq("long", 200)
     for q in (*shorts, long_):
         s.add(q)
-    step = run(s)
-    assert step.prefill == shorts[:2] and step.chunk == 0  # 30 + 30 tokens: whole, within the 64 of short prompts
-    step = run(s)
-    assert step.prefill == shorts[2:]  # 30 + 200 > 64: the long one waits for the next step
-    step = run(s)
-    assert step.prefill == [long_] and step.chunk == 16  # and goes in chunks the pace's size
+    steps = [run(s) for _ in range(5)]
+    assert [(st.prefill, st.chunks) for st in steps] == [
+        ([shorts[0]], [30]), ([shorts[1]], [30]), ([shorts[2]], [30]),  # each with another waiting behind it
+        ([long_], [16]), ([long_], [16]),  # the long one in chunks the pace's size
+    ]
 
 
-def test_short_prompts_batch_within_the_budget_and_go_beside_a_chunked_one() -> None:
+def test_short_prompts_batch_within_the_budget_and_the_last_one_alone_is_cut() -> None:
     s = chunked(slots=8)
     first, shorts = seq("first", 3), [seq(f"s{i}", 6) for i in range(3)]
-    long_, later, second = seq("long", 20), seq("later", 3), seq("second", 17)
+    longer, later, last = seq("longer", 20), seq("later", 3), seq("last", 17)
     s.add(first)
     run(s)  # something decodes from now on: steps take 16 prompt tokens beside it
-    for q in (*shorts, long_, later, second):
+    for q in (*shorts, longer, later, last):
         s.add(q)
-    assert run(s).prefill == shorts[:2]  # 12 tokens; a third would make 18 > 16
-    assert run(s).prefill == shorts[2:]  # then 6 + 20 > 16: the long one waits for the next step
+    assert run(s).prefill == shorts[:2]  # 12 tokens; a third would make 18 > 16, and 4 are too few to cut it
+    assert run(s).prefill == shorts[2:]  # then 6 + 20 > 16: the next waits for the next step
+    step = run(s)  # 20 > 16, but with others waiting behind it, whole: cutting it would keep them waiting longer
+    assert step.prefill == [longer] and step.chunks == [20] and list(s.waiting) == [later, last]
     step = run(s)
-    assert step.prefill == [long_] and step.chunk == 16 and list(s.waiting) == [later, second]
-    step = run(s)  # a short prompt goes in whole beside the chunk; one longer than SHORT's share waits for it
-    assert step.prefill == [later, long_] and step.chunk == 4 and step.prompt_tokens == 7
-    assert later.cached == 3 and long_.cached == 20 and list(s.waiting) == [second]
-    assert run(s).prefill == [second]  # the long one is prefilled: the next prompt goes in
+    assert step.prefill == [later] and list(s.waiting) == [last]  # 13 tokens left: too few to start the last
+    step = run(s)  # alone: cut to the budget
+    assert step.prefill == [last] and step.chunks == [16] and s.chunking == [last]
+    assert run(s).chunks == [1] and s.chunking == []
 
 
 def test_finishing_during_chunks_keeps_the_chunked_prompt_last() -> None:
@@ -201,7 +226,7 @@ def test_finishing_during_chunks_keeps_the_chunked_prompt_last() -> None:
     run(s)
     s.add(c)
     run(s)  # c's first chunk, in slot 2
-    assert c.slot == 2 and s.tiers.pinned is c
+    assert c.slot == 2 and s.tiers.pinned == [c]
     cache = s.tiers.cache(c)
     with torch.inference_mode():
         for layer in range(cache.num_layers):
@@ -212,26 +237,28 @@ def test_finishing_during_chunks_keeps_the_chunked_prompt_last() -> None:
     step = run(s)
     assert step.decode == [b] and step.prefill == [c]
     s.finish(c)  # aborted mid-prefill
-    assert s.running == [b] and s.chunking is None and s.tiers.pinned is None and c.slot == -1
+    assert s.running == [b] and s.chunking == [] and s.tiers.pinned == [] and c.slot == -1
     assert_slots_compact(s)
 
 
 def test_slots_stay_compact_with_chunks_through_random_arrivals_and_departures() -> None:
     rng = random.Random(11)
-    s = chunked(slots=4)
-    for i in range(300):
-        if rng.random() < 0.4:
-            s.add(seq(f"r{i}", rng.randint(1, 50)))
+    s = chunked(slots=6)
+    for i in range(400):
+        if rng.random() < 0.4:  # chats, and now and then a long prompt (its own tier: two pinned at once)
+            s.add(seq(f"r{i}", rng.randint(1, 50) if rng.random() < 0.8 else rng.randint(250, 400)))
         elif rng.random() < 0.3 and s.running:
             s.finish(rng.choice(s.running))
         elif s.has_work():
             step = run(s)
             assert all(q in s.running for q in step.seqs)
-            assert s.chunking not in step.decode
+            assert not set(s.chunking) & set(step.decode)
         assert_slots_compact(s)
-        chunking = s.chunking
-        assert chunking is s.tiers.pinned
-        assert chunking is None or s.tiers.members[chunking.tier][-1] is chunking
+        assert s.chunking == s.tiers.pinned
+        for c in s.chunking:  # the last slots of their tier
+            members = s.tiers.members[c.tier]
+            assert c in members[len(members) - sum(x.tier == c.tier for x in s.chunking) :]
+        assert sum(len(c.prompt_ids) - c.cached > SHORT for c in s.chunking) <= 1  # one long one at a time
 
 
 # ---- the engine ------------------------------------------------------------------------------
@@ -243,8 +270,8 @@ def ids(n: int, seed: int) -> list[int]:
 
 
 async def start(tiny_model_dir: Path, cache_dir: Path, **options: object) -> LocalEngine:
-    spec = TransformersSpec(name="tiny", path=str(tiny_model_dir), dtype="float32", max_num_seqs=4,
-                            **options)  # type: ignore[arg-type]
+    options = {"max_num_seqs": 4, **options}
+    spec = TransformersSpec(name="tiny", path=str(tiny_model_dir), dtype="float32", **options)  # type: ignore[arg-type]
     engine = LocalEngine(spec, cache_dir)
     await engine.start()
     return engine
@@ -343,6 +370,41 @@ async def test_a_short_prompt_is_answered_while_a_long_one_is_still_in_its_chunk
     assert texts[1] == await answer((await whole.submit([request("quick2", quick, 8)]))[0])
 
 
+@pytest.fixture(scope="module")
+async def small_chunks(tiny_model_dir: Path, cache_dir: Path) -> AsyncIterator[LocalEngine]:
+    engine = await start(tiny_model_dir, cache_dir, prefill_chunk_tokens=16, max_num_seqs=8)
+    yield engine
+    await engine.close()
+
+
+async def test_short_prompts_chunked_beside_a_long_one_answer_the_same_and_first(
+        whole: LocalEngine, small_chunks: LocalEngine) -> None:
+    """Three streams decode (the pace cuts every prompt to 16 tokens a step); a 300-token prompt is chunked in its
+    tier while two 40-token chats arrive and are chunked ahead of it in theirs, one after the other."""
+    streams = [await small_chunks.submit([request(f"s{i}", ids(10, seed=20 + i), 100)]) for i in range(3)]
+    readers = [aiter(generation) for [generation] in streams]
+    for reader in readers:
+        await anext(reader)  # they decode
+    long_, quick = ids(300, seed=30), [ids(40, seed=31), ids(40, seed=32)]
+    firsts: list[str] = []
+
+    async def read(name: str, generation: Generation) -> str:
+        text = ""
+        async for delta in generation:
+            if not text and delta.text:
+                firsts.append(name)
+            text += delta.text
+        return text
+
+    [late] = await small_chunks.submit([request("late", long_, 8)])  # first come: its chunks start first
+    asked = [(await small_chunks.submit([request(f"q{i}", q, 8)]))[0] for i, q in enumerate(quick)]
+    texts = await asyncio.gather(read("late", late), *(read(f"q{i}", g) for i, g in enumerate(asked)),
+                                 *(answer(g) for [g] in streams))
+    assert firsts == ["q0", "q1", "late"]
+    for text, prompt in zip(texts, [long_, *quick], strict=False):
+        assert text == await answer((await whole.submit([request("again", prompt, 8)]))[0])
+
+
 @pytest.mark.parametrize(("cached", "chunk", "want"), [
     (0, 100, 96),  # shorter than two query blocks: to a multiple of 16
     (0, 130, 128),  # two blocks or more: cut to end on a block's edge
@@ -365,11 +427,11 @@ def test_beside_decoding_streams_chunks_end_on_multiples_of_16_until_the_last_fe
     long_ = seq("long", 1000)
     s.add(long_)
     chunks = []
-    while s.chunking is long_ or long_.cached == 0:
+    while s.chunking == [long_] or long_.cached == 0:
         left = 1000 - long_.cached
         step = run(s)
         assert step.decode == streams and step.prefill == [long_]
-        chunks.append((left, step.chunk, long_.cached))
+        chunks.append((left, step.chunks[0], long_.cached))
     assert len(chunks) > 5 and chunks[-1][2] == 1000
     assert all(end % ALIGN == 0 for left, chunk, end in chunks if left > 4 * chunk)
     assert sum(left > 4 * chunk for left, chunk, _ in chunks) > len(chunks) // 2

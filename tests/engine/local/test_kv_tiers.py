@@ -55,8 +55,8 @@ def assert_compact(kv: KVTiers[Seq]) -> None:
         assert [s.slot for s in members] == list(range(len(members)))
         assert all(s.tier == k for s in members)
         assert kv.tiers[k].rows >= len(members)
-        if kv.pinned is not None and kv.pinned.tier == k:
-            assert members[-1] is kv.pinned
+        pinned = sum(s.tier == k for s in kv.pinned)
+        assert {id(s) for s in members[len(members) - pinned :]} == {id(s) for s in kv.pinned if s.tier == k}
 
 
 def test_tiers_double_from_256_and_the_last_is_the_context() -> None:
@@ -120,7 +120,7 @@ def test_the_pinned_prompt_stays_last_of_its_tier() -> None:
         kv.place(s, s.length + 1)
         write(kv, s, s.length)
     kv.place(chunked, 501)
-    kv.pinned = chunked
+    kv.pin(chunked)
     write(kv, chunked, 128)  # a chunk of it is in
     chunked.cached = 128
     b.output = 57  # 257 tokens: b moves up into the pinned prompt's tier, before it
@@ -133,6 +133,61 @@ def test_the_pinned_prompt_stays_last_of_its_tier() -> None:
     assert kv.members[1] == [b, chunked] and chunked.slot == 1
     for s in (b, chunked):
         assert_holds(kv, s)
+    assert_compact(kv)
+
+
+def test_pinned_prompts_stay_the_last_of_their_tier_through_arrivals_departures_and_unpinning() -> None:
+    kv = tiers()
+    a = Seq(1.0, [1] * 20)
+    long_, short, other = Seq(5000.0, [1] * 500), Seq(9000.0, [1] * 60), Seq(7000.0, [1] * 40)
+    kv.place(a, 21)
+    write(kv, a, 20)
+    for s, held in ((long_, 64), (short, 32), (other, 16)):  # two chats pinned in the first tier, a prompt in the next
+        kv.place(s, s.length + 1)
+        kv.pin(s)
+        write(kv, s, held)
+        s.cached = held
+    late = Seq(3000.0, [1] * 10)
+    assert kv.members[0] == [a, other, short]  # each placed before those pinned already
+    kv.place(late, 11)  # before the pinned ones of its tier: the first of them moves to the end, with its keys
+    write(kv, late, 10)
+    assert kv.members[0] == [a, late, short, other] and kv.prepare_decode() == [a, late]
+    assert_compact(kv)
+    write(kv, other, 40)
+    other.cached = 40
+    kv.unpin(other)  # whole: it decodes, from the first pinned slot (traded with the one there)
+    assert kv.members[0] == [a, late, other, short] and kv.prepare_decode() == [a, late, other]
+    write(kv, short, 60)
+    short.cached = 60
+    kv.remove(late)  # the last decoding one fills its hole, the pinned one that decoding one's
+    assert kv.members[0] == [a, other, short] and kv.pinned == [long_, short]
+    kv.remove(a)
+    assert kv.members[0] == [other, short]
+    kv.unpin(short)
+    assert kv.prepare_decode() == [other, short] and kv.pinned == [long_]
+    for s in (other, short, long_):
+        assert_holds(kv, s)
+    assert_compact(kv)
+
+
+def test_unpinning_a_prompt_behind_another_pinned_one_trades_their_slots_and_keys() -> None:
+    kv = tiers()
+    a, first, second = Seq(1.0, [1] * 20), Seq(3000.0, [1] * 60), Seq(6000.0, [1] * 50)
+    kv.place(a, 21)
+    write(kv, a, 20)
+    for s, held in ((first, 60), (second, 16)):
+        kv.place(s, s.length + 1)
+        kv.pin(s)
+        write(kv, s, held)
+        s.cached = held
+    assert kv.members[0] == [a, second, first]
+    kv.unpin(first)  # whole before the other: it takes the first pinned slot, the other one its own
+    assert kv.members[0] == [a, first, second] and (first.slot, second.slot) == (1, 2)
+    assert kv.prepare_decode() == [a, first]
+    for s in (a, first, second):
+        assert_holds(kv, s)
+    kv.remove(second)  # a pinned one aborted
+    assert kv.members[0] == [a, first] and kv.pinned == []
     assert_compact(kv)
 
 

@@ -57,13 +57,22 @@ def test_a_chunk_adds_what_the_stall_allows_however_far_into_its_prompt(offset: 
 
 
 def test_the_streams_share_the_stall() -> None:
-    """Six decode steps' time in all, never less than 1.5 each: three streams may be held 2, four or more 1.5."""
+    """Six decode steps' time in all, never less than 1 each: three streams may be held 2, four 1.5, six or more 1."""
     pace = fed()
-    budgets = [pace.budget(streams) for streams in (8, 4, 3)]
-    assert budgets[0] == budgets[1] < budgets[2]
-    for streams, stall in ((8, 1.5), (4, 1.5), (3, 2.0)):
+    budgets = [pace.budget(streams) for streams in (8, 6, 4, 3)]
+    assert budgets[0] == budgets[1] < budgets[2] < budgets[3]
+    for streams, stall in ((8, 1.0), (6, 1.0), (5, 1.2), (4, 1.5), (3, 2.0)):
         n = pace.budget(streams)
         assert excess(n, 0) <= stall * DECODE * 1.02 < excess(n + 1, 0) * 1.02
+
+
+def test_more_prompts_waiting_than_streams_decoding_take_a_whole_chunk() -> None:
+    """A burst of arrivals beside a few streams: the waiting are the majority, and each waits a whole step."""
+    pace = fed(most=512)
+    pace.wait = 0.1
+    assert pace.budget(6, waiting=6) == pace.budget(6) < 512
+    assert pace.budget(6, waiting=7) == 512
+    assert pace.budget(6, 3000, tokens=100, pairs=pairs(100, 0), waiting=7) == 412
 
 
 @pytest.mark.parametrize("streams", [1, 2])
@@ -99,11 +108,14 @@ def test_prompt_tokens_already_in_the_step_leave_less_and_the_budget_keeps_its_b
     assert pace.budget(4, 500, tokens=60, pairs=pairs(60, 0)) == 0  # no room left beside them: the chunk waits
     assert pace.budget(4, 50_000) == 16  # alone, however far in, it goes on by the least
     assert fed(most=60).budget(3) == 60  # never above the chunk size
+    assert fed(most=60).budget(3, tokens=20, pairs=pairs(20, 0)) == 40  # ... in all
 
 
 def test_before_a_decode_step_is_timed_it_takes_the_least_and_prompts_alone_teach_it_nothing() -> None:
     pace = Pace(512)
     assert pace.budget(3) == 16
+    assert pace.budget(3, tokens=10) == 0  # the least in all: no room for the least beside 10 tokens
+    assert pace.room(3, tokens=10) == 6  # but room for a 6-token prompt whole
     pace.ran(1.0, 0, 2000, pairs(2000, 0))  # a prompt alone pays the weights' read too: not a prompt's excess
     pace.ran(DECODE, 4, 0)
     assert (pace.fixed_s, pace.token_s, pace.pair_s) == (0.0, 1e-3, 1e-6)

@@ -105,7 +105,7 @@ def test_a_prompt_over_the_budget_still_runs_alone_with_chunking_off() -> None:
     s.add(huge)
     s.add(small)
     step = s.schedule()
-    assert step is not None and step.prefill == [huge] and step.chunk == 0 and step.prompt_tokens == 100
+    assert step is not None and step.prefill == [huge] and step.chunks == [100]
     s.prefilled(step, step.prefill)
     step = s.schedule()
     assert step is not None and step.prefill == [small] and step.decode == [huge]
