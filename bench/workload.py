@@ -5,9 +5,11 @@ fixed corpus (``bench/data/corpus_en.txt`` cut into chunks of SmolLM2 tokens, so
 knowledge base), conversations that resend their history every turn, short chats streaming while long prompts
 arrive, the knowledge-assistant case (one long context, several questions one at a time) and a cold prefill.
 Each workload runs closed-loop (a fixed number of clients) and open-loop (Poisson arrivals at a rate near the
-capacity of the first contender measured); everything is generated from a fixed seed.  The contenders are
-``bench/engine.py``'s (started the same way, one at a time, each a real server on a free loopback port);
-load generation, peak RSS, ``/metrics`` and the report come from ``bench/common``.
+capacity of the first contender measured); everything is generated from a fixed seed.  ``--retries N`` measures
+a phase again (up to N times, after a quiet wait) while other processes kept more than 0.1 cores busy, and keeps
+the least disturbed attempt; a retry sends prompts no earlier attempt sent (``workload_texts.retry_tag``).  The
+contenders are ``bench/engine.py``'s (started the same way, one at a time, each a real server on a free loopback
+port); load generation, peak RSS, ``/metrics`` and the report come from ``bench/common``.
 
 This file is the entry point: the flags, the contenders (``bench/engine.py``'s plus the prefix cache switched
 off), the loop that starts each one and runs every workload on it, and the output (the tables, the target
@@ -25,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import itertools
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -102,18 +107,26 @@ def measure_contender(contender: engine.Contender, launch: engine.Launch, texts:
                     rates[workload] = OPEN_SHARE * measured_capacity
                     print(f"[{contender.key}] {workload}: open-loop rate {rates[workload]:.3g}/s "
                           f"({OPEN_SHARE} x this contender's closed-loop capacity)", flush=True)
-                machine.wait_for_quiet(args.wait_quiet)
-                phase = RUNS[workload](target, texts, rates[workload] if variant else None)
+                phase = _least_disturbed(RUNS[workload], target, texts, rates[workload] if variant else None, args,
+                                         functools.partial(_say, contender.key, workload))
                 key = variant or ("closed" if workload in OPEN_LOOP else "run")
                 results.setdefault(workload, {})[key] = phase
-                _say(contender.key, workload, phase)
     return results
+
+
+def _least_disturbed(run: Callable[[Target, Texts, float | None, int], Phase], target: Target, texts: Texts,
+                     rate: float | None, args: argparse.Namespace, say: Callable[[Phase], None]) -> Phase:
+    """The phase measured after a quiet wait, again (with prompts of its own) while others kept the CPU busy."""
+    attempts = itertools.count()
+    return machine.least_disturbed(lambda: run(target, texts, rate, next(attempts)), args.retries, args.wait_quiet,
+                                   say)
 
 
 def _say(key: str, workload: str, phase: Phase) -> None:
     level = phase.level
     others = "-" if level.others_cores is None else f"{level.others_cores:.2f}"
-    print(f"[{key}] {workload} {phase.variant}: {level.output_tokens} tokens in {level.wall_s:.1f}s, "
+    again = f" (attempt {level.attempts})" if level.attempts > 1 else ""
+    print(f"[{key}] {workload} {phase.variant}{again}: {level.output_tokens} tokens in {level.wall_s:.1f}s, "
           f"TTFT p50 {report.ms(level.ttft_p50_s)}, others used {others} cores"
           + (f", {len(level.errors)} errors: {level.errors[0]}" if level.errors else ""), flush=True)
 
@@ -140,7 +153,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--phase-timeout", type=float, default=1800.0, help="seconds before a workload run is cut short")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for a server to load")
     p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache", help="inhouse cache (converted GGUF)")
-    report.add_quiet_flags(p, retries=False)
+    report.add_quiet_flags(p)
     report.add_flags(p, "workload")
     return p.parse_args(argv)
 

@@ -3,14 +3,14 @@
 Owns ``Target`` (a started server and the fields its requests carry), ``Phase`` (one workload variant's numbers:
 the ``load.Level`` of its main group, peak RSS, prefix-cache hit rate, jobs/s and extra TTFTs of its other
 groups), driving jobs closed-loop or open-loop (``drive``), measuring a run (``measured``), and the five
-workloads: ``rag``, ``multiturn``, ``mixed``, ``knowledge`` and ``cold`` (``RUNS``), with ``capacity``, the
-closed loop's rate that calibrates the open loop.  It must not start servers, print or know a contender.
+workloads: ``rag``, ``multiturn``, ``mixed``, ``knowledge`` and ``cold`` (``RUNS``; each takes the attempt, so a
+re-measured one sends prompts of its own), with ``capacity``, the closed loop's rate that calibrates the open
+loop.  It must not start servers, print or know a contender.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -20,7 +20,15 @@ import httpx
 
 from bench import engine
 from bench.common import load, machine, scrape
-from bench.workload_texts import QUESTIONS, SEED, Texts, conversation_turns, long_prompt, nonce, rag_requests
+from bench.workload_texts import (
+    SEED,
+    Texts,
+    cold_prompts,
+    conversation_turns,
+    knowledge_prompt,
+    long_prompts,
+    rag_requests,
+)
 
 __all__ = ["OPEN_LOOP", "RUNS", "Phase", "Target", "capacity", "conversation", "drive"]
 
@@ -36,6 +44,19 @@ class Phase:
     peak_rss: int | None = None
     prefix_hit: float | None = None
     extra: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def others_cores(self) -> float | None:
+        """Cores other processes used while it ran (``machine.least_disturbed`` keeps the least disturbed)."""
+        return self.level.others_cores
+
+    @property
+    def attempts(self) -> int:
+        return self.level.attempts
+
+    @attempts.setter
+    def attempts(self, n: int) -> None:
+        self.level.attempts = n
 
 
 @dataclass(frozen=True)
@@ -126,10 +147,10 @@ def _loop(rate: float | None, count: int, concurrency: int) -> dict[str, Any]:
     return {"arrivals": load.poisson_arrivals(count, rate, SEED)}
 
 
-def rag(target: Target, texts: Texts, rate: float | None) -> Phase:
+def rag(target: Target, texts: Texts, rate: float | None, attempt: int = 0) -> Phase:
     """RAG questions: shared system prompt + a topic's retrieved context + a question; ``rag_requests`` of them."""
     sizes, variant = texts.sizes, "closed" if rate is None else "open"
-    requests = rag_requests(texts, variant)
+    requests = rag_requests(texts, variant, attempt)
 
     def job(client: httpx.AsyncClient, i: int) -> Awaitable[list[load.Sample]]:
         return _one(ask(target, requests[i], sizes.max_tokens)(client))
@@ -140,23 +161,24 @@ def rag(target: Target, texts: Texts, rate: float | None) -> Phase:
                                                                              sizes.rag_concurrency))))
 
 
-def multiturn(target: Target, texts: Texts, rate: float | None) -> Phase:
+def multiturn(target: Target, texts: Texts, rate: float | None, attempt: int = 0) -> Phase:
     """``conversations`` users of ``turns`` turns each, every turn resending the history; closed: all at once."""
     sizes, variant, n = texts.sizes, "closed" if rate is None else "open", texts.sizes.conversations
 
     def job(client: httpx.AsyncClient, c: int) -> Awaitable[list[load.Sample]]:
-        return conversation(target, client, texts.system, conversation_turns(texts, variant, c), sizes.max_tokens)
+        return conversation(target, client, texts.system, conversation_turns(texts, variant, c, attempt),
+                            sizes.max_tokens)
 
     label = f"closed {n} users" if rate is None else f"open {rate:.3g} conv/s"
     return measured(target, label, n, n, lambda: _main(drive(target, job, n, **_loop(rate, n, n))))
 
 
-def mixed(target: Target, texts: Texts, rate: float | None) -> Phase:
+def mixed(target: Target, texts: Texts, rate: float | None, attempt: int = 0) -> Phase:
     """``mixed_streams`` short chats stream (closed loop) until every long prompt was answered; the long prompts
     come one after another (closed) or at Poisson arrivals (open), starting a second in.  Main group: the
     streams; ``long``: the long prompts (1 new token each)."""
     sizes, variant = texts.sizes, "closed" if rate is None else "open"
-    longs = [long_prompt(texts, f"long-{variant}-{i}") for i in range(sizes.mixed_long)]
+    longs = long_prompts(texts, variant, attempt)
 
     async def go() -> Groups:
         done = asyncio.Event()
@@ -192,14 +214,10 @@ def mixed(target: Target, texts: Texts, rate: float | None) -> Phase:
     return measured(target, f"{sizes.mixed_streams} streams, {label}", sizes.mixed_long, sizes.mixed_streams, go)
 
 
-def knowledge(target: Target, texts: Texts, _rate: float | None) -> Phase:
+def knowledge(target: Target, texts: Texts, _rate: float | None, attempt: int = 0) -> Phase:
     """One long system+context prompt never seen before, then different questions over it, one at a time."""
     sizes = texts.sizes
-    head = texts.knowledge_system(nonce("knowledge"), "")
-    context = texts.fit(texts.context(random.Random(f"{SEED}-knowledge"), sizes.knowledge_tokens),
-                        sizes.knowledge_tokens - texts.count(head))
-    system = texts.knowledge_system(nonce("knowledge"), context)
-    questions = [QUESTIONS[(3 * q + 1) % len(QUESTIONS)] for q in range(sizes.knowledge_questions)]
+    system, questions = knowledge_prompt(texts, attempt)
 
     async def go() -> Groups:
         started = time.perf_counter()
@@ -214,15 +232,9 @@ def knowledge(target: Target, texts: Texts, _rate: float | None) -> Phase:
     return phase
 
 
-def cold(target: Target, texts: Texts, _rate: float | None) -> Phase:
+def cold(target: Target, texts: Texts, _rate: float | None, attempt: int = 0) -> Phase:
     """A prompt of ``cold_tokens`` the server has never seen (a fresh first line), ``cold_repeats`` times."""
-    sizes = texts.sizes
-    prompts = []
-    for r in range(sizes.cold_repeats):
-        head = nonce(f"cold-{r}")
-        body = texts.fit(texts.context(random.Random(f"{SEED}-cold-{r}"), sizes.cold_tokens),
-                         sizes.cold_tokens - texts.count(head) - 1)
-        prompts.append([{"role": "user", "content": f"{head}\n{body}"}])
+    prompts = cold_prompts(texts, attempt)
 
     async def go() -> Groups:
         started = time.perf_counter()
@@ -233,7 +245,7 @@ def cold(target: Target, texts: Texts, _rate: float | None) -> Phase:
     return measured(target, f"{texts.count(prompts[0][0]['content'])} tokens x {len(prompts)}", len(prompts), 1, go)
 
 
-RUNS: dict[str, Callable[[Target, Texts, float | None], Phase]] = {
+RUNS: dict[str, Callable[[Target, Texts, float | None, int], Phase]] = {
     "cold": cold, "knowledge": knowledge, "rag": rag, "multiturn": multiturn, "mixed": mixed}
 OPEN_LOOP = ("rag", "multiturn", "mixed")
 

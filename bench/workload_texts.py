@@ -3,8 +3,10 @@
 Owns ``Sizes`` (``full`` is issue 15's, ``reduced`` and ``smoke`` smaller), the assistant's rules, the staff
 questions and follow-ups, Dify's ``<context>`` wrapper, and ``Texts``: the shared system prompt and the
 retrieved contexts, cut from ``bench/data/corpus_en.txt`` into chunks of the served model's tokens (so chunks
-repeat across contexts, as in a knowledge base).  The helpers below it build one workload's messages.  It must
-not send requests, start servers or measure anything.
+repeat across contexts, as in a knowledge base).  The helpers below it build one workload's messages; a
+re-measured attempt (``attempt`` > 0, after other processes disturbed the first) gets prompts whose first line
+no earlier attempt sent, so it finds no more in a prefix cache than the first attempt did.  It must not send
+requests, start servers or measure anything.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 
 from bench.common import corpus
 
-__all__ = ["QUESTIONS", "SEED", "SIZES", "Sizes", "Texts", "conversation_turns", "long_prompt", "nonce",
-           "rag_requests"]
+__all__ = ["QUESTIONS", "SEED", "SIZES", "Sizes", "Texts", "cold_prompts", "conversation_turns", "knowledge_prompt",
+           "long_prompt", "long_prompts", "nonce", "rag_requests", "retry_tag"]
 
 SEED = 15
 
@@ -161,23 +163,57 @@ def nonce(tag: str) -> str:
     return f"Session {random.Random(f'{SEED}-{tag}').getrandbits(64):016x}."
 
 
-def rag_messages(texts: Texts, topic: int, question: str) -> list[dict[str, str]]:
-    system = f"{texts.system}\n\n{CONTEXT_HEAD}{texts.topics[topic]}{CONTEXT_TAIL}"
+def retry_tag(attempt: int) -> str:
+    """What tells a re-measured attempt's prompts from the first attempt's (nothing for the first)."""
+    return f"-retry{attempt}" if attempt else ""
+
+
+def rag_messages(texts: Texts, topic: int, question: str, head: str = "") -> list[dict[str, str]]:
+    system = f"{head}{texts.system}\n\n{CONTEXT_HEAD}{texts.topics[topic]}{CONTEXT_TAIL}"
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
-def rag_requests(texts: Texts, variant: str) -> list[list[dict[str, str]]]:
+def rag_requests(texts: Texts, variant: str, attempt: int = 0) -> list[list[dict[str, str]]]:
+    """The same topics and questions every attempt; a retry's system prompt starts with a line of its own, so it
+    starts colder than the first attempt of an open loop (which follows the closed loop's cached topics)."""
     rng = random.Random(f"{SEED}-rag-{variant}")
-    return [rag_messages(texts, rng.randrange(len(texts.topics)), rng.choice(QUESTIONS))
+    head = f"{nonce(f'rag-{variant}{retry_tag(attempt)}')}\n" if attempt else ""
+    return [rag_messages(texts, rng.randrange(len(texts.topics)), rng.choice(QUESTIONS), head)
             for _ in range(texts.sizes.rag_requests)]
 
 
-def conversation_turns(texts: Texts, variant: str, c: int) -> list[str]:
+def conversation_turns(texts: Texts, variant: str, c: int, attempt: int = 0) -> list[str]:
     """The user's turns of conversation ``c``; its first line is its own, so only the system prompt is shared."""
-    first = f"Ticket {variant}-{c + 1}: {QUESTIONS[c % len(QUESTIONS)]}"
+    first = f"Ticket {variant}{retry_tag(attempt)}-{c + 1}: {QUESTIONS[c % len(QUESTIONS)]}"
     return [first, *(FOLLOW_UPS[(c + t) % len(FOLLOW_UPS)] for t in range(texts.sizes.turns - 1))]
 
 
 def long_prompt(texts: Texts, tag: str) -> list[dict[str, str]]:
     document = texts.fit(texts.context(random.Random(tag), texts.sizes.long_tokens + 50), texts.sizes.long_tokens)
     return [{"role": "user", "content": f"{nonce(tag)}\n{document}\n\nSummarise the document above."}]
+
+
+def long_prompts(texts: Texts, variant: str, attempt: int = 0) -> list[list[dict[str, str]]]:
+    """The mixed workload's ``mixed_long`` long prompts, each behind a first line of its own."""
+    return [long_prompt(texts, f"long-{variant}{retry_tag(attempt)}-{i}") for i in range(texts.sizes.mixed_long)]
+
+
+def knowledge_prompt(texts: Texts, attempt: int = 0) -> tuple[str, list[str]]:
+    """The knowledge assistant's system prompt (a fresh first line, then ``knowledge_tokens`` of context in all)
+    and its questions."""
+    sizes, head = texts.sizes, nonce(f"knowledge{retry_tag(attempt)}")
+    context = texts.fit(texts.context(random.Random(f"{SEED}-knowledge"), sizes.knowledge_tokens),
+                        sizes.knowledge_tokens - texts.count(texts.knowledge_system(head, "")))
+    return (texts.knowledge_system(head, context),
+            [QUESTIONS[(3 * q + 1) % len(QUESTIONS)] for q in range(sizes.knowledge_questions)])
+
+
+def cold_prompts(texts: Texts, attempt: int = 0) -> list[list[dict[str, str]]]:
+    """``cold_repeats`` prompts of ``cold_tokens``, each behind a first line no other prompt has."""
+    sizes, prompts = texts.sizes, []
+    for r in range(sizes.cold_repeats):
+        head = nonce(f"cold-{r}{retry_tag(attempt)}")
+        body = texts.fit(texts.context(random.Random(f"{SEED}-cold-{r}"), sizes.cold_tokens),
+                         sizes.cold_tokens - texts.count(head) - 1)
+        prompts.append([{"role": "user", "content": f"{head}\n{body}"}])
+    return prompts

@@ -20,7 +20,8 @@ WORKLOADS = {"cold": {"run"}, "knowledge": {"run"}, "rag": {"closed", "open"}, "
 def test_smoke_run_measures_every_workload_and_writes_the_json(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "workload.json"
     proc = subprocess.run([sys.executable, "bench/workload.py", "--smoke", "--cache-dir", str(cache_dir),
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+                           "--out", str(out), "--retries", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["meta"]["smoke"] is True and report["meta"]["sizes"]["rag_requests"] >= 1
@@ -34,6 +35,7 @@ def test_smoke_run_measures_every_workload_and_writes_the_json(tmp_path: Path, c
             assert level["errors"] == [] and level["output_tokens"] > 0, (workload, phase)
             assert level["ttft_p50_s"] > 0 and phase["peak_rss"] > 100 << 20
             assert "itl_p99_s" in level and "prefix_hit" in phase
+            assert level["attempts"] in (1, 2)  # --retries 1: measured again only if others kept the CPU busy
     knowledge = inhouse["workloads"]["knowledge"]["run"]["extra"]
     assert knowledge["first_ttft_p50_s"] > 0 and knowledge["later_over_first"] > 0
     assert inhouse["workloads"]["mixed"]["closed"]["extra"]["long_ttft_p50_s"] > 0

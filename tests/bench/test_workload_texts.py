@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.workload_texts import SIZES, Texts, conversation_turns, long_prompt, nonce, rag_requests
+from bench.workload_texts import (
+    SIZES,
+    Texts,
+    cold_prompts,
+    conversation_turns,
+    knowledge_prompt,
+    long_prompt,
+    long_prompts,
+    nonce,
+    rag_requests,
+)
 
 
 def test_texts_are_the_same_every_run_and_near_their_sizes(tiny_model_dir: Path) -> None:
@@ -30,6 +40,37 @@ def test_workload_messages_are_seeded_per_variant(tiny_model_dir: Path) -> None:
     [message] = long_prompt(texts, "long-0")
     assert message["content"].startswith(nonce("long-0"))
     assert message["content"].endswith("Summarise the document above.")
+
+
+def test_a_retry_sends_the_same_work_behind_first_lines_no_earlier_attempt_sent(tiny_model_dir: Path) -> None:
+    """``bench/workload.py --retries``: a phase measured again finds no more in a prefix cache than its first
+    attempt did, so a disturbed contender's second try is not a warmer one."""
+    texts = Texts(tiny_model_dir, SIZES["smoke"])
+
+    def first_lines(attempt: int) -> dict[str, set[str]]:
+        return {
+            "rag": {m[0]["content"].splitlines()[0] for m in rag_requests(texts, "closed", attempt)},
+            "multiturn": {conversation_turns(texts, "closed", c, attempt)[0] for c in range(3)},
+            "knowledge": {knowledge_prompt(texts, attempt)[0].splitlines()[0]},
+            "cold": {p[0]["content"].splitlines()[0] for p in cold_prompts(texts, attempt)},
+            "mixed": {p[0]["content"].splitlines()[0] for p in long_prompts(texts, "open", attempt)},
+        }
+
+    first, second, third = first_lines(0), first_lines(1), first_lines(2)
+    for workload in first:
+        assert not second[workload] & first[workload] and not third[workload] & (first[workload] | second[workload])
+    # the first attempt's prompts are the ones every earlier run sent
+    assert first["rag"] == {texts.system.splitlines()[0]}
+    assert conversation_turns(texts, "closed", 0)[0].startswith("Ticket closed-1: ")
+    assert conversation_turns(texts, "closed", 0, 1)[0].startswith("Ticket closed-retry1-1: ")
+    assert long_prompts(texts, "open") == [long_prompt(texts, f"long-open-{i}") for i in range(texts.sizes.mixed_long)]
+    assert knowledge_prompt(texts)[0].startswith(nonce("knowledge") + "\n")
+    # the rest is the same work: the same topics and questions, the same turns after the first line
+    for a, b in zip(rag_requests(texts, "closed", 0), rag_requests(texts, "closed", 1), strict=True):
+        assert b[0]["content"].split("\n", 1)[1] == a[0]["content"] and b[1] == a[1]
+    assert conversation_turns(texts, "closed", 2, 1)[1:] == conversation_turns(texts, "closed", 2)[1:]
+    assert knowledge_prompt(texts, 1)[1] == knowledge_prompt(texts)[1]
+    assert abs(texts.count(knowledge_prompt(texts, 1)[0]) - texts.count(knowledge_prompt(texts)[0])) <= 2
 
 
 def test_medium_is_reduced_with_three_times_the_samples() -> None:
