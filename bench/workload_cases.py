@@ -147,7 +147,7 @@ def _loop(rate: float | None, count: int, concurrency: int) -> dict[str, Any]:
     return {"arrivals": load.poisson_arrivals(count, rate, SEED)}
 
 
-def rag(target: Target, texts: Texts, rate: float | None, attempt: int = 0) -> Phase:
+def rag(target: Target, texts: Texts, rate: float | None, attempt: int) -> Phase:
     """RAG questions: shared system prompt + a topic's retrieved context + a question; ``rag_requests`` of them."""
     sizes, variant = texts.sizes, "closed" if rate is None else "open"
     requests = rag_requests(texts, variant, attempt)
@@ -161,7 +161,7 @@ def rag(target: Target, texts: Texts, rate: float | None, attempt: int = 0) -> P
                                                                              sizes.rag_concurrency))))
 
 
-def multiturn(target: Target, texts: Texts, rate: float | None, attempt: int = 0) -> Phase:
+def multiturn(target: Target, texts: Texts, rate: float | None, attempt: int) -> Phase:
     """``conversations`` users of ``turns`` turns each, every turn resending the history; closed: all at once."""
     sizes, variant, n = texts.sizes, "closed" if rate is None else "open", texts.sizes.conversations
 
@@ -173,7 +173,7 @@ def multiturn(target: Target, texts: Texts, rate: float | None, attempt: int = 0
     return measured(target, label, n, n, lambda: _main(drive(target, job, n, **_loop(rate, n, n))))
 
 
-def mixed(target: Target, texts: Texts, rate: float | None, attempt: int = 0) -> Phase:
+def mixed(target: Target, texts: Texts, rate: float | None, attempt: int) -> Phase:
     """``mixed_streams`` short chats stream (closed loop) until every long prompt was answered; the long prompts
     come one after another (closed) or at Poisson arrivals (open), starting a second in.  Main group: the
     streams; ``long``: the long prompts (1 new token each)."""
@@ -214,7 +214,7 @@ def mixed(target: Target, texts: Texts, rate: float | None, attempt: int = 0) ->
     return measured(target, f"{sizes.mixed_streams} streams, {label}", sizes.mixed_long, sizes.mixed_streams, go)
 
 
-def knowledge(target: Target, texts: Texts, _rate: float | None, attempt: int = 0) -> Phase:
+def knowledge(target: Target, texts: Texts, _rate: float | None, attempt: int) -> Phase:
     """One long system+context prompt never seen before, then different questions over it, one at a time."""
     sizes = texts.sizes
     system, questions = knowledge_prompt(texts, attempt)
@@ -232,7 +232,7 @@ def knowledge(target: Target, texts: Texts, _rate: float | None, attempt: int = 
     return phase
 
 
-def cold(target: Target, texts: Texts, _rate: float | None, attempt: int = 0) -> Phase:
+def cold(target: Target, texts: Texts, _rate: float | None, attempt: int) -> Phase:
     """A prompt of ``cold_tokens`` the server has never seen (a fresh first line), ``cold_repeats`` times."""
     prompts = cold_prompts(texts, attempt)
 
